@@ -1,0 +1,39 @@
+# The two commands: `make run` (Fashion-MNIST, SGD vs G-SGD) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+ARGS ?=
+
+.PHONY: run test speed fmnist-data clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Debian's dataset-fashion-mnist, when missing and we may install it; never fatal:
+# the run falls back to a dataset that needs no download and says so.
+fmnist-data:
+	@if [ ! -e $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null 2>&1 && \
+	       DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } \
+	  || echo "could not install dataset-fashion-mnist; continuing without it"; \
+	fi
+
+run: $(STAMP) fmnist-data
+	$(PY) -m benchmarks.fmnist $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 $(ARGS)
+
+speed: $(STAMP)
+	$(PY) -m benchmarks.speed $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info

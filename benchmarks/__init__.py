@@ -1,0 +1,1 @@
+"""Experiment scripts and their dataset loading for gsgd_jax."""

@@ -1,0 +1,170 @@
+"""Speed of G-SGD against optax.sgd, as ratios measured in one interleaved run.
+
+For each model it times (a) the jitted update+apply alone (gradients given) and
+(b) the whole jitted train step (forward, backward, update, apply), alternating
+SGD and G-SGD round by round so both see the same machine state, and reports
+median times and the median of the per-round ratios.
+
+    python -m benchmarks.speed [--sizes small,medium,large] [--rounds 7] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gsgd_jax
+
+# name -> (input, hidden widths, outputs); parameter counts about 1M, 6M, 22M.
+MLPS = {
+    "mlp-1M": (784, (1024, 512), 10),
+    "mlp-6M": (1024, (2048, 2048), 10),
+    "mlp-22M": (1024, (3072, 3072, 3072), 10),
+}
+
+
+def mlp_params(key, n_in, hidden, n_out):
+  widths = (n_in, *hidden, n_out)
+  params = {}
+  for k, (a, b) in enumerate(zip(widths, widths[1:])):
+    key, sub = jax.random.split(key)
+    params[f"Dense_{k}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+                            "bias": jnp.zeros(b)}
+  layers = [(f"Dense_{k}",) for k in range(len(widths) - 1)]
+  return gsgd_jax.set_skeleton(params, layers), layers
+
+
+def forward(params, layers, x):
+  for k, (name,) in enumerate(layers):
+    x = x @ params[name]["kernel"] + params[name]["bias"]
+    if k < len(layers) - 1:
+      x = jax.nn.relu(x)
+  return x
+
+
+def _time(fn, args, iters):
+  """Seconds per call of ``fn`` and its last outputs, threaded back as inputs
+  (the inputs are donated, so only the latest outputs are alive)."""
+  start = time.perf_counter()
+  for _ in range(iters):
+    args = fn(*args)
+  jax.block_until_ready(args)
+  return (time.perf_counter() - start) / iters, args
+
+
+def bench_model(name, spec, *, rounds, batch, min_seconds, donate):
+  params, layers = mlp_params(jax.random.key(0), *spec)
+  n_params = sum(p.size for p in jax.tree.leaves(params))
+  x = jax.random.normal(jax.random.key(1), (batch, spec[0]))
+  y = jax.random.randint(jax.random.key(2), (batch,), 0, spec[2])
+  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+  optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers)}
+
+  def loss(p):
+    return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
+
+  programs = {}
+  for opt_name, tx in optimizers.items():
+    def update(p, s, g, tx=tx):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, g
+
+    def train_step(p, s, tx=tx):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    state = tx.init(params)
+    donated = (0, 1) if donate else ()
+    programs[opt_name] = {
+        "update": (jax.jit(update, donate_argnums=donated), (params, state, grads)),
+        "step": (jax.jit(train_step, donate_argnums=donated), (params, state)),
+    }
+  results = {"model": name, "parameters": int(n_params), "batch": batch}
+  for kind in ("update", "step"):
+    times = {opt: [] for opt in programs}
+    iters = {}
+    for opt, prog in programs.items():  # compile, warm up, size the inner loop
+      fn, args = prog[kind]
+      args = tuple(jax.tree.map(jnp.copy, a) for a in args)
+      once, args = _time(fn, fn(*args), 1)
+      iters[opt] = max(1, int(min_seconds / max(once, 1e-6)))
+      prog[kind] = (fn, args)
+    n = max(iters.values())
+    for _ in range(rounds):
+      for opt, prog in programs.items():
+        fn, args = prog[kind]
+        seconds, args = _time(fn, args, n)
+        times[opt].append(seconds)
+        prog[kind] = (fn, args)
+    ratios = [g / s for g, s in zip(times["G-SGD"], times["SGD"])]
+    results[kind] = {
+        "sgd_ms": 1e3 * float(np.median(times["SGD"])),
+        "gsgd_ms": 1e3 * float(np.median(times["G-SGD"])),
+        "ratio": float(np.median(ratios)),
+        "ratio_min": float(np.min(ratios)),
+        "ratio_max": float(np.max(ratios)),
+        "iters_per_round": n,
+    }
+  return results
+
+
+def device_name() -> str:
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+  return f"{dev.platform.upper()} {getattr(dev, 'device_kind', '')}".strip()
+
+
+def table(rows) -> str:
+  lines = ["| model | params | update+apply SGD ms | G-SGD ms | ratio | "
+           "train step SGD ms | G-SGD ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    u, s = r["update"], r["step"]
+    lines.append(
+        f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {u['sgd_ms']:.2f} | "
+        f"{u['gsgd_ms']:.2f} | **{u['ratio']:.2f}** | {s['sgd_ms']:.2f} | "
+        f"{s['gsgd_ms']:.2f} | **{s['ratio']:.2f}** |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", default=",".join(MLPS), help="comma-separated names")
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--min-seconds", type=float, default=0.2,
+                      help="time per variant per round")
+  parser.add_argument("--donate", action="store_true",
+                      help="donate params and state to the jitted functions")
+  parser.add_argument("--out", help="directory for speed.json and speed.md")
+  args = parser.parse_args(argv)
+  rows = []
+  for name in args.models.split(","):
+    rows.append(bench_model(name, MLPS[name], rounds=args.rounds, batch=args.batch,
+                            min_seconds=args.min_seconds, donate=args.donate))
+    print(f"{name}: update ratio {rows[-1]['update']['ratio']:.2f}, "
+          f"step ratio {rows[-1]['step']['ratio']:.2f}", flush=True)
+  header = (f"device: {device_name()}; jax {jax.__version__}; batch {args.batch}; "
+            f"{'donated' if args.donate else 'undonated'} buffers; "
+            f"{args.rounds} interleaved rounds; ratio = G-SGD time / SGD time (median)")
+  md = header + "\n\n" + table(rows)
+  print("\n" + md)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "speed.json"), "w") as f:
+      json.dump({"device": device_name(), "jax": jax.__version__, "donate": args.donate,
+                 "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "speed.md"), "w") as f:
+      f.write(md + "\n")
+
+
+if __name__ == "__main__":
+  main()

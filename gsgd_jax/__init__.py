@@ -1,0 +1,25 @@
+"""gsgd_jax: G-SGD and path-space optimizers for ReLU networks, as optax transformations."""
+
+from gsgd_jax.init import random_rescale, set_skeleton, skeleton_mask
+from gsgd_jax.optimizers import (
+    PathSpaceState,
+    basis_path_values,
+    gsgd,
+    path_space,
+)
+from gsgd_jax.structure import ChainStructure, LayerSpec, infer_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChainStructure",
+    "LayerSpec",
+    "PathSpaceState",
+    "basis_path_values",
+    "gsgd",
+    "infer_layers",
+    "path_space",
+    "random_rescale",
+    "set_skeleton",
+    "skeleton_mask",
+]

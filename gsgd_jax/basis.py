@@ -1,0 +1,278 @@
+"""Basis-path values, the inverse chain rule (ICR) and weight allocation (WA).
+
+The functions here act on one chain (a ``ChainStructure``) given as lists of
+per-layer arrays; ``optimizers.py`` maps pytrees to these lists. Notation follows
+SPEC §2-4 with 0-based layers (see ``structure.py``): ``B[k]`` and ``F[k]`` are
+the back and forward skeleton-chain products at node level ``k``.
+
+Everything is O(m): per layer, one reduction over ``(taps, n_in)`` and
+elementwise work with per-node vectors broadcast along the kernel's axes. Masks
+of skeleton edges are built from iotas and per-node index vectors inside the
+fused elementwise code, so no dense mask or structure matrix is ever stored.
+The only gathers take one entry per node (the skeleton edges).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gsgd_jax.structure import ChainStructure, LayerSpec
+
+Array = jax.Array
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """Per-node vectors and chain products run in at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def as_taps(kernel: Array, spec: LayerSpec) -> Array:
+  """The kernel viewed as ``(taps, n_in, n_out)`` (a free reshape)."""
+  return kernel.reshape(spec.taps, spec.n_in, spec.n_out)
+
+
+# ----------------------------------------------------------------------------
+# Skeleton edges: per-node gathers and fused masks.
+
+
+def incoming_skeleton(kernel3: Array, spec: LayerSpec, pi: np.ndarray) -> Array:
+  """``kernel[centre, pi[j], j]`` for every output node ``j``."""
+  return kernel3[spec.centre, pi, np.arange(spec.n_out)]
+
+
+def outgoing_skeleton(kernel3: Array, spec: LayerSpec, sigma: np.ndarray) -> Array:
+  """``kernel[centre, a, sigma[a]]`` for every input node ``a``."""
+  return kernel3[spec.centre, np.arange(spec.n_in), sigma]
+
+
+def _axes(spec: LayerSpec):
+  tap = jax.lax.broadcasted_iota(jnp.int32, (spec.taps, 1, 1), 0)
+  row = jax.lax.broadcasted_iota(jnp.int32, (1, spec.n_in, 1), 1)
+  col = jax.lax.broadcasted_iota(jnp.int32, (1, 1, spec.n_out), 2)
+  return tap == spec.centre, row, col
+
+
+def fixed_mask(spec: LayerSpec, pi: np.ndarray | None) -> Array | None:
+  """Boolean ``(taps, n_in, n_out)`` mask of F in this layer (None: F is empty)."""
+  if pi is None:
+    return None
+  centre, row, col = _axes(spec)
+  return centre & (row == jnp.asarray(pi, jnp.int32)[None, None, :])
+
+
+def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
+  """Boolean mask of the outgoing skeleton edges of this layer's input nodes."""
+  if sigma is None:
+    return None
+  centre, row, col = _axes(spec)
+  return centre & (col == jnp.asarray(sigma, jnp.int32)[None, :, None])
+
+
+def _rows(x: Array) -> Array:
+  return x[None, :, None]
+
+
+def _cols(x: Array) -> Array:
+  return x[None, None, :]
+
+
+# ----------------------------------------------------------------------------
+# Chain products and basis-path values.
+
+
+class Chains(NamedTuple):
+  """Skeleton-chain products per node level (``L + 1`` vectors each).
+
+  ``back[k][j]``: product of incoming skeleton weights from an input to node j
+  of level k (1 at level 0). ``forward[k][a]``: product of outgoing skeleton
+  weights from node a of level k to an output (1 at level L).
+  """
+
+  back: tuple[Array, ...]
+  forward: tuple[Array, ...]
+
+
+def chains(struct: ChainStructure, kernels3: Sequence[Array], dtype) -> Chains:
+  """Back and forward skeleton chains, O(sum of widths) after the gathers."""
+  specs, depth = struct.layers, struct.depth
+  back = [jnp.ones(specs[0].n_in, dtype)]
+  for k in range(depth - 1):
+    w_in = incoming_skeleton(kernels3[k], specs[k], struct.pi[k]).astype(dtype)
+    back.append(back[k][struct.pi[k]] * w_in)
+  back.append(jnp.ones(specs[-1].n_out, dtype))  # outputs: never used as a tail
+  forward = [None] * (depth + 1)
+  forward[depth] = jnp.ones(specs[-1].n_out, dtype)
+  for k in range(depth - 1, 0, -1):
+    w_out = outgoing_skeleton(kernels3[k], specs[k], struct.sigma[k]).astype(dtype)
+    forward[k] = w_out * forward[k + 1][struct.sigma[k]]
+  forward[0] = jnp.ones(specs[0].n_in, dtype)  # inputs: never used as a head
+  return Chains(tuple(back), tuple(forward))
+
+
+def basis_values(struct: ChainStructure, kernels: Sequence[Array],
+                 biases: Sequence[Array | None], chain_products: Chains | None = None
+                 ) -> tuple[list[Array], list[Array | None]]:
+  """Basis-path values owned by every weight and bias; 0 on the fixed edges F.
+
+  ``v_e = B[k][i] * w_e * F[k+1][j]`` for an edge ``i -> j`` of layer ``k`` and
+  ``v_b = b_j * F[k+1][j]`` for a bias. ``chain_products`` may be passed when
+  already computed for these kernels.
+  """
+  ct = compute_dtype(kernels[0].dtype)
+  k3 = [as_taps(w, s) for w, s in zip(kernels, struct.layers)]
+  ch = chains(struct, k3, ct) if chain_products is None else chain_products
+  values, bias_values = [], []
+  for k, spec in enumerate(struct.layers):
+    v = _rows(ch.back[k]) * k3[k].astype(ct) * _cols(ch.forward[k + 1])
+    fixed = fixed_mask(spec, struct.pi[k])
+    if fixed is not None:
+      v = jnp.where(fixed, 0, v)
+    values.append(v.astype(kernels[k].dtype).reshape(kernels[k].shape))
+    b = biases[k]
+    bias_values.append(None if b is None else
+                       (b.astype(ct) * ch.forward[k + 1]).astype(b.dtype))
+  return values, bias_values
+
+
+# ----------------------------------------------------------------------------
+# Inverse chain rule.
+
+
+class PathGradients(NamedTuple):
+  """Output of ``inverse_chain_rule``: path-space gradients and what WA reuses."""
+
+  kernels: list[Array]  # dL/dv, shaped like each kernel, 0 on F
+  biases: list[Array | None]
+  chains: Chains
+  compute_dtype: jnp.dtype
+
+
+def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
+                       biases: Sequence[Array | None], kernel_grads: Sequence[Array],
+                       bias_grads: Sequence[Array | None]) -> PathGradients:
+  """Basis-path gradients from weight gradients (SPEC §3).
+
+  With ``u_p = v_p * dL/dv_p`` (the path's share of ``w * g``)::
+
+      u_e = w_e g_e - [e = (a -> sigma(a)) outgoing skeleton] * P[k][a]
+      P[k+1][j] = sum_{i, taps} (w g)[., i, j] - (w g)[centre, pi(j), j]
+                  + b_j g_bj + [sigma(pi(j)) = j] * P[k][pi(j)]
+
+  ``P[k][a]`` totals ``u`` over paths whose forward chain passes through node a.
+  Dividing by ``v = B w F`` gives ``dL/dv_e = g_e / (B[k][i] F[k+1][j])`` minus,
+  on outgoing skeleton edges, ``P[k][a] / (B[k][a] F[k][a])``; no weight is
+  ever a divisor, only chain products.
+  """
+  specs, depth = struct.layers, struct.depth
+  ct = compute_dtype(kernels[0].dtype)
+  k3 = [as_taps(w, s) for w, s in zip(kernels, specs)]
+  g3 = [as_taps(g, s) for g, s in zip(kernel_grads, specs)]
+  ch = chains(struct, k3, ct)
+
+  # P recurrence over hidden levels 1..L-1; one column reduction per layer.
+  carried = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
+  p_prev = None
+  for k in range(depth - 1):
+    spec, pi = specs[k], struct.pi[k]
+    wg = k3[k].astype(ct) * g3[k].astype(ct)
+    p = jnp.sum(wg, axis=(0, 1))
+    p -= (incoming_skeleton(k3[k], spec, pi).astype(ct)
+          * incoming_skeleton(g3[k], spec, pi).astype(ct))
+    if biases[k] is not None:
+      p += biases[k].astype(ct) * bias_grads[k].astype(ct)
+    if p_prev is not None:
+      p += jnp.where(struct.loops_back[k], p_prev[pi], 0)
+    carried[k + 1] = p / (ch.back[k + 1] * ch.forward[k + 1])
+    p_prev = p
+
+  grads, bias_grads_v = [], []
+  for k, spec in enumerate(specs):
+    inv_back, inv_fwd = 1 / ch.back[k], 1 / ch.forward[k + 1]
+    gv = g3[k].astype(ct) * _rows(inv_back) * _cols(inv_fwd)
+    out = outgoing_mask(spec, struct.sigma[k])
+    if out is not None:
+      gv -= jnp.where(out, _rows(carried[k]), 0)
+    fixed = fixed_mask(spec, struct.pi[k])
+    if fixed is not None:
+      gv = jnp.where(fixed, 0, gv)
+    grads.append(gv.astype(kernel_grads[k].dtype).reshape(kernels[k].shape))
+    gb = bias_grads[k]
+    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd).astype(gb.dtype))
+  return PathGradients(grads, bias_grads_v, ch, ct)
+
+
+# ----------------------------------------------------------------------------
+# Weight allocation.
+
+
+def default_ratio_clip() -> tuple[float, float]:
+  return (0.1, 10.0)
+
+
+def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
+                      biases: Sequence[Array | None], kernel_steps: Sequence[Array],
+                      bias_steps: Sequence[Array | None], chain_products: Chains,
+                      ratio_clip: tuple[float, float] | None
+                      ) -> tuple[list[Array], list[Array | None], Array]:
+  """Weight updates that move every basis path from ``v`` to ``v + dv`` (SPEC §4).
+
+  F stays fixed. Node ratios ``Q`` come from the outgoing skeleton paths::
+
+      Q[L] = 1;  Q[k][a] = R(a -> sigma(a)) = 1 + dv / (B[k][a] F[k][a])
+                 (or Q[k+1][sigma(a)] where that edge is in F)
+      w_new = w R_e / Q[k+1][j] = (w + dv_e / (B[k][i] F[k+1][j])) / Q[k+1][j]
+
+  The additive form needs no division by ``v``, so zero weights and biases move
+  exactly. The ratios ``R`` that become divisors ``Q`` are clipped to
+  ``ratio_clip`` (NaN becomes 1), so a step that would shrink a skeleton path to
+  zero or flip its sign cannot produce infinite weights; only the clipped
+  paths then miss ``v + dv`` (every other path still lands on it).
+
+  Returns:
+    ``(kernel_updates, bias_updates, num_clipped)``.
+  """
+  specs, depth = struct.layers, struct.depth
+  ct = compute_dtype(kernels[0].dtype)
+  ch = chain_products
+  q = [None] * (depth + 1)
+  q[depth] = jnp.ones(specs[-1].n_out, ct)
+  num_clipped = jnp.zeros((), jnp.int32)
+  clipped_steps = [None] * depth  # per level: the outgoing skeleton steps after clipping
+  for k in range(depth - 1, 0, -1):
+    spec, sigma = specs[k], struct.sigma[k]
+    dv_out = outgoing_skeleton(as_taps(kernel_steps[k], spec), spec, sigma).astype(ct)
+    path_value = ch.back[k] * ch.forward[k]
+    ratio = 1 + dv_out / path_value
+    if ratio_clip is not None:
+      clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
+      moved = ~struct.out_fixed[k] & (jnp.isnan(ratio) | (clipped != ratio))
+      num_clipped += jnp.sum(moved, dtype=jnp.int32)
+      ratio = clipped
+      # The skeleton edge must take the clipped step too, or the forward chain
+      # through it would not be rescaled by exactly Q.
+      clipped_steps[k] = (ratio - 1) * path_value
+    q[k] = jnp.where(struct.out_fixed[k], q[k + 1][sigma], ratio)
+
+  updates, bias_updates = [], []
+  for k, spec in enumerate(specs):
+    inv_q = 1 / q[k + 1]
+    w = as_taps(kernels[k], spec).astype(ct)
+    dv = as_taps(kernel_steps[k], spec).astype(ct)
+    if clipped_steps[k] is not None:
+      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), _rows(clipped_steps[k]), dv)
+    du = w * _cols(inv_q - 1) + dv * _rows(1 / ch.back[k]) * _cols(inv_q / ch.forward[k + 1])
+    fixed = fixed_mask(spec, struct.pi[k])
+    if fixed is not None:
+      du = jnp.where(fixed, 0, du)
+    updates.append(du.astype(kernels[k].dtype).reshape(kernels[k].shape))
+    b = biases[k]
+    if b is None:
+      bias_updates.append(None)
+    else:
+      db = b.astype(ct) * (inv_q - 1) + bias_steps[k].astype(ct) * inv_q / ch.forward[k + 1]
+      bias_updates.append(db.astype(b.dtype))
+  return updates, bias_updates, num_clipped

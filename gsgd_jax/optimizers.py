@@ -1,0 +1,245 @@
+"""Public optax transformations: any optimizer run in basis-path space, and G-SGD."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from gsgd_jax import basis as ps
+from gsgd_jax.structure import LayerPaths, build_structure, locate_layers, leaf_paths
+
+DEFAULT_RATIO_CLIP = ps.default_ratio_clip()
+
+
+class PathSpaceState(NamedTuple):
+  """State of :func:`path_space`.
+
+  Attributes:
+    inner_state: state of the inner transformation, which runs on path-space
+      gradients shaped like params.
+    clipped_ratios: number of skeleton path ratios clipped in the last update.
+    total_clipped_ratios: the same, summed over all updates so far.
+  """
+
+  inner_state: optax.OptState
+  clipped_ratios: chex.Array
+  total_clipped_ratios: chex.Array
+
+
+def _layer_arrays(leaves, where):
+  kernels = [leaves[i] for i in where.kernel]
+  biases = [None if i is None else leaves[i] for i in where.bias]
+  return kernels, biases
+
+
+def _scatter(template_leaves, where, kernels, biases, fill):
+  """Leaves with the layers' entries replaced and every other leaf ``fill(leaf)``."""
+  out = [fill(leaf) for leaf in template_leaves]
+  for i, value in zip(where.kernel, kernels):
+    out[i] = value
+  for i, value in zip(where.bias, biases):
+    if i is not None:
+      out[i] = value
+  return out
+
+
+def _zeros(leaf):
+  return jnp.zeros_like(leaf)
+
+
+def basis_path_values(params: Any, layers: LayerPaths) -> Any:
+  """Basis-path values of ``params``, in a pytree shaped like ``params``.
+
+  Each weight and bias outside the fixed skeleton F holds the value of the one
+  basis path it owns, ``v_e = B[i] w_e F[j]`` (SPEC §2); entries on F and leaves
+  outside ``layers`` hold 0. These values are invariant under positive rescaling
+  of hidden nodes and, with the signs of F, determine the network function.
+
+  Args:
+    params: parameter pytree.
+    layers: ordered key paths of the chain's layers (see :func:`path_space`).
+
+  Returns:
+    A pytree shaped like ``params``.
+  """
+  struct, where, treedef = build_structure(params, layers)
+  leaves = jax.tree.leaves(params)
+  values, bias_values = ps.basis_values(struct, *_layer_arrays(leaves, where))
+  return treedef.unflatten(_scatter(leaves, where, values, bias_values, _zeros))
+
+
+def path_space(
+    inner: optax.GradientTransformation,
+    *,
+    layers: LayerPaths,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs an optax transformation in the basis-path space of a ReLU chain.
+
+  One update is the three steps of G-SGD (Meng et al., 2019):
+
+  1. inverse chain rule: weight gradients :math:`g` become basis-path gradients
+     :math:`\partial L / \partial v_p` (:math:`O(m)`, SPEC §3);
+  2. ``inner`` maps them to path steps :math:`\Delta v`, seeing the basis-path
+     values :math:`v` as its ``params``;
+  3. weight allocation: weights move so that every basis path lands on
+     :math:`v + \Delta v` while the incoming skeleton edges stay fixed:
+
+  .. math::
+    w_e \leftarrow \Big(w_e + \frac{\Delta v_e}{B_i F_j}\Big) \Big/ Q_j,
+    \qquad Q_a = 1 + \frac{\Delta v_{a \to \sigma(a)}}{B_a F_a}.
+
+  Path gradients and steps live in pytrees shaped like params (0 on the fixed
+  skeleton edges), so any elementwise optax transformation (momentum, Adam,
+  clipping, schedules) works unchanged, and the network's function follows the
+  same trajectory from any positively rescaled initialisation.
+
+  Leaves outside ``layers`` get a zero update (and a zero gradient in
+  ``inner``). To train them too, route them with ``optax.partition``::
+
+    tx = optax.partition(
+        {'chain': gsgd_jax.path_space(optax.sgd(0.1), layers=layers),
+         'rest': optax.sgd(0.1)},
+        param_labels)  # 'chain' on the layers' leaves, 'rest' elsewhere
+
+  Args:
+    inner: the transformation applied in path space, e.g. ``optax.sgd(0.1)`` or
+      ``optax.adam(1e-3)``.
+    layers: ordered key paths (tuples of dict keys / list indices, or
+      ``'a/b'`` strings) to each layer's sub-tree holding ``kernel`` and
+      optional ``bias``, input layer first, e.g. ``[('params', 'Dense_0'),
+      ('params', 'Dense_1')]``. See :func:`gsgd_jax.infer_layers`.
+    ratio_clip: ``(low, high)`` bounds for the ratios ``R`` of the outgoing
+      skeleton paths, the only ratios used as divisors. A step asking for a
+      ratio outside them (``R <= 0`` included) is clipped, NaN becomes 1, and
+      the count is kept in the state. ``None`` disables the guard.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
+    and forwards extra keyword arguments to ``inner``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))},
+    ...           'l1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)}}
+    >>> tx = gsgd_jax.path_space(optax.adam(1e-2), layers=['l0', 'l1'])
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
+  """
+  inner = optax.with_extra_args_support(inner)
+  if ratio_clip is not None:
+    low, high = (float(r) for r in ratio_clip)
+    if not 0 < low <= 1 <= high:
+      raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
+    ratio_clip = (low, high)
+
+  def init_fn(params):
+    values = basis_path_values(params, layers)
+    zero = jnp.zeros((), jnp.int32)
+    return PathSpaceState(inner.init(values), zero, zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          "gsgd_jax.path_space needs the current params: call "
+          "tx.update(grads, state, params).")
+    struct, where, treedef = build_structure(params, layers)
+    leaves = jax.tree.leaves(params)
+    grad_paths, grad_leaves, grad_treedef = leaf_paths(updates)
+    grad_where = locate_layers(grad_paths, struct_paths(struct), what="updates")
+    kernels, biases = _layer_arrays(leaves, where)
+    kernel_grads, bias_grads = _layer_arrays(grad_leaves, grad_where)
+    for spec, w, g in zip(struct.layers, kernels, kernel_grads):
+      if w.shape != g.shape:
+        raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not "
+                         f"match kernel shape {w.shape}")
+
+    pg = ps.inverse_chain_rule(struct, kernels, biases, kernel_grads, bias_grads)
+    path_grads = grad_treedef.unflatten(
+        _scatter(grad_leaves, grad_where, pg.kernels, pg.biases, _zeros))
+    values, bias_values = ps.basis_values(struct, kernels, biases, pg.chains)
+    path_params = treedef.unflatten(_scatter(leaves, where, values, bias_values, _zeros))
+
+    steps, inner_state = inner.update(path_grads, state.inner_state, path_params,
+                                      **extra_args)
+    step_paths, step_leaves, _ = leaf_paths(steps)
+    step_where = locate_layers(step_paths, struct_paths(struct), what="inner updates")
+    kernel_steps, bias_steps = _layer_arrays(step_leaves, step_where)
+    new_kernels, new_biases, clipped = ps.weight_allocation(
+        struct, kernels, biases, kernel_steps, bias_steps, pg.chains, ratio_clip)
+    new_updates = grad_treedef.unflatten(
+        _scatter(grad_leaves, grad_where, new_kernels, new_biases, _zeros))
+    return new_updates, PathSpaceState(
+        inner_state, clipped, state.total_clipped_ratios + clipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def struct_paths(struct):
+  return [spec.path for spec in struct.layers]
+
+
+def gsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    layers: LayerPaths,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
+
+  Plain G-SGD (Meng et al., 2019) takes, for every basis path :math:`p`,
+
+  .. math::
+    v_p \leftarrow v_p - \eta_t \, \frac{\partial L}{\partial v_p},
+
+  computed from ordinary weight gradients by the inverse chain rule and turned
+  back into weights by weight allocation. It equals
+  ``path_space(optax.sgd(learning_rate, momentum, nesterov), layers=layers)``.
+  Outputs of the trained network do not depend on how the initial weights are
+  positively rescaled per hidden node, unlike plain SGD.
+
+  Use :func:`gsgd_jax.set_skeleton` on the initial params first, as the authors
+  did: with skeleton weights 1, path values start at the scale of single
+  weights.
+
+  Args:
+    learning_rate: a float or an optax schedule (a function of the step count).
+    layers: ordered key paths of the layers (see :func:`path_space`).
+    momentum: optional momentum (heavy ball) in path space.
+    nesterov: use Nesterov momentum.
+    ratio_clip: bounds of the skeleton path ratios (see :func:`path_space`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> layers = gsgd_jax.infer_layers(params)
+    >>> params = gsgd_jax.set_skeleton(params, layers)
+    >>> tx = gsgd_jax.gsgd(0.1, layers=layers)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.mean(model.apply(p, jnp.ones((4, 8))) ** 2)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
+  """
+  return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+                    layers=layers, ratio_clip=ratio_clip)

@@ -1,0 +1,207 @@
+"""Basis values, ICR and WA against the naive float64 reference (SPEC §5.1-5.2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gsgd_jax
+from gsgd_jax import basis
+from gsgd_jax.structure import build_structure
+
+import reference as ref
+
+# Equal, expanding, narrowing, width 1 and depths 1-6.
+WIDTHS = [
+    (5, 3),
+    (3, 4, 2),
+    (4, 4, 4, 4),
+    (3, 8, 8, 2),
+    (8, 5, 3, 2),
+    (2, 3, 7, 12, 4),
+    (3, 2, 7, 1, 4),
+    (1, 1, 1, 1),
+    (2, 1, 5, 1),
+    (4, 6, 6, 6, 6, 6, 3),
+    (7, 3, 9, 2, 6, 4, 5),
+]
+
+
+def _problem(widths, bias, seed=0):
+  params, layers = ref.make_mlp(jax.random.key(seed), widths, bias)
+  x = jax.random.normal(jax.random.key(seed + 1), (11, widths[0]))
+  y = jax.random.normal(jax.random.key(seed + 2), (11, widths[-1]))
+  loss = lambda p: jnp.sum((ref.forward(p, layers, x) - y) ** 2)
+  return params, layers, loss
+
+
+def _arrays(tree, layers):
+  return [tree[n]["kernel"] for (n,) in layers], [tree[n].get("bias") for (n,) in layers]
+
+
+def _free_masks(widths):
+  fixed, _ = ref.skeleton_sets(widths)
+  masks = []
+  for k, n_in in enumerate(widths[:-1]):
+    m = np.ones((n_in, widths[k + 1]), bool)
+    for (i, j) in fixed[k]:
+      m[i, j] = False
+    masks.append(m)
+  return masks
+
+
+def _scale(arrays):
+  return max(float(np.max(np.abs(a))) for a in arrays if a is not None and np.size(a))
+
+
+@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_basis_values_match_reference(widths, bias):
+  params, layers, _ = _problem(widths, bias)
+  want, want_b = ref.basis_values(*_arrays(params, layers), widths)
+  got = gsgd_jax.basis_path_values(params, layers)
+  for k, (name,) in enumerate(layers):
+    np.testing.assert_allclose(got[name]["kernel"], want[k], rtol=1e-12, atol=1e-15)
+    if bias:
+      np.testing.assert_allclose(got[name]["bias"], want_b[k], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_icr_equals_autodiff_through_reconstruction(widths, bias):
+  params, layers, loss = _problem(widths, bias)
+  kernels, biases = _arrays(params, layers)
+  values, bias_values = ref.basis_values(kernels, biases, widths)
+
+  def loss_of_values(v, vb):
+    ks, bs = ref.reconstruct(v, vb, kernels, widths)
+    rebuilt = {n: {"kernel": ks[k], **({"bias": bs[k]} if bias else {})}
+               for k, (n,) in enumerate(layers)}
+    return loss(rebuilt)
+
+  # The reconstruction really is the inverse of the basis-value map.
+  ks, _ = ref.reconstruct(values, bias_values, kernels, widths)
+  for k in range(len(layers)):
+    np.testing.assert_allclose(ks[k], kernels[k], rtol=1e-10, atol=1e-13)
+
+  want, want_b = jax.grad(loss_of_values, argnums=(0, 1))(values, bias_values)
+  grads = jax.grad(loss)(params)
+  struct, _, _ = build_structure(params, layers)
+  got = basis.inverse_chain_rule(struct, kernels, biases, *_arrays(grads, layers))
+  tol = 1e-10 * _scale(want + (want_b if bias else []))
+  for k, free in enumerate(_free_masks(widths)):
+    np.testing.assert_allclose(np.asarray(got.kernels[k])[free], np.asarray(want[k])[free],
+                               rtol=1e-9, atol=tol)
+    assert np.all(np.asarray(got.kernels[k])[~free] == 0)
+    if bias:
+      np.testing.assert_allclose(got.biases[k], want_b[k], rtol=1e-9, atol=tol)
+
+
+@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
+  params, layers, loss = _problem(widths, bias=True, seed=3)
+  tx_inner = optax.sgd(0.03) if inner == "sgd" else optax.adam(0.01)
+  tx = gsgd_jax.path_space(tx_inner, layers=layers, ratio_clip=None)
+  grads = jax.grad(loss)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+
+  # dv as the inner transformation computes it from the path gradients.
+  struct, _, _ = build_structure(params, layers)
+  pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
+  path_grads = {n: {"kernel": pg.kernels[k], "bias": pg.biases[k]}
+                for k, (n,) in enumerate(layers)}
+  steps, _ = tx_inner.update(path_grads, tx_inner.init(path_grads),
+                             gsgd_jax.basis_path_values(params, layers))
+  before, before_b = ref.basis_values(*_arrays(params, layers), widths)
+  after, after_b = ref.basis_values(*_arrays(new, layers), widths)
+  free = _free_masks(widths)
+  for k, (name,) in enumerate(layers):
+    target = before[k] + np.asarray(steps[name]["kernel"])
+    tol = 1e-11 * (1 + _scale([before[k], target]))
+    np.testing.assert_allclose(after[k][free[k]], target[free[k]], rtol=1e-9, atol=tol)
+    np.testing.assert_allclose(after_b[k], before_b[k] + np.asarray(steps[name]["bias"]),
+                               rtol=1e-9, atol=tol)
+    # Only weights outside F move.
+    np.testing.assert_array_equal(np.asarray(new[name]["kernel"])[~free[k]],
+                                  np.asarray(params[name]["kernel"])[~free[k]])
+    assert np.all(np.asarray(updates[name]["kernel"])[~free[k]] == 0)
+
+
+def test_zero_weights_and_biases_move_exactly():
+  """Zero weights own zero-valued paths; the additive WA moves them without 0/0."""
+  widths = (4, 5, 3)
+  params, layers, loss = _problem(widths, bias=True)
+  params = gsgd_jax.set_skeleton(params, layers)
+  params["Dense_0"]["bias"] = jnp.zeros(5)
+  params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[4, 2].set(0.0)
+  tx = gsgd_jax.gsgd(0.01, layers=layers)
+  grads = jax.grad(loss)(params)
+  updates, state = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  assert int(state.clipped_ratios) == 0
+  struct, _, _ = build_structure(params, layers)
+  pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
+  before, before_b = ref.basis_values(*_arrays(params, layers), widths)
+  after, after_b = ref.basis_values(*_arrays(new, layers), widths)
+  np.testing.assert_allclose(after_b[0], before_b[0] - 0.01 * np.asarray(pg.biases[0]),
+                             rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(after[1][4, 2], -0.01 * np.asarray(pg.kernels[1])[4, 2], rtol=1e-12)
+  assert np.asarray(pg.kernels[1])[4, 2] != 0
+
+
+def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
+  widths = (3, 5, 5, 2)
+  params, layers, loss = _problem(widths, bias=True)
+  grads = jax.grad(loss)(params)
+  lr = 5.0
+  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=(0.9, 1.1))
+  updates, state = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  struct, _, _ = build_structure(params, layers)
+  pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
+  before, _ = ref.basis_values(*_arrays(params, layers), widths)
+  after, _ = ref.basis_values(*_arrays(new, layers), widths)
+  _, outgoing = ref.skeleton_sets(widths)
+  free = _free_masks(widths)
+  missed = 0
+  for k in range(len(layers)):
+    target = before[k] - lr * np.asarray(pg.kernels[k])
+    miss = free[k] & ~np.isclose(after[k], target, rtol=1e-9, atol=1e-12)
+    for i, j in zip(*np.nonzero(miss)):
+      assert (i, j) in outgoing[k], "only clipped skeleton paths may miss v + dv"
+      ratio = after[k][i, j] / before[k][i, j]
+      assert ratio == pytest.approx(0.9) or ratio == pytest.approx(1.1)
+      missed += 1
+  assert missed == int(state.clipped_ratios) > 0
+  assert int(state.total_clipped_ratios) == missed
+
+
+@pytest.mark.parametrize("lr", [1e3, 1e12])
+def test_huge_learning_rate_leaves_params_finite(lr):
+  widths = (4, 6, 6, 3)
+  params, layers, loss = _problem(widths, bias=True)
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), gsgd_jax.set_skeleton(params, layers))
+  tx = gsgd_jax.gsgd(lr, layers=layers)
+  updates, state = tx.update(jax.grad(loss)(params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(new))
+  assert int(state.clipped_ratios) > 0
+
+
+def test_nan_ratio_becomes_one_and_is_counted():
+  widths = (3, 4, 2)
+  params, layers, loss = _problem(widths, bias=False)
+  params = gsgd_jax.set_skeleton(params, layers)
+  grads = jax.grad(loss)(params)
+  # A NaN gradient on one outgoing skeleton edge (node 1 -> 1 % 2) only.
+  grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"].at[1, 1].set(jnp.nan)
+  tx = gsgd_jax.gsgd(0.01, layers=layers)
+  updates, state = tx.update(grads, tx.init(params), params)
+  assert int(state.clipped_ratios) == 1
+  # Node 1's incoming weights are not divided by NaN: its ratio was set to 1.
+  assert np.all(np.isfinite(updates["Dense_0"]["kernel"][:, 1]))
+  assert float(updates["Dense_1"]["kernel"][1, 1]) == 0.0

@@ -1,0 +1,173 @@
+"""The public transformations: rescaling invariance (SPEC §5.3), jit, scan, optax manners."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gsgd_jax
+
+import reference as ref
+
+WIDTHS = (6, 9, 7, 8, 3)
+STEPS = 25
+
+
+def _problem(seed=0, dtype=jnp.float64, widths=WIDTHS):
+  params, layers = ref.make_mlp(jax.random.key(seed), widths, bias=True, dtype=dtype)
+  params = gsgd_jax.set_skeleton(params, layers)
+  x = jax.random.normal(jax.random.key(seed + 1), (32, widths[0]), dtype)
+  y = jax.random.normal(jax.random.key(seed + 2), (32, widths[-1]), dtype)
+  loss = lambda p: jnp.mean((ref.forward(p, layers, x) - y) ** 2)
+  return params, layers, x, loss
+
+
+def _train(tx, params, loss, steps=STEPS, observe=None):
+  @jax.jit
+  def step(carry, _):
+    p, state = carry
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    p = optax.apply_updates(p, updates)
+    return (p, state), observe(p)
+
+  (params, state), trace = jax.lax.scan(step, (params, tx.init(params)), length=steps)
+  return params, state, trace
+
+
+OPTIMIZERS = {
+    "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers),
+    "gsgd_schedule": lambda layers: gsgd_jax.gsgd(
+        optax.exponential_decay(0.05, 5, 0.7), layers=layers),
+    "g_momentum": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9),
+    "g_nesterov": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9,
+                                               nesterov=True),
+    "g_adam": lambda layers: gsgd_jax.path_space(optax.adam(3e-3), layers=layers),
+    "g_rmsprop": lambda layers: gsgd_jax.path_space(optax.rmsprop(1e-3), layers=layers),
+    "g_clipped_sgd": lambda layers: gsgd_jax.path_space(
+        optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05)), layers=layers),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_rescaling_invariance(name):
+  params, layers, x, loss = _problem()
+  rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(7))
+  tx = OPTIMIZERS[name](layers)
+  outputs = lambda p: ref.forward(p, layers, x)
+  final, state_a, out_a = _train(tx, params, loss, observe=outputs)
+  _, state_b, out_b = _train(tx, rescaled, loss, observe=outputs)
+  assert int(state_a.total_clipped_ratios) == int(state_b.total_clipped_ratios) == 0
+  # Training really changed the function, and both runs agree at every step.
+  assert float(loss(final)) < 0.9 * float(loss(params))
+  np.testing.assert_allclose(out_a, out_b, rtol=1e-9, atol=1e-10)
+
+
+def test_plain_sgd_is_not_invariant():
+  params, layers, x, loss = _problem()
+  rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(7))
+  outputs = lambda p: ref.forward(p, layers, x)
+  np.testing.assert_allclose(outputs(params), outputs(rescaled), rtol=1e-12, atol=1e-12)
+  _, _, out_a = _train(optax.sgd(0.05), params, loss, observe=outputs)
+  _, _, out_b = _train(optax.sgd(0.05), rescaled, loss, observe=outputs)
+  assert float(jnp.max(jnp.abs(out_a - out_b))) > 0.1
+
+
+def test_gsgd_is_path_space_sgd():
+  params, layers, x, loss = _problem()
+  outputs = lambda p: ref.forward(p, layers, x)
+  a = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
+  b = _train(gsgd_jax.path_space(optax.sgd(0.05), layers=layers), params, loss,
+             observe=outputs)[2]
+  np.testing.assert_array_equal(a, b)
+
+
+def test_constant_schedule_equals_float():
+  params, layers, x, loss = _problem()
+  outputs = lambda p: ref.forward(p, layers, x)
+  a = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
+  b = _train(gsgd_jax.gsgd(optax.constant_schedule(0.05), layers=layers), params, loss,
+             observe=outputs)[2]
+  np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_inject_hyperparams_equals_plain():
+  params, layers, x, loss = _problem()
+  outputs = lambda p: ref.forward(p, layers, x)
+  tx = optax.inject_hyperparams(gsgd_jax.gsgd)(learning_rate=0.05, layers=layers)
+  a = _train(tx, params, loss, observe=outputs)[2]
+  b = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
+  np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_jit_compiles_once():
+  params, layers, _, loss = _problem()
+  tx = gsgd_jax.gsgd(0.05, layers=layers)
+  traces = []
+
+  @jax.jit
+  def step(p, state):
+    traces.append(1)
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    return optax.apply_updates(p, updates), state
+
+  state = tx.init(params)
+  p1, state = step(params, state)
+  p2, state = step(p1, state)
+  step(p2, state)
+  assert len(traces) == 1
+  assert not np.allclose(p2["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
+
+
+def test_leaves_outside_layers_get_zero_updates_and_partition_routes_them():
+  params, layers, x, loss = _problem()
+  params["scale"] = jnp.ones(3)
+  full_loss = lambda p: loss(p) + jnp.sum((p["scale"] - 2.0) ** 2)
+  tx = gsgd_jax.gsgd(0.05, layers=layers)
+  grads = jax.grad(full_loss)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["scale"], 0.0)
+
+  labels = {k: ("chain" if k.startswith("Dense") else "rest") for k in params}
+  routed = optax.partition({"chain": tx, "rest": optax.sgd(0.1)}, labels)
+  updates, _ = routed.update(grads, routed.init(params), params)
+  np.testing.assert_allclose(updates["scale"], -0.1 * grads["scale"])
+  chain_only = {k: v for k, v in params.items() if k != "scale"}
+  want, _ = tx.update({k: grads[k] for k in chain_only}, tx.init(chain_only), chain_only)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only})):
+    np.testing.assert_allclose(a, b, rtol=1e-14)
+
+
+def test_extra_args_are_ignored():
+  params, layers, _, loss = _problem()
+  tx = gsgd_jax.gsgd(0.05, layers=layers)
+  grads = jax.grad(loss)(params)
+  a, _ = tx.update(grads, tx.init(params), params)
+  b, _ = tx.update(grads, tx.init(params), params, value=1.0, unknown="x")
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_are_kept(dtype):
+  params, layers, _, loss = _problem(dtype=dtype)
+  tx = gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9)
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(jax.grad(loss)(params), state, params)
+  assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
+  assert jax.tree.map(lambda a: a.dtype, state) == jax.tree.map(lambda a: a.dtype, new_state)
+  assert all(np.all(np.isfinite(np.asarray(u, np.float32))) for u in jax.tree.leaves(updates))
+
+
+def test_float32_update_matches_float64():
+  params, layers, _, loss = _problem()
+  tx = gsgd_jax.gsgd(0.05, layers=layers)
+  grads = jax.grad(loss)(params)
+  want, _ = tx.update(grads, tx.init(params), params)
+  to32 = functools.partial(jax.tree.map, lambda a: a.astype(jnp.float32))
+  got, _ = tx.update(to32(grads), tx.init(to32(params)), to32(params))
+  scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(want))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)

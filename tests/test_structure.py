@@ -1,0 +1,133 @@
+"""Layer specs, index tables, key paths across tree forms, and layer inference."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import gsgd_jax
+from gsgd_jax.structure import build_structure
+
+import reference as ref
+
+
+def test_dimension_counts():
+  widths = (5, 7, 3, 4)
+  params, layers = ref.make_mlp(jax.random.key(0), widths, bias=True)
+  struct, _, _ = build_structure(params, layers)
+  m = sum(a * b + b for a, b in zip(widths, widths[1:]))
+  assert struct.num_weights == m
+  assert struct.num_hidden == 10
+  assert struct.num_basis_paths == m - 10
+  # Every path-owning entry carries a basis value; F is exactly H entries.
+  mask = gsgd_jax.skeleton_mask(params, layers)
+  assert sum(int(np.sum(leaf)) for leaf in jax.tree.leaves(mask)) == struct.num_hidden
+
+
+def test_structure_is_cached_and_independent_of_tree_form():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  a, _, _ = build_structure(params, layers)
+  b, _, _ = build_structure(jax.tree.map(jnp.zeros_like, params), ["Dense_0", "Dense_1"])
+  assert a is b
+  state = nnx.State({"Dense_0": {"kernel": nnx.Param(params["Dense_0"]["kernel"])},
+                     "Dense_1": {"kernel": nnx.Param(params["Dense_1"]["kernel"])}})
+  c, where, _ = build_structure(state, layers)
+  assert c.layers[0].path == a.layers[0].path and not c.layers[0].has_bias
+
+
+def test_missing_layer_names_the_path():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  with pytest.raises(ValueError, match="Dense_7.*no 'kernel'"):
+    gsgd_jax.gsgd(0.1, layers=[("Dense_0",), ("Dense_7",)]).init(params)
+
+
+def test_wrong_order_names_both_layers():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  with pytest.raises(ValueError, match="Dense_0.*Dense_1.*forward order"):
+    gsgd_jax.gsgd(0.1, layers=layers[::-1]).init(params)
+
+
+def test_duplicate_and_empty_layers():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 3, 3))
+  with pytest.raises(ValueError, match="twice"):
+    gsgd_jax.gsgd(0.1, layers=[layers[0], layers[0]]).init(params)
+  with pytest.raises(ValueError, match="empty"):
+    gsgd_jax.gsgd(0.1, layers=[]).init(params)
+
+
+def test_unsupported_kernel_rank_and_bias_shape():
+  params = {"a": {"kernel": jnp.ones((3, 3, 2, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match="'a'.*not a dense"):
+    gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
+  params = {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(3)}}
+  with pytest.raises(ValueError, match="bias of shape"):
+    gsgd_jax.gsgd(0.1, layers=["a"]).init(params)
+
+
+def test_update_without_params_raises():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  tx = gsgd_jax.gsgd(0.1, layers=layers)
+  with pytest.raises(ValueError, match="needs the current params"):
+    tx.update(params, tx.init(params))
+
+
+class _Linen(nn.Module):
+  widths: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    for w in self.widths[:-1]:
+      x = nn.relu(nn.Dense(w)(x))
+    return nn.Dense(self.widths[-1])(x)
+
+
+def test_infer_layers_linen_orders_numerically():
+  widths = tuple(range(2, 14))  # 12 layers: Dense_10 must follow Dense_9, not Dense_1
+  params = _Linen(widths).init(jax.random.key(0), jnp.ones((1, 3)))
+  layers = gsgd_jax.infer_layers(params)
+  assert layers == [("params", f"Dense_{k}") for k in range(12)]
+
+
+class _NNX(nnx.Module):
+  def __init__(self, widths, rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])])
+
+
+def test_infer_layers_nnx_list():
+  model = _NNX((3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 2), nnx.Rngs(0))
+  layers = gsgd_jax.infer_layers(nnx.state(model, nnx.Param))
+  assert layers == [("layers", k) for k in range(12)]
+
+
+def test_infer_layers_named_fc():
+  params = {"fc2": {"kernel": jnp.ones((4, 2))}, "fc1": {"kernel": jnp.ones((3, 4))}}
+  assert gsgd_jax.infer_layers(params) == [("fc1",), ("fc2",)]
+
+
+@pytest.mark.parametrize("params, why", [
+    ({"fc": {"kernel": jnp.ones((3, 4))}, "out": {"kernel": jnp.ones((4, 2))}},
+     "carries no number"),
+    ({"a1": {"kernel": jnp.ones((3, 4))}, "b2": {"kernel": jnp.ones((4, 2))}},
+     "different stems"),
+    ({"x": {"l1": {"kernel": jnp.ones((3, 4))}}, "l2": {"kernel": jnp.ones((4, 2))}},
+     "different sub-trees"),
+    ({"l1": {"kernel": jnp.ones((3, 4))}, "l01": {"kernel": jnp.ones((4, 2))}},
+     "same number"),
+    ({"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((5, 2))}},
+     "does not follow"),
+    ({"l1": {"scale": jnp.ones(3)}}, "no sub-tree"),
+])
+def test_infer_layers_fails_clearly(params, why):
+  with pytest.raises(ValueError, match=why):
+    gsgd_jax.infer_layers(params)
+
+
+def test_string_and_tuple_paths_agree():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  nested = {"params": params}
+  a = gsgd_jax.basis_path_values(nested, [("params", "Dense_0"), ("params", "Dense_1")])
+  b = gsgd_jax.basis_path_values(nested, ["params/Dense_0", "params/Dense_1"])
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
