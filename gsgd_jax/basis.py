@@ -72,6 +72,18 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   return centre & (col == jnp.asarray(sigma, jnp.int32)[None, :, None])
 
 
+def periodic(x: Array, n: int) -> Array:
+  """``x[arange(n) % len(x)]`` by tiling, so that it fuses (no gather).
+
+  Every per-node index map of the skeleton is of this form: ``pi[k][j] = j mod
+  n_in`` and ``sigma[k][a] = a mod n_out``.
+  """
+  m = x.shape[0]
+  if n <= m:
+    return x[:n]
+  return jnp.tile(x, -(-n // m))[:n]
+
+
 def _rows(x: Array) -> Array:
   return x[None, :, None]
 
@@ -102,13 +114,13 @@ def chains(struct: ChainStructure, kernels3: Sequence[Array], dtype) -> Chains:
   back = [jnp.ones(specs[0].n_in, dtype)]
   for k in range(depth - 1):
     w_in = incoming_skeleton(kernels3[k], specs[k], struct.pi[k]).astype(dtype)
-    back.append(back[k][struct.pi[k]] * w_in)
+    back.append(periodic(back[k], specs[k].n_out) * w_in)
   back.append(jnp.ones(specs[-1].n_out, dtype))  # outputs: never used as a tail
   forward = [None] * (depth + 1)
   forward[depth] = jnp.ones(specs[-1].n_out, dtype)
   for k in range(depth - 1, 0, -1):
     w_out = outgoing_skeleton(kernels3[k], specs[k], struct.sigma[k]).astype(dtype)
-    forward[k] = w_out * forward[k + 1][struct.sigma[k]]
+    forward[k] = w_out * periodic(forward[k + 1], specs[k].n_in)
   forward[0] = jnp.ones(specs[0].n_in, dtype)  # inputs: never used as a head
   return Chains(tuple(back), tuple(forward))
 
@@ -185,7 +197,7 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
     if biases[k] is not None:
       p += biases[k].astype(ct) * bias_grads[k].astype(ct)
     if p_prev is not None:
-      p += jnp.where(struct.loops_back[k], p_prev[pi], 0)
+      p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
     carried[k + 1] = p / (ch.back[k + 1] * ch.forward[k + 1])
     p_prev = p
 
@@ -255,7 +267,7 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
       # The skeleton edge must take the clipped step too, or the forward chain
       # through it would not be rescaled by exactly Q.
       clipped_steps[k] = (ratio - 1) * path_value
-    q[k] = jnp.where(struct.out_fixed[k], q[k + 1][sigma], ratio)
+    q[k] = jnp.where(struct.out_fixed[k], periodic(q[k + 1], spec.n_in), ratio)
 
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
