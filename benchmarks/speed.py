@@ -1,5 +1,8 @@
 """Speed of G-SGD against optax.sgd, as ratios measured in one interleaved run.
 
+Models: ReLU MLPs of about 1M, 6M and 22M parameters and a PlainNet-like CNN
+(7 convolutions of 64 channels, 3x3, on 16x16 images; global average pool; dense).
+
 For each model it times (a) the jitted update+apply alone (gradients given) and
 (b) the whole jitted train step (forward, backward, update, apply), alternating
 SGD and G-SGD round by round so both see the same machine state, and reports
@@ -29,6 +32,34 @@ MLPS = {
     "mlp-6M": (1024, (2048, 2048), 10),
     "mlp-22M": (1024, (3072, 3072, 3072), 10),
 }
+# name -> (image side, input channels, conv layers, channels, classes)
+CNNS = {"plainnet-7": (16, 3, 7, 64, 10)}
+MODELS = (*MLPS, *CNNS)
+CNN_BATCH = 32
+
+
+def cnn_params(key, side, c_in, depth, channels, n_out):
+  """PlainNet-like: ``depth`` 3x3 SAME convolutions, global average pool, dense."""
+  params, layers, c = {}, [], c_in
+  for k in range(depth):
+    key, sub = jax.random.split(key)
+    params[f"Conv_{k}"] = {"kernel": jax.random.normal(sub, (3, 3, c, channels))
+                           * np.sqrt(2 / (9 * c)), "bias": jnp.zeros(channels)}
+    layers.append((f"Conv_{k}",))
+    c = channels
+  params["Dense_0"] = {"kernel": jax.random.normal(key, (c, n_out)) / np.sqrt(c),
+                       "bias": jnp.zeros(n_out)}
+  layers.append(("Dense_0",))
+  return gsgd_jax.set_skeleton(params, layers), layers
+
+
+def cnn_forward(params, layers, x):
+  for name, in layers[:-1]:
+    x = jax.lax.conv_general_dilated(x, params[name]["kernel"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.nn.relu(x + params[name]["bias"])
+  last = params[layers[-1][0]]
+  return x.mean(axis=(1, 2)) @ last["kernel"] + last["bias"]
 
 
 def mlp_params(key, n_in, hidden, n_out):
@@ -60,11 +91,23 @@ def _time(fn, args, iters):
   return (time.perf_counter() - start) / iters, args
 
 
-def bench_model(name, spec, *, rounds, batch, min_seconds, donate):
-  params, layers = mlp_params(jax.random.key(0), *spec)
+def model_and_data(name, batch):
+  """Params, layers, forward function and one batch for a named model."""
+  if name in MLPS:
+    spec = MLPS[name]
+    params, layers = mlp_params(jax.random.key(0), *spec)
+    x = jax.random.normal(jax.random.key(1), (batch, spec[0]))
+    return params, layers, forward, x, spec[-1], batch
+  side, c_in, *_, n_out = spec = CNNS[name]
+  params, layers = cnn_params(jax.random.key(0), *spec)
+  x = jax.random.normal(jax.random.key(1), (CNN_BATCH, side, side, c_in))
+  return params, layers, cnn_forward, x, n_out, CNN_BATCH
+
+
+def bench_model(name, *, rounds, batch, min_seconds, donate):
+  params, layers, forward, x, n_out, batch = model_and_data(name, batch)
   n_params = sum(p.size for p in jax.tree.leaves(params))
-  x = jax.random.normal(jax.random.key(1), (batch, spec[0]))
-  y = jax.random.randint(jax.random.key(2), (batch,), 0, spec[2])
+  y = jax.random.randint(jax.random.key(2), (batch,), 0, n_out)
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers)}
 
@@ -125,19 +168,20 @@ def device_name() -> str:
 
 def table(rows) -> str:
   lines = ["| model | params | update+apply SGD ms | G-SGD ms | ratio | "
-           "train step SGD ms | G-SGD ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+           "train step (batch) SGD ms | G-SGD ms | ratio |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     u, s = r["update"], r["step"]
     lines.append(
         f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {u['sgd_ms']:.2f} | "
-        f"{u['gsgd_ms']:.2f} | **{u['ratio']:.2f}** | {s['sgd_ms']:.2f} | "
+        f"{u['gsgd_ms']:.2f} | **{u['ratio']:.2f}** | ({r['batch']}) {s['sgd_ms']:.2f} | "
         f"{s['gsgd_ms']:.2f} | **{s['ratio']:.2f}** |")
   return "\n".join(lines)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default=",".join(MLPS), help="comma-separated names")
+  parser.add_argument("--models", default=",".join(MODELS),
+                      help=f"comma-separated, of: {', '.join(MODELS)}")
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--min-seconds", type=float, default=0.2,
@@ -148,11 +192,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   rows = []
   for name in args.models.split(","):
-    rows.append(bench_model(name, MLPS[name], rounds=args.rounds, batch=args.batch,
+    rows.append(bench_model(name, rounds=args.rounds, batch=args.batch,
                             min_seconds=args.min_seconds, donate=args.donate))
     print(f"{name}: update ratio {rows[-1]['update']['ratio']:.2f}, "
           f"step ratio {rows[-1]['step']['ratio']:.2f}", flush=True)
-  header = (f"device: {device_name()}; jax {jax.__version__}; batch {args.batch}; "
+  header = (f"device: {device_name()}; jax {jax.__version__}; "
             f"{'donated' if args.donate else 'undonated'} buffers; "
             f"{args.rounds} interleaved rounds; ratio = G-SGD time / SGD time (median)")
   md = header + "\n\n" + table(rows)

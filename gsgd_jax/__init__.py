@@ -4,6 +4,7 @@ from gsgd_jax.init import random_rescale, set_skeleton, skeleton_mask
 from gsgd_jax.optimizers import (
     PathSpaceState,
     basis_path_values,
+    block_labels,
     gsgd,
     path_space,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "LayerSpec",
     "PathSpaceState",
     "basis_path_values",
+    "block_labels",
     "gsgd",
     "infer_layers",
     "path_space",

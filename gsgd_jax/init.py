@@ -12,18 +12,19 @@ from gsgd_jax.structure import LayerPaths, build_structure
 
 
 def _map_layers(params: Any, layers: LayerPaths, kernel_fn, bias_fn, other_fn):
-  """Rebuilds ``params`` with ``kernel_fn(k, struct, kernel3)`` on each layer's
-  ``(taps, n_in, n_out)`` kernel view, ``bias_fn(k, struct, bias)`` on its bias
-  and ``other_fn(leaf)`` elsewhere."""
-  struct, where, treedef = build_structure(params, layers)
+  """Rebuilds ``params`` with ``kernel_fn(block, k, struct, kernel3)`` on each
+  layer's ``(taps, n_in, n_out)`` kernel view, ``bias_fn(block, k, struct, bias)``
+  on its bias and ``other_fn(leaf)`` elsewhere."""
+  blocks, wheres, treedef = build_structure(params, layers)
   leaves = jax.tree.leaves(params)
   out = [other_fn(leaf) for leaf in leaves]
-  for k, spec in enumerate(struct.layers):
-    kernel = leaves[where.kernel[k]]
-    new = kernel_fn(k, struct, ps.as_taps(jnp.asarray(kernel), spec))
-    out[where.kernel[k]] = new.reshape(kernel.shape)
-    if where.bias[k] is not None:
-      out[where.bias[k]] = bias_fn(k, struct, leaves[where.bias[k]])
+  for b, (struct, where) in enumerate(zip(blocks, wheres)):
+    for k, spec in enumerate(struct.layers):
+      kernel = leaves[where.kernel[k]]
+      new = kernel_fn(b, k, struct, ps.as_taps(jnp.asarray(kernel), spec))
+      out[where.kernel[k]] = new.reshape(kernel.shape)
+      if where.bias[k] is not None:
+        out[where.bias[k]] = bias_fn(b, k, struct, leaves[where.bias[k]])
   return treedef.unflatten(out)
 
 
@@ -54,8 +55,8 @@ def skeleton_mask(params: Any, layers: LayerPaths, which: str = "fixed") -> Any:
     A pytree of boolean arrays; biases and leaves outside ``layers`` are False.
   """
   false = lambda x: jnp.zeros(jnp.shape(x), bool)
-  return _map_layers(params, layers, lambda k, s, w: _skeleton(k, s, which),
-                     lambda k, s, b: false(b), false)
+  return _map_layers(params, layers, lambda _, k, s, w: _skeleton(k, s, which),
+                     lambda _, k, s, b: false(b), false)
 
 
 def set_skeleton(params: Any, layers: LayerPaths, value: float = 1.0) -> Any:
@@ -79,8 +80,8 @@ def set_skeleton(params: Any, layers: LayerPaths, value: float = 1.0) -> Any:
                      "through it zero; use a nonzero value")
   return _map_layers(
       params, layers,
-      lambda k, s, w: jnp.where(_skeleton(k, s, "all"), jnp.asarray(value, w.dtype), w),
-      lambda k, s, b: b, lambda leaf: leaf)
+      lambda _, k, s, w: jnp.where(_skeleton(k, s, "all"), jnp.asarray(value, w.dtype), w),
+      lambda _, k, s, b: b, lambda leaf: leaf)
 
 
 def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
@@ -89,8 +90,9 @@ def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
 
   Node ``j`` of each hidden level gets ``c_j = exp(U(-log_range, log_range))``:
   its incoming weights and bias are multiplied by ``c_j`` and its outgoing
-  weights divided by it (an element of the group G of SPEC §1). Basis-path
-  values are unchanged.
+  weights divided by it (an element of the group G of SPEC §1; for a
+  convolution every tap, after a flatten every position). Basis-path values are
+  unchanged. Inputs and outputs of each block are not rescaled.
 
   Args:
     params: parameter pytree.
@@ -101,25 +103,27 @@ def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
   Returns:
     The rescaled params.
   """
-  struct, _, _ = build_structure(params, layers)
-  keys = jax.random.split(key, max(struct.depth - 1, 1))
-  factors = [None] + [
-      jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32,
-                                 -log_range, log_range))
-      for k, spec in enumerate(struct.layers[:-1])] + [None]
+  blocks, _, _ = build_structure(params, layers)
+  factors = []  # factors[block][level]: one per node, None at block inputs/outputs
+  for block, block_key in zip(blocks, jax.random.split(key, len(blocks))):
+    keys = jax.random.split(block_key, max(block.depth - 1, 1))
+    factors.append([None] + [
+        jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32,
+                                   -log_range, log_range))
+        for k, spec in enumerate(block.layers[:-1])] + [None])
 
-  def kernel_fn(k, s, w):
+  def kernel_fn(b, k, s, w):
     ct = ps.compute_dtype(w.dtype)
     scaled = w.astype(ct)
-    if factors[k + 1] is not None:
-      scaled = scaled * factors[k + 1].astype(ct)[None, None, :]
-    if factors[k] is not None:
-      scaled = scaled / factors[k].astype(ct)[None, :, None]
+    if factors[b][k + 1] is not None:
+      scaled = scaled * factors[b][k + 1].astype(ct)[None, None, :]
+    if factors[b][k] is not None:
+      scaled = scaled / factors[b][k].astype(ct)[None, :, None]
     return scaled.astype(w.dtype)
 
-  def bias_fn(k, s, b):
-    if factors[k + 1] is None:
-      return b
-    return (b * factors[k + 1].astype(ps.compute_dtype(b.dtype))).astype(b.dtype)
+  def bias_fn(b, k, s, bias):
+    if factors[b][k + 1] is None:
+      return bias
+    return (bias * factors[b][k + 1].astype(ps.compute_dtype(bias.dtype))).astype(bias.dtype)
 
   return _map_layers(params, layers, kernel_fn, bias_fn, lambda leaf: leaf)

@@ -36,19 +36,21 @@ def _layer_arrays(leaves, where):
   return kernels, biases
 
 
-def _scatter(template_leaves, where, kernels, biases, fill):
-  """Leaves with the layers' entries replaced and every other leaf ``fill(leaf)``."""
-  out = [fill(leaf) for leaf in template_leaves]
+def _put(out, where, kernels, biases):
+  """Writes one block's kernel and bias arrays into the flat list ``out``."""
   for i, value in zip(where.kernel, kernels):
     out[i] = value
   for i, value in zip(where.bias, biases):
     if i is not None:
       out[i] = value
-  return out
 
 
-def _zeros(leaf):
-  return jnp.zeros_like(leaf)
+def _locate_blocks(tree, blocks, what):
+  """Leaves, treedef and per-block positions of the blocks' layers in ``tree``."""
+  paths, leaves, treedef = leaf_paths(tree)
+  wheres = [locate_layers(paths, [spec.path for spec in block.layers], what=what)
+            for block in blocks]
+  return leaves, treedef, wheres
 
 
 def basis_path_values(params: Any, layers: LayerPaths) -> Any:
@@ -61,24 +63,52 @@ def basis_path_values(params: Any, layers: LayerPaths) -> Any:
 
   Args:
     params: parameter pytree.
-    layers: ordered key paths of the chain's layers (see :func:`path_space`).
+    layers: the layers' key paths, one chain or several blocks (see
+      :func:`path_space`).
 
   Returns:
     A pytree shaped like ``params``.
   """
-  struct, where, treedef = build_structure(params, layers)
+  blocks, wheres, treedef = build_structure(params, layers)
   leaves = jax.tree.leaves(params)
-  values, bias_values = ps.basis_values(struct, *_layer_arrays(leaves, where))
-  return treedef.unflatten(_scatter(leaves, where, values, bias_values, _zeros))
+  out = [jnp.zeros_like(leaf) for leaf in leaves]
+  for block, where in zip(blocks, wheres):
+    _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where)))
+  return treedef.unflatten(out)
+
+
+def _path_space_params(params, blocks, wheres, treedef, chains=None):
+  """Params as ``inner`` sees them: basis-path values in the blocks, values elsewhere."""
+  leaves = jax.tree.leaves(params)
+  out = list(leaves)
+  for b, (block, where) in enumerate(zip(blocks, wheres)):
+    ch = None if chains is None else chains[b]
+    _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where), ch))
+  return treedef.unflatten(out)
+
+
+def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
+                 outside: str = "fallback") -> Any:
+  """Labels each leaf of ``tree``: ``inside`` for kernels and biases of the
+  declared layers, ``outside`` for every other leaf (for ``optax.partition``)."""
+  blocks, wheres, _ = build_structure(tree, layers)
+  paths, leaves, treedef = leaf_paths(tree)
+  labels = [outside] * len(leaves)
+  for where in wheres:
+    for i in (*where.kernel, *where.bias):
+      if i is not None:
+        labels[i] = inside
+  return treedef.unflatten(labels)
 
 
 def path_space(
     inner: optax.GradientTransformation,
     *,
     layers: LayerPaths,
+    fallback: optax.GradientTransformation | None = None,
     ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Runs an optax transformation in the basis-path space of a ReLU chain.
+  r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
   One update is the three steps of G-SGD (Meng et al., 2019):
 
@@ -98,21 +128,24 @@ def path_space(
   clipping, schedules) works unchanged, and the network's function follows the
   same trajectory from any positively rescaled initialisation.
 
-  Leaves outside ``layers`` get a zero update (and a zero gradient in
-  ``inner``). To train them too, route them with ``optax.partition``::
-
-    tx = optax.partition(
-        {'chain': gsgd_jax.path_space(optax.sgd(0.1), layers=layers),
-         'rest': optax.sgd(0.1)},
-        param_labels)  # 'chain' on the layers' leaves, 'rest' elsewhere
+  ``layers`` declares dense layers, convolutions (channels are nodes, the
+  centre tap is the skeleton edge) and dense layers after a flatten. It is one
+  chain, or several independent blocks (e.g. one per residual block); nothing
+  crosses a block boundary. Every parameter outside the blocks (BatchNorm
+  scales, shortcuts, embeddings, ...) is updated by ``fallback``.
 
   Args:
     inner: the transformation applied in path space, e.g. ``optax.sgd(0.1)`` or
       ``optax.adam(1e-3)``.
-    layers: ordered key paths (tuples of dict keys / list indices, or
-      ``'a/b'`` strings) to each layer's sub-tree holding ``kernel`` and
+    layers: one chain: ordered key paths (tuples of dict keys / list indices,
+      or ``'a/b'`` strings) to each layer's sub-tree holding ``kernel`` and
       optional ``bias``, input layer first, e.g. ``[('params', 'Dense_0'),
-      ('params', 'Dense_1')]``. See :func:`gsgd_jax.infer_layers`.
+      ('params', 'Dense_1')]``; or several blocks: a sequence of lists of such
+      paths. See :func:`gsgd_jax.infer_layers`.
+    fallback: the transformation for parameters outside the blocks, applied to
+      their ordinary gradients. ``None`` (default) applies ``inner`` itself to
+      them, in the same state (so ``gsgd(lr)`` gives them plain SGD at ``lr``);
+      ``optax.set_to_zero()`` freezes them.
     ratio_clip: ``(low, high)`` bounds for the ratios ``R`` of the outgoing
       skeleton paths, the only ratios used as divisors. A step asking for a
       ratio outside them (``R <= 0`` included) is clipped, NaN becomes 1, and
@@ -125,7 +158,8 @@ def path_space(
   Example:
     >>> import jax, jax.numpy as jnp, optax, gsgd_jax
     >>> params = {'l0': {'kernel': jnp.ones((3, 4))},
-    ...           'l1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)}}
+    ...           'l1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)},
+    ...           'scale': jnp.ones(2)}
     >>> tx = gsgd_jax.path_space(optax.adam(1e-2), layers=['l0', 'l1'])
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -136,57 +170,61 @@ def path_space(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  inner = optax.with_extra_args_support(inner)
   if ratio_clip is not None:
     low, high = (float(r) for r in ratio_clip)
     if not 0 < low <= 1 <= high:
       raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
     ratio_clip = (low, high)
+  if fallback is not None:
+    inner = optax.partition({"path": inner, "fallback": fallback},
+                            lambda tree: block_labels(tree, layers))
+  inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    values = basis_path_values(params, layers)
+    blocks, wheres, treedef = build_structure(params, layers)
     zero = jnp.zeros((), jnp.int32)
-    return PathSpaceState(inner.init(values), zero, zero)
+    return PathSpaceState(inner.init(_path_space_params(params, blocks, wheres, treedef)),
+                          zero, zero)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
           "gsgd_jax.path_space needs the current params: call "
           "tx.update(grads, state, params).")
-    struct, where, treedef = build_structure(params, layers)
+    blocks, wheres, treedef = build_structure(params, layers)
     leaves = jax.tree.leaves(params)
-    grad_paths, grad_leaves, grad_treedef = leaf_paths(updates)
-    grad_where = locate_layers(grad_paths, struct_paths(struct), what="updates")
-    kernels, biases = _layer_arrays(leaves, where)
-    kernel_grads, bias_grads = _layer_arrays(grad_leaves, grad_where)
-    for spec, w, g in zip(struct.layers, kernels, kernel_grads):
-      if w.shape != g.shape:
-        raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not "
-                         f"match kernel shape {w.shape}")
+    grad_leaves, grad_treedef, grad_wheres = _locate_blocks(updates, blocks, "updates")
 
-    pg = ps.inverse_chain_rule(struct, kernels, biases, kernel_grads, bias_grads)
-    path_grads = grad_treedef.unflatten(
-        _scatter(grad_leaves, grad_where, pg.kernels, pg.biases, _zeros))
-    values, bias_values = ps.basis_values(struct, kernels, biases, pg.chains)
-    path_params = treedef.unflatten(_scatter(leaves, where, values, bias_values, _zeros))
+    # Inverse chain rule per block; other leaves keep their ordinary gradients.
+    path_grads, chains = list(grad_leaves), []
+    for block, where, grad_where in zip(blocks, wheres, grad_wheres):
+      kernels, biases = _layer_arrays(leaves, where)
+      kernel_grads, bias_grads = _layer_arrays(grad_leaves, grad_where)
+      for spec, w, g in zip(block.layers, kernels, kernel_grads):
+        if w.shape != g.shape:
+          raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not "
+                           f"match kernel shape {w.shape}")
+      pg = ps.inverse_chain_rule(block, kernels, biases, kernel_grads, bias_grads)
+      _put(path_grads, grad_where, pg.kernels, pg.biases)
+      chains.append(pg.chains)
+    path_params = _path_space_params(params, blocks, wheres, treedef, chains)
 
-    steps, inner_state = inner.update(path_grads, state.inner_state, path_params,
-                                      **extra_args)
-    step_paths, step_leaves, _ = leaf_paths(steps)
-    step_where = locate_layers(step_paths, struct_paths(struct), what="inner updates")
-    kernel_steps, bias_steps = _layer_arrays(step_leaves, step_where)
-    new_kernels, new_biases, clipped = ps.weight_allocation(
-        struct, kernels, biases, kernel_steps, bias_steps, pg.chains, ratio_clip)
-    new_updates = grad_treedef.unflatten(
-        _scatter(grad_leaves, grad_where, new_kernels, new_biases, _zeros))
-    return new_updates, PathSpaceState(
+    steps, inner_state = inner.update(grad_treedef.unflatten(path_grads),
+                                      state.inner_state, path_params, **extra_args)
+
+    # Weight allocation per block; other leaves take the inner (or fallback) step.
+    step_leaves, step_treedef, step_wheres = _locate_blocks(steps, blocks, "inner updates")
+    new_updates, clipped = list(step_leaves), jnp.zeros((), jnp.int32)
+    for block, where, step_where, ch in zip(blocks, wheres, step_wheres, chains):
+      new_kernels, new_biases, block_clipped = ps.weight_allocation(
+          block, *_layer_arrays(leaves, where), *_layer_arrays(step_leaves, step_where),
+          ch, ratio_clip)
+      _put(new_updates, step_where, new_kernels, new_biases)
+      clipped += block_clipped
+    return step_treedef.unflatten(new_updates), PathSpaceState(
         inner_state, clipped, state.total_clipped_ratios + clipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def struct_paths(struct):
-  return [spec.path for spec in struct.layers]
 
 
 def gsgd(
@@ -195,6 +233,7 @@ def gsgd(
     layers: LayerPaths,
     momentum: float | None = None,
     nesterov: bool = False,
+    fallback: optax.GradientTransformation | None = None,
     ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
@@ -206,7 +245,8 @@ def gsgd(
 
   computed from ordinary weight gradients by the inverse chain rule and turned
   back into weights by weight allocation. It equals
-  ``path_space(optax.sgd(learning_rate, momentum, nesterov), layers=layers)``.
+  ``path_space(optax.sgd(learning_rate, momentum, nesterov), layers=layers)``;
+  parameters outside ``layers`` get plain SGD with the same settings.
   Outputs of the trained network do not depend on how the initial weights are
   positively rescaled per hidden node, unlike plain SGD.
 
@@ -219,6 +259,8 @@ def gsgd(
     layers: ordered key paths of the layers (see :func:`path_space`).
     momentum: optional momentum (heavy ball) in path space.
     nesterov: use Nesterov momentum.
+    fallback: the transformation for parameters outside ``layers``; by default
+      the same SGD on their ordinary gradients (see :func:`path_space`).
     ratio_clip: bounds of the skeleton path ratios (see :func:`path_space`).
 
   Returns:
@@ -242,4 +284,4 @@ def gsgd(
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-                    layers=layers, ratio_clip=ratio_clip)
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)

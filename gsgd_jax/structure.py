@@ -8,8 +8,17 @@ with or without ``Variable`` wrappers).
 Conventions (SPEC §1-2). Layers are numbered ``k = 0..L-1``; layer ``k`` maps node
 level ``k`` to level ``k + 1``; level 0 holds the inputs, level ``L`` the outputs and
 levels ``1..L-1`` the hidden nodes. A kernel is viewed as ``(taps, n_in, n_out)``:
-``taps`` parallel edges join each node pair and tap ``centre`` is the skeleton one
-(a dense kernel has a single tap).
+``taps`` parallel edges join each node pair and tap ``centre`` is the skeleton one.
+
+  * dense ``(n_in, n_out)``: one tap;
+  * convolution ``(*window, c_in, c_out)`` (1-D, 2-D, 3-D): channels are nodes, one
+    tap per window position, the centre ``(k // 2, ...)`` is the skeleton tap;
+  * dense after a flatten of ``(S positions, C channels)`` (NHWC order, row
+    ``s * C + c``): recognised when a dense kernel with ``S * C`` rows follows a
+    convolution with ``C`` output channels; S taps, skeleton position ``S // 2``.
+
+Several independent chains (blocks) may be declared; nothing crosses a block
+boundary, so the inputs and outputs of each block are not hidden nodes.
 
 Skeleton, per hidden node:
   * incoming edge of node ``j`` of level ``k + 1``: from node ``pi[k][j] = j mod n_in``;
@@ -29,7 +38,7 @@ import jax
 import numpy as np
 
 KeyPath = tuple[Hashable, ...]
-LayerPaths = Sequence[KeyPath | str]
+LayerPaths = Sequence[KeyPath | str] | Sequence[list[KeyPath | str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,7 @@ class LayerSpec:
   """One layer of a chain, as seen by the path-space algorithm."""
 
   path: tuple[str, ...]  # normalised key path of the layer's sub-tree
+  kind: str  # 'dense', 'conv' or 'flatten' (a dense layer after a flatten)
   kernel_shape: tuple[int, ...]
   has_bias: bool
   taps: int  # parallel edges per (input node, output node) pair
@@ -172,38 +182,42 @@ def locate_layers(
 # Building the structure.
 
 
-def _layer_spec(path: tuple[str, ...], kernel_shape: tuple[int, ...],
-                has_bias: bool) -> LayerSpec:
-  if len(kernel_shape) != 2:
-    raise ValueError(
-        f"layer {'/'.join(path)!r}: kernel of shape {kernel_shape} is not a dense "
-        "(in, out) kernel; only dense layers are supported so far."
-    )
-  n_in, n_out = kernel_shape
-  if n_in < 1 or n_out < 1:
-    raise ValueError(f"layer {'/'.join(path)!r}: empty kernel of shape {kernel_shape}")
-  return LayerSpec(path, tuple(kernel_shape), has_bias, taps=1, centre=0,
-                   n_in=n_in, n_out=n_out)
+def _layer_spec(path: tuple[str, ...], kernel_shape: tuple[int, ...], has_bias: bool,
+                prev: LayerSpec | None) -> LayerSpec:
+  name = "/".join(path)
+  if len(kernel_shape) < 2 or min(kernel_shape) < 1:
+    raise ValueError(f"layer {name!r}: kernel of shape {kernel_shape} is neither a dense "
+                     "(in, out) kernel nor a convolution (*window, in, out) kernel")
+  *window, n_in, n_out = kernel_shape
+  if window:  # convolution: one tap per window position, the centre is the skeleton
+    centre = int(np.ravel_multi_index(tuple(d // 2 for d in window), window))
+    return LayerSpec(path, "conv", tuple(kernel_shape), has_bias, int(np.prod(window)),
+                     centre, n_in, n_out)
+  if prev is not None and prev.kind == "conv" and n_in != prev.n_out \
+      and n_in % prev.n_out == 0:
+    positions = n_in // prev.n_out  # flatten of (positions, channels), NHWC order
+    return LayerSpec(path, "flatten", tuple(kernel_shape), has_bias, positions,
+                     positions // 2, prev.n_out, n_out)
+  return LayerSpec(path, "dense", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out)
 
 
-@functools.lru_cache(maxsize=256)
-def _build(signature: tuple[tuple[tuple[str, ...], tuple[int, ...], bool], ...]
+def _chain(signature: tuple[tuple[tuple[str, ...], tuple[int, ...], bool], ...]
            ) -> ChainStructure:
+  """Specs and skeleton index tables of one chain of layers."""
   if not signature:
-    raise ValueError("`layers` is empty: declare at least one layer")
-  specs = tuple(_layer_spec(*entry) for entry in signature)
-  seen = set()
-  for spec in specs:
-    if spec.path in seen:
-      raise ValueError(f"layer {spec.name!r} is declared twice in `layers`")
-    seen.add(spec.path)
-  for prev, spec in zip(specs, specs[1:]):
-    if spec.n_in != prev.n_out:
+    raise ValueError("a block of `layers` is empty: declare at least one layer per block")
+  specs = []
+  for entry in signature:
+    spec = _layer_spec(*entry, prev=specs[-1] if specs else None)
+    if specs and spec.n_in != specs[-1].n_out:
+      prev = specs[-1]
       raise ValueError(
           f"layer {spec.name!r} takes {spec.n_in} inputs (kernel {spec.kernel_shape}) "
           f"but the layer before it, {prev.name!r}, has {prev.n_out} outputs "
           f"(kernel {prev.kernel_shape}); are `layers` in forward order?"
       )
+    specs.append(spec)
+  specs = tuple(specs)
   depth = len(specs)
   pi = tuple(np.arange(s.n_out) % s.n_in if k < depth - 1 else None
              for k, s in enumerate(specs))
@@ -223,27 +237,72 @@ def _build(signature: tuple[tuple[tuple[str, ...], tuple[int, ...], bool], ...]
   return ChainStructure(specs, pi, sigma, out_fixed, loops_back)
 
 
-def build_structure(tree: Any, layers: LayerPaths) -> tuple[ChainStructure, LayerLeaves, Any]:
-  """Structure of ``layers`` in ``tree``, plus where their leaves sit in it.
+@functools.lru_cache(maxsize=256)
+def _build(signatures) -> tuple[ChainStructure, ...]:
+  if not signatures:
+    raise ValueError("`layers` is empty: declare at least one layer")
+  seen = set()
+  for signature in signatures:
+    for path, *_ in signature:
+      if path in seen:
+        raise ValueError(f"layer {'/'.join(path)!r} is declared twice in `layers`")
+      seen.add(path)
+  return tuple(_chain(signature) for signature in signatures)
+
+
+def _is_path(entry: Any) -> bool:
+  return isinstance(entry, (str, tuple))
+
+
+def normalise_blocks(layers: Any) -> tuple[tuple[tuple[str, ...], ...], ...]:
+  """``layers`` as blocks of normalised paths.
+
+  ``layers`` is one chain (a sequence of paths: tuples of keys or ``'a/b'``
+  strings) or several blocks (a sequence of lists of paths).
+  """
+  if isinstance(layers, str):
+    raise TypeError(f"`layers` must be a sequence of layer paths, got the string {layers!r}")
+  layers = list(layers)
+  if layers and all(isinstance(block, list) for block in layers):
+    blocks = layers
+  elif all(_is_path(p) for p in layers):
+    blocks = [layers]
+  else:
+    raise TypeError(
+        "`layers` must be a sequence of layer paths (tuples of keys or 'a/b' strings) "
+        "for one chain, or a sequence of lists of paths for several blocks; got "
+        f"{layers!r}")
+  for block in blocks:
+    for path in block:
+      if not _is_path(path):
+        raise TypeError(f"a layer path must be a tuple of keys or an 'a/b' string, "
+                        f"got {path!r} (a list inside `layers` is a block)")
+  return tuple(tuple(normalise_path(p) for p in block) for block in blocks)
+
+
+def build_structure(tree: Any, layers: Any
+                    ) -> tuple[tuple[ChainStructure, ...], tuple[LayerLeaves, ...], Any]:
+  """Structure of every block of ``layers`` in ``tree``, and where its leaves sit.
 
   Returns:
-    ``(structure, leaves, treedef)``: the (cached) chain structure, the
-    positions of each layer's kernel/bias among ``jax.tree.leaves(tree)``, and
-    the treedef of ``tree``.
+    ``(blocks, leaves, treedef)``: the (cached) chain structure of each block,
+    the positions of each block's kernels/biases among
+    ``jax.tree.leaves(tree)``, and the treedef of ``tree``.
   """
-  names = tuple(normalise_path(p) for p in layers)
+  blocks = normalise_blocks(layers)
   paths, leaves, treedef = leaf_paths(tree)
-  where = locate_layers(paths, names)
-  signature = tuple(
-      (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
-      for name, k, b in zip(names, where.kernel, where.bias))
-  for name, k, b in zip(names, where.kernel, where.bias):
-    if b is not None and np.shape(leaves[b]) != (np.shape(leaves[k])[-1],):
-      raise ValueError(
-          f"layer {'/'.join(name)!r}: bias of shape {np.shape(leaves[b])} does not "
-          f"match the kernel's {np.shape(leaves[k])[-1]} outputs"
-      )
-  return _build(signature), where, treedef
+  wheres = tuple(locate_layers(paths, names) for names in blocks)
+  signatures = []
+  for names, where in zip(blocks, wheres):
+    for name, k, b in zip(names, where.kernel, where.bias):
+      if b is not None and np.shape(leaves[b]) != (np.shape(leaves[k])[-1],):
+        raise ValueError(
+            f"layer {'/'.join(name)!r}: bias of shape {np.shape(leaves[b])} does not "
+            f"match the kernel's {np.shape(leaves[k])[-1]} outputs")
+    signatures.append(tuple(
+        (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
+        for name, k, b in zip(names, where.kernel, where.bias)))
+  return _build(tuple(signatures)), wheres, treedef
 
 
 # ----------------------------------------------------------------------------
@@ -253,12 +312,14 @@ _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 
 def infer_layers(params: Any) -> list[tuple[str | int, ...]]:
-  """Infers the ordered layer paths of a Flax MLP from its parameter names.
+  """Infers the ordered layer paths of a Flax MLP or plain CNN from its names.
 
-  Recognises sibling layers numbered in their last key: Linen's ``Dense_0,
-  Dense_1, ...`` and NNX lists ``layers/0, layers/1, ...`` (and names like
-  ``fc1, fc2``), ordered numerically (``Dense_10`` after ``Dense_2``), never by
-  pytree order.
+  Recognises layers numbered in their last key: Linen's ``Dense_0, Dense_1,
+  ...`` and NNX lists ``layers/0, layers/1, ...`` (and names like ``fc1, fc2``),
+  ordered numerically (``Dense_10`` after ``Dense_2``), never by pytree order.
+  A CNN may have one numbered group of convolutions and one of dense layers
+  (``Conv_0, Conv_1, Dense_0, ...``; or NNX ``convs/0, ..., head/0``): the
+  convolutions come first.
 
   Args:
     params: a parameter pytree (dict, ``FrozenDict`` or ``nnx.State``).
@@ -268,12 +329,13 @@ def infer_layers(params: Any) -> list[tuple[str | int, ...]]:
     ``layers=`` to the transformations of this package.
 
   Raises:
-    ValueError: when the order cannot be decided (layers in different
-      sub-trees, names without a common numbered stem, repeated numbers, or
-      shapes that do not chain). Then pass ``layers`` explicitly.
+    ValueError: when the order cannot be decided (names without numbers,
+      repeated numbers, two groups of the same kind, a group mixing
+      convolutions and dense layers, or shapes that do not chain). Then pass
+      ``layers`` explicitly.
   """
   paths, leaves, _ = leaf_paths(params)
-  found = [(p[:-1], np.shape(leaf)) for p, leaf in zip(paths, leaves)
+  found = [(p[:-1], tuple(np.shape(leaf))) for p, leaf in zip(paths, leaves)
            if p and p[-1] == "kernel"]
   if not found:
     raise ValueError("infer_layers: no sub-tree with a 'kernel' leaf in params")
@@ -285,22 +347,28 @@ def infer_layers(params: Any) -> list[tuple[str | int, ...]]:
         f"{listing}. Pass `layers=[...]` explicitly, in forward order."
     )
 
-  parents = {p[:-1] for p, _ in found}
-  if len(parents) != 1:
-    raise ambiguous("layers sit in different sub-trees")
-  keyed = []
+  groups: dict[tuple, list] = {}
   for path, shape in found:
     match = _NUMBERED.match(path[-1])
     if match is None:
       raise ambiguous(f"{path[-1]!r} carries no number")
-    keyed.append((match.group(1), int(match.group(2)), path, shape))
-  if len({stem for stem, *_ in keyed}) != 1:
-    raise ambiguous("layer names have different stems")
-  if len({n for _, n, *_ in keyed}) != len(keyed):
-    raise ambiguous("two layers carry the same number")
-  keyed.sort(key=lambda item: item[1])
-  for (_, _, prev, prev_shape), (_, _, path, shape) in zip(keyed, keyed[1:]):
-    if len(shape) != 2 or len(prev_shape) != 2 or shape[0] != prev_shape[1]:
-      raise ambiguous(
-          f"{'/'.join(path)} {shape} does not follow {'/'.join(prev)} {prev_shape}")
-  return [tuple(int(k) if k.isdigit() else k for k in path) for *_, path, _ in keyed]
+    groups.setdefault((path[:-1], match.group(1)), []).append(
+        (int(match.group(2)), path, shape))
+  by_kind: dict[str, list] = {}
+  for (parent, stem), members in groups.items():
+    kinds = {"conv" if len(shape) > 2 else "dense" for _, _, shape in members}
+    if len(kinds) > 1:
+      raise ambiguous(f"group {'/'.join(parent + (stem,))}* mixes convolutions and "
+                      "dense layers")
+    if len({n for n, *_ in members}) != len(members):
+      raise ambiguous("two layers carry the same number")
+    by_kind.setdefault(kinds.pop(), []).append(sorted(members))
+  if any(len(g) > 1 for g in by_kind.values()):
+    raise ambiguous("several groups of layers of the same kind; cannot tell which "
+                    "comes first")
+  ordered = by_kind.get("conv", [[]])[0] + by_kind.get("dense", [[]])[0]
+  try:
+    _chain(tuple((path, shape, False) for _, path, shape in ordered))
+  except ValueError as err:
+    raise ambiguous(f"shapes do not chain: {err}") from None
+  return [tuple(int(k) if k.isdigit() else k for k in path) for _, path, _ in ordered]

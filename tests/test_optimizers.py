@@ -121,21 +121,30 @@ def test_jit_compiles_once():
   assert not np.allclose(p2["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
-def test_leaves_outside_layers_get_zero_updates_and_partition_routes_them():
+def test_leaves_outside_layers_follow_the_fallback():
   params, layers, x, loss = _problem()
   params["scale"] = jnp.ones(3)
   full_loss = lambda p: loss(p) + jnp.sum((p["scale"] - 2.0) ** 2)
-  tx = gsgd_jax.gsgd(0.05, layers=layers)
   grads = jax.grad(full_loss)(params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  np.testing.assert_array_equal(updates["scale"], 0.0)
+  chain_only = {k: v for k, v in params.items() if k != "scale"}
+  tx = gsgd_jax.gsgd(0.05, layers=layers)
+  want, _ = tx.update({k: grads[k] for k in chain_only}, tx.init(chain_only), chain_only)
 
+  # Default: the inner transformation (here SGD at 0.05) on the ordinary gradient.
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(updates["scale"], -0.05 * grads["scale"], rtol=1e-14)
+  frozen = gsgd_jax.gsgd(0.05, layers=layers, fallback=optax.set_to_zero())
+  updates_frozen, _ = frozen.update(grads, frozen.init(params), params)
+  np.testing.assert_array_equal(updates_frozen["scale"], 0.0)
+  for got in (updates, updates_frozen):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: got[k] for k in chain_only})):
+      np.testing.assert_allclose(a, b, rtol=1e-14)
+
+  # optax.partition routes the same way.
   labels = {k: ("chain" if k.startswith("Dense") else "rest") for k in params}
   routed = optax.partition({"chain": tx, "rest": optax.sgd(0.1)}, labels)
   updates, _ = routed.update(grads, routed.init(params), params)
   np.testing.assert_allclose(updates["scale"], -0.1 * grads["scale"])
-  chain_only = {k: v for k, v in params.items() if k != "scale"}
-  want, _ = tx.update({k: grads[k] for k in chain_only}, tx.init(chain_only), chain_only)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only})):
     np.testing.assert_allclose(a, b, rtol=1e-14)
 
