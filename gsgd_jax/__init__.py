@@ -1,6 +1,8 @@
 """gsgd_jax: G-SGD and path-space optimizers for ReLU networks, as optax transformations."""
 
+from gsgd_jax.aliases import g_adam, g_adamw, g_momentum, g_rmsprop
 from gsgd_jax.init import random_rescale, set_skeleton, skeleton_mask
+from gsgd_jax.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
 from gsgd_jax.optimizers import (
     PathSpaceState,
     basis_path_values,
@@ -17,11 +19,18 @@ __all__ = [
     "LayerSpec",
     "PathSpaceState",
     "basis_path_values",
+    "g_adam",
+    "g_adamw",
+    "g_momentum",
+    "g_rmsprop",
     "block_labels",
     "gsgd",
     "infer_layers",
+    "path_norm_scales",
+    "path_sgd",
     "path_space",
     "random_rescale",
+    "scale_by_path_norm",
     "set_skeleton",
     "skeleton_mask",
 ]

@@ -39,14 +39,36 @@ def as_taps(kernel: Array, spec: LayerSpec) -> Array:
 # Skeleton edges: per-node gathers and fused masks.
 
 
+def _explicit_mesh() -> bool:
+  return bool(jax.sharding.get_abstract_mesh().explicit_axes)
+
+
+def replicated(vector: Array) -> Array:
+  """A per-node vector, replicated under an Explicit-axes mesh.
+
+  Per-node vectors are tiny; kept replicated they broadcast against kernels of
+  any sharding, and every update keeps the sharding of its gradient.
+  """
+  if _explicit_mesh():
+    return jax.sharding.reshard(vector, jax.sharding.PartitionSpec())
+  return vector
+
+
+def _take(kernel3: Array, centre: int, rows: np.ndarray, cols: np.ndarray) -> Array:
+  """One entry per node (replicated under an Explicit-axes mesh)."""
+  if _explicit_mesh():
+    return kernel3.at[centre, rows, cols].get(out_sharding=jax.sharding.PartitionSpec())
+  return kernel3[centre, rows, cols]
+
+
 def incoming_skeleton(kernel3: Array, spec: LayerSpec, pi: np.ndarray) -> Array:
   """``kernel[centre, pi[j], j]`` for every output node ``j``."""
-  return kernel3[spec.centre, pi, np.arange(spec.n_out)]
+  return _take(kernel3, spec.centre, pi, np.arange(spec.n_out))
 
 
 def outgoing_skeleton(kernel3: Array, spec: LayerSpec, sigma: np.ndarray) -> Array:
   """``kernel[centre, a, sigma[a]]`` for every input node ``a``."""
-  return kernel3[spec.centre, np.arange(spec.n_in), sigma]
+  return _take(kernel3, spec.centre, np.arange(spec.n_in), sigma)
 
 
 def _axes(spec: LayerSpec):
@@ -191,11 +213,11 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   for k in range(depth - 1):
     spec, pi = specs[k], struct.pi[k]
     wg = k3[k].astype(ct) * g3[k].astype(ct)
-    p = jnp.sum(wg, axis=(0, 1))
+    p = replicated(jnp.sum(wg, axis=(0, 1)))
     p -= (incoming_skeleton(k3[k], spec, pi).astype(ct)
           * incoming_skeleton(g3[k], spec, pi).astype(ct))
     if biases[k] is not None:
-      p += biases[k].astype(ct) * bias_grads[k].astype(ct)
+      p += replicated(biases[k].astype(ct) * bias_grads[k].astype(ct))
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
     carried[k + 1] = p / (ch.back[k + 1] * ch.forward[k + 1])

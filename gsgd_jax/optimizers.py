@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import LayerPaths, build_structure, locate_layers, leaf_paths
+from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
+                                locate_layers)
 
 DEFAULT_RATIO_CLIP = ps.default_ratio_clip()
 
@@ -91,6 +92,8 @@ def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
                  outside: str = "fallback") -> Any:
   """Labels each leaf of ``tree``: ``inside`` for kernels and biases of the
   declared layers, ``outside`` for every other leaf (for ``optax.partition``)."""
+  if is_placeholder(tree):
+    return inside
   blocks, wheres, _ = build_structure(tree, layers)
   paths, leaves, treedef = leaf_paths(tree)
   labels = [outside] * len(leaves)
@@ -181,8 +184,10 @@ def path_space(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    blocks, wheres, treedef = build_structure(params, layers)
     zero = jnp.zeros((), jnp.int32)
+    if is_placeholder(params):  # optax.tree_map_params: the inner state's layout suffices
+      return PathSpaceState(inner.init(params), zero, zero)
+    blocks, wheres, treedef = build_structure(params, layers)
     return PathSpaceState(inner.init(_path_space_params(params, blocks, wheres, treedef)),
                           zero, zero)
 

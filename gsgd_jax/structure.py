@@ -148,6 +148,15 @@ def leaf_paths(tree: Any) -> tuple[list[tuple[str, ...]], list[Any], Any]:
   return paths, [leaf for _, leaf in with_path], treedef
 
 
+def is_placeholder(tree: Any) -> bool:
+  """True for an opaque stand-in for a whole params tree (no array inside).
+
+  ``optax.tree_map_params`` calls ``init`` with such a placeholder to find
+  where params-shaped trees sit in the state.
+  """
+  return jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)) and not hasattr(tree, "shape")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerLeaves:
   """Positions of each layer's kernel and bias in one flattened tree."""

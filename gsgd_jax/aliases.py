@@ -1,0 +1,198 @@
+"""Path-space versions of common optax optimizers: ``path_space(optax.X(...))``.
+
+Each runs its optax namesake on basis-path gradients (SPEC §3-4), so the trained
+network's function does not depend on how the initial weights are positively
+rescaled per hidden node. Parameters outside ``layers`` get the same optax
+optimizer on their ordinary gradients unless ``fallback`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from gsgd_jax.optimizers import DEFAULT_RATIO_CLIP, path_space
+from gsgd_jax.structure import LayerPaths
+
+_REFERENCE = """
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
+"""
+
+
+def g_momentum(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.9,
+    *,
+    layers: LayerPaths,
+    nesterov: bool = False,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
+
+  .. math::
+    m_t = \mu m_{t-1} + \partial L / \partial v, \qquad
+    \Delta v = -\eta_t m_t \;\; (\text{Nesterov: } -\eta_t(\mu m_t + \partial L/\partial v))
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    momentum: the decay :math:`\mu` of the momentum.
+    layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
+    nesterov: use Nesterov momentum.
+    fallback: transformation for parameters outside ``layers``.
+    ratio_clip: bounds of the skeleton path ratios.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> tx = gsgd_jax.g_momentum(0.1, 0.9, layers=['l0', 'l1'])
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+  """
+  return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+
+
+def g_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    layers: LayerPaths,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam on the basis-path values.
+
+  With :math:`g = \partial L / \partial v`:
+
+  .. math::
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g, \quad
+    s_t = \beta_2 s_{t-1} + (1 - \beta_2) g^2, \quad
+    \Delta v = -\eta_t \, \hat m_t / (\sqrt{\hat s_t} + \epsilon)
+
+  with bias-corrected :math:`\hat m_t, \hat s_t`. The second moments are taken
+  per basis path, so they are invariant under rescaling (Adam on weights is not).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator.
+    layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
+    fallback: transformation for parameters outside ``layers``.
+    ratio_clip: bounds of the skeleton path ratios.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> tx = gsgd_jax.g_adam(1e-3, layers=['l0', 'l1'])
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+  """
+  return path_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+
+
+def g_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    layers: LayerPaths,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with decoupled weight decay of the basis-path values.
+
+  .. math::
+    \Delta v = -\eta_t \big(\hat m_t / (\sqrt{\hat s_t} + \epsilon) + \lambda v\big)
+
+  Weight decay in path space is decay of path values: with ``inner`` seeing the
+  basis-path values as its params, optax's decoupled decay shrinks every basis
+  path by :math:`1 - \eta_t \lambda` per step. Unlike decay of weights, this is
+  invariant under rescaling of hidden nodes, and it leaves the fixed skeleton
+  weights alone (their basis values are 0). Parameters outside ``layers`` get
+  ordinary AdamW by default.
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to the denominator.
+    weight_decay: the decay rate :math:`\lambda` of path values.
+    layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
+    fallback: transformation for parameters outside ``layers``.
+    ratio_clip: bounds of the skeleton path ratios.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> tx = gsgd_jax.g_adamw(1e-3, weight_decay=1e-2, layers=['l0', 'l1'])
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+  """
+  return path_space(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
+                                weight_decay=weight_decay),
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+
+
+def g_rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: float = 0.9,
+    eps: float = 1e-8,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    *,
+    layers: LayerPaths,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSProp on the basis-path values.
+
+  .. math::
+    s_t = \rho s_{t-1} + (1 - \rho) g^2, \qquad
+    \Delta v = -\eta_t \, g / (\sqrt{s_t} + \epsilon)
+
+  with :math:`g = \partial L / \partial v` (and optional momentum on the result).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    decay: the decay :math:`\rho` of the squared-gradient average.
+    eps: added to the denominator.
+    momentum: optional momentum.
+    nesterov: use Nesterov momentum.
+    layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
+    fallback: transformation for parameters outside ``layers``.
+    ratio_clip: bounds of the skeleton path ratios.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> tx = gsgd_jax.g_rmsprop(1e-3, layers=['l0', 'l1'])
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+  """
+  return path_space(optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum,
+                                  nesterov=nesterov),
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+
+
+for _fn in (g_momentum, g_adam, g_adamw, g_rmsprop):
+  _fn.__doc__ += _REFERENCE
