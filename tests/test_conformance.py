@@ -213,3 +213,20 @@ def test_apply_if_finite_skips_nan_gradients(name):
   assert int(state.notfinite_count) == 0
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
   assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates))
+
+
+def test_g_adamw_decays_path_values():
+  """With zero gradients the only step is decoupled decay of every basis path."""
+  params, layers, _, _ = _problem()
+  lr, wd = 0.1, 0.5
+  tx = gsgd_jax.g_adamw(lr, weight_decay=wd, layers=layers)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  before = gsgd_jax.basis_path_values(params, layers)
+  after = gsgd_jax.basis_path_values(new, layers)
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+    np.testing.assert_allclose(a, (1 - lr * wd) * b, rtol=1e-12, atol=1e-15)
+  fixed = gsgd_jax.skeleton_mask(params, layers)
+  for w, w_new, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(fixed)):
+    np.testing.assert_array_equal(np.asarray(w_new)[np.asarray(m)], np.asarray(w)[np.asarray(m)])

@@ -10,12 +10,27 @@ import numpy as np
 import optax
 
 import gsgd_jax
-from gsgd_jax import optimizers
+import pytest
+
+from gsgd_jax import aliases, optimizers, path_norm
 
 
-def test_docstring_examples():
-  result = doctest.testmod(optimizers, optionflags=doctest.ELLIPSIS)
-  assert result.attempted >= 10 and result.failed == 0
+@pytest.mark.parametrize("module", [optimizers, aliases, path_norm], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+  assert result.attempted >= 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["path_space", "gsgd", "g_momentum", "g_adam", "g_adamw",
+                                  "g_rmsprop", "path_sgd", "scale_by_path_norm"])
+def test_public_docstrings_follow_optax_style(name):
+  doc = getattr(gsgd_jax, name).__doc__
+  summary = doc.strip().splitlines()[0]
+  assert summary.endswith(".") and len(summary) < 90
+  for section in ("Args:", "Returns:", ".. math::"):
+    assert section in doc, (name, section)
+  if name != "scale_by_path_norm":
+    assert "Example:" in doc and "References:" in doc, name
 
 
 def _readme_blocks():
