@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import pickle
 import struct
 from typing import Callable
 
@@ -203,3 +204,60 @@ def load_dataset(data_dir: str | os.PathLike | None = None, *,
       "`apt-get install dataset-fashion-mnist` (as root) or pass --data-dir with "
       "the standard IDX files. Falling back to scikit-learn's digits.")
   return load_digits()
+
+
+CIFAR_LAYOUTS = {
+    # variant: (train files, test files, label key, classes, sub-folder of the archive)
+    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10,
+                "cifar-10-batches-py"),
+    "cifar100": (["train"], ["test"], b"fine_labels", 100, "cifar-100-python"),
+}
+
+
+def _read_cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """One python-pickle batch: NHWC float32 images in [0, 1] and int32 labels."""
+  with open(path, "rb") as f:
+    batch = pickle.load(f, encoding="bytes")
+  try:
+    raw, labels = batch[b"data"], batch[label_key]
+  except (KeyError, TypeError):
+    raise ValueError(f"{path}: not a CIFAR python batch (no b'data' / {label_key!r})") from None
+  raw = np.asarray(raw, np.uint8)
+  if raw.ndim != 2 or raw.shape[1] != 3072 or len(raw) != len(labels):
+    raise ValueError(f"{path}: expected (n, 3072) images and n labels, got {raw.shape} "
+                     f"and {len(labels)}")
+  images = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255.0
+  return images, np.asarray(labels, np.int32)
+
+
+def load_cifar(data_dir: str | os.PathLike, variant: str = "cifar10") -> Dataset:
+  """Loads CIFAR-10 or CIFAR-100 from the standard python-pickle batches.
+
+  Args:
+    data_dir: the folder holding the batches (``data_batch_1..5`` and
+      ``test_batch``, or ``train`` and ``test``), or the folder above the
+      archive's own ``cifar-10-batches-py`` / ``cifar-100-python``.
+    variant: ``"cifar10"`` or ``"cifar100"`` (fine labels).
+
+  Returns:
+    A `Dataset` with NHWC float32 images of shape (n, 32, 32, 3) in [0, 1].
+
+  Raises:
+    ValueError: for an unknown variant, missing files or malformed batches.
+  """
+  if variant not in CIFAR_LAYOUTS:
+    raise ValueError(f"unknown CIFAR variant {variant!r}; use one of {sorted(CIFAR_LAYOUTS)}")
+  train_files, test_files, label_key, classes, folder = CIFAR_LAYOUTS[variant]
+  root = os.fspath(data_dir)
+  if not os.path.exists(os.path.join(root, train_files[0])) and os.path.isdir(
+      os.path.join(root, folder)):
+    root = os.path.join(root, folder)
+  missing = [f for f in train_files + test_files if not os.path.exists(os.path.join(root, f))]
+  if missing:
+    raise ValueError(f"{root}: missing {variant} batches {missing}")
+  parts = {}
+  for split, files in (("train", train_files), ("test", test_files)):
+    xs, ys = zip(*(_read_cifar_batch(os.path.join(root, f), label_key) for f in files))
+    parts[split] = (np.concatenate(xs), np.concatenate(ys))
+  return Dataset(variant, *parts["train"], *parts["test"], num_classes=classes,
+                 source=f"python-pickle batches in {root}")

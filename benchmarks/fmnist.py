@@ -14,96 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import tomllib
-from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import gsgd_jax
 from benchmarks import data as datasets
-
-
-class MLP(nn.Module):
-  """ReLU MLP: hidden widths, then a linear read-out."""
-
-  widths: tuple[int, ...]
-  num_classes: int
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x):
-    for width in self.widths:
-      x = nn.relu(nn.Dense(width, use_bias=self.use_bias)(x))
-    return nn.Dense(self.num_classes, use_bias=self.use_bias)(x)
-
-
-def make_train_chunk(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
-  """A jitted function running a chunk of SGD steps with ``lax.scan``."""
-
-  def loss_fn(params, x, y):
-    logits = model.apply(params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def step(carry, batch):
-    params, state = carry
-    loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-    updates, state = tx.update(grads, state, params)
-    return (optax.apply_updates(params, updates), state), loss
-
-  @jax.jit
-  def chunk(params, state, xs, ys):
-    (params, state), losses = jax.lax.scan(step, (params, state), (xs, ys))
-    return params, state, losses
-
-  return chunk
-
-
-def accuracy(model, params, x, y, batch=4096) -> float:
-  apply = jax.jit(model.apply)
-  hits = sum(int(jnp.sum(jnp.argmax(apply(params, x[i:i + batch]), -1) == y[i:i + batch]))
-             for i in range(0, len(x), batch))
-  return hits / len(x)
-
-
-def train(name, tx, model, params, ds, *, epochs, batch_size, seed, chunk_steps=100):
-  """Trains one optimizer; returns a dict of per-epoch metrics."""
-  chunk = make_train_chunk(model, tx)
-  state = tx.init(params)
-  steps = len(ds.x_train) // batch_size
-  history = []
-  for epoch in range(epochs):
-    order = np.random.default_rng([seed, epoch]).permutation(len(ds.x_train))
-    order = order[:steps * batch_size].reshape(steps, batch_size)
-    losses, start = [], time.perf_counter()
-    with tqdm(total=steps, desc=f"{name:>6} epoch {epoch + 1}/{epochs}", unit="step",
-              leave=False) as bar:
-      for first in range(0, steps, chunk_steps):
-        idx = order[first:first + chunk_steps]
-        params, state, chunk_losses = chunk(params, state, ds.x_train[idx], ds.y_train[idx])
-        losses.append(np.asarray(chunk_losses))
-        bar.update(len(idx))
-    seconds = time.perf_counter() - start
-    entry = {"epoch": epoch + 1, "train_loss": float(np.concatenate(losses).mean()),
-             "test_accuracy": accuracy(model, params, ds.x_test, ds.y_test),
-             "seconds": seconds}
-    if isinstance(state, gsgd_jax.PathSpaceState):
-      entry["clipped_ratios"] = int(state.total_clipped_ratios)
-    history.append(entry)
-    tqdm.write(f"{name:>6} epoch {epoch + 1}: loss {entry['train_loss']:.4f}  "
-               f"test acc {entry['test_accuracy']:.4f}  {seconds:.1f}s")
-  return history
-
-
-def seconds_per_epoch(history) -> float:
-  """Mean epoch time, leaving out the first epoch (it includes compilation)."""
-  times = [h["seconds"] for h in history]
-  return float(np.mean(times[1:] if len(times) > 1 else times))
+from benchmarks.loop import MLP, seconds_per_epoch, train
 
 
 DEFAULT_CONFIG = "configs/fmnist_mlp.toml"
@@ -155,8 +74,9 @@ def main(argv=None):
 
   results = {}
   for name, tx in [("SGD", optax.sgd(args.lr)), ("G-SGD", gsgd_jax.gsgd(args.lr, layers=layers))]:
-    results[name] = train(name, tx, model, params, ds, epochs=args.epochs,
-                          batch_size=args.batch_size, seed=args.seed)
+    results[name], _ = train(name, tx, model, params, (ds.x_train, ds.y_train),
+                             (ds.x_test, ds.y_test), epochs=args.epochs,
+                             batch_size=args.batch_size, seed=args.seed)
 
   print(f"\n{ds.name}, after {args.epochs} epochs:\n")
   print("| optimizer | test accuracy | train loss (last epoch) | s/epoch |")

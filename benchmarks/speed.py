@@ -1,7 +1,10 @@
-"""Speed of G-SGD against optax.sgd, as ratios measured in one interleaved run.
+"""Speed of G-SGD and Path-SGD against optax.sgd, as ratios measured in one interleaved run.
 
-Models: ReLU MLPs of about 1M, 6M and 22M parameters and a PlainNet-like CNN
+Models: ReLU MLPs from about 0.1M to 100M parameters and a PlainNet-like CNN
 (7 convolutions of 64 channels, 3x3, on 16x16 images; global average pool; dense).
+The whole train step is timed only up to ``--step-max-params`` (a 100M-parameter
+step takes seconds on a CPU). The log-log slope of update time against parameter
+count over the MLPs tells how the update scales (1 is linear).
 
 For each model it times (a) the jitted update+apply alone (gradients given) and
 (b) the whole jitted train step (forward, backward, update, apply), alternating
@@ -28,9 +31,11 @@ import gsgd_jax
 
 # name -> (input, hidden widths, outputs); parameter counts about 1M, 6M, 22M.
 MLPS = {
+    "mlp-0.1M": (256, (256, 128), 10),
     "mlp-1M": (784, (1024, 512), 10),
     "mlp-6M": (1024, (2048, 2048), 10),
     "mlp-22M": (1024, (3072, 3072, 3072), 10),
+    "mlp-100M": (4096, (8192, 8192), 10),
 }
 # name -> (image side, input channels, conv layers, channels, classes)
 CNNS = {"plainnet-7": (16, 3, 7, 64, 10)}
@@ -104,12 +109,16 @@ def model_and_data(name, batch):
   return params, layers, cnn_forward, x, n_out, CNN_BATCH
 
 
-def bench_model(name, *, rounds, batch, min_seconds, donate):
+OPTIMIZERS = ("SGD", "G-SGD", "Path-SGD")
+
+
+def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
   params, layers, forward, x, n_out, batch = model_and_data(name, batch)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   y = jax.random.randint(jax.random.key(2), (batch,), 0, n_out)
   grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
-  optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers)}
+  optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers),
+                "Path-SGD": gsgd_jax.path_sgd(1e-3, layers=layers)}
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
@@ -131,7 +140,8 @@ def bench_model(name, *, rounds, batch, min_seconds, donate):
         "step": (jax.jit(train_step, donate_argnums=donated), (params, state)),
     }
   results = {"model": name, "parameters": int(n_params), "batch": batch}
-  for kind in ("update", "step"):
+  kinds = ("update", "step") if n_params <= step_max_params else ("update",)
+  for kind in kinds:
     times = {opt: [] for opt in programs}
     iters = {}
     for opt, prog in programs.items():  # compile, warm up, size the inner loop
@@ -147,16 +157,23 @@ def bench_model(name, *, rounds, batch, min_seconds, donate):
         seconds, args = _time(fn, args, n)
         times[opt].append(seconds)
         prog[kind] = (fn, args)
-    ratios = [g / s for g, s in zip(times["G-SGD"], times["SGD"])]
-    results[kind] = {
-        "sgd_ms": 1e3 * float(np.median(times["SGD"])),
-        "gsgd_ms": 1e3 * float(np.median(times["G-SGD"])),
-        "ratio": float(np.median(ratios)),
-        "ratio_min": float(np.min(ratios)),
-        "ratio_max": float(np.max(ratios)),
-        "iters_per_round": n,
-    }
+    results[kind] = {"iters_per_round": n}
+    for opt in OPTIMIZERS:
+      ratios = [t / base for t, base in zip(times[opt], times["SGD"])]
+      results[kind][opt] = {"ms": 1e3 * float(np.median(times[opt])),
+                            "ratio": float(np.median(ratios)),
+                            "ratio_range": [float(np.min(ratios)), float(np.max(ratios))]}
   return results
+
+
+def loglog_slopes(rows) -> dict[str, float]:
+  """Slope of log(update time) against log(parameters) over the MLPs, per optimizer."""
+  mlps = [r for r in rows if r["model"] in MLPS]
+  if len(mlps) < 2:
+    return {}
+  n = np.log([r["parameters"] for r in mlps])
+  return {opt: float(np.polyfit(n, np.log([r["update"][opt]["ms"] for r in mlps]), 1)[0])
+          for opt in OPTIMIZERS}
 
 
 def device_name() -> str:
@@ -167,14 +184,20 @@ def device_name() -> str:
 
 
 def table(rows) -> str:
-  lines = ["| model | params | update+apply SGD ms | G-SGD ms | ratio | "
-           "train step (batch) SGD ms | G-SGD ms | ratio |", "|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | params | update+apply SGD ms | G-SGD ratio | Path-SGD ratio | "
+           "train step (batch) SGD ms | G-SGD ratio | Path-SGD ratio |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    u, s = r["update"], r["step"]
-    lines.append(
-        f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {u['sgd_ms']:.2f} | "
-        f"{u['gsgd_ms']:.2f} | **{u['ratio']:.2f}** | ({r['batch']}) {s['sgd_ms']:.2f} | "
-        f"{s['gsgd_ms']:.2f} | **{s['ratio']:.2f}** |")
+    u = r["update"]
+    cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{u['SGD']['ms']:.2f}",
+             f"**{u['G-SGD']['ratio']:.2f}**", f"{u['Path-SGD']['ratio']:.2f}"]
+    if "step" in r:
+      st = r["step"]
+      cells += [f"({r['batch']}) {st['SGD']['ms']:.2f}", f"**{st['G-SGD']['ratio']:.2f}**",
+                f"{st['Path-SGD']['ratio']:.2f}"]
+    else:
+      cells += ["not timed", "", ""]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -186,6 +209,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--min-seconds", type=float, default=0.2,
                       help="time per variant per round")
+  parser.add_argument("--step-max-params", type=float, default=3e7,
+                      help="time the whole train step only up to this many parameters")
   parser.add_argument("--donate", action="store_true",
                       help="donate params and state to the jitted functions")
   parser.add_argument("--out", help="directory for speed.json and speed.md")
@@ -193,19 +218,23 @@ def main(argv=None):
   rows = []
   for name in args.models.split(","):
     rows.append(bench_model(name, rounds=args.rounds, batch=args.batch,
-                            min_seconds=args.min_seconds, donate=args.donate))
-    print(f"{name}: update ratio {rows[-1]['update']['ratio']:.2f}, "
-          f"step ratio {rows[-1]['step']['ratio']:.2f}", flush=True)
+                            min_seconds=args.min_seconds, donate=args.donate,
+                            step_max_params=args.step_max_params))
+    print(f"{name}: G-SGD update ratio {rows[-1]['update']['G-SGD']['ratio']:.2f}", flush=True)
   header = (f"device: {device_name()}; jax {jax.__version__}; "
             f"{'donated' if args.donate else 'undonated'} buffers; "
-            f"{args.rounds} interleaved rounds; ratio = G-SGD time / SGD time (median)")
+            f"{args.rounds} interleaved rounds; ratio = time / SGD time (median over rounds)")
+  slopes = loglog_slopes(rows)
   md = header + "\n\n" + table(rows)
+  if slopes:
+    md += ("\n\nLog-log slope of update time against parameters over the MLPs: " +
+           ", ".join(f"{opt} {slope:.2f}" for opt, slope in slopes.items()) + " (1 = linear).")
   print("\n" + md)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "speed.json"), "w") as f:
       json.dump({"device": device_name(), "jax": jax.__version__, "donate": args.donate,
-                 "rows": rows}, f, indent=1)
+                 "rows": rows, "loglog_slopes": slopes}, f, indent=1)
     with open(os.path.join(args.out, "speed.md"), "w") as f:
       f.write(md + "\n")
 

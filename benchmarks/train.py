@@ -1,0 +1,373 @@
+"""Experiment runner: optimizers x seeds (x a swept model setting) from a TOML config.
+
+    python -m benchmarks.train --config configs/NAME.toml [--out DIR] [--seeds 0 1 2]
+                               [--epochs N] [--data-dir DIR] [--no-progress]
+
+Writes ``DIR/results.json`` (every run: settings, seed, learning rate, per-epoch
+train loss, test accuracy, seconds and clipped path ratios), ``DIR/summary.md``
+(mean +- std over seeds) and PNG plots. Runs already in ``results.json`` with the
+same settings are skipped, so an interrupted sweep resumes where it stopped.
+Everything is deterministic per seed (initialisation and batch order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import tomllib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gsgd_jax
+from benchmarks import data as datasets
+from benchmarks.loop import MLP, PlainCNN, seconds_per_epoch, train
+
+TOP_KEYS = {"description", "dataset", "data_dir", "epochs", "batch_size", "seeds",
+            "skeleton_init", "train_subset", "model", "sweep", "optimizers", "grid"}
+OPTIMIZER_KEYS = {"name", "kind", "lr", "lr_decay", "lr_grid", "momentum", "skeleton_init"}
+MODEL_KEYS = {"kind", "widths", "bias", "stages"}
+GRID_KEYS = {"validation", "epochs", "seed"}
+KINDS = ("sgd", "momentum", "adam", "gsgd", "g_momentum", "g_adam", "path_sgd")
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
+
+
+def load_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
+  """Reads and checks a TOML config; ``overrides`` (from flags) replace top-level keys."""
+  with open(path, "rb") as f:
+    config = tomllib.load(f)
+  config.update({k: v for k, v in overrides.items() if v is not None})
+  config.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+  _check_keys(config, TOP_KEYS | {"name"}, path)
+  _check_keys(config.get("model", {}), MODEL_KEYS, f"{path} [model]")
+  _check_keys(config.get("grid", {}), GRID_KEYS, f"{path} [grid]")
+  if not config.get("optimizers"):
+    raise ValueError(f"{path}: no [[optimizers]] declared")
+  for opt in config["optimizers"]:
+    _check_keys(opt, OPTIMIZER_KEYS, f"{path} [[optimizers]] {opt.get('name', '?')}")
+    if opt.get("kind") not in KINDS:
+      raise ValueError(f"{path}: optimizer {opt.get('name')!r} has kind {opt.get('kind')!r}; "
+                       f"use one of {', '.join(KINDS)}")
+    if "lr" not in opt and "lr_grid" not in opt:
+      raise ValueError(f"{path}: optimizer {opt['name']!r} needs lr or lr_grid")
+  sweep = config.get("sweep", {})
+  if len(sweep) > 1 or any(k != "width" for k in sweep):
+    raise ValueError(f"{path}: [sweep] supports one key, 'width' (every hidden width)")
+  return config
+
+
+def _check_keys(table: dict, allowed: set, where: str) -> None:
+  unknown = sorted(set(table) - allowed)
+  if unknown:
+    raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def sweep_points(config) -> list[dict[str, Any]]:
+  """The model settings to run: one per swept value, or one empty setting."""
+  return [{"width": w} for w in config.get("sweep", {}).get("width", [])] or [{}]
+
+
+# ----------------------------------------------------------------------------
+# Data, models and optimizers.
+
+
+def load_data(config) -> datasets.Dataset:
+  name, data_dir = config.get("dataset", "fashion-mnist"), config.get("data_dir") or None
+  if name in ("cifar10", "cifar100"):
+    if data_dir is None:
+      raise ValueError(f"dataset {name} needs data_dir (the python-pickle batches)")
+    ds = datasets.load_cifar(data_dir, name)
+  elif name == "digits":
+    ds = datasets.load_digits()
+  elif name == "fashion-mnist":
+    ds = datasets.load_dataset(data_dir)
+  else:
+    raise ValueError(f"unknown dataset {name!r}: use fashion-mnist, digits, cifar10, cifar100")
+  subset = config.get("train_subset", 0)
+  if subset:
+    ds = datasets.Dataset(ds.name, ds.x_train[:subset], ds.y_train[:subset], ds.x_test,
+                          ds.y_test, ds.num_classes, ds.source + f" (first {subset} train)")
+  return ds
+
+
+def as_images(x: np.ndarray) -> np.ndarray:
+  """Flat grey images (n, side*side) as (n, side, side, 1); images pass through."""
+  if x.ndim == 4:
+    return x
+  side = math.isqrt(x.shape[1])
+  if side * side != x.shape[1]:
+    raise ValueError(f"cannot view {x.shape[1]} features as a square image")
+  return x.reshape(len(x), side, side, 1)
+
+
+def make_model(config, point, num_classes):
+  spec = dict(config.get("model", {"kind": "mlp", "widths": [256, 256]}))
+  if spec.get("kind", "mlp") == "mlp":
+    widths = spec.get("widths", [256, 256])
+    if "width" in point:
+      widths = [point["width"]] * len(widths)
+    return MLP(tuple(widths), num_classes, spec.get("bias", True))
+  if spec["kind"] == "cnn":
+    stages = tuple(tuple(s) for s in spec.get("stages", [[32, 32], [64, 64]]))
+    return PlainCNN(stages, num_classes, spec.get("bias", True))
+  raise ValueError(f"unknown model kind {spec['kind']!r}: use mlp or cnn")
+
+
+def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransformation:
+  decay = opt.get("lr_decay", 0.0)
+  schedule = lr if not decay else (
+      lambda count: lr * jnp.exp(-decay * (count // steps_per_epoch)))
+  momentum = opt.get("momentum", 0.9)
+  return {
+      "sgd": lambda: optax.sgd(schedule),
+      "momentum": lambda: optax.sgd(schedule, momentum=momentum),
+      "adam": lambda: optax.adam(schedule),
+      "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers),
+      "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers),
+      "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
+      "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
+  }[opt["kind"]]()
+
+
+# ----------------------------------------------------------------------------
+# Runs.
+
+
+def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, progress):
+  """One training run; returns its per-epoch history."""
+  model = make_model(config, point, ds.num_classes)
+  params = model.init(jax.random.key(seed), train_xy[0][:1])
+  layers = gsgd_jax.infer_layers(params)
+  if opt.get("skeleton_init", config.get("skeleton_init", True)):
+    params = gsgd_jax.set_skeleton(params, layers, 1.0)
+  batch = config.get("batch_size", 64)
+  tx = make_optimizer(opt, lr, layers, len(train_xy[0]) // batch)
+  label = opt["name"] + (f" H={point['width']}" if "width" in point else "")
+  history, _ = train(label, tx, model, params, train_xy, test_xy, epochs=epochs,
+                     batch_size=batch, seed=seed, progress=progress)
+  return history
+
+
+def choose_lr(config, opt, ds, xy, progress) -> dict[str, Any]:
+  """Picks ``lr`` from ``lr_grid`` by accuracy on a held-out part of the train split."""
+  grid = config.get("grid", {})
+  seed = grid.get("seed", 0)
+  x, y = xy
+  order = np.random.default_rng([seed, 12345]).permutation(len(x))
+  n_val = max(1, int(len(x) * grid.get("validation", 0.1)))
+  val, fit = order[:n_val], order[n_val:]
+  scores = {}
+  for lr in opt["lr_grid"]:
+    history = run_one(config, opt, sweep_points(config)[0], seed, lr, ds, (x[fit], y[fit]),
+                      (x[val], y[val]), epochs=grid.get("epochs", config.get("epochs", 1)),
+                      progress=progress)
+    scores[str(lr)] = history[-1]["test_accuracy"]
+  best = max(opt["lr_grid"], key=lambda lr: scores[str(lr)])
+  return {"lr": best, "validation_accuracy": scores}
+
+
+def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
+  """Runs every (optimizer, sweep point, seed) not yet in ``out_dir/results.json``."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "results.json")
+  results = {"config": config, "lr_choices": {}, "runs": []}
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if _settings(previous["config"]) == _settings(config):
+      results["lr_choices"], results["runs"] = previous["lr_choices"], previous["runs"]
+  done = {(r["optimizer"], _point_key(r["point"]), r["seed"]) for r in results["runs"]}
+  ds = load_data(config)
+  cnn = config.get("model", {}).get("kind", "mlp") == "cnn"
+  prepare = as_images if cnn else (lambda x: x.reshape(len(x), -1))
+  train_xy = (prepare(ds.x_train), ds.y_train)
+  test_xy = (prepare(ds.x_test), ds.y_test)
+  results["dataset"] = {"name": ds.name, "source": ds.source, "train": len(ds.x_train),
+                        "test": len(ds.x_test)}
+
+  def save():
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+  epochs = config.get("epochs", 1)
+  for opt in config["optimizers"]:
+    lr = opt.get("lr")
+    if "lr_grid" in opt:
+      if opt["name"] not in results["lr_choices"]:
+        results["lr_choices"][opt["name"]] = choose_lr(config, opt, ds, train_xy, progress)
+        save()
+      lr = results["lr_choices"][opt["name"]]["lr"]
+    for point in sweep_points(config):
+      for seed in config.get("seeds", [0]):
+        key = (opt["name"], _point_key(point), seed)
+        if key in done:
+          continue
+        history = run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, epochs=epochs,
+                          progress=progress)
+        results["runs"].append({"optimizer": opt["name"], "kind": opt["kind"], "point": point,
+                                "seed": seed, "lr": lr, "history": history})
+        save()
+  save()
+  return results
+
+
+def _settings(config) -> dict:
+  """The config without what may change between resumed invocations (the seeds)."""
+  settings = copy.deepcopy(config)
+  settings.pop("seeds", None)
+  return settings
+
+
+# ----------------------------------------------------------------------------
+# Summary and plots.
+
+
+def _stats(values) -> str:
+  values = np.asarray(values, float)
+  return f"{values.mean():.4f} ± {values.std():.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+
+
+def summarize(results) -> str:
+  config = results["config"]
+  lines = [f"# {config['name']}", "", config.get("description", "").strip(), "",
+           f"Dataset: {results['dataset']['name']} ({results['dataset']['source']}); "
+           f"{config.get('epochs', 1)} epochs, batch {config.get('batch_size', 64)}; "
+           "mean ± std over seeds of the last epoch.", "",
+           "| optimizer | setting | lr | seeds | test accuracy | train loss | s/epoch | "
+           "clipped ratios |", "|---|---|---|---|---|---|---|---|"]
+  groups = _groups(results)
+  for (name, _), runs in groups.items():
+    point = runs[0]["point"]
+    last = [r["history"][-1] for r in runs]
+    clipped = [h.get("clipped_ratios") for h in last]
+    lines.append(
+        f"| {name} | {_point_label(point)} | {runs[0]['lr']:g} | {len(runs)} | "
+        f"{_stats([h['test_accuracy'] for h in last])} | {_stats([h['train_loss'] for h in last])} | "
+        f"{np.mean([seconds_per_epoch(r['history']) for r in runs]):.2f} | "
+        f"{'-' if clipped[0] is None else sum(clipped)} |")
+  if results["lr_choices"]:
+    lines += ["", "Learning rates chosen on a validation split:", ""]
+    for name, choice in results["lr_choices"].items():
+      scores = ", ".join(f"{lr}: {acc:.4f}" for lr, acc in choice["validation_accuracy"].items())
+      lines.append(f"- {name}: {choice['lr']:g} (validation accuracy {scores})")
+  gaps = gap_table(results)
+  if gaps:
+    first, second = [o["name"] for o in config["optimizers"][:2]]
+    lines += ["", f"Gap {second} minus {first} (mean over seeds):", "",
+              "| width | test accuracy gap | train loss gap |", "|---|---|---|"]
+    lines += [f"| {w} | {a:+.4f} | {l:+.4f} |" for w, a, l in gaps]
+  return "\n".join(lines) + "\n"
+
+
+def _point_key(point) -> str:
+  return json.dumps(point, sort_keys=True)
+
+
+def _groups(results) -> dict[tuple[str, str], list]:
+  """Runs grouped by (optimizer, sweep point key), in the order they were run."""
+  groups: dict[tuple[str, str], list] = {}
+  for run in results["runs"]:
+    groups.setdefault((run["optimizer"], _point_key(run["point"])), []).append(run)
+  return groups
+
+
+def _point_label(point) -> str:
+  return ", ".join(f"{k}={v}" for k, v in point.items()) or "-"
+
+
+def gap_table(results):
+  """(width, accuracy gap, loss gap) of the second optimizer over the first, per width."""
+  config = results["config"]
+  if "width" not in config.get("sweep", {}) or len(config["optimizers"]) < 2:
+    return []
+  first, second = [o["name"] for o in config["optimizers"][:2]]
+  groups = _groups(results)
+  rows = []
+  for point in sweep_points(config):
+    a, b = groups.get((first, _point_key(point))), groups.get((second, _point_key(point)))
+    if a and b:
+      mean = lambda runs, key: np.mean([r["history"][-1][key] for r in runs])
+      rows.append((point["width"], mean(b, "test_accuracy") - mean(a, "test_accuracy"),
+                   mean(b, "train_loss") - mean(a, "train_loss")))
+  return rows
+
+
+def plot(results, out_dir) -> list[str]:
+  """Learning curves (mean over seeds) and, for a width sweep, the gap against width."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  written = []
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for (name, _), runs in _groups(results).items():
+    point = runs[0]["point"]
+    epochs = np.arange(1, len(runs[0]["history"]) + 1)
+    label = name + (f" ({_point_label(point)})" if point else "")
+    for ax, key in zip(axes, ("test_accuracy", "train_loss")):
+      curves = np.array([[h[key] for h in r["history"]] for r in runs])
+      ax.plot(epochs, curves.mean(0), marker="o", label=label)
+      if len(runs) > 1:
+        ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15)
+  for ax, title in zip(axes, ("test accuracy", "train loss")):
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7)
+  fig.suptitle(results["config"]["name"])
+  fig.tight_layout()
+  written.append(os.path.join(out_dir, "curves.png"))
+  fig.savefig(written[-1], dpi=110)
+  plt.close(fig)
+  gaps = gap_table(results)
+  if gaps:
+    widths, acc, loss = zip(*gaps)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, values, title in zip(axes, (acc, loss), ("test accuracy gap", "train loss gap")):
+      ax.plot(widths, values, marker="o")
+      ax.axhline(0, color="grey", lw=0.8)
+      ax.set_xscale("log", base=2)
+      ax.set_xlabel("hidden width H")
+      ax.set_title(title + " (G-SGD minus SGD)")
+      ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, "gap.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+  return written
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", required=True, help="TOML file in configs/")
+  parser.add_argument("--out", help="output directory (default runs/NAME)")
+  parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+  parser.add_argument("--epochs", type=int, help="override the config's epochs")
+  parser.add_argument("--data-dir", help="override the config's data_dir")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = parser.parse_args(argv)
+  config = load_config(args.config, {"seeds": args.seeds, "epochs": args.epochs,
+                                     "data_dir": args.data_dir})
+  out_dir = args.out or os.path.join("runs", config["name"])
+  results = run_experiment(config, out_dir, progress=not args.no_progress)
+  summary = summarize(results)
+  with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    f.write(summary)
+  plots = plot(results, out_dir)
+  print("\n" + summary)
+  print("wrote " + ", ".join([os.path.join(out_dir, "results.json"),
+                              os.path.join(out_dir, "summary.md"), *plots]))
+
+
+if __name__ == "__main__":
+  main()
