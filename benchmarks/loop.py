@@ -48,6 +48,52 @@ class PlainCNN(nn.Module):
     return nn.Dense(self.num_classes, use_bias=self.use_bias)(x.mean(axis=(1, 2)))
 
 
+class ResidualBlock(nn.Module):
+  """``relu(shortcut(x) + conv_b(relu(conv_a(x))))``; conv_a -> conv_b is one ReLU chain."""
+
+  channels: int
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.Conv(self.channels, (3, 3), self.strides, name="conv_a")(x))
+    y = nn.Conv(self.channels, (3, 3), name="conv_b")(y)
+    if self.strides != 1 or x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), self.strides, name="shortcut")(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """CIFAR-style ResNet: a stem convolution, stages of ``(channels, blocks)``
+  residual blocks (stride 2 entering every stage after the first), global average
+  pooling and a dense head. Each residual branch is one G-space block (as the
+  authors did); stem, shortcuts and head are outside the blocks."""
+
+  stages: tuple[tuple[int, int], ...]
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(self.stages[0][0], (3, 3), name="stem")(x))
+    for s, (channels, blocks) in enumerate(self.stages):
+      for b in range(blocks):
+        x = ResidualBlock(channels, 2 if s and not b else 1, name=f"stage{s}_block{b}")(x)
+    return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+
+  def gsgd_blocks(self) -> list[list[tuple[str, ...]]]:
+    """The ``layers`` argument for gsgd_jax: one block per residual branch."""
+    return [[("params", f"stage{s}_block{b}", "conv_a"), ("params", f"stage{s}_block{b}", "conv_b")]
+            for s, (_, blocks) in enumerate(self.stages) for b in range(blocks)]
+
+
+def gsgd_layers(model: nn.Module, params) -> list:
+  """The layers (or blocks) of ``model`` for gsgd_jax: declared by the model, or
+  inferred from a plain chain's names."""
+  if hasattr(model, "gsgd_blocks"):
+    return model.gsgd_blocks()
+  return gsgd_jax.infer_layers(params)
+
+
 def make_train_chunk(model: nn.Module, tx: optax.GradientTransformation) -> Callable:
   """A jitted function running a chunk of training steps with ``lax.scan``."""
 

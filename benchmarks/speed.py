@@ -166,9 +166,13 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
   return results
 
 
+SLOPE_MIN_PARAMS = 5e6  # below this, fixed per-call costs hide the scaling
+
+
 def loglog_slopes(rows) -> dict[str, float]:
-  """Slope of log(update time) against log(parameters) over the MLPs, per optimizer."""
-  mlps = [r for r in rows if r["model"] in MLPS]
+  """Slope of log(update time) against log(parameters) over the MLPs of at least
+  ``SLOPE_MIN_PARAMS`` parameters, per optimizer."""
+  mlps = [r for r in rows if r["model"] in MLPS and r["parameters"] >= SLOPE_MIN_PARAMS]
   if len(mlps) < 2:
     return {}
   n = np.log([r["parameters"] for r in mlps])
@@ -227,7 +231,8 @@ def main(argv=None):
   slopes = loglog_slopes(rows)
   md = header + "\n\n" + table(rows)
   if slopes:
-    md += ("\n\nLog-log slope of update time against parameters over the MLPs: " +
+    md += ("\n\nLog-log slope of update time against parameters over the MLPs of at least "
+           f"{SLOPE_MIN_PARAMS / 1e6:g}M parameters: " +
            ", ".join(f"{opt} {slope:.2f}" for opt, slope in slopes.items()) + " (1 = linear).")
   print("\n" + md)
   if args.out:

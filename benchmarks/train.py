@@ -27,7 +27,7 @@ import optax
 
 import gsgd_jax
 from benchmarks import data as datasets
-from benchmarks.loop import MLP, PlainCNN, seconds_per_epoch, train
+from benchmarks.loop import MLP, PlainCNN, ResNet, gsgd_layers, seconds_per_epoch, train
 
 TOP_KEYS = {"description", "dataset", "data_dir", "epochs", "batch_size", "seeds",
             "skeleton_init", "train_subset", "model", "sweep", "optimizers", "grid"}
@@ -119,7 +119,10 @@ def make_model(config, point, num_classes):
   if spec["kind"] == "cnn":
     stages = tuple(tuple(s) for s in spec.get("stages", [[32, 32], [64, 64]]))
     return PlainCNN(stages, num_classes, spec.get("bias", True))
-  raise ValueError(f"unknown model kind {spec['kind']!r}: use mlp or cnn")
+  if spec["kind"] == "resnet":  # stages of [channels, residual blocks]
+    stages = tuple(tuple(s) for s in spec.get("stages", [[16, 3], [32, 3], [64, 3]]))
+    return ResNet(stages, num_classes)
+  raise ValueError(f"unknown model kind {spec['kind']!r}: use mlp, cnn or resnet")
 
 
 def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransformation:
@@ -146,7 +149,7 @@ def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, prog
   """One training run; returns its per-epoch history."""
   model = make_model(config, point, ds.num_classes)
   params = model.init(jax.random.key(seed), train_xy[0][:1])
-  layers = gsgd_jax.infer_layers(params)
+  layers = gsgd_layers(model, params)
   if opt.get("skeleton_init", config.get("skeleton_init", True)):
     params = gsgd_jax.set_skeleton(params, layers, 1.0)
   batch = config.get("batch_size", 64)
@@ -187,7 +190,7 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
       results["lr_choices"], results["runs"] = previous["lr_choices"], previous["runs"]
   done = {(r["optimizer"], _point_key(r["point"]), r["seed"]) for r in results["runs"]}
   ds = load_data(config)
-  cnn = config.get("model", {}).get("kind", "mlp") == "cnn"
+  cnn = config.get("model", {}).get("kind", "mlp") in ("cnn", "resnet")
   prepare = as_images if cnn else (lambda x: x.reshape(len(x), -1))
   train_xy = (prepare(ds.x_train), ds.y_train)
   test_xy = (prepare(ds.x_test), ds.y_test)
@@ -263,9 +266,10 @@ def summarize(results) -> str:
   gaps = gap_table(results)
   if gaps:
     first, second = [o["name"] for o in config["optimizers"][:2]]
-    lines += ["", f"Gap {second} minus {first} (mean over seeds):", "",
+    lines += ["", f"Gap {second} minus {first}, paired by seed (mean ± std):", "",
               "| width | test accuracy gap | train loss gap |", "|---|---|---|"]
-    lines += [f"| {w} | {a:+.4f} | {l:+.4f} |" for w, a, l in gaps]
+    lines += [f"| {w} | {a:+.4f} ± {sa:.4f} | {l:+.4f} ± {sl:.4f} |"
+              for w, a, sa, l, sl in gaps]
   return "\n".join(lines) + "\n"
 
 
@@ -286,7 +290,8 @@ def _point_label(point) -> str:
 
 
 def gap_table(results):
-  """(width, accuracy gap, loss gap) of the second optimizer over the first, per width."""
+  """Per width: the second optimizer minus the first, paired by seed (same
+  initialisation and batches): (width, accuracy gap mean, std, loss gap mean, std)."""
   config = results["config"]
   if "width" not in config.get("sweep", {}) or len(config["optimizers"]) < 2:
     return []
@@ -294,11 +299,14 @@ def gap_table(results):
   groups = _groups(results)
   rows = []
   for point in sweep_points(config):
-    a, b = groups.get((first, _point_key(point))), groups.get((second, _point_key(point)))
-    if a and b:
-      mean = lambda runs, key: np.mean([r["history"][-1][key] for r in runs])
-      rows.append((point["width"], mean(b, "test_accuracy") - mean(a, "test_accuracy"),
-                   mean(b, "train_loss") - mean(a, "train_loss")))
+    a = {r["seed"]: r["history"][-1] for r in groups.get((first, _point_key(point)), [])}
+    b = {r["seed"]: r["history"][-1] for r in groups.get((second, _point_key(point)), [])}
+    seeds = sorted(set(a) & set(b))
+    if seeds:
+      acc = [b[s]["test_accuracy"] - a[s]["test_accuracy"] for s in seeds]
+      loss = [b[s]["train_loss"] - a[s]["train_loss"] for s in seeds]
+      rows.append((point["width"], float(np.mean(acc)), float(np.std(acc)),
+                   float(np.mean(loss)), float(np.std(loss))))
   return rows
 
 
@@ -331,14 +339,16 @@ def plot(results, out_dir) -> list[str]:
   plt.close(fig)
   gaps = gap_table(results)
   if gaps:
-    widths, acc, loss = zip(*gaps)
+    widths, acc, acc_std, loss, loss_std = zip(*gaps)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, values, title in zip(axes, (acc, loss), ("test accuracy gap", "train loss gap")):
-      ax.plot(widths, values, marker="o")
+    for ax, values, errors, title in zip(axes, (acc, loss), (acc_std, loss_std),
+                                         ("test accuracy gap", "train loss gap")):
+      ax.errorbar(widths, values, yerr=errors, marker="o", capsize=3)
       ax.axhline(0, color="grey", lw=0.8)
       ax.set_xscale("log", base=2)
       ax.set_xlabel("hidden width H")
-      ax.set_title(title + " (G-SGD minus SGD)")
+      first, second = [o["name"] for o in results["config"]["optimizers"][:2]]
+      ax.set_title(f"{title} ({second} minus {first})")
       ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(os.path.join(out_dir, "gap.png"))

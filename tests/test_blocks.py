@@ -9,6 +9,7 @@ import pytest
 import gsgd_jax
 
 import reference as ref
+from helpers import train_scan
 
 BLOCKS = [["a0", "a1"], ["b0", "b1", "b2"]]
 
@@ -30,15 +31,6 @@ def _problem(seed=0):
   return params, x, forward, loss
 
 
-def _train(tx, params, loss, observe, steps=20):
-  def step(carry, _):
-    p, state = carry
-    updates, state = tx.update(jax.grad(loss)(p), state, p)
-    p = optax.apply_updates(p, updates)
-    return (p, state), observe(p)
-  return jax.lax.scan(jax.jit(step), (params, tx.init(params)), length=steps)
-
-
 @pytest.mark.parametrize("make", [
     lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS),
     lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS, fallback=optax.adam(1e-2)),
@@ -52,8 +44,8 @@ def test_invariance_inside_blocks(make):
   assert not np.allclose(rescaled["b1"]["kernel"], params["b1"]["kernel"])
   np.testing.assert_allclose(forward(rescaled, x), forward(params, x), rtol=1e-12, atol=1e-12)
   tx = make()
-  (final, _), out_a = _train(tx, params, loss, lambda p: forward(p, x))
-  _, out_b = _train(tx, rescaled, loss, lambda p: forward(p, x))
+  (final, _), out_a = train_scan(tx, params, loss, 20, lambda p: forward(p, x))
+  _, out_b = train_scan(tx, rescaled, loss, 20, lambda p: forward(p, x))
   np.testing.assert_allclose(out_a, out_b, rtol=1e-9, atol=1e-10)
   assert float(loss(final)) < 0.9 * float(loss(params))
   assert not np.allclose(final["scale"], params["scale"])  # the fallback trained it

@@ -13,6 +13,7 @@ from gsgd_jax import basis
 from gsgd_jax.structure import build_structure
 
 import reference as ref
+from helpers import train_scan
 
 # Each net: input shape (H, W, C), then ops. ('conv', kh, kw, c_out, stride, padding),
 # ('pool', kind, window, stride, padding), ('flatten',), ('gap',), ('dense', n_out).
@@ -217,17 +218,8 @@ def test_cnn_rescaling_invariance(name, inner):
   tx = (gsgd_jax.gsgd(0.02, layers=layers) if inner == "sgd"
         else gsgd_jax.path_space(optax.adam(3e-3), layers=layers))
 
-  def run(p):
-    def step(carry, _):
-      p, state = carry
-      updates, state = tx.update(jax.grad(loss)(p), state, p)
-      p = optax.apply_updates(p, updates)
-      return (p, state), forward(p, x)
-    (p, state), outs = jax.lax.scan(jax.jit(step), (p, tx.init(p)), length=20)
-    return p, state, outs
-
-  final, state_a, out_a = run(params)
-  _, state_b, out_b = run(rescaled)
+  (final, state_a), out_a = train_scan(tx, params, loss, 20, lambda p: forward(p, x))
+  (_, state_b), out_b = train_scan(tx, rescaled, loss, 20, lambda p: forward(p, x))
   assert int(state_a.total_clipped_ratios) == int(state_b.total_clipped_ratios) == 0
   assert float(loss(final)) < 0.95 * float(loss(params))
   np.testing.assert_allclose(out_a, out_b, rtol=1e-9, atol=1e-10)

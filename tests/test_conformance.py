@@ -16,6 +16,7 @@ import pytest
 import gsgd_jax
 
 import reference as ref
+from helpers import train_scan
 
 WIDTHS = (4, 7, 6, 3)
 
@@ -58,23 +59,14 @@ def _problem(dtype=jnp.float64, seed=0, extra_leaf=False):
   return params, layers, x, loss
 
 
-def _run(tx, params, loss, steps, observe):
-  def step(carry, _):
-    p, state = carry
-    updates, state = tx.update(jax.grad(loss)(p), state, p)
-    p = optax.apply_updates(p, updates)
-    return (p, state), observe(p)
-  return jax.lax.scan(jax.jit(step), (params, tx.init(params)), length=steps)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_rescaling_invariance(name):
   params, layers, x, loss = _problem()
   rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(3))
   tx = _make(name, layers)
   outputs = lambda p: ref.forward(p, layers, x)
-  (final, _), out_a = _run(tx, params, loss, 20, outputs)
-  _, out_b = _run(tx, rescaled, loss, 20, outputs)
+  (final, _), out_a = train_scan(tx, params, loss, 20, outputs)
+  _, out_b = train_scan(tx, rescaled, loss, 20, outputs)
   np.testing.assert_allclose(out_a, out_b, rtol=1e-9, atol=1e-10)
   assert float(loss(final)) < float(loss(params))
 
@@ -83,7 +75,7 @@ def test_rescaling_invariance(name):
 def test_converges_under_jit_and_scan(name):
   params, layers, _, loss = _problem(seed=5)
   tx = _make(name, layers)
-  (final, _), losses = _run(tx, params, loss, 150, loss)
+  (final, _), losses = train_scan(tx, params, loss, 150, loss)
   assert float(losses[-1]) < 0.5 * float(loss(params))
   assert bool(jnp.all(jnp.isfinite(losses)))
 
@@ -120,7 +112,7 @@ def test_inject_hyperparams_and_constant_schedule(name):
   injected = optax.inject_hyperparams(factory)(**hyper, layers=layers)
   scheduled = _make(name, layers, learning_rate=optax.constant_schedule(hyper["learning_rate"]))
   plain = _make(name, layers)
-  runs = [_run(tx, params, loss, 5, lambda p: p)[0][0] for tx in (plain, injected, scheduled)]
+  runs = [train_scan(tx, params, loss, 5, lambda p: p)[0][0] for tx in (plain, injected, scheduled)]
   for other in runs[1:]:
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other)):
       np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)

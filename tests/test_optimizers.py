@@ -1,4 +1,4 @@
-"""The public transformations: rescaling invariance (SPEC §5.3), jit, scan, optax manners."""
+"""Rescaling invariance (SPEC §5.3) for G-SGD and path-space optax transforms, fallback, precision."""
 
 import functools
 
@@ -11,6 +11,7 @@ import pytest
 import gsgd_jax
 
 import reference as ref
+from helpers import train_scan
 
 WIDTHS = (6, 9, 7, 8, 3)
 STEPS = 25
@@ -26,14 +27,7 @@ def _problem(seed=0, dtype=jnp.float64, widths=WIDTHS):
 
 
 def _train(tx, params, loss, steps=STEPS, observe=None):
-  @jax.jit
-  def step(carry, _):
-    p, state = carry
-    updates, state = tx.update(jax.grad(loss)(p), state, p)
-    p = optax.apply_updates(p, updates)
-    return (p, state), observe(p)
-
-  (params, state), trace = jax.lax.scan(step, (params, tx.init(params)), length=steps)
+  (params, state), trace = train_scan(tx, params, loss, steps, observe)
   return params, state, trace
 
 
@@ -84,43 +78,6 @@ def test_gsgd_is_path_space_sgd():
   np.testing.assert_array_equal(a, b)
 
 
-def test_constant_schedule_equals_float():
-  params, layers, x, loss = _problem()
-  outputs = lambda p: ref.forward(p, layers, x)
-  a = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
-  b = _train(gsgd_jax.gsgd(optax.constant_schedule(0.05), layers=layers), params, loss,
-             observe=outputs)[2]
-  np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
-
-
-def test_inject_hyperparams_equals_plain():
-  params, layers, x, loss = _problem()
-  outputs = lambda p: ref.forward(p, layers, x)
-  tx = optax.inject_hyperparams(gsgd_jax.gsgd)(learning_rate=0.05, layers=layers)
-  a = _train(tx, params, loss, observe=outputs)[2]
-  b = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
-  np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
-
-
-def test_jit_compiles_once():
-  params, layers, _, loss = _problem()
-  tx = gsgd_jax.gsgd(0.05, layers=layers)
-  traces = []
-
-  @jax.jit
-  def step(p, state):
-    traces.append(1)
-    updates, state = tx.update(jax.grad(loss)(p), state, p)
-    return optax.apply_updates(p, updates), state
-
-  state = tx.init(params)
-  p1, state = step(params, state)
-  p2, state = step(p1, state)
-  step(p2, state)
-  assert len(traces) == 1
-  assert not np.allclose(p2["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
-
-
 def test_leaves_outside_layers_follow_the_fallback():
   params, layers, x, loss = _problem()
   params["scale"] = jnp.ones(3)
@@ -147,27 +104,6 @@ def test_leaves_outside_layers_follow_the_fallback():
   np.testing.assert_allclose(updates["scale"], -0.1 * grads["scale"])
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only})):
     np.testing.assert_allclose(a, b, rtol=1e-14)
-
-
-def test_extra_args_are_ignored():
-  params, layers, _, loss = _problem()
-  tx = gsgd_jax.gsgd(0.05, layers=layers)
-  grads = jax.grad(loss)(params)
-  a, _ = tx.update(grads, tx.init(params), params)
-  b, _ = tx.update(grads, tx.init(params), params, value=1.0, unknown="x")
-  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(u, v)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dtypes_are_kept(dtype):
-  params, layers, _, loss = _problem(dtype=dtype)
-  tx = gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9)
-  state = tx.init(params)
-  updates, new_state = jax.jit(tx.update)(jax.grad(loss)(params), state, params)
-  assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
-  assert jax.tree.map(lambda a: a.dtype, state) == jax.tree.map(lambda a: a.dtype, new_state)
-  assert all(np.all(np.isfinite(np.asarray(u, np.float32))) for u in jax.tree.leaves(updates))
 
 
 def test_float32_update_matches_float64():

@@ -54,7 +54,7 @@ def test_sweep_writes_results_summary_and_plots(tmp_path):
     assert {"train_loss", "test_accuracy", "seconds"} <= set(run["history"][0])
   assert all("clipped_ratios" in r["history"][-1] for r in results["runs"] if r["kind"] == "gsgd")
   summary = (out / "summary.md").read_text()
-  assert "| G-SGD | width=16 |" in summary and "Gap G-SGD minus SGD" in summary
+  assert "| G-SGD | width=16 |" in summary and "Gap G-SGD minus SGD, paired by seed" in summary
   assert (out / "curves.png").stat().st_size > 1000 and (out / "gap.png").stat().st_size > 1000
 
 
@@ -171,3 +171,14 @@ def test_smoke_config_runs(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())
   assert {r["optimizer"] for r in results["runs"]} == {"SGD", "G-SGD", "Path-SGD", "G-Adam"}
   assert (tmp_path / "summary.md").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_resnet_config_runs_with_blocks(tmp_path):
+  text = SMALL.replace('kind = "mlp"\nwidths = [16, 16]', 'kind = "resnet"\nstages = [[4, 1], [6, 1]]')
+  text = text.replace("[sweep]\nwidth = [8, 16]\n", "").replace("epochs = 2", "epochs = 1")
+  results = train.run_experiment(_config(tmp_path, text), tmp_path / "out", progress=False)
+  assert [r["optimizer"] for r in results["runs"]] == ["SGD", "G-SGD"]
+  assert "clipped_ratios" in results["runs"][1]["history"][-1]
+  model = train.make_model(_config(tmp_path, text), {}, 10)
+  assert model.gsgd_blocks()[1] == [("params", "stage1_block0", "conv_a"),
+                                    ("params", "stage1_block0", "conv_b")]
