@@ -1,7 +1,7 @@
 """gsgd_jax: G-SGD and path-space optimizers for ReLU networks, as optax transformations."""
 
 from gsgd_jax.aliases import g_adam, g_adamw, g_momentum, g_rmsprop
-from gsgd_jax.init import random_rescale, set_skeleton, skeleton_mask
+from gsgd_jax.init import random_rescale, rescale, set_skeleton, skeleton_mask
 from gsgd_jax.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
 from gsgd_jax.optimizers import (
     PathSpaceState,
@@ -11,6 +11,7 @@ from gsgd_jax.optimizers import (
     path_space,
 )
 from gsgd_jax.structure import ChainStructure, LayerSpec, infer_layers
+from gsgd_jax.validate import verify_invariance
 
 __version__ = "0.1.0"
 
@@ -30,7 +31,9 @@ __all__ = [
     "path_sgd",
     "path_space",
     "random_rescale",
+    "rescale",
     "scale_by_path_norm",
     "set_skeleton",
     "skeleton_mask",
+    "verify_invariance",
 ]

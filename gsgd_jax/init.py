@@ -84,6 +84,40 @@ def set_skeleton(params: Any, layers: LayerPaths, value: float = 1.0) -> Any:
       lambda _, k, s, b: b, lambda leaf: leaf)
 
 
+def rescale(params: Any, layers: LayerPaths, factors) -> Any:
+  """Applies the element of G with the given positive per-node factors.
+
+  Args:
+    params: parameter pytree.
+    layers: the layers' key paths, one chain or several blocks.
+    factors: ``factors[block][level]``: a vector of positive factors for the
+      nodes of that level, or None to leave the level alone; levels run from 0
+      (block inputs) to the block's depth (outputs), and only hidden levels
+      ``1..depth-1`` may be rescaled without changing the function.
+
+  Returns:
+    ``params`` with every node ``j`` of a rescaled level multiplied on its
+    incoming weights and bias, and divided on its outgoing weights.
+  """
+
+  def kernel_fn(b, k, s, w):
+    ct = ps.compute_dtype(w.dtype)
+    scaled = w.astype(ct)
+    if factors[b][k + 1] is not None:
+      scaled = scaled * jnp.asarray(factors[b][k + 1]).astype(ct)[None, None, :]
+    if factors[b][k] is not None:
+      scaled = scaled / jnp.asarray(factors[b][k]).astype(ct)[None, :, None]
+    return scaled.astype(w.dtype)
+
+  def bias_fn(b, k, s, bias):
+    if factors[b][k + 1] is None:
+      return bias
+    ct = ps.compute_dtype(bias.dtype)
+    return (bias * jnp.asarray(factors[b][k + 1]).astype(ct)).astype(bias.dtype)
+
+  return _map_layers(params, layers, kernel_fn, bias_fn, lambda leaf: leaf)
+
+
 def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
                    log_range: float = 1.5) -> Any:
   """Rescales every hidden node by a random positive factor; the function is unchanged.
@@ -96,7 +130,7 @@ def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
 
   Args:
     params: parameter pytree.
-    layers: ordered key paths of the layers.
+    layers: the layers' key paths, one chain or several blocks.
     key: a JAX PRNG key.
     log_range: half-width of the uniform distribution of ``log c``.
 
@@ -104,26 +138,11 @@ def random_rescale(params: Any, layers: LayerPaths, key: jax.Array,
     The rescaled params.
   """
   blocks, _, _ = build_structure(params, layers)
-  factors = []  # factors[block][level]: one per node, None at block inputs/outputs
+  factors = []
   for block, block_key in zip(blocks, jax.random.split(key, len(blocks))):
     keys = jax.random.split(block_key, max(block.depth - 1, 1))
     factors.append([None] + [
         jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32,
                                    -log_range, log_range))
         for k, spec in enumerate(block.layers[:-1])] + [None])
-
-  def kernel_fn(b, k, s, w):
-    ct = ps.compute_dtype(w.dtype)
-    scaled = w.astype(ct)
-    if factors[b][k + 1] is not None:
-      scaled = scaled * factors[b][k + 1].astype(ct)[None, None, :]
-    if factors[b][k] is not None:
-      scaled = scaled / factors[b][k].astype(ct)[None, :, None]
-    return scaled.astype(w.dtype)
-
-  def bias_fn(b, k, s, bias):
-    if factors[b][k + 1] is None:
-      return bias
-    return (bias * factors[b][k + 1].astype(ps.compute_dtype(bias.dtype))).astype(bias.dtype)
-
-  return _map_layers(params, layers, kernel_fn, bias_fn, lambda leaf: leaf)
+  return rescale(params, layers, factors)

@@ -11,7 +11,7 @@ import optax
 
 from gsgd_jax import basis as ps
 from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
-                                locate_layers)
+                                locate_blocks)
 
 DEFAULT_RATIO_CLIP = ps.default_ratio_clip()
 
@@ -44,14 +44,6 @@ def _put(out, where, kernels, biases):
   for i, value in zip(where.bias, biases):
     if i is not None:
       out[i] = value
-
-
-def _locate_blocks(tree, blocks, what):
-  """Leaves, treedef and per-block positions of the blocks' layers in ``tree``."""
-  paths, leaves, treedef = leaf_paths(tree)
-  wheres = [locate_layers(paths, [spec.path for spec in block.layers], what=what)
-            for block in blocks]
-  return leaves, treedef, wheres
 
 
 def basis_path_values(params: Any, layers: LayerPaths) -> Any:
@@ -198,7 +190,7 @@ def path_space(
           "tx.update(grads, state, params).")
     blocks, wheres, treedef = build_structure(params, layers)
     leaves = jax.tree.leaves(params)
-    grad_leaves, grad_treedef, grad_wheres = _locate_blocks(updates, blocks, "updates")
+    grad_leaves, grad_treedef, grad_wheres = locate_blocks(updates, blocks, "updates")
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
     path_grads, chains = list(grad_leaves), []
@@ -218,7 +210,7 @@ def path_space(
                                       state.inner_state, path_params, **extra_args)
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
-    step_leaves, step_treedef, step_wheres = _locate_blocks(steps, blocks, "inner updates")
+    step_leaves, step_treedef, step_wheres = locate_blocks(steps, blocks, "inner updates")
     new_updates, clipped = list(step_leaves), jnp.zeros((), jnp.int32)
     for block, where, step_where, ch in zip(blocks, wheres, step_wheres, chains):
       new_kernels, new_biases, block_clipped = ps.weight_allocation(

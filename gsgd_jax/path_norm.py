@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
-                                locate_layers)
+from gsgd_jax.structure import LayerPaths, build_structure, is_placeholder, locate_blocks
 
 
 def _chain_gammas(struct, kernels, biases):
@@ -37,6 +36,22 @@ def _chain_gammas(struct, kernels, biases):
   return gamma_in, gamma_out
 
 
+def _block_scales(params, layers):
+  """Per block: ``(block, positions in params, per-layer (kernel gamma view, bias gamma))``.
+
+  The kernel's gamma is returned as the broadcastable product
+  ``gamma_in[i] * gamma_out[j]`` of shape ``(1, n_in, n_out)``.
+  """
+  blocks, wheres, _ = build_structure(params, layers)
+  leaves = jax.tree.leaves(params)
+  for struct, where in zip(blocks, wheres):
+    kernels = [leaves[i] for i in where.kernel]
+    biases = [None if i is None else leaves[i] for i in where.bias]
+    gamma_in, gamma_out = _chain_gammas(struct, kernels, biases)
+    yield struct, where, [(gamma_in[k][None, :, None] * gamma_out[k + 1][None, None, :],
+                           gamma_out[k + 1]) for k in range(struct.depth)]
+
+
 def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
   """The Path-SGD scales ``gamma_e = gamma_in(tail) * gamma_out(head)``, shaped like params.
 
@@ -49,20 +64,16 @@ def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
   Returns:
     A pytree shaped like ``params`` in the params' dtypes.
   """
-  blocks, wheres, treedef = build_structure(params, layers)
-  leaves = jax.tree.leaves(params)
+  leaves, treedef = jax.tree.flatten(params)
   out = [jnp.ones_like(leaf) for leaf in leaves]
-  for struct, where in zip(blocks, wheres):
-    kernels = [leaves[i] for i in where.kernel]
-    biases = [None if i is None else leaves[i] for i in where.bias]
-    gamma_in, gamma_out = _chain_gammas(struct, kernels, biases)
-    for k, spec in enumerate(struct.layers):
-      gamma = gamma_in[k][None, :, None] * gamma_out[k + 1][None, None, :]
-      shape = (spec.taps, spec.n_in, spec.n_out)
-      out[where.kernel[k]] = jnp.broadcast_to(gamma, shape).reshape(
-          kernels[k].shape).astype(kernels[k].dtype)
+  for struct, where, scales in _block_scales(params, layers):
+    for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
+      kernel = leaves[where.kernel[k]]
+      out[where.kernel[k]] = jnp.broadcast_to(
+          kernel_gamma, (spec.taps, spec.n_in, spec.n_out)).reshape(kernel.shape).astype(
+              kernel.dtype)
       if where.bias[k] is not None:
-        out[where.bias[k]] = gamma_out[k + 1].astype(biases[k].dtype)
+        out[where.bias[k]] = bias_gamma.astype(leaves[where.bias[k]].dtype)
   return treedef.unflatten(out)
 
 
@@ -98,16 +109,17 @@ def scale_by_path_norm(layers: LayerPaths,
     if params is None:
       raise ValueError("gsgd_jax.scale_by_path_norm needs the current params: call "
                        "tx.update(grads, state, params).")
-    scales = path_norm_scales(params, layers)
     blocks, _, _ = build_structure(params, layers)
-    paths, grads, treedef = leaf_paths(updates)
-    _, scale_leaves, _ = leaf_paths(scales)
+    grads, treedef, grad_wheres = locate_blocks(updates, blocks, "updates")
     out = list(grads)
-    for struct in blocks:
-      where = locate_layers(paths, [s.path for s in struct.layers], what="updates")
-      for i in (*where.kernel, *(b for b in where.bias if b is not None)):
-        g = grads[i]
-        out[i] = (g / jnp.maximum(scale_leaves[i], min_scale).astype(g.dtype)).astype(g.dtype)
+    for (struct, _, scales), where in zip(_block_scales(params, layers), grad_wheres):
+      for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
+        g = grads[where.kernel[k]]
+        scaled = ps.as_taps(g, spec) / jnp.maximum(kernel_gamma, min_scale)
+        out[where.kernel[k]] = scaled.reshape(g.shape).astype(g.dtype)
+        if where.bias[k] is not None:
+          gb = grads[where.bias[k]]
+          out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -121,7 +121,7 @@ def normalise_path(path: KeyPath | str) -> tuple[str, ...]:
   """A user's layer path (tuple of keys, or ``'a/b/c'``) as a tuple of strings."""
   if isinstance(path, str):
     parts = tuple(p for p in path.split("/") if p)
-  elif isinstance(path, (tuple, list)):
+  elif isinstance(path, tuple):
     parts = tuple(_key_name(p) for p in path)
   else:
     raise TypeError(
@@ -185,6 +185,19 @@ def locate_layers(
     kernels.append(k)
     biases.append(index.get(layer + ("bias",)))
   return LayerLeaves(tuple(kernels), tuple(biases))
+
+
+def locate_blocks(tree: Any, blocks: Sequence[ChainStructure], what: str
+                  ) -> tuple[list[Any], Any, list[LayerLeaves]]:
+  """Leaves, treedef and per-block kernel/bias positions of ``blocks`` in ``tree``.
+
+  Every tree (params, gradients, inner steps) is located on its own, so trees
+  whose flattening orders differ still line up layer by layer.
+  """
+  paths, leaves, treedef = leaf_paths(tree)
+  wheres = [locate_layers(paths, [spec.path for spec in block.layers], what=what)
+            for block in blocks]
+  return leaves, treedef, wheres
 
 
 # ----------------------------------------------------------------------------
