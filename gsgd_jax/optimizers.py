@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gsgd_jax import basis as ps
@@ -68,6 +69,36 @@ def basis_path_values(params: Any, layers: LayerPaths) -> Any:
   for block, where in zip(blocks, wheres):
     _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where)))
   return treedef.unflatten(out)
+
+
+def check_skeleton(params, blocks, wheres) -> None:
+  """Raises if a skeleton weight is zero (or not finite), naming the layer and node.
+
+  Every basis path divides by products of skeleton weights, so a zero one would
+  make path gradients infinite. Weight allocation never moves F and keeps the
+  outgoing skeleton weights' signs (clipped ratios), so a start without zeros
+  stays without zeros. Skipped when ``params`` are traced (``init`` under jit).
+  """
+  leaves = jax.tree.leaves(params)
+  for block, where in zip(blocks, wheres):
+    kernels = [leaves[i] for i in where.kernel]
+    if any(isinstance(w, jax.core.Tracer) for w in kernels):
+      return
+    for k, spec in enumerate(block.layers):
+      k3 = ps.as_taps(jnp.asarray(kernels[k]), spec)
+      entries = []
+      if block.pi[k] is not None:
+        entries.append(("incoming", "output", ps.incoming_skeleton(k3, spec, block.pi[k])))
+      if block.sigma[k] is not None:
+        entries.append(("outgoing", "input", ps.outgoing_skeleton(k3, spec, block.sigma[k])))
+      for kind, side, values in entries:
+        bad = np.flatnonzero(~np.isfinite(np.asarray(values, np.float64))
+                             | (np.asarray(values, np.float64) == 0))
+        if bad.size:
+          raise ValueError(
+              f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
+              f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
+              "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
 
 
 def _path_space_params(params, blocks, wheres, treedef, chains=None):
@@ -180,6 +211,7 @@ def path_space(
     if is_placeholder(params):  # optax.tree_map_params: the inner state's layout suffices
       return PathSpaceState(inner.init(params), zero, zero)
     blocks, wheres, treedef = build_structure(params, layers)
+    check_skeleton(params, blocks, wheres)
     return PathSpaceState(inner.init(_path_space_params(params, blocks, wheres, treedef)),
                           zero, zero)
 

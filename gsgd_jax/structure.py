@@ -35,6 +35,7 @@ import re
 from typing import Any, Hashable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 KeyPath = tuple[Hashable, ...]
@@ -317,6 +318,11 @@ def build_structure(tree: Any, layers: Any
   signatures = []
   for names, where in zip(blocks, wheres):
     for name, k, b in zip(names, where.kernel, where.bias):
+      for i in (k, b):
+        if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
+          raise ValueError(
+              f"layer {'/'.join(name)!r}: {'kernel' if i == k else 'bias'} has dtype "
+              f"{jnp.result_type(leaves[i])}; G-SGD needs floating-point parameters")
       if b is not None and np.shape(leaves[b]) != (np.shape(leaves[k])[-1],):
         raise ValueError(
             f"layer {'/'.join(name)!r}: bias of shape {np.shape(leaves[b])} does not "

@@ -205,3 +205,23 @@ def test_nan_ratio_becomes_one_and_is_counted():
   # Node 1's incoming weights are not divided by NaN: its ratio was set to 1.
   assert np.all(np.isfinite(updates["Dense_0"]["kernel"][:, 1]))
   assert float(updates["Dense_1"]["kernel"][1, 1]) == 0.0
+
+
+def test_depth_50_float32_update_matches_float64():
+  widths = (8,) * 50 + (3,)
+  params, layers, loss = _problem(widths, bias=True, seed=7)
+  params = gsgd_jax.set_skeleton(params, layers)
+  grads = jax.grad(loss)(params)
+  # A 50-layer chain's gradients span many orders of magnitude; a step of 1e-3 of
+  # the largest keeps every skeleton ratio far from the guard.
+  lr = 1e-3 / max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
+  tx = gsgd_jax.gsgd(lr, layers=layers)
+  want, state = tx.update(grads, tx.init(params), params)
+  assert int(state.clipped_ratios) == 0
+  to32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
+  got, state = jax.jit(tx.update)(to32(grads), tx.init(to32(params)), to32(params))
+  assert int(state.clipped_ratios) == 0
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == jnp.float32
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale + 1e-30)

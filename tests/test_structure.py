@@ -133,3 +133,22 @@ def test_string_and_tuple_paths_agree():
   b = gsgd_jax.basis_path_values(nested, ["params/Dense_0", "params/Dense_1"])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_non_floating_params_are_refused():
+  params = {"a": {"kernel": jnp.ones((3, 4), jnp.int32)}, "b": {"kernel": jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match="'a': kernel has dtype int32"):
+    gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
+
+
+def test_zero_skeleton_weight_is_named_at_init():
+  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params = gsgd_jax.set_skeleton(params, layers)
+  params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[3, 1].set(0.0)  # 3 -> 3 mod 2
+  with pytest.raises(ValueError, match="'Dense_1': the outgoing skeleton weight of input node 3"):
+    gsgd_jax.gsgd(0.1, layers=layers).init(params)
+  params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[3, 1].set(1.0)
+  params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[1, 1].set(jnp.nan)
+  with pytest.raises(ValueError, match="'Dense_0': the incoming skeleton weight of output node 1"):
+    gsgd_jax.g_adam(0.1, layers=layers).init(params)
+  jax.jit(gsgd_jax.gsgd(0.1, layers=layers).init)(params)  # traced: not checked, no error
