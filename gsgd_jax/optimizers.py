@@ -64,14 +64,10 @@ def basis_path_values(params: Any, layers: LayerPaths) -> Any:
     A pytree shaped like ``params``.
   """
   blocks, wheres, treedef = build_structure(params, layers)
-  leaves = jax.tree.leaves(params)
-  out = [jnp.zeros_like(leaf) for leaf in leaves]
-  for block, where in zip(blocks, wheres):
-    _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where)))
-  return treedef.unflatten(out)
+  return _path_space_params(params, blocks, wheres, treedef, outside=jnp.zeros_like)
 
 
-def check_skeleton(params, blocks, wheres) -> None:
+def _check_skeleton(params, blocks, wheres) -> None:
   """Raises if a skeleton weight is zero (or not finite), naming the layer and node.
 
   Every basis path divides by products of skeleton weights, so a zero one would
@@ -101,10 +97,12 @@ def check_skeleton(params, blocks, wheres) -> None:
               "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
 
 
-def _path_space_params(params, blocks, wheres, treedef, chains=None):
-  """Params as ``inner`` sees them: basis-path values in the blocks, values elsewhere."""
+def _path_space_params(params, blocks, wheres, treedef, chains=None,
+                       outside=lambda leaf: leaf):
+  """Params as ``inner`` sees them: basis-path values in the blocks and
+  ``outside(leaf)`` elsewhere (by default the values themselves)."""
   leaves = jax.tree.leaves(params)
-  out = list(leaves)
+  out = [outside(leaf) for leaf in leaves]
   for b, (block, where) in enumerate(zip(blocks, wheres)):
     ch = None if chains is None else chains[b]
     _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where), ch))
@@ -211,7 +209,7 @@ def path_space(
     if is_placeholder(params):  # optax.tree_map_params: the inner state's layout suffices
       return PathSpaceState(inner.init(params), zero, zero)
     blocks, wheres, treedef = build_structure(params, layers)
-    check_skeleton(params, blocks, wheres)
+    _check_skeleton(params, blocks, wheres)
     return PathSpaceState(inner.init(_path_space_params(params, blocks, wheres, treedef)),
                           zero, zero)
 
