@@ -243,8 +243,8 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
 # Weight allocation.
 
 
-def default_ratio_clip() -> tuple[float, float]:
-  return (0.1, 10.0)
+# Bounds of the skeleton path ratios that become divisors (see weight_allocation).
+DEFAULT_RATIO_CLIP = (0.1, 10.0)
 
 
 def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],

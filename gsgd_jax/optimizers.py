@@ -14,7 +14,7 @@ from gsgd_jax import basis as ps
 from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
                                 locate_blocks)
 
-DEFAULT_RATIO_CLIP = ps.default_ratio_clip()
+DEFAULT_RATIO_CLIP = ps.DEFAULT_RATIO_CLIP
 
 
 class PathSpaceState(NamedTuple):
