@@ -109,10 +109,11 @@ def scale_by_path_norm(layers: LayerPaths,
     if params is None:
       raise ValueError("gsgd_jax.scale_by_path_norm needs the current params: call "
                        "tx.update(grads, state, params).")
-    blocks, _, _ = build_structure(params, layers)
-    grads, treedef, grad_wheres = locate_blocks(updates, blocks, "updates")
+    block_scales = list(_block_scales(params, layers))
+    grads, treedef, grad_wheres = locate_blocks(
+        updates, [struct for struct, _, _ in block_scales], "updates")
     out = list(grads)
-    for (struct, _, scales), where in zip(_block_scales(params, layers), grad_wheres):
+    for (struct, _, scales), where in zip(block_scales, grad_wheres):
       for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
         g = grads[where.kernel[k]]
         scaled = ps.as_taps(g, spec) / jnp.maximum(kernel_gamma, min_scale)
