@@ -8,8 +8,10 @@ count over the MLPs tells how the update scales (1 is linear).
 
 For each model it times (a) the jitted update+apply alone (gradients given) and
 (b) the whole jitted train step (forward, backward, update, apply), alternating
-SGD and G-SGD round by round so both see the same machine state, and reports
-median times and the median of the per-round ratios.
+the optimizers round by round so all see the same machine state, and reports
+median times and the median of the per-round ratios. ``G-SGD+probes`` is the
+same G-SGD on the model with a scale probe on every hidden layer
+(``gsgd_jax.probes``), which replaces the update's reduction over each kernel.
 
     python -m benchmarks.speed [--sizes small,medium,large] [--rounds 7] [--out DIR]
 """
@@ -28,6 +30,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
+from gsgd_jax.probes import PROBE
 
 # name -> (input, hidden widths, outputs); parameter counts about 1M, 6M, 22M.
 MLPS = {
@@ -58,11 +61,24 @@ def cnn_params(key, side, c_in, depth, channels, n_out):
   return gsgd_jax.set_skeleton(params, layers), layers
 
 
+def _probe(layer, z):
+  """The layer's scale probe, where it has one (see gsgd_jax.probes)."""
+  return gsgd_jax.probes.scale_probe(z, layer[PROBE]) if PROBE in layer else z
+
+
+def with_probes(params, layers):
+  """Params with a scale probe on every hidden layer."""
+  params = dict(params)
+  for name, in layers[:-1]:
+    params[name] = {**params[name], PROBE: jnp.ones(params[name]["bias"].shape)}
+  return params
+
+
 def cnn_forward(params, layers, x):
   for name, in layers[:-1]:
     x = jax.lax.conv_general_dilated(x, params[name]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    x = jax.nn.relu(x + params[name]["bias"])
+    x = jax.nn.relu(_probe(params[name], x + params[name]["bias"]))
   last = params[layers[-1][0]]
   return x.mean(axis=(1, 2)) @ last["kernel"] + last["bias"]
 
@@ -82,7 +98,7 @@ def forward(params, layers, x):
   for k, (name,) in enumerate(layers):
     x = x @ params[name]["kernel"] + params[name]["bias"]
     if k < len(layers) - 1:
-      x = jax.nn.relu(x)
+      x = jax.nn.relu(_probe(params[name], x))
   return x
 
 
@@ -109,22 +125,26 @@ def model_and_data(name, batch):
   return params, layers, cnn_forward, x, n_out, CNN_BATCH
 
 
-OPTIMIZERS = ("SGD", "G-SGD", "Path-SGD")
+OPTIMIZERS = ("SGD", "G-SGD", "G-SGD+probes", "Path-SGD")
 
 
 def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
   params, layers, forward, x, n_out, batch = model_and_data(name, batch)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   y = jax.random.randint(jax.random.key(2), (batch,), 0, n_out)
-  grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
   optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers),
+                "G-SGD+probes": gsgd_jax.gsgd(1e-3, layers=layers),
                 "Path-SGD": gsgd_jax.path_sgd(1e-3, layers=layers)}
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
 
   programs = {}
+  plain_params = params
   for opt_name, tx in optimizers.items():
+    # Only the probed variant's model multiplies hidden outputs by probes.
+    params = with_probes(plain_params, layers) if opt_name == "G-SGD+probes" else plain_params
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
     def update(p, s, g, tx=tx):
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s, g
@@ -188,19 +208,21 @@ def device_name() -> str:
 
 
 def table(rows) -> str:
-  lines = ["| model | params | update+apply SGD ms | G-SGD ratio | Path-SGD ratio | "
-           "train step (batch) SGD ms | G-SGD ratio | Path-SGD ratio |",
-           "|---|---|---|---|---|---|---|---|"]
+  ratios = [opt for opt in OPTIMIZERS if opt != "SGD"]
+  head = " | ".join(f"{opt} ratio" for opt in ratios)
+  lines = [f"| model | params | update+apply SGD ms | {head} | "
+           f"train step (batch) SGD ms | {head} |",
+           "|---|---|---|" + "---|" * len(ratios) + "---|" + "---|" * len(ratios)]
   for r in rows:
     u = r["update"]
     cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{u['SGD']['ms']:.2f}",
-             f"**{u['G-SGD']['ratio']:.2f}**", f"{u['Path-SGD']['ratio']:.2f}"]
+             *(f"{u[opt]['ratio']:.2f}" for opt in ratios)]
     if "step" in r:
       st = r["step"]
-      cells += [f"({r['batch']}) {st['SGD']['ms']:.2f}", f"**{st['G-SGD']['ratio']:.2f}**",
-                f"{st['Path-SGD']['ratio']:.2f}"]
+      cells += [f"({r['batch']}) {st['SGD']['ms']:.2f}",
+                *(f"{st[opt]['ratio']:.2f}" for opt in ratios)]
     else:
-      cells += ["not timed", "", ""]
+      cells += ["not timed"] + [""] * len(ratios)
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -224,7 +246,9 @@ def main(argv=None):
     rows.append(bench_model(name, rounds=args.rounds, batch=args.batch,
                             min_seconds=args.min_seconds, donate=args.donate,
                             step_max_params=args.step_max_params))
-    print(f"{name}: G-SGD update ratio {rows[-1]['update']['G-SGD']['ratio']:.2f}", flush=True)
+    print(f"{name}: " + ", ".join(
+        f"{kind} {opt} {rows[-1][kind][opt]['ratio']:.2f}" for kind in ("update", "step")
+        if kind in rows[-1] for opt in OPTIMIZERS[1:3]), flush=True)
   header = (f"device: {device_name()}; jax {jax.__version__}; "
             f"{'donated' if args.donate else 'undonated'} buffers; "
             f"{args.rounds} interleaved rounds; ratio = time / SGD time (median over rounds)")

@@ -1,5 +1,6 @@
 """gsgd_jax: G-SGD and path-space optimizers for ReLU networks, as optax transformations."""
 
+from gsgd_jax import probes
 from gsgd_jax.aliases import g_adam, g_adamw, g_momentum, g_rmsprop
 from gsgd_jax.init import random_rescale, rescale, set_skeleton, skeleton_mask
 from gsgd_jax.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
@@ -11,7 +12,7 @@ from gsgd_jax.optimizers import (
     path_space,
 )
 from gsgd_jax.structure import ChainStructure, LayerSpec, infer_layers
-from gsgd_jax.validate import verify_invariance
+from gsgd_jax.validate import verify_invariance, verify_probes
 
 __version__ = "0.1.0"
 
@@ -30,10 +31,12 @@ __all__ = [
     "path_norm_scales",
     "path_sgd",
     "path_space",
+    "probes",
     "random_rescale",
     "rescale",
     "scale_by_path_norm",
     "set_skeleton",
     "skeleton_mask",
     "verify_invariance",
+    "verify_probes",
 ]

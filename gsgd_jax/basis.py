@@ -106,6 +106,27 @@ def periodic(x: Array, n: int) -> Array:
   return jnp.tile(x, -(-n // m))[:n]
 
 
+def reciprocal(x: Array) -> Array:
+  """``1 / x`` of skeleton-chain products, and 0 where ``x`` is 0, subnormal or not finite.
+
+  Such a chain (a zero or subnormal skeleton weight, or a product of many
+  small ones that underflowed) would make its paths' gradients and steps
+  infinite; with 0 instead, those paths take no step and the update stays
+  finite. Only per-node vectors pass through here.
+
+  Vectors that scale whole kernels end in a division on purpose: XLA fuses
+  cheap vector ops (selects, compares) into the pass over each kernel and
+  recomputes them for every weight, but computes a division once per node.
+  """
+  return 1 / _usable(x)
+
+
+def _usable(x: Array) -> Array:
+  """``x`` where it is a normal finite number, else inf (whose reciprocal is 0)."""
+  ok = (jnp.abs(x) >= jnp.finfo(x.dtype).tiny) & jnp.isfinite(x)
+  return jnp.where(ok, x, jnp.inf)
+
+
 def _rows(x: Array) -> Array:
   return x[None, :, None]
 
@@ -187,7 +208,8 @@ class PathGradients(NamedTuple):
 
 def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
                        biases: Sequence[Array | None], kernel_grads: Sequence[Array],
-                       bias_grads: Sequence[Array | None]) -> PathGradients:
+                       bias_grads: Sequence[Array | None],
+                       node_sums: Sequence[Array | None] | None = None) -> PathGradients:
   """Basis-path gradients from weight gradients (SPEC §3).
 
   With ``u_p = v_p * dL/dv_p`` (the path's share of ``w * g``)::
@@ -200,6 +222,10 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   Dividing by ``v = B w F`` gives ``dL/dv_e = g_e / (B[k][i] F[k+1][j])`` minus,
   on outgoing skeleton edges, ``P[k][a] / (B[k][a] F[k][a])``; no weight is
   ever a divisor, only chain products.
+
+  ``node_sums[k]``, where given, is ``sum_{i, taps} (w g)[., i, j] + b_j g_bj``
+  of layer ``k`` obtained elsewhere (a scale probe's gradient, see
+  ``gsgd_jax.probes``); it replaces the only full reduction of layer ``k``.
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
@@ -212,20 +238,23 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   p_prev = None
   for k in range(depth - 1):
     spec, pi = specs[k], struct.pi[k]
-    wg = k3[k].astype(ct) * g3[k].astype(ct)
-    p = replicated(jnp.sum(wg, axis=(0, 1)))
+    if node_sums is not None and node_sums[k] is not None:
+      p = replicated(node_sums[k].astype(ct))
+    else:
+      wg = k3[k].astype(ct) * g3[k].astype(ct)
+      p = replicated(jnp.sum(wg, axis=(0, 1)))
+      if biases[k] is not None:
+        p += replicated(biases[k].astype(ct) * bias_grads[k].astype(ct))
     p -= (incoming_skeleton(k3[k], spec, pi).astype(ct)
           * incoming_skeleton(g3[k], spec, pi).astype(ct))
-    if biases[k] is not None:
-      p += replicated(biases[k].astype(ct) * bias_grads[k].astype(ct))
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
-    carried[k + 1] = p / (ch.back[k + 1] * ch.forward[k + 1])
+    carried[k + 1] = p / _usable(ch.back[k + 1] * ch.forward[k + 1])
     p_prev = p
 
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
-    inv_back, inv_fwd = 1 / ch.back[k], 1 / ch.forward[k + 1]
+    inv_back, inv_fwd = reciprocal(ch.back[k]), reciprocal(ch.forward[k + 1])
     gv = g3[k].astype(ct) * _rows(inv_back) * _cols(inv_fwd)
     out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:
@@ -280,7 +309,7 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
     spec, sigma = specs[k], struct.sigma[k]
     dv_out = outgoing_skeleton(as_taps(kernel_steps[k], spec), spec, sigma).astype(ct)
     path_value = ch.back[k] * ch.forward[k]
-    ratio = 1 + dv_out / path_value
+    ratio = 1 + dv_out * reciprocal(path_value)
     if ratio_clip is not None:
       clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
       moved = ~struct.out_fixed[k] & (jnp.isnan(ratio) | (clipped != ratio))
@@ -288,17 +317,18 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
       ratio = clipped
       # The skeleton edge must take the clipped step too, or the forward chain
       # through it would not be rescaled by exactly Q.
-      clipped_steps[k] = (ratio - 1) * path_value
+      clipped_steps[k] = (ratio - 1) / _usable(1 / path_value)  # (ratio - 1) * path_value
     q[k] = jnp.where(struct.out_fixed[k], periodic(q[k + 1], spec.n_in), ratio)
 
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
-    inv_q = 1 / q[k + 1]
+    shrink = (1 - q[k + 1]) / q[k + 1]  # 1/Q - 1
     w = as_taps(kernels[k], spec).astype(ct)
     dv = as_taps(kernel_steps[k], spec).astype(ct)
     if clipped_steps[k] is not None:
       dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), _rows(clipped_steps[k]), dv)
-    du = w * _cols(inv_q - 1) + dv * _rows(1 / ch.back[k]) * _cols(inv_q / ch.forward[k + 1])
+    inv_fwd = 1 / _usable(q[k + 1] * ch.forward[k + 1])  # 1 / (Q F)
+    du = w * _cols(shrink) + dv * _rows(reciprocal(ch.back[k])) * _cols(inv_fwd)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
@@ -307,6 +337,6 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
     if b is None:
       bias_updates.append(None)
     else:
-      db = b.astype(ct) * (inv_q - 1) + bias_steps[k].astype(ct) * inv_q / ch.forward[k + 1]
+      db = b.astype(ct) * shrink + bias_steps[k].astype(ct) * inv_fwd
       bias_updates.append(db.astype(b.dtype))
   return updates, bias_updates, num_clipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import chex
@@ -38,6 +39,22 @@ def _layer_arrays(leaves, where):
   return kernels, biases
 
 
+def _node_sums(params, grads, where, grad_where):
+  """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
+  def product(s, g):
+    ct = ps.compute_dtype(s.dtype)
+    return s.astype(ct) * g.astype(ct)
+  return [None if i is None or j is None else product(params[i], grads[j])
+          for i, j in zip(where.probe, grad_where.probe)]
+
+
+def _zero_probes(out, where):
+  """Probes are not trained: zero their entries of the flat list ``out``."""
+  for i in where.probe:
+    if i is not None:
+      out[i] = jnp.zeros_like(out[i])
+
+
 def _put(out, where, kernels, biases):
   """Writes one block's kernel and bias arrays into the flat list ``out``."""
   for i, value in zip(where.kernel, kernels):
@@ -51,9 +68,10 @@ def basis_path_values(params: Any, layers: LayerPaths) -> Any:
   """Basis-path values of ``params``, in a pytree shaped like ``params``.
 
   Each weight and bias outside the fixed skeleton F holds the value of the one
-  basis path it owns, ``v_e = B[i] w_e F[j]`` (SPEC §2); entries on F and leaves
-  outside ``layers`` hold 0. These values are invariant under positive rescaling
-  of hidden nodes and, with the signs of F, determine the network function.
+  basis path it owns, ``v_e = B[i] w_e F[j]`` (SPEC §2); entries on F, scale
+  probes and leaves outside ``layers`` hold 0. These values are invariant under
+  positive rescaling of hidden nodes and, with the signs of F, determine the
+  network function.
 
   Args:
     params: parameter pytree.
@@ -68,10 +86,11 @@ def basis_path_values(params: Any, layers: LayerPaths) -> Any:
 
 
 def _check_skeleton(params, blocks, wheres) -> None:
-  """Raises if a skeleton weight is zero (or not finite), naming the layer and node.
+  """Raises if a skeleton weight is zero, subnormal or not finite, naming the layer and node.
 
   Every basis path divides by products of skeleton weights, so a zero one would
-  make path gradients infinite. Weight allocation never moves F and keeps the
+  make path gradients infinite (in ``update`` such paths take no step; see
+  ``basis.reciprocal``). Weight allocation never moves F and keeps the
   outgoing skeleton weights' signs (clipped ratios), so a start without zeros
   stays without zeros. Skipped when ``params`` are traced (``init`` under jit).
   """
@@ -87,14 +106,38 @@ def _check_skeleton(params, blocks, wheres) -> None:
         entries.append(("incoming", "output", ps.incoming_skeleton(k3, spec, block.pi[k])))
       if block.sigma[k] is not None:
         entries.append(("outgoing", "input", ps.outgoing_skeleton(k3, spec, block.sigma[k])))
+      tiny = float(jnp.finfo(ps.compute_dtype(k3.dtype)).tiny)
       for kind, side, values in entries:
-        bad = np.flatnonzero(~np.isfinite(np.asarray(values, np.float64))
-                             | (np.asarray(values, np.float64) == 0))
+        magnitude = np.abs(np.asarray(values, np.float64))
+        bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
         if bad.size:
           raise ValueError(
               f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
               f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
               "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
+    _warn_extreme_chains(block, [ps.as_taps(jnp.asarray(w), s)
+                                 for w, s in zip(kernels, block.layers)])
+
+
+# Skeleton-chain products outside this range make G-SGD's weight steps, which
+# scale as 1/(B F)^2, explode or vanish.
+CHAIN_RANGE = (1e-3, 1e3)
+
+
+def _warn_extreme_chains(block, kernels3) -> None:
+  """Warns when some hidden node's skeleton-chain product ``B F`` is extreme."""
+  if block.depth < 2:
+    return
+  ch = ps.chains(block, kernels3, jnp.float64 if jax.config.x64_enabled else jnp.float32)
+  products = np.concatenate([np.abs(np.asarray(ch.back[k] * ch.forward[k], np.float64))
+                             for k in range(1, block.depth)])
+  low, high = float(products.min()), float(products.max())
+  if low < CHAIN_RANGE[0] or high > CHAIN_RANGE[1]:
+    warnings.warn(
+        f"G-SGD: skeleton-chain products B*F of the hidden nodes of the block starting at "
+        f"{block.layers[0].name!r} span [{low:.3g}, {high:.3g}]; weight steps scale as "
+        "1/(B F)^2, so training may diverge. Call gsgd_jax.set_skeleton(params, layers) "
+        "before training, as the authors do.", stacklevel=4)
 
 
 def _path_space_params(params, blocks, wheres, treedef, chains=None,
@@ -106,20 +149,22 @@ def _path_space_params(params, blocks, wheres, treedef, chains=None,
   for b, (block, where) in enumerate(zip(blocks, wheres)):
     ch = None if chains is None else chains[b]
     _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where), ch))
+    _zero_probes(out, where)
   return treedef.unflatten(out)
 
 
 def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
                  outside: str = "fallback") -> Any:
-  """Labels each leaf of ``tree``: ``inside`` for kernels and biases of the
-  declared layers, ``outside`` for every other leaf (for ``optax.partition``)."""
+  """Labels each leaf of ``tree``: ``inside`` for kernels, biases and scale
+  probes of the declared layers, ``outside`` for every other leaf (for
+  ``optax.partition``)."""
   if is_placeholder(tree):
     return inside
   blocks, wheres, _ = build_structure(tree, layers)
   paths, leaves, treedef = leaf_paths(tree)
   labels = [outside] * len(leaves)
   for where in wheres:
-    for i in (*where.kernel, *where.bias):
+    for i in (*where.kernel, *where.bias, *where.probe):
       if i is not None:
         labels[i] = inside
   return treedef.unflatten(labels)
@@ -157,6 +202,11 @@ def path_space(
   chain, or several independent blocks (e.g. one per residual block); nothing
   crosses a block boundary. Every parameter outside the blocks (BatchNorm
   scales, shortcuts, embeddings, ...) is updated by ``fallback``.
+
+  A layer may carry a ``scale_probe`` leaf (:mod:`gsgd_jax.probes`): its
+  gradient then stands in for the one reduction over the kernel that the
+  inverse chain rule needs, so the update reads the weights no more often than
+  SGD's does. Probes get a zero update.
 
   Args:
     inner: the transformation applied in path space, e.g. ``optax.sgd(0.1)`` or
@@ -231,8 +281,10 @@ def path_space(
         if w.shape != g.shape:
           raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not "
                            f"match kernel shape {w.shape}")
-      pg = ps.inverse_chain_rule(block, kernels, biases, kernel_grads, bias_grads)
+      pg = ps.inverse_chain_rule(block, kernels, biases, kernel_grads, bias_grads,
+                                 _node_sums(leaves, grad_leaves, where, grad_where))
       _put(path_grads, grad_where, pg.kernels, pg.biases)
+      _zero_probes(path_grads, grad_where)
       chains.append(pg.chains)
     path_params = _path_space_params(params, blocks, wheres, treedef, chains)
 
@@ -247,6 +299,7 @@ def path_space(
           block, *_layer_arrays(leaves, where), *_layer_arrays(step_leaves, step_where),
           ch, ratio_clip)
       _put(new_updates, step_where, new_kernels, new_biases)
+      _zero_probes(new_updates, step_where)
       clipped += block_clipped
     return step_treedef.unflatten(new_updates), PathSpaceState(
         inner_state, clipped, state.total_clipped_ratios + clipped)

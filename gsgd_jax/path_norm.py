@@ -89,7 +89,8 @@ def scale_by_path_norm(layers: LayerPaths,
   backward pass of the squared-weight network on an all-ones input (SPEC §7).
   For convolutions this runs on the channel graph, one edge per tap; it is not
   the path norm of the network unrolled over spatial positions, which would
-  count every position's copy of an edge. Leaves outside ``layers`` pass through.
+  count every position's copy of an edge. Leaves outside ``layers`` pass through;
+  scale probes (:mod:`gsgd_jax.probes`) get 0.
 
   Args:
     layers: the layers' key paths, one chain or several blocks.
@@ -121,6 +122,8 @@ def scale_by_path_norm(layers: LayerPaths,
         if where.bias[k] is not None:
           gb = grads[where.bias[k]]
           out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)
+        if where.probe[k] is not None:  # probes are not trained (gsgd_jax.probes)
+          out[where.probe[k]] = jnp.zeros_like(grads[where.probe[k]])
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

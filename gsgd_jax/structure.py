@@ -41,6 +41,10 @@ import numpy as np
 KeyPath = tuple[Hashable, ...]
 LayerPaths = Sequence[KeyPath | str] | Sequence[list[KeyPath | str]]
 
+# Name of the optional per-node scale probe next to a layer's kernel and bias
+# (see gsgd_jax.probes): its gradient replaces one reduction of the update.
+PROBE = "scale_probe"
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -160,19 +164,24 @@ def is_placeholder(tree: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class LayerLeaves:
-  """Positions of each layer's kernel and bias in one flattened tree."""
+  """Positions of each layer's kernel, bias and scale probe in one flattened tree."""
 
   kernel: tuple[int, ...]
   bias: tuple[int | None, ...]
+  probe: tuple[int | None, ...]
+
+  def extras(self):
+    """Positions of the optional leaves (biases and probes) that exist."""
+    return [i for i in (*self.bias, *self.probe) if i is not None]
 
 
 def locate_layers(
     paths: Sequence[tuple[str, ...]], layers: Sequence[tuple[str, ...]],
     what: str = "params",
 ) -> LayerLeaves:
-  """Finds each layer's ``kernel`` (required) and ``bias`` (optional) leaf."""
+  """Finds each layer's ``kernel`` (required), ``bias`` and probe (optional) leaf."""
   index = {p: i for i, p in enumerate(paths)}
-  kernels, biases = [], []
+  kernels, biases, probes = [], [], []
   for layer in layers:
     k = index.get(layer + ("kernel",))
     if k is None:
@@ -185,7 +194,8 @@ def locate_layers(
       )
     kernels.append(k)
     biases.append(index.get(layer + ("bias",)))
-  return LayerLeaves(tuple(kernels), tuple(biases))
+    probes.append(index.get(layer + (PROBE,)))
+  return LayerLeaves(tuple(kernels), tuple(biases), tuple(probes))
 
 
 def locate_blocks(tree: Any, blocks: Sequence[ChainStructure], what: str
@@ -317,16 +327,17 @@ def build_structure(tree: Any, layers: Any
   wheres = tuple(locate_layers(paths, names) for names in blocks)
   signatures = []
   for names, where in zip(blocks, wheres):
-    for name, k, b in zip(names, where.kernel, where.bias):
-      for i in (k, b):
+    for name, k, b, s in zip(names, where.kernel, where.bias, where.probe):
+      for i, what in ((k, "kernel"), (b, "bias"), (s, PROBE)):
         if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
           raise ValueError(
-              f"layer {'/'.join(name)!r}: {'kernel' if i == k else 'bias'} has dtype "
+              f"layer {'/'.join(name)!r}: {what} has dtype "
               f"{jnp.result_type(leaves[i])}; G-SGD needs floating-point parameters")
-      if b is not None and np.shape(leaves[b]) != (np.shape(leaves[k])[-1],):
-        raise ValueError(
-            f"layer {'/'.join(name)!r}: bias of shape {np.shape(leaves[b])} does not "
-            f"match the kernel's {np.shape(leaves[k])[-1]} outputs")
+      for i, what in ((b, "bias"), (s, PROBE)):
+        if i is not None and np.shape(leaves[i]) != (np.shape(leaves[k])[-1],):
+          raise ValueError(
+              f"layer {'/'.join(name)!r}: {what} of shape {np.shape(leaves[i])} does not "
+              f"match the kernel's {np.shape(leaves[k])[-1]} outputs")
     signatures.append(tuple(
         (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
         for name, k, b in zip(names, where.kernel, where.bias)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gsgd_jax.init import rescale
-from gsgd_jax.structure import LayerPaths, build_structure
+from gsgd_jax.structure import LayerPaths, build_structure, locate_blocks
 
 
 def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: LayerPaths,
@@ -68,4 +68,59 @@ def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: 
             "positively rescalable: check for a non-ReLU activation (tanh, sigmoid), a "
             "normalisation or a residual addition after this layer inside the block, and "
             "that `layers` are in forward order.")
+  return worst
+
+
+def verify_probes(grads: Any, params: Any, layers: LayerPaths, *,
+                  rtol: float = 1e-4) -> float:
+  """Checks that every scale probe's gradient equals the sum it stands for.
+
+  For a layer with a ``scale_probe`` leaf ``s`` (see :mod:`gsgd_jax.probes`),
+  ``s * dL/ds`` must equal ``sum_{i, taps} w g + b g_b`` per output node, or
+  :func:`gsgd_jax.path_space` would use wrong path gradients. It does when the
+  probe multiplies the layer's outputs with only positively homogeneous
+  operations (ReLU, pooling) in between. Run it once on a new model's gradients.
+
+  Args:
+    grads: gradients of a loss with respect to ``params``.
+    params: the model's parameters, with probes.
+    layers: the layers' key paths, one chain or several blocks.
+    rtol: tolerance relative to the largest sum of the layer.
+
+  Returns:
+    The largest difference seen, relative to each layer's largest sum.
+
+  Raises:
+    ValueError: when no declared layer has a probe, or naming the first layer
+      whose probe gradient does not match.
+  """
+  blocks, wheres, _ = build_structure(params, layers)
+  leaves = jax.tree.leaves(params)
+  grad_leaves, _, grad_wheres = locate_blocks(grads, blocks, "grads")
+  worst, checked = 0.0, 0
+  for block, where, grad_where in zip(blocks, wheres, grad_wheres):
+    for k, spec in enumerate(block.layers):
+      if where.probe[k] is None or grad_where.probe[k] is None:
+        continue
+      w = jnp.asarray(leaves[where.kernel[k]], jnp.float64 if jax.config.x64_enabled
+                      else jnp.float32)
+      g = jnp.asarray(grad_leaves[grad_where.kernel[k]], w.dtype)
+      expected = jnp.sum((w * g).reshape(-1, spec.n_out), axis=0)
+      if where.bias[k] is not None:
+        expected += (jnp.asarray(leaves[where.bias[k]], w.dtype)
+                     * jnp.asarray(grad_leaves[grad_where.bias[k]], w.dtype))
+      probed = (jnp.asarray(leaves[where.probe[k]], w.dtype)
+                * jnp.asarray(grad_leaves[grad_where.probe[k]], w.dtype))
+      scale = float(jnp.max(jnp.abs(expected))) or 1.0
+      diff = float(jnp.max(jnp.abs(probed - expected))) / scale
+      worst, checked = max(worst, diff), checked + 1
+      if not np.isfinite(diff) or diff > rtol:
+        raise ValueError(
+            f"layer {spec.name!r}: scale_probe * its gradient differs from "
+            f"sum(kernel * grad) + bias * bias_grad by {diff:.3g} (relative). Multiply "
+            "the layer's outputs by its probe (gsgd_jax.probes.scale_probe) right after "
+            "the layer, with only ReLU or pooling before the next declared layer, and "
+            "pass path_space the gradients of that same model.")
+  if not checked:
+    raise ValueError("no declared layer has a 'scale_probe' leaf (see gsgd_jax.probes)")
   return worst

@@ -207,6 +207,42 @@ def test_nan_ratio_becomes_one_and_is_counted():
   assert float(updates["Dense_1"]["kernel"][1, 1]) == 0.0
 
 
+@pytest.mark.parametrize("bad", [0.0, 1e-40], ids=["zero", "subnormal"])
+def test_degenerate_skeleton_weight_under_jit_stays_finite(bad):
+  """A zero or subnormal float32 skeleton weight that reaches a traced update.
+
+  ``init`` names it when run eagerly; under jit nothing can raise, so paths
+  through the degenerate chain take no step (their reciprocal chain product is
+  0) while every path still lands on ``v + dv``, and nothing is inf or NaN.
+  """
+  widths = (4, 5, 5, 3)
+  params, layers, loss = _problem(widths, bias=True, seed=4)
+  params = gsgd_jax.set_skeleton(params, layers)
+  params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+  kernel = np.array(params["Dense_0"]["kernel"])
+  kernel[2, 2] = bad  # pi(2) = 2; set in NumPy (XLA on CPU would flush 1e-40 to 0)
+  params["Dense_0"]["kernel"] = kernel
+  grads = jax.grad(loss)(params)
+  lr = 0.01
+  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=None)
+  updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  new = optax.apply_updates(params, updates)
+
+  (struct,), _, _ = build_structure(params, layers)
+  pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
+  # Node 2 of level 1 and every node whose back chain runs through it.
+  assert np.all(np.asarray(pg.kernels[1])[2] == 0)
+  to64 = lambda arrays: [None if a is None else np.asarray(a, np.float64) for a in arrays]
+  before, _ = ref.basis_values(*map(to64, _arrays(params, layers)), widths)
+  after, _ = ref.basis_values(*map(to64, _arrays(new, layers)), widths)
+  free = _free_masks(widths)
+  for k in range(len(layers)):
+    target = before[k] - lr * np.asarray(pg.kernels[k], np.float64)
+    np.testing.assert_allclose(after[k][free[k]], target[free[k]], rtol=1e-4,
+                               atol=1e-6 * _scale([before[k], target]))
+
+
 def test_depth_50_float32_update_matches_float64():
   widths = (8,) * 50 + (3,)
   params, layers, loss = _problem(widths, bias=True, seed=7)

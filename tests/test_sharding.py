@@ -9,6 +9,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsgd_jax
+from gsgd_jax.structure import PROBE
 
 import reference as ref
 
@@ -82,4 +83,61 @@ def test_sharded_training_matches_single_device(name, axis_type):
         before.sharding, after.sharding)
   # The params keep their sharding along hidden units.
   for a, spec in zip(jax.tree.leaves(got), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))):
+    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
+
+
+CONV_SPECS = {"Conv_0": {"kernel": P(None, None, None, "x"), "bias": P("x"), PROBE: P("x")},
+              "Conv_1": {"kernel": P(None, None, "x", None), "bias": P(), PROBE: P()},
+              "Dense_0": {"kernel": P(), "bias": P()}}
+
+
+def _conv_problem(probes):
+  """Two 3x3 convolutions (channels sharded), a flatten and a dense read-out."""
+  ks = jax.random.split(jax.random.key(0), 3)
+  params = {"Conv_0": {"kernel": jax.random.normal(ks[0], (3, 3, 2, 16)) / 4,
+                       "bias": jnp.full(16, 0.1)},
+            "Conv_1": {"kernel": jax.random.normal(ks[1], (3, 3, 16, 8)) / 12,
+                       "bias": jnp.full(8, 0.1)},
+            "Dense_0": {"kernel": jax.random.normal(ks[2], (4 * 4 * 8, 3)) / 10,
+                        "bias": jnp.zeros(3)}}
+  if probes:
+    params["Conv_0"][PROBE], params["Conv_1"][PROBE] = jnp.ones(16), jnp.ones(8)
+  layers = ["Conv_0", "Conv_1", "Dense_0"]
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
+  y = jax.random.normal(jax.random.key(2), (4, 3))
+
+  def loss(p):
+    explicit = bool(jax.sharding.get_abstract_mesh().explicit_axes)
+    out = P() if explicit else None
+    h = x
+    for name, stride in (("Conv_0", 1), ("Conv_1", 2)):
+      h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (stride, stride), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       out_sharding=out)
+      h = h + p[name]["bias"]
+      h = jax.nn.relu(gsgd_jax.probes.scale_probe(h, p[name][PROBE]) if probes else h)
+    h = jnp.matmul(h.reshape(h.shape[0], -1), p["Dense_0"]["kernel"], out_sharding=out)
+    return jnp.mean((h + p["Dense_0"]["bias"] - y) ** 2)
+
+  return gsgd_jax.set_skeleton(params, layers), layers, loss
+
+
+@pytest.mark.parametrize("probes", [False, True], ids=["reduction", "probes"])
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_cnn_matches_single_device(probes, axis_type):
+  params, layers, loss = _conv_problem(probes)
+  tx = gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9)
+  want, _, _ = _train(tx, params, loss, steps=3)
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    specs = {n: {k: CONV_SPECS[n][k] for k in layer} for n, layer in params.items()}
+    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+    param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
+    pin = None if axis_type == AxisType.Explicit else (
+        lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    got, _, _ = _train(tx, sharded, loss, out_shardings=pin, steps=3)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+  for a, spec in zip(jax.tree.leaves(got),
+                     jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
     assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)

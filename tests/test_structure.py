@@ -1,5 +1,7 @@
 """Layer specs, index tables, key paths across tree forms, and layer inference."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -152,3 +154,23 @@ def test_zero_skeleton_weight_is_named_at_init():
   with pytest.raises(ValueError, match="'Dense_0': the incoming skeleton weight of output node 1"):
     gsgd_jax.g_adam(0.1, layers=layers).init(params)
   jax.jit(gsgd_jax.gsgd(0.1, layers=layers).init)(params)  # traced: not checked, no error
+  # A subnormal float32 skeleton weight is as bad as zero: its reciprocal overflows.
+  params32 = jax.tree.map(lambda a: a.astype(jnp.float32), gsgd_jax.set_skeleton(params, layers))
+  kernel = np.array(params32["Dense_0"]["kernel"])
+  kernel[2, 2] = 1e-40  # set in NumPy: XLA on CPU flushes subnormal results to 0
+  params32["Dense_0"]["kernel"] = kernel
+  assert 0 < float(kernel[2, 2]) < float(jnp.finfo(jnp.float32).tiny)
+  with pytest.raises(ValueError, match="incoming skeleton weight of output node 2 is 9.9999"):
+    gsgd_jax.gsgd(0.1, layers=layers).init(params32)
+
+
+def test_extreme_skeleton_chains_warn_at_init():
+  """Flax's default init gives skeleton-chain products far from 1: G-SGD's steps
+  scale as 1/(B F)^2 there, so init warns; the skeleton initialisation does not."""
+  params, layers = ref.make_mlp(jax.random.key(0), (64, 128, 128, 10), dtype=jnp.float32)
+  tx = gsgd_jax.gsgd(0.1, layers=layers)
+  with pytest.warns(UserWarning, match=r"skeleton-chain products B\*F .* 'Dense_0' span"):
+    tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tx.init(gsgd_jax.set_skeleton(params, layers))

@@ -1,0 +1,211 @@
+"""Scale probes: the node sums from the backward pass give the same updates as the reduction."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import gsgd_jax
+from gsgd_jax import basis as ps
+from gsgd_jax import probes
+from gsgd_jax.structure import PROBE, build_structure
+
+
+class ProbedMLP(nn.Module):
+  """ReLU MLP; hidden layers carry probes, one before and one after its ReLU."""
+
+  probe: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    dense = probes.Dense if self.probe else nn.Dense
+    x = nn.relu(dense(7, name="Dense_0")(x))
+    x = dense(5, name="Dense_1")(x)
+    x = nn.relu(x)
+    x = nn.relu(nn.Dense(6, name="Dense_2")(x))  # a hidden layer without a probe
+    return dense(3, name="Dense_3")(x)
+
+
+class ProbedCNN(nn.Module):
+  probe: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    conv, dense = (probes.Conv, probes.Dense) if self.probe else (nn.Conv, nn.Dense)
+    x = nn.relu(conv(4, (3, 3), name="Conv_0")(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(conv(3, (3, 3), strides=2, name="Conv_1")(x))
+    x = nn.relu(dense(5, name="Dense_0")(x.reshape(x.shape[0], -1)))
+    return nn.Dense(3, name="Dense_1")(x)
+
+
+def _strip(tree):
+  """The same tree without probe leaves."""
+  return {"params": {name: {k: v for k, v in layer.items() if k != PROBE}
+                     for name, layer in tree["params"].items()}}
+
+
+def _problem(model, x_shape, seed=0):
+  x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64),
+                        model.init(jax.random.key(seed + 1), x))
+  layers = gsgd_jax.infer_layers(params)
+  params = gsgd_jax.set_skeleton(params, layers)
+  # Non-zero biases, so that the bias term of the node sums is exercised.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params)
+  y = jax.random.normal(jax.random.key(seed + 2), (x_shape[0], 3), jnp.float64)
+  grad = jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))
+  return params, layers, grad
+
+
+CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("make_tx", [
+    lambda layers: gsgd_jax.gsgd(0.1, layers=layers),
+    lambda layers: gsgd_jax.g_adamw(1e-2, layers=layers, weight_decay=0.1),
+    lambda layers: gsgd_jax.path_space(optax.sgd(0.1, momentum=0.9), layers=layers,
+                                       fallback=optax.adam(1e-2)),
+], ids=["gsgd", "g_adamw", "momentum+fallback"])
+def test_probed_updates_equal_plain_updates(case, make_tx):
+  model, x_shape = CASES[case]
+  params, layers, grad = _problem(model(probe=True), x_shape)
+  plain_params, _, plain_grad = _problem(model(probe=False), x_shape)
+  # Drop-in: the probed modules draw the same kernels as Flax's own.
+  jax.tree.map(np.testing.assert_array_equal, _strip(params), plain_params)
+  tx = make_tx(layers)
+  state, plain_state = tx.init(params), tx.init(plain_params)
+  for _ in range(3):  # a few steps, so that inner states enter too
+    grads = grad(params)
+    assert gsgd_jax.verify_probes(grads, params, layers) < 1e-12
+    updates, state = tx.update(grads, state, params)
+    plain_updates, plain_state = tx.update(plain_grad(plain_params), plain_state,
+                                           plain_params)
+    for layer in updates["params"].values():
+      if PROBE in layer:
+        np.testing.assert_array_equal(layer[PROBE], 0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+                 _strip(updates), plain_updates)
+    params = optax.apply_updates(params, updates)
+    plain_params = optax.apply_updates(plain_params, plain_updates)
+  np.testing.assert_array_equal(params["params"]["Dense_0"][PROBE], 1)
+
+
+def test_probe_values_other_than_one_are_exact():
+  """A probe ``s`` != 1 is a frozen per-node gain: ``s * dL/ds`` is still the node sum."""
+  params, layers, _ = _problem(ProbedMLP(), (16, 4))
+  params["params"]["Dense_0"][PROBE] = jnp.linspace(0.5, 2.0, 7)
+  params["params"]["Dense_1"][PROBE] = -jnp.linspace(0.5, 2.0, 5)
+  x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float64)
+  grads = jax.grad(lambda p: jnp.sum(ProbedMLP().apply(p, x) ** 2))(params)
+  gsgd_jax.verify_probes(grads, params, layers, rtol=1e-12)
+  (struct,), (where,), _ = build_structure(params, layers)
+  leaves, grad_leaves = jax.tree.leaves(params), jax.tree.leaves(grads)
+  args = [[leaves[i] for i in where.kernel], [leaves[i] for i in where.bias],
+          [grad_leaves[i] for i in where.kernel], [grad_leaves[i] for i in where.bias]]
+  sums = [None if i is None else leaves[i] * grad_leaves[i] for i in where.probe]
+  with_sums = ps.inverse_chain_rule(struct, *args, node_sums=sums)
+  reduced = ps.inverse_chain_rule(struct, *args)
+  for a, b in zip(with_sums.kernels, reduced.kernels):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+class UnusedProbe(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(5, name="Dense_0")(x))
+    self.param(PROBE, nn.initializers.ones, (5,))  # declared, never applied
+    return nn.Dense(3, name="Dense_1")(x)
+
+
+def _mlp_params(key, probe=True):
+  k0, k1 = jax.random.split(key)
+  params = {"l0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jnp.full(5, 0.1)},
+            "l1": {"kernel": jax.random.normal(k1, (5, 3))}}
+  if probe:
+    params["l0"][PROBE] = jnp.ones(5)
+  return params
+
+
+@pytest.mark.parametrize("placement", ["on_outputs", "after_relu", "after_tanh", "unused"])
+def test_verify_probes_names_a_miswired_layer(placement):
+  x = jax.random.normal(jax.random.key(0), (8, 4))
+  params = _mlp_params(jax.random.key(1))
+
+  def loss(p):
+    z = x @ p["l0"]["kernel"] + p["l0"]["bias"]
+    s = p["l0"][PROBE]
+    h = {"on_outputs": lambda: jax.nn.relu(z * s),
+         "after_relu": lambda: jax.nn.relu(z) * s,  # homogeneous in between: fine
+         "after_tanh": lambda: jnp.tanh(z) * s,
+         "unused": lambda: jax.nn.relu(z)}[placement]()
+    return jnp.sum((h @ p["l1"]["kernel"]) ** 2)
+
+  grads = jax.grad(loss)(params)
+  if placement in ("on_outputs", "after_relu"):
+    assert gsgd_jax.verify_probes(grads, params, ["l0", "l1"]) < 1e-5
+  else:
+    with pytest.raises(ValueError, match="layer 'l0': scale_probe"):
+      gsgd_jax.verify_probes(grads, params, ["l0", "l1"])
+
+
+def test_verify_probes_without_probes_says_so():
+  params = _mlp_params(jax.random.key(1), probe=False)
+  with pytest.raises(ValueError, match="no declared layer has a 'scale_probe'"):
+    gsgd_jax.verify_probes(jax.tree.map(jnp.ones_like, params), params, ["l0", "l1"])
+
+
+def test_probe_of_wrong_shape_is_named():
+  params = {"l0": {"kernel": jnp.ones((3, 4)), PROBE: jnp.ones(3)},
+            "l1": {"kernel": jnp.ones((4, 2))}}
+  with pytest.raises(ValueError, match=f"'l0': {PROBE} of shape"):
+    gsgd_jax.gsgd(0.1, layers=["l0", "l1"]).init(params)
+
+
+def test_path_sgd_and_labels_leave_probes_alone():
+  params, layers, grad = _problem(ProbedMLP(), (16, 4))
+  grads = grad(params)
+  tx = gsgd_jax.path_sgd(0.1, layers=layers)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["params"]["Dense_1"][PROBE], 0)
+  labels = gsgd_jax.block_labels(params, layers)
+  assert labels["params"]["Dense_0"][PROBE] == "path"
+
+
+class ProbedNNX(nnx.Module):
+  def __init__(self, rngs):
+    self.convs = nnx.List([probes.NNXConv(1, 4, (3, 3), rngs=rngs)])
+    self.head = nnx.List([probes.Linear(256, 8, rngs=rngs), nnx.Linear(8, 3, rngs=rngs)])
+
+  def __call__(self, x):
+    x = nnx.relu(self.convs[0](x)).reshape(x.shape[0], -1)
+    return self.head[1](nnx.relu(self.head[0](x)))
+
+
+def test_nnx_probed_model_trains_and_probes_stay_one():
+  x = jax.random.normal(jax.random.key(0), (32, 8, 8, 1), jnp.float32)
+  y = (jnp.mean(x, axis=(1, 2, 3)) > 0).astype(jnp.int32)
+  model = ProbedNNX(nnx.Rngs(1))
+  state = nnx.state(model, nnx.Param)
+  layers = gsgd_jax.infer_layers(state)
+  assert layers == [("convs", 0), ("head", 0), ("head", 1)]
+  nnx.update(model, gsgd_jax.set_skeleton(state, layers))
+  loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  grads = nnx.grad(loss)(model)
+  assert gsgd_jax.verify_probes(grads, nnx.state(model, nnx.Param), layers) < 1e-4
+  optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.05, layers=layers), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt):
+    opt.update(m, nnx.grad(loss)(m))
+
+  start = float(loss(model))
+  for _ in range(30):
+    step(model, optimizer)
+  assert float(loss(model)) < 0.8 * start
+  np.testing.assert_array_equal(getattr(model.head[0], PROBE)[...], 1)
