@@ -30,9 +30,10 @@ outnumber its kernel, so there the reduction is the cheaper of the two.
 Applied after the activation (``scale_probe(relu(z), probe)``) a probe reuses
 the activations the backward pass keeps anyway.
 
-The probe's gradient must belong to the same gradients as the kernels': give
-``path_space`` the raw gradients, or gradients transformed linearly as a whole
-(averaged by ``optax.MultiSteps``, scaled by a clip). A transformation that
+The probe's gradient must belong to the same gradients as the kernels', taken
+at the params given to ``update``: give ``path_space`` the raw gradients, or
+gradients transformed linearly as a whole (averaged by ``optax.MultiSteps``,
+scaled by a clip). A transformation that
 changes kernel gradients alone before ``path_space`` (e.g. weight decay added
 to the gradients) would make the sums stale; apply it inside ``path_space``.
 """

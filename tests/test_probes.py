@@ -209,3 +209,29 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
     step(model, optimizer)
   assert float(loss(model)) < 0.8 * start
   np.testing.assert_array_equal(getattr(model.head[0], PROBE)[...], 1)
+
+
+def test_multisteps_averages_probe_gradients_with_the_rest():
+  """Probe gradients are linear in the loss: MultiSteps' mean of micro-batch
+  gradients (all taken at the same params) keeps them consistent."""
+  params, layers, _ = _problem(ProbedMLP(probe=True), (16, 4))
+  plain_params = _strip(params)
+  batches = [(jax.random.normal(jax.random.key(10 + i), (16, 4), jnp.float64),
+              jax.random.normal(jax.random.key(20 + i), (16, 3), jnp.float64)) for i in range(4)]
+
+  def grad(model, p, batch):
+    x, y = batch
+    return jax.grad(lambda q: jnp.mean((model.apply(q, x) - y) ** 2))(p)
+
+  tx = optax.MultiSteps(gsgd_jax.gsgd(0.1, layers=layers), every_k_schedule=2)
+  state, plain_state = tx.init(params), tx.init(plain_params)
+  for batch in batches:
+    updates, state = tx.update(grad(ProbedMLP(), params, batch), state, params)
+    plain_updates, plain_state = tx.update(grad(ProbedMLP(probe=False), plain_params, batch),
+                                           plain_state, plain_params)
+    # MultiSteps accumulates gradients in float32, even for float64 params.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 _strip(updates), plain_updates)
+    params = optax.apply_updates(params, updates)
+    plain_params = optax.apply_updates(plain_params, plain_updates)
+  assert int(state.gradient_step) == 2
