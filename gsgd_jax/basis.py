@@ -107,12 +107,15 @@ def periodic(x: Array, n: int) -> Array:
 
 
 def reciprocal(x: Array) -> Array:
-  """``1 / x`` of skeleton-chain products, and 0 where ``x`` is 0, subnormal or not finite.
+  """``1 / x`` of skeleton-chain products; 0 where ``x`` is degenerate.
 
-  Such a chain (a zero or subnormal skeleton weight, or a product of many
-  small ones that underflowed) would make its paths' gradients and steps
-  infinite; with 0 instead, those paths take no step and the update stays
-  finite. Only per-node vectors pass through here.
+  Degenerate: not finite, or smaller in magnitude than the square root of the
+  smallest normal number (1e-19 in float32), e.g. behind a zero or subnormal
+  skeleton weight, or a product of many small ones. Such a chain would make
+  its paths' gradients and steps overflow; with 0 instead, those paths take no
+  step and the update stays finite. The bound keeps a product of two
+  reciprocals finite, so every per-element factor is finite too. Only per-node
+  vectors pass through here.
 
   Vectors that scale whole kernels end in a division on purpose: XLA fuses
   cheap vector ops (selects, compares) into the pass over each kernel and
@@ -122,9 +125,14 @@ def reciprocal(x: Array) -> Array:
 
 
 def _usable(x: Array) -> Array:
-  """``x`` where it is a normal finite number, else inf (whose reciprocal is 0)."""
-  ok = (jnp.abs(x) >= jnp.finfo(x.dtype).tiny) & jnp.isfinite(x)
+  """``x`` where it is not degenerate (see ``reciprocal``), else inf."""
+  ok = (jnp.abs(x) >= np.sqrt(jnp.finfo(x.dtype).tiny)) & jnp.isfinite(x)
   return jnp.where(ok, x, jnp.inf)
+
+
+def _divisor(x: Array) -> Array:
+  """``x`` where it is finite and nonzero, else inf (dividing by it gives 0)."""
+  return jnp.where(jnp.isfinite(x) & (x != 0), x, jnp.inf)
 
 
 def _rows(x: Array) -> Array:
@@ -249,7 +257,8 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
           * incoming_skeleton(g3[k], spec, pi).astype(ct))
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
-    carried[k + 1] = p / _usable(ch.back[k + 1] * ch.forward[k + 1])
+    # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
+    carried[k + 1] = p / (_usable(ch.back[k + 1]) * _usable(ch.forward[k + 1]))
     p_prev = p
 
   grads, bias_grads_v = [], []
@@ -304,20 +313,21 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   q = [None] * (depth + 1)
   q[depth] = jnp.ones(specs[-1].n_out, ct)
   num_clipped = jnp.zeros((), jnp.int32)
-  clipped_steps = [None] * depth  # per level: the outgoing skeleton steps after clipping
+  skeleton_steps = [None] * depth  # per level: the outgoing skeleton steps taken
   for k in range(depth - 1, 0, -1):
     spec, sigma = specs[k], struct.sigma[k]
     dv_out = outgoing_skeleton(as_taps(kernel_steps[k], spec), spec, sigma).astype(ct)
-    path_value = ch.back[k] * ch.forward[k]
-    ratio = 1 + dv_out * reciprocal(path_value)
+    inv_path_value = 1 / (_usable(ch.back[k]) * _usable(ch.forward[k]))  # 0 if degenerate
+    ratio = 1 + dv_out * inv_path_value
     if ratio_clip is not None:
       clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
       moved = ~struct.out_fixed[k] & (jnp.isnan(ratio) | (clipped != ratio))
       num_clipped += jnp.sum(moved, dtype=jnp.int32)
       ratio = clipped
-      # The skeleton edge must take the clipped step too, or the forward chain
-      # through it would not be rescaled by exactly Q.
-      clipped_steps[k] = (ratio - 1) / _usable(1 / path_value)  # (ratio - 1) * path_value
+    # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
+    # degenerate chain), or the forward chain through it would not be rescaled
+    # by exactly Q.
+    skeleton_steps[k] = (ratio - 1) / _divisor(inv_path_value)
     q[k] = jnp.where(struct.out_fixed[k], periodic(q[k + 1], spec.n_in), ratio)
 
   updates, bias_updates = [], []
@@ -325,9 +335,9 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
     shrink = (1 - q[k + 1]) / q[k + 1]  # 1/Q - 1
     w = as_taps(kernels[k], spec).astype(ct)
     dv = as_taps(kernel_steps[k], spec).astype(ct)
-    if clipped_steps[k] is not None:
-      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), _rows(clipped_steps[k]), dv)
-    inv_fwd = 1 / _usable(q[k + 1] * ch.forward[k + 1])  # 1 / (Q F)
+    if skeleton_steps[k] is not None:
+      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), _rows(skeleton_steps[k]), dv)
+    inv_fwd = 1 / (q[k + 1] * _usable(ch.forward[k + 1]))  # 1 / (Q F)
     du = w * _cols(shrink) + dv * _rows(reciprocal(ch.back[k])) * _cols(inv_fwd)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
-                                locate_blocks)
+from gsgd_jax.structure import (PROBE, LayerPaths, build_structure, is_placeholder,
+                                leaf_paths, locate_blocks)
 
 DEFAULT_RATIO_CLIP = ps.DEFAULT_RATIO_CLIP
 
@@ -53,6 +53,13 @@ def _zero_probes(out, where):
   for i in where.probe:
     if i is not None:
       out[i] = jnp.zeros_like(out[i])
+
+
+def _zero_all_probes(tree):
+  """``tree`` with every ``scale_probe`` leaf zeroed, inside the blocks or not."""
+  paths, leaves, treedef = leaf_paths(tree)
+  return treedef.unflatten([jnp.zeros_like(leaf) if path and path[-1] == PROBE else leaf
+                            for path, leaf in zip(paths, leaves)])
 
 
 def _put(out, where, kernels, biases):
@@ -206,7 +213,8 @@ def path_space(
   A layer may carry a ``scale_probe`` leaf (:mod:`gsgd_jax.probes`): its
   gradient then stands in for the one reduction over the kernel that the
   inverse chain rule needs, so the update reads the weights no more often than
-  SGD's does. Probes get a zero update.
+  SGD's does. Every ``scale_probe`` leaf, in the blocks or not, gets a zero
+  update.
 
   Args:
     inner: the transformation applied in path space, e.g. ``optax.sgd(0.1)`` or
@@ -284,12 +292,13 @@ def path_space(
       pg = ps.inverse_chain_rule(block, kernels, biases, kernel_grads, bias_grads,
                                  _node_sums(leaves, grad_leaves, where, grad_where))
       _put(path_grads, grad_where, pg.kernels, pg.biases)
-      _zero_probes(path_grads, grad_where)
       chains.append(pg.chains)
     path_params = _path_space_params(params, blocks, wheres, treedef, chains)
 
-    steps, inner_state = inner.update(grad_treedef.unflatten(path_grads),
+    # Probes anywhere (also on layers outside the blocks) are never trained.
+    steps, inner_state = inner.update(_zero_all_probes(grad_treedef.unflatten(path_grads)),
                                       state.inner_state, path_params, **extra_args)
+    steps = _zero_all_probes(steps)
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
     step_leaves, step_treedef, step_wheres = locate_blocks(steps, blocks, "inner updates")
@@ -299,7 +308,6 @@ def path_space(
           block, *_layer_arrays(leaves, where), *_layer_arrays(step_leaves, step_where),
           ch, ratio_clip)
       _put(new_updates, step_where, new_kernels, new_biases)
-      _zero_probes(new_updates, step_where)
       clipped += block_clipped
     return step_treedef.unflatten(new_updates), PathSpaceState(
         inner_state, clipped, state.total_clipped_ratios + clipped)

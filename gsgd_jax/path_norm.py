@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import LayerPaths, build_structure, is_placeholder, locate_blocks
+from gsgd_jax.structure import (PROBE, LayerPaths, build_structure, is_placeholder,
+                                leaf_paths, locate_blocks)
 
 
 def _chain_gammas(struct, kernels, biases):
@@ -90,7 +91,7 @@ def scale_by_path_norm(layers: LayerPaths,
   For convolutions this runs on the channel graph, one edge per tap; it is not
   the path norm of the network unrolled over spatial positions, which would
   count every position's copy of an edge. Leaves outside ``layers`` pass through;
-  scale probes (:mod:`gsgd_jax.probes`) get 0.
+  every scale probe (:mod:`gsgd_jax.probes`) gets 0.
 
   Args:
     layers: the layers' key paths, one chain or several blocks.
@@ -122,8 +123,10 @@ def scale_by_path_norm(layers: LayerPaths,
         if where.bias[k] is not None:
           gb = grads[where.bias[k]]
           out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)
-        if where.probe[k] is not None:  # probes are not trained (gsgd_jax.probes)
-          out[where.probe[k]] = jnp.zeros_like(grads[where.probe[k]])
+    # Probes anywhere are not trained (gsgd_jax.probes).
+    paths, _, _ = leaf_paths(updates)
+    out = [jnp.zeros_like(g) if path and path[-1] == PROBE else g
+           for path, g in zip(paths, out)]
     return treedef.unflatten(out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -170,10 +170,6 @@ class LayerLeaves:
   bias: tuple[int | None, ...]
   probe: tuple[int | None, ...]
 
-  def extras(self):
-    """Positions of the optional leaves (biases and probes) that exist."""
-    return [i for i in (*self.bias, *self.probe) if i is not None]
-
 
 def locate_layers(
     paths: Sequence[tuple[str, ...]], layers: Sequence[tuple[str, ...]],

@@ -71,21 +71,26 @@ def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: 
   return worst
 
 
-def verify_probes(grads: Any, params: Any, layers: LayerPaths, *,
-                  rtol: float = 1e-4) -> float:
+def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths, *,
+                  key: jax.Array | None = None, rtol: float | None = None) -> float:
   """Checks that every scale probe's gradient equals the sum it stands for.
 
   For a layer with a ``scale_probe`` leaf ``s`` (see :mod:`gsgd_jax.probes`),
   ``s * dL/ds`` must equal ``sum_{i, taps} w g + b g_b`` per output node, or
   :func:`gsgd_jax.path_space` would use wrong path gradients. It does when the
-  probe multiplies the layer's outputs with only positively homogeneous
-  operations (ReLU, pooling) in between. Run it once on a new model's gradients.
+  probe multiplies the layer's outputs, bias included, with only positively
+  homogeneous operations (ReLU, pooling) in between. The check runs at
+  ``params`` with every declared bias shifted by random values, so that a
+  probe applied before the bias add shows even where biases are still 0.
+  Run it once on a new model.
 
   Args:
-    grads: gradients of a loss with respect to ``params``.
+    loss_fn: ``loss_fn(params)`` returns a scalar loss (on a fixed batch).
     params: the model's parameters, with probes.
     layers: the layers' key paths, one chain or several blocks.
-    rtol: tolerance relative to the largest sum of the layer.
+    key: PRNG key of the bias shifts (default ``jax.random.key(0)``).
+    rtol: tolerance relative to the largest sum of each layer; default by the
+      kernels' dtype: 1e-8 (float64), 1e-4 (float32), 3e-2 (16-bit).
 
   Returns:
     The largest difference seen, relative to each layer's largest sum.
@@ -94,33 +99,49 @@ def verify_probes(grads: Any, params: Any, layers: LayerPaths, *,
     ValueError: when no declared layer has a probe, or naming the first layer
       whose probe gradient does not match.
   """
-  blocks, wheres, _ = build_structure(params, layers)
-  leaves = jax.tree.leaves(params)
+  key = jax.random.key(0) if key is None else key
+  blocks, wheres, treedef = build_structure(params, layers)
+  leaves = list(jax.tree.leaves(params))
+  for where in wheres:
+    for i in where.bias:
+      if i is not None:
+        key, sub = jax.random.split(key)
+        leaves[i] = leaves[i] + 0.1 * jax.random.normal(sub, jnp.shape(leaves[i]),
+                                                        jnp.result_type(leaves[i]))
+  params = treedef.unflatten(leaves)
+  grads = jax.grad(loss_fn)(params)
   grad_leaves, _, grad_wheres = locate_blocks(grads, blocks, "grads")
+  wide = jnp.float64 if jax.config.x64_enabled else jnp.float32
   worst, checked = 0.0, 0
   for block, where, grad_where in zip(blocks, wheres, grad_wheres):
     for k, spec in enumerate(block.layers):
       if where.probe[k] is None or grad_where.probe[k] is None:
         continue
-      w = jnp.asarray(leaves[where.kernel[k]], jnp.float64 if jax.config.x64_enabled
-                      else jnp.float32)
-      g = jnp.asarray(grad_leaves[grad_where.kernel[k]], w.dtype)
+      kernel = leaves[where.kernel[k]]
+      tol = rtol if rtol is not None else _default_rtol(jnp.result_type(kernel))
+      w = jnp.asarray(kernel, wide)
+      g = jnp.asarray(grad_leaves[grad_where.kernel[k]], wide)
       expected = jnp.sum((w * g).reshape(-1, spec.n_out), axis=0)
       if where.bias[k] is not None:
-        expected += (jnp.asarray(leaves[where.bias[k]], w.dtype)
-                     * jnp.asarray(grad_leaves[grad_where.bias[k]], w.dtype))
-      probed = (jnp.asarray(leaves[where.probe[k]], w.dtype)
-                * jnp.asarray(grad_leaves[grad_where.probe[k]], w.dtype))
+        expected += (jnp.asarray(leaves[where.bias[k]], wide)
+                     * jnp.asarray(grad_leaves[grad_where.bias[k]], wide))
+      probed = (jnp.asarray(leaves[where.probe[k]], wide)
+                * jnp.asarray(grad_leaves[grad_where.probe[k]], wide))
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1
-      if not np.isfinite(diff) or diff > rtol:
+      if not np.isfinite(diff) or diff > tol:
         raise ValueError(
             f"layer {spec.name!r}: scale_probe * its gradient differs from "
             f"sum(kernel * grad) + bias * bias_grad by {diff:.3g} (relative). Multiply "
-            "the layer's outputs by its probe (gsgd_jax.probes.scale_probe) right after "
-            "the layer, with only ReLU or pooling before the next declared layer, and "
-            "pass path_space the gradients of that same model.")
+            "the layer's outputs, bias included, by its probe "
+            "(gsgd_jax.probes.scale_probe), with only ReLU or pooling before the next "
+            "declared layer.")
   if not checked:
     raise ValueError("no declared layer has a 'scale_probe' leaf (see gsgd_jax.probes)")
   return worst
+
+
+def _default_rtol(dtype) -> float:
+  bits = jnp.finfo(dtype).bits
+  return 1e-8 if bits == 64 else 1e-4 if bits == 32 else 3e-2

@@ -207,13 +207,16 @@ def test_nan_ratio_becomes_one_and_is_counted():
   assert float(updates["Dense_1"]["kernel"][1, 1]) == 0.0
 
 
-@pytest.mark.parametrize("bad", [0.0, 1e-40], ids=["zero", "subnormal"])
-def test_degenerate_skeleton_weight_under_jit_stays_finite(bad):
-  """A zero or subnormal float32 skeleton weight that reaches a traced update.
+@pytest.mark.parametrize("ratio_clip", [basis.DEFAULT_RATIO_CLIP, None], ids=["clip", "no_clip"])
+@pytest.mark.parametrize("bad", [0.0, 1e-40, 1e-20], ids=["zero", "subnormal", "below_sqrt_tiny"])
+def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
+  """A float32 skeleton weight that makes a back chain degenerate, in a traced update.
 
-  ``init`` names it when run eagerly; under jit nothing can raise, so paths
-  through the degenerate chain take no step (their reciprocal chain product is
-  0) while every path still lands on ``v + dv``, and nothing is inf or NaN.
+  ``init`` names zero and subnormal ones when run eagerly; under jit nothing
+  can raise. The back chain of node 2 of level 1 is then below the square root
+  of the smallest normal number: paths through it take no step (their path
+  gradients are 0), every path still lands on ``v + dv``, with or without the
+  ratio guard, and nothing is inf or NaN.
   """
   widths = (4, 5, 5, 3)
   params, layers, loss = _problem(widths, bias=True, seed=4)
@@ -224,15 +227,17 @@ def test_degenerate_skeleton_weight_under_jit_stays_finite(bad):
   params["Dense_0"]["kernel"] = kernel
   grads = jax.grad(loss)(params)
   lr = 0.01
-  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=None)
+  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=ratio_clip)
   updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   new = optax.apply_updates(params, updates)
 
   (struct,), _, _ = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
-  # Node 2 of level 1 and every node whose back chain runs through it.
+  assert all(np.all(np.isfinite(g)) for g in pg.kernels)
+  # Node 2 of level 1 heads every path of row 2 of layer 1, the outgoing skeleton one included.
   assert np.all(np.asarray(pg.kernels[1])[2] == 0)
+  assert np.any(np.asarray(pg.kernels[1])[[0, 1, 3, 4]] != 0)
   to64 = lambda arrays: [None if a is None else np.asarray(a, np.float64) for a in arrays]
   before, _ = ref.basis_values(*map(to64, _arrays(params, layers)), widths)
   after, _ = ref.basis_values(*map(to64, _arrays(new, layers)), widths)

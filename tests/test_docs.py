@@ -15,11 +15,11 @@ import pytest
 from gsgd_jax import aliases, optimizers, path_norm, probes
 
 
-@pytest.mark.parametrize("module", [optimizers, aliases, path_norm, probes],
-                         ids=lambda m: m.__name__)
-def test_docstring_examples(module):
+@pytest.mark.parametrize("module, examples", [(optimizers, 5), (aliases, 5), (path_norm, 5),
+                                              (probes, 3)], ids=lambda m: getattr(m, "__name__", ""))
+def test_docstring_examples(module, examples):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-  assert result.attempted >= 3 and result.failed == 0
+  assert result.attempted >= examples and result.failed == 0
 
 
 @pytest.mark.parametrize("name", ["path_space", "gsgd", "g_momentum", "g_adam", "g_adamw",

@@ -58,8 +58,8 @@ def _problem(model, x_shape, seed=0):
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params)
   y = jax.random.normal(jax.random.key(seed + 2), (x_shape[0], 3), jnp.float64)
-  grad = jax.grad(lambda p: jnp.mean((model.apply(p, x) - y) ** 2))
-  return params, layers, grad
+  loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
+  return params, layers, loss
 
 
 CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
@@ -74,15 +74,16 @@ CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
 ], ids=["gsgd", "g_adamw", "momentum+fallback"])
 def test_probed_updates_equal_plain_updates(case, make_tx):
   model, x_shape = CASES[case]
-  params, layers, grad = _problem(model(probe=True), x_shape)
-  plain_params, _, plain_grad = _problem(model(probe=False), x_shape)
+  params, layers, loss = _problem(model(probe=True), x_shape)
+  plain_params, _, plain_loss = _problem(model(probe=False), x_shape)
+  grad, plain_grad = jax.grad(loss), jax.grad(plain_loss)
   # Drop-in: the probed modules draw the same kernels as Flax's own.
   jax.tree.map(np.testing.assert_array_equal, _strip(params), plain_params)
   tx = make_tx(layers)
   state, plain_state = tx.init(params), tx.init(plain_params)
   for _ in range(3):  # a few steps, so that inner states enter too
+    assert gsgd_jax.verify_probes(loss, params, layers) < 1e-12
     grads = grad(params)
-    assert gsgd_jax.verify_probes(grads, params, layers) < 1e-12
     updates, state = tx.update(grads, state, params)
     plain_updates, plain_state = tx.update(plain_grad(plain_params), plain_state,
                                            plain_params)
@@ -102,8 +103,9 @@ def test_probe_values_other_than_one_are_exact():
   params["params"]["Dense_0"][PROBE] = jnp.linspace(0.5, 2.0, 7)
   params["params"]["Dense_1"][PROBE] = -jnp.linspace(0.5, 2.0, 5)
   x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float64)
-  grads = jax.grad(lambda p: jnp.sum(ProbedMLP().apply(p, x) ** 2))(params)
-  gsgd_jax.verify_probes(grads, params, layers, rtol=1e-12)
+  loss = lambda p: jnp.sum(ProbedMLP().apply(p, x) ** 2)
+  gsgd_jax.verify_probes(loss, params, layers, rtol=1e-12)
+  grads = jax.grad(loss)(params)
   (struct,), (where,), _ = build_structure(params, layers)
   leaves, grad_leaves = jax.tree.leaves(params), jax.tree.leaves(grads)
   args = [[leaves[i] for i in where.kernel], [leaves[i] for i in where.bias],
@@ -115,24 +117,17 @@ def test_probe_values_other_than_one_are_exact():
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-class UnusedProbe(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(5, name="Dense_0")(x))
-    self.param(PROBE, nn.initializers.ones, (5,))  # declared, never applied
-    return nn.Dense(3, name="Dense_1")(x)
-
-
 def _mlp_params(key, probe=True):
   k0, k1 = jax.random.split(key)
-  params = {"l0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jnp.full(5, 0.1)},
+  params = {"l0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jnp.zeros(5)},
             "l1": {"kernel": jax.random.normal(k1, (5, 3))}}
   if probe:
     params["l0"][PROBE] = jnp.ones(5)
   return params
 
 
-@pytest.mark.parametrize("placement", ["on_outputs", "after_relu", "after_tanh", "unused"])
+@pytest.mark.parametrize("placement", ["on_outputs", "after_relu", "after_tanh", "unused",
+                                       "before_bias"])
 def test_verify_probes_names_a_miswired_layer(placement):
   x = jax.random.normal(jax.random.key(0), (8, 4))
   params = _mlp_params(jax.random.key(1))
@@ -143,21 +138,22 @@ def test_verify_probes_names_a_miswired_layer(placement):
     h = {"on_outputs": lambda: jax.nn.relu(z * s),
          "after_relu": lambda: jax.nn.relu(z) * s,  # homogeneous in between: fine
          "after_tanh": lambda: jnp.tanh(z) * s,
+         # Caught although this layer's bias is 0: verify_probes shifts biases.
+         "before_bias": lambda: jax.nn.relu((z - p["l0"]["bias"]) * s + p["l0"]["bias"]),
          "unused": lambda: jax.nn.relu(z)}[placement]()
     return jnp.sum((h @ p["l1"]["kernel"]) ** 2)
 
-  grads = jax.grad(loss)(params)
   if placement in ("on_outputs", "after_relu"):
-    assert gsgd_jax.verify_probes(grads, params, ["l0", "l1"]) < 1e-5
+    assert gsgd_jax.verify_probes(loss, params, ["l0", "l1"]) < 1e-5
   else:
     with pytest.raises(ValueError, match="layer 'l0': scale_probe"):
-      gsgd_jax.verify_probes(grads, params, ["l0", "l1"])
+      gsgd_jax.verify_probes(loss, params, ["l0", "l1"])
 
 
 def test_verify_probes_without_probes_says_so():
   params = _mlp_params(jax.random.key(1), probe=False)
   with pytest.raises(ValueError, match="no declared layer has a 'scale_probe'"):
-    gsgd_jax.verify_probes(jax.tree.map(jnp.ones_like, params), params, ["l0", "l1"])
+    gsgd_jax.verify_probes(lambda p: jnp.sum(p["l0"]["kernel"]), params, ["l0", "l1"])
 
 
 def test_probe_of_wrong_shape_is_named():
@@ -168,13 +164,20 @@ def test_probe_of_wrong_shape_is_named():
 
 
 def test_path_sgd_and_labels_leave_probes_alone():
-  params, layers, grad = _problem(ProbedMLP(), (16, 4))
-  grads = grad(params)
+  params, layers, loss = _problem(ProbedMLP(), (16, 4))
+  grads = jax.grad(loss)(params)
   tx = gsgd_jax.path_sgd(0.1, layers=layers)
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_array_equal(updates["params"]["Dense_1"][PROBE], 0)
   labels = gsgd_jax.block_labels(params, layers)
   assert labels["params"]["Dense_0"][PROBE] == "path"
+  # A probe outside the declared blocks is not trained by the fallback either.
+  block = layers[:2]
+  for fallback in (None, optax.adamw(1e-2, weight_decay=0.1)):
+    tx = gsgd_jax.gsgd(0.1, layers=block, fallback=fallback)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["params"]["Dense_3"][PROBE], 0)
+    assert float(jnp.max(jnp.abs(updates["params"]["Dense_3"]["kernel"]))) > 0
 
 
 class ProbedNNX(nnx.Module):
@@ -196,8 +199,9 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
   assert layers == [("convs", 0), ("head", 0), ("head", 1)]
   nnx.update(model, gsgd_jax.set_skeleton(state, layers))
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-  grads = nnx.grad(loss)(model)
-  assert gsgd_jax.verify_probes(grads, nnx.state(model, nnx.Param), layers) < 1e-4
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  assert gsgd_jax.verify_probes(lambda p: loss(nnx.merge(graphdef, p, rest)), state,
+                                layers) < 1e-4
   optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.05, layers=layers), wrt=nnx.Param)
 
   @nnx.jit
