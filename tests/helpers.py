@@ -2,6 +2,7 @@
 
 import jax
 import optax
+from flax import nnx
 
 
 def train_scan(tx, params, loss, steps, observe):
@@ -16,3 +17,18 @@ def train_scan(tx, params, loss, steps, observe):
     p = optax.apply_updates(p, updates)
     return (p, state), observe(p)
   return jax.lax.scan(jax.jit(step), (params, tx.init(params)), length=steps)
+
+
+def train_nnx(model, tx, loss, steps):
+  """``steps`` jitted ``nnx.Optimizer`` updates of ``model`` (``nnx.Param``) on
+  ``loss(model)``; returns the loss before and after."""
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt):
+    opt.update(m, nnx.grad(loss)(m))
+
+  start = float(loss(model))
+  for _ in range(steps):
+    step(model, optimizer)
+  return start, float(loss(model))

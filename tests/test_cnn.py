@@ -13,7 +13,7 @@ from gsgd_jax import basis
 from gsgd_jax.structure import build_structure
 
 import reference as ref
-from helpers import train_scan
+from helpers import train_nnx, train_scan
 
 # Each net: input shape (H, W, C), then ops. ('conv', kh, kw, c_out, stride, padding),
 # ('pool', kind, window, stride, padding), ('flatten',), ('gap',), ('dense', n_out).
@@ -296,17 +296,9 @@ def test_nnx_cnn_trains():
   layers = gsgd_jax.infer_layers(state)
   assert layers == [("convs", 0), ("convs", 1), ("head", 0)]
   nnx.update(model, gsgd_jax.set_skeleton(state, layers))
-  optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.05, layers=layers), wrt=nnx.Param)
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-
-  @nnx.jit
-  def step(m, opt):
-    opt.update(m, nnx.grad(loss)(m))
-
-  start = float(loss(model))
-  for _ in range(40):
-    step(model, optimizer)
-  assert float(loss(model)) < 0.8 * start
+  start, end = train_nnx(model, gsgd_jax.gsgd(0.05, layers=layers), loss, steps=40)
+  assert end < 0.8 * start
 
 
 def test_conv_structure_errors_name_the_layer():

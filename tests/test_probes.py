@@ -13,6 +13,8 @@ from gsgd_jax import basis as ps
 from gsgd_jax import probes
 from gsgd_jax.structure import PROBE, build_structure
 
+from helpers import train_nnx
+
 
 class ProbedMLP(nn.Module):
   """ReLU MLP; hidden layers carry probes, one before and one after its ReLU."""
@@ -202,16 +204,8 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   assert gsgd_jax.verify_probes(lambda p: loss(nnx.merge(graphdef, p, rest)), state,
                                 layers) < 1e-4
-  optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.05, layers=layers), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(m, opt):
-    opt.update(m, nnx.grad(loss)(m))
-
-  start = float(loss(model))
-  for _ in range(30):
-    step(model, optimizer)
-  assert float(loss(model)) < 0.8 * start
+  start, end = train_nnx(model, gsgd_jax.gsgd(0.05, layers=layers), loss, steps=30)
+  assert end < 0.8 * start
   np.testing.assert_array_equal(getattr(model.head[0], PROBE)[...], 1)
 
 
