@@ -205,6 +205,20 @@ def basis_values(struct: ChainStructure, kernels: Sequence[Array],
 # Inverse chain rule.
 
 
+def node_sums(kernel3: Array, grad3: Array, bias: Array | None, bias_grad: Array | None,
+              dtype) -> Array:
+  """``sum_{taps, i} (w g)[., i, j] + b_j g_bj`` per output node ``j``, in ``dtype``.
+
+  The derivative of the loss along rescaling node ``j``'s incoming weights and
+  bias: the one full reduction of the inverse chain rule (a scale probe's
+  ``s * dL/ds`` equals it).
+  """
+  total = replicated(jnp.sum(kernel3.astype(dtype) * grad3.astype(dtype), axis=(0, 1)))
+  if bias is not None:
+    total += replicated(bias.astype(dtype) * bias_grad.astype(dtype))
+  return total
+
+
 class PathGradients(NamedTuple):
   """Output of ``inverse_chain_rule``: path-space gradients and what WA reuses."""
 
@@ -217,7 +231,7 @@ class PathGradients(NamedTuple):
 def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
                        biases: Sequence[Array | None], kernel_grads: Sequence[Array],
                        bias_grads: Sequence[Array | None],
-                       node_sums: Sequence[Array | None] | None = None) -> PathGradients:
+                       probe_sums: Sequence[Array | None] | None = None) -> PathGradients:
   """Basis-path gradients from weight gradients (SPEC §3).
 
   With ``u_p = v_p * dL/dv_p`` (the path's share of ``w * g``)::
@@ -231,9 +245,9 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   on outgoing skeleton edges, ``P[k][a] / (B[k][a] F[k][a])``; no weight is
   ever a divisor, only chain products.
 
-  ``node_sums[k]``, where given, is ``sum_{i, taps} (w g)[., i, j] + b_j g_bj``
-  of layer ``k`` obtained elsewhere (a scale probe's gradient, see
-  ``gsgd_jax.probes``); it replaces the only full reduction of layer ``k``.
+  ``probe_sums[k]``, where given, is layer ``k``'s ``node_sums`` obtained
+  elsewhere (a scale probe's ``s * dL/ds``, see ``gsgd_jax.probes``); it
+  replaces the only full reduction of layer ``k``.
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
@@ -246,13 +260,10 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   p_prev = None
   for k in range(depth - 1):
     spec, pi = specs[k], struct.pi[k]
-    if node_sums is not None and node_sums[k] is not None:
-      p = replicated(node_sums[k].astype(ct))
+    if probe_sums is not None and probe_sums[k] is not None:
+      p = replicated(probe_sums[k].astype(ct))
     else:
-      wg = k3[k].astype(ct) * g3[k].astype(ct)
-      p = replicated(jnp.sum(wg, axis=(0, 1)))
-      if biases[k] is not None:
-        p += replicated(biases[k].astype(ct) * bias_grads[k].astype(ct))
+      p = node_sums(k3[k], g3[k], biases[k], bias_grads[k], ct)
     p -= (incoming_skeleton(k3[k], spec, pi).astype(ct)
           * incoming_skeleton(g3[k], spec, pi).astype(ct))
     if p_prev is not None:

@@ -12,8 +12,8 @@ import numpy as np
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import (PROBE, LayerPaths, build_structure, is_placeholder,
-                                leaf_paths, locate_blocks)
+from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, leaf_paths,
+                                locate_blocks, zero_probes)
 
 DEFAULT_RATIO_CLIP = ps.DEFAULT_RATIO_CLIP
 
@@ -39,27 +39,13 @@ def _layer_arrays(leaves, where):
   return kernels, biases
 
 
-def _node_sums(params, grads, where, grad_where):
+def _probe_sums(params, grads, where, grad_where):
   """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
   def product(s, g):
     ct = ps.compute_dtype(s.dtype)
     return s.astype(ct) * g.astype(ct)
   return [None if i is None or j is None else product(params[i], grads[j])
           for i, j in zip(where.probe, grad_where.probe)]
-
-
-def _zero_probes(out, where):
-  """Probes are not trained: zero their entries of the flat list ``out``."""
-  for i in where.probe:
-    if i is not None:
-      out[i] = jnp.zeros_like(out[i])
-
-
-def _zero_all_probes(tree):
-  """``tree`` with every ``scale_probe`` leaf zeroed, inside the blocks or not."""
-  paths, leaves, treedef = leaf_paths(tree)
-  return treedef.unflatten([jnp.zeros_like(leaf) if path and path[-1] == PROBE else leaf
-                            for path, leaf in zip(paths, leaves)])
 
 
 def _put(out, where, kernels, biases):
@@ -149,15 +135,14 @@ def _warn_extreme_chains(block, kernels3) -> None:
 
 def _path_space_params(params, blocks, wheres, treedef, chains=None,
                        outside=lambda leaf: leaf):
-  """Params as ``inner`` sees them: basis-path values in the blocks and
-  ``outside(leaf)`` elsewhere (by default the values themselves)."""
+  """Params as ``inner`` sees them: basis-path values in the blocks, 0 on scale
+  probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
   leaves = jax.tree.leaves(params)
   out = [outside(leaf) for leaf in leaves]
   for b, (block, where) in enumerate(zip(blocks, wheres)):
     ch = None if chains is None else chains[b]
     _put(out, where, *ps.basis_values(block, *_layer_arrays(leaves, where), ch))
-    _zero_probes(out, where)
-  return treedef.unflatten(out)
+  return zero_probes(treedef.unflatten(out))
 
 
 def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
@@ -290,15 +275,15 @@ def path_space(
           raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not "
                            f"match kernel shape {w.shape}")
       pg = ps.inverse_chain_rule(block, kernels, biases, kernel_grads, bias_grads,
-                                 _node_sums(leaves, grad_leaves, where, grad_where))
+                                 _probe_sums(leaves, grad_leaves, where, grad_where))
       _put(path_grads, grad_where, pg.kernels, pg.biases)
       chains.append(pg.chains)
     path_params = _path_space_params(params, blocks, wheres, treedef, chains)
 
     # Probes anywhere (also on layers outside the blocks) are never trained.
-    steps, inner_state = inner.update(_zero_all_probes(grad_treedef.unflatten(path_grads)),
+    steps, inner_state = inner.update(zero_probes(grad_treedef.unflatten(path_grads)),
                                       state.inner_state, path_params, **extra_args)
-    steps = _zero_all_probes(steps)
+    steps = zero_probes(steps)
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
     step_leaves, step_treedef, step_wheres = locate_blocks(steps, blocks, "inner updates")

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from gsgd_jax import basis as ps
-from gsgd_jax.structure import (PROBE, LayerPaths, build_structure, is_placeholder,
-                                leaf_paths, locate_blocks)
+from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, locate_blocks,
+                                zero_probes)
 
 
 def _chain_gammas(struct, kernels, biases):
@@ -123,11 +123,7 @@ def scale_by_path_norm(layers: LayerPaths,
         if where.bias[k] is not None:
           gb = grads[where.bias[k]]
           out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)
-    # Probes anywhere are not trained (gsgd_jax.probes).
-    paths, _, _ = leaf_paths(updates)
-    out = [jnp.zeros_like(g) if path and path[-1] == PROBE else g
-           for path, g in zip(paths, out)]
-    return treedef.unflatten(out), state
+    return zero_probes(treedef.unflatten(out)), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -162,6 +162,14 @@ def is_placeholder(tree: Any) -> bool:
   return jax.tree_util.treedef_is_leaf(jax.tree.structure(tree)) and not hasattr(tree, "shape")
 
 
+def zero_probes(tree: Any) -> Any:
+  """``tree`` with every ``scale_probe`` leaf zeroed, inside the declared layers
+  or not: probes are never trained (see ``gsgd_jax.probes``)."""
+  paths, leaves, treedef = leaf_paths(tree)
+  return treedef.unflatten([jnp.zeros_like(leaf) if path and path[-1] == PROBE else leaf
+                            for path, leaf in zip(paths, leaves)])
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerLeaves:
   """Positions of each layer's kernel, bias and scale probe in one flattened tree."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gsgd_jax.basis import as_taps, node_sums
 from gsgd_jax.init import rescale
 from gsgd_jax.structure import LayerPaths, build_structure, locate_blocks
 
@@ -119,12 +120,11 @@ def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths
         continue
       kernel = leaves[where.kernel[k]]
       tol = rtol if rtol is not None else _default_rtol(jnp.result_type(kernel))
-      w = jnp.asarray(kernel, wide)
-      g = jnp.asarray(grad_leaves[grad_where.kernel[k]], wide)
-      expected = jnp.sum((w * g).reshape(-1, spec.n_out), axis=0)
-      if where.bias[k] is not None:
-        expected += (jnp.asarray(leaves[where.bias[k]], wide)
-                     * jnp.asarray(grad_leaves[grad_where.bias[k]], wide))
+      bias = None if where.bias[k] is None else leaves[where.bias[k]]
+      bias_grad = None if bias is None else grad_leaves[grad_where.bias[k]]
+      expected = node_sums(as_taps(jnp.asarray(kernel), spec),
+                           as_taps(jnp.asarray(grad_leaves[grad_where.kernel[k]]), spec),
+                           bias, bias_grad, wide)
       probed = (jnp.asarray(leaves[where.probe[k]], wide)
                 * jnp.asarray(grad_leaves[grad_where.probe[k]], wide))
       scale = float(jnp.max(jnp.abs(expected))) or 1.0

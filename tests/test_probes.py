@@ -113,7 +113,7 @@ def test_probe_values_other_than_one_are_exact():
   args = [[leaves[i] for i in where.kernel], [leaves[i] for i in where.bias],
           [grad_leaves[i] for i in where.kernel], [grad_leaves[i] for i in where.bias]]
   sums = [None if i is None else leaves[i] * grad_leaves[i] for i in where.probe]
-  with_sums = ps.inverse_chain_rule(struct, *args, node_sums=sums)
+  with_sums = ps.inverse_chain_rule(struct, *args, probe_sums=sums)
   reduced = ps.inverse_chain_rule(struct, *args)
   for a, b in zip(with_sums.kernels, reduced.kernels):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
