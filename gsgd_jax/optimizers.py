@@ -93,13 +93,13 @@ def _check_skeleton(params, blocks, wheres) -> None:
     if any(isinstance(w, jax.core.Tracer) for w in kernels):
       return
     for k, spec in enumerate(block.layers):
-      k3 = ps.as_taps(jnp.asarray(kernels[k]), spec)
+      view = ps.kernel_view(jnp.asarray(kernels[k]), spec)
       entries = []
       if block.pi[k] is not None:
-        entries.append(("incoming", "output", ps.incoming_skeleton(k3, spec, block.pi[k])))
+        entries.append(("incoming", "output", ps.incoming_skeleton(view, spec, block.pi[k])))
       if block.sigma[k] is not None:
-        entries.append(("outgoing", "input", ps.outgoing_skeleton(k3, spec, block.sigma[k])))
-      tiny = float(jnp.finfo(ps.compute_dtype(k3.dtype)).tiny)
+        entries.append(("outgoing", "input", ps.outgoing_skeleton(view, spec, block.sigma[k])))
+      tiny = float(jnp.finfo(ps.compute_dtype(view.dtype)).tiny)
       for kind, side, values in entries:
         magnitude = np.abs(np.asarray(values, np.float64))
         bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
@@ -108,7 +108,7 @@ def _check_skeleton(params, blocks, wheres) -> None:
               f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
               f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
               "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
-    _warn_extreme_chains(block, [ps.as_taps(jnp.asarray(w), s)
+    _warn_extreme_chains(block, [ps.kernel_view(jnp.asarray(w), s)
                                  for w, s in zip(kernels, block.layers)])
 
 

@@ -22,10 +22,10 @@ def _chain_gammas(struct, kernels, biases):
   a -> j} w^2 gamma_out(j)``; every tap of a convolution is an edge.
   """
   ct = ps.compute_dtype(kernels[0].dtype)
-  squares = [jnp.square(ps.as_taps(w, s).astype(ct)) for w, s in zip(kernels, struct.layers)]
+  squares = [jnp.square(ps.kernel_view(w, s).astype(ct)) for w, s in zip(kernels, struct.layers)]
   gamma_in = [jnp.ones(struct.layers[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = ps.replicated(jnp.sum(sq * gamma_in[k][None, :, None], axis=(0, 1)))
+    g = ps.replicated(ps.sum_to_outputs(sq * ps.rows(gamma_in[k])))
     if biases[k] is not None:
       g += ps.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
@@ -33,7 +33,7 @@ def _chain_gammas(struct, kernels, biases):
   gamma_out[struct.depth] = jnp.ones(struct.layers[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
     gamma_out[k] = ps.replicated(
-        jnp.sum(squares[k] * gamma_out[k + 1][None, None, :], axis=(0, 2)))
+        ps.sum_to_inputs(squares[k] * ps.cols(gamma_out[k + 1])))
   return gamma_in, gamma_out
 
 
@@ -41,7 +41,8 @@ def _block_scales(params, layers):
   """Per block: ``(block, positions in params, per-layer (kernel gamma view, bias gamma))``.
 
   The kernel's gamma is returned as the broadcastable product
-  ``gamma_in[i] * gamma_out[j]`` of shape ``(1, n_in, n_out)``.
+  ``gamma_in[i] * gamma_out[j]`` of shape ``(n_in, n_out)``, which broadcasts
+  against the kernel view.
   """
   blocks, wheres, _ = build_structure(params, layers)
   leaves = jax.tree.leaves(params)
@@ -49,7 +50,7 @@ def _block_scales(params, layers):
     kernels = [leaves[i] for i in where.kernel]
     biases = [None if i is None else leaves[i] for i in where.bias]
     gamma_in, gamma_out = _chain_gammas(struct, kernels, biases)
-    yield struct, where, [(gamma_in[k][None, :, None] * gamma_out[k + 1][None, None, :],
+    yield struct, where, [(ps.rows(gamma_in[k]) * ps.cols(gamma_out[k + 1]),
                            gamma_out[k + 1]) for k in range(struct.depth)]
 
 
@@ -71,7 +72,7 @@ def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
     for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
       kernel = leaves[where.kernel[k]]
       out[where.kernel[k]] = jnp.broadcast_to(
-          kernel_gamma, (spec.taps, spec.n_in, spec.n_out)).reshape(kernel.shape).astype(
+          kernel_gamma, spec.view_shape).reshape(kernel.shape).astype(
               kernel.dtype)
       if where.bias[k] is not None:
         out[where.bias[k]] = bias_gamma.astype(leaves[where.bias[k]].dtype)
@@ -118,7 +119,7 @@ def scale_by_path_norm(layers: LayerPaths,
     for (struct, _, scales), where in zip(block_scales, grad_wheres):
       for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
         g = grads[where.kernel[k]]
-        scaled = ps.as_taps(g, spec) / jnp.maximum(kernel_gamma, min_scale)
+        scaled = ps.kernel_view(g, spec) / jnp.maximum(kernel_gamma, min_scale)
         out[where.kernel[k]] = scaled.reshape(g.shape).astype(g.dtype)
         if where.bias[k] is not None:
           gb = grads[where.bias[k]]

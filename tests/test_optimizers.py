@@ -116,3 +116,50 @@ def test_float32_update_matches_float64():
   scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(want))
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _step_temp_bytes(tx, params, loss):
+  """Bytes of temporaries XLA allots to one jitted train step."""
+  def step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
+  compiled = jax.jit(step).lower(params, tx.init(params)).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def _wide_conv_net():
+  """Two 3x3 convolutions of 256 channels on 4x4 images: kernels outweigh activations."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  params = {f"Conv_{k}": {"kernel": jax.random.normal(keys[k], (3, 3, c, 256)) / 30,
+                          "bias": jnp.zeros(256)} for k, c in enumerate((8, 256))}
+  params["Dense_0"] = {"kernel": jax.random.normal(keys[2], (256, 10)) / 16}
+  layers = [("Conv_0",), ("Conv_1",), ("Dense_0",)]
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+
+  def loss(p):
+    h = x
+    for name in ("Conv_0", "Conv_1"):
+      h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      h = jax.nn.relu(h + p[name]["bias"])
+    return jnp.mean((h.mean(axis=(1, 2)) @ p["Dense_0"]["kernel"]) ** 2)
+
+  return gsgd_jax.set_skeleton(params, layers), layers, loss
+
+
+@pytest.mark.parametrize("name", ["gsgd", "g_momentum", "g_nesterov", "g_adam"])
+@pytest.mark.parametrize("net", ["mlp", "cnn"])
+def test_train_step_holds_no_kernel_sized_temporary(name, net):
+  # The update reads each gradient once, elementwise and in its own shape, so XLA
+  # can write the new kernel into the gradient's buffer, as it does for SGD; one
+  # more kernel-sized temporary than SGD's would mean an extra allocation (and,
+  # for big kernels, fresh pages) every step. (g_rmsprop keeps one: XLA materialises rsqrt(nu),
+  # which both the skeleton-edge gather and the kernel pass read.)
+  if net == "mlp":
+    params, layers, _, loss = _problem(dtype=jnp.float32, widths=(64, 512, 512, 10))
+  else:
+    params, layers, loss = _wide_conv_net()
+  largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+  sgd_temp = _step_temp_bytes(optax.sgd(0.1), params, loss)
+  temp = _step_temp_bytes(OPTIMIZERS[name](layers), params, loss)
+  assert temp < sgd_temp + largest / 2, (temp, sgd_temp, largest)
