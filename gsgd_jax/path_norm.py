@@ -25,7 +25,7 @@ def _chain_gammas(struct, kernels, biases):
   squares = [jnp.square(ps.kernel_view(w, s).astype(ct)) for w, s in zip(kernels, struct.layers)]
   gamma_in = [jnp.ones(struct.layers[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = ps.replicated(ps.sum_to_outputs(sq * ps.rows(gamma_in[k])))
+    g = ps.replicated(jnp.einsum("...io,i->o", sq, gamma_in[k], precision="highest"))
     if biases[k] is not None:
       g += ps.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
@@ -33,7 +33,7 @@ def _chain_gammas(struct, kernels, biases):
   gamma_out[struct.depth] = jnp.ones(struct.layers[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
     gamma_out[k] = ps.replicated(
-        ps.sum_to_inputs(squares[k] * ps.cols(gamma_out[k + 1])))
+        jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest"))
   return gamma_in, gamma_out
 
 

@@ -147,19 +147,24 @@ def _wide_conv_net():
   return gsgd_jax.set_skeleton(params, layers), layers, loss
 
 
-@pytest.mark.parametrize("name", ["gsgd", "g_momentum", "g_nesterov", "g_adam"])
+# g_rmsprop keeps one kernel-sized temporary: XLA materialises rsqrt(nu), which
+# both the skeleton-edge gather and the kernel pass read.
+IN_PLACE = {**{name: OPTIMIZERS[name] for name in ("gsgd", "g_momentum", "g_nesterov", "g_adam")},
+            "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers)}
+
+
+@pytest.mark.parametrize("name", sorted(IN_PLACE))
 @pytest.mark.parametrize("net", ["mlp", "cnn"])
 def test_train_step_holds_no_kernel_sized_temporary(name, net):
   # The update reads each gradient once, elementwise and in its own shape, so XLA
   # can write the new kernel into the gradient's buffer, as it does for SGD; one
   # more kernel-sized temporary than SGD's would mean an extra allocation (and,
-  # for big kernels, fresh pages) every step. (g_rmsprop keeps one: XLA materialises rsqrt(nu),
-  # which both the skeleton-edge gather and the kernel pass read.)
+  # for big kernels, fresh pages) every step.
   if net == "mlp":
     params, layers, _, loss = _problem(dtype=jnp.float32, widths=(64, 512, 512, 10))
   else:
     params, layers, loss = _wide_conv_net()
   largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
   sgd_temp = _step_temp_bytes(optax.sgd(0.1), params, loss)
-  temp = _step_temp_bytes(OPTIMIZERS[name](layers), params, loss)
+  temp = _step_temp_bytes(IN_PLACE[name](layers), params, loss)
   assert temp < sgd_temp + largest / 2, (temp, sgd_temp, largest)
