@@ -11,9 +11,15 @@ of skeleton edges are built from iotas and per-node index vectors inside the
 fused elementwise code, so no dense mask or structure matrix is ever stored.
 The only gathers take one entry per node (the skeleton edges).
 
-Kernels keep their own shape (see ``kernel_view``): per-input-node vectors
-broadcast as ``x[:, None]`` and per-output-node ones as ``x[None, :]`` against
-``(*tap axes, n_in, n_out)``.
+Kernels are used in their own shape, ``(*window, rows, n_out)``: dense
+``(n_in, n_out)``, convolution ``(*window, n_in, n_out)``, flatten ``(taps * n_in,
+n_out)`` with row ``s * n_in + c`` fed by node ``c``. Per-node vectors broadcast
+against them through ``rows`` and ``cols``. Never reshaping a kernel matters:
+XLA writes a fused update into the buffer of the gradient it reads only if it
+reads it without a reshape. With the kernels viewed as ``(taps, n_in, n_out)``
+a train step held kernel-sized temporaries that SGD's does not (on a 2-core CPU,
+for a 22M-parameter MLP: 50 MB instead of 10 MB, and about a tenth of the
+step's time).
 """
 
 from __future__ import annotations
@@ -32,19 +38,6 @@ Array = jax.Array
 def compute_dtype(dtype) -> jnp.dtype:
   """Per-node vectors and chain products run in at least float32."""
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def kernel_view(kernel: Array, spec: LayerSpec) -> Array:
-  """The kernel as ``spec.view_shape``: ``(*tap axes, n_in, n_out)``.
-
-  That is the kernel's own shape except for a flatten layer. Not reshaping
-  dense and conv kernels matters: XLA writes a fused update into the buffer of
-  the gradient it reads only if it reads it without a reshape. Otherwise a
-  train step holds kernel-sized temporaries that SGD's does not (on a 2-core
-  CPU, for a 22M-parameter MLP: 50 MB instead of 10 MB, and about a tenth of
-  the step's time).
-  """
-  return kernel.reshape(spec.view_shape)
 
 
 # ----------------------------------------------------------------------------
@@ -66,50 +59,60 @@ def replicated(vector: Array) -> Array:
   return vector
 
 
-def _take(view: Array, spec: LayerSpec, rows: np.ndarray, cols: np.ndarray) -> Array:
-  """``view[centre, rows, cols]``: one entry per node (replicated under an
-  Explicit-axes mesh)."""
-  index = (*spec.centre_index, rows, cols)
+def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray,
+          nodes_out: np.ndarray) -> Array:
+  """The skeleton-tap entries ``(nodes_in[p], nodes_out[p])``: one per node
+  (replicated under an Explicit-axes mesh)."""
+  index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
   if _explicit_mesh():
-    return view.at[index].get(out_sharding=jax.sharding.PartitionSpec())
-  return view[index]
+    return kernel.at[index].get(out_sharding=jax.sharding.PartitionSpec())
+  return kernel[index]
 
 
-def incoming_skeleton(view: Array, spec: LayerSpec, pi: np.ndarray) -> Array:
-  """``kernel[centre, pi[j], j]`` for every output node ``j``."""
-  return _take(view, spec, pi, np.arange(spec.n_out))
+def incoming_skeleton(kernel: Array, spec: LayerSpec, pi: np.ndarray) -> Array:
+  """The weight of edge ``pi[j] -> j`` on the skeleton tap, for every output node ``j``."""
+  return _take(kernel, spec, pi, np.arange(spec.n_out))
 
 
-def outgoing_skeleton(view: Array, spec: LayerSpec, sigma: np.ndarray) -> Array:
-  """``kernel[centre, a, sigma[a]]`` for every input node ``a``."""
-  return _take(view, spec, np.arange(spec.n_in), sigma)
+def outgoing_skeleton(kernel: Array, spec: LayerSpec, sigma: np.ndarray) -> Array:
+  """The weight of edge ``a -> sigma[a]`` on the skeleton tap, for every input node ``a``."""
+  return _take(kernel, spec, np.arange(spec.n_in), sigma)
 
 
-def _on_centre_tap(spec: LayerSpec) -> Array | bool:
-  """True on the skeleton tap, broadcastable against the kernel view."""
-  taps = spec.view_shape[:-2]
+def _row_iota(spec: LayerSpec) -> Array:
+  return jax.lax.broadcasted_iota(jnp.int32, (spec.kernel_shape[-2], 1), 0)
+
+
+def _on_centre_window(spec: LayerSpec) -> Array | bool:
+  """True at a convolution's centre window position (True for other kinds),
+  broadcastable against the kernel."""
+  window = spec.kernel_shape[:-2]
   mask = True
   for axis, index in enumerate(spec.centre_index):
-    mask = mask & (jax.lax.broadcasted_iota(jnp.int32, (*taps, 1, 1), axis) == index)
+    mask = mask & (jax.lax.broadcasted_iota(jnp.int32, (*window, 1, 1), axis) == index)
   return mask
 
 
 def fixed_mask(spec: LayerSpec, pi: np.ndarray | None) -> Array | None:
-  """Boolean mask of F in this layer, broadcastable against the kernel view
-  (None: F is empty)."""
+  """Boolean mask of F in this layer, broadcastable against the kernel (None: F
+  is empty)."""
   if pi is None:
     return None
-  row = jax.lax.broadcasted_iota(jnp.int32, (spec.n_in, 1), 0)
-  return _on_centre_tap(spec) & (row == cols(jnp.asarray(pi, jnp.int32)))
+  skeleton_row = spec.centre_row + cols(jnp.asarray(pi, jnp.int32))
+  return _on_centre_window(spec) & (_row_iota(spec) == skeleton_row)
 
 
 def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   """Boolean mask of the outgoing skeleton edges of this layer's input nodes,
-  broadcastable against the kernel view."""
+  broadcastable against the kernel."""
   if sigma is None:
     return None
   col = jax.lax.broadcasted_iota(jnp.int32, (1, spec.n_out), 1)
-  return _on_centre_tap(spec) & (col == rows(jnp.asarray(sigma, jnp.int32)))
+  mask = _on_centre_window(spec) & (col == rows(jnp.asarray(sigma, jnp.int32), spec))
+  if spec.kind == "flatten":  # only the skeleton tap's rows
+    row = _row_iota(spec)
+    mask = mask & (row >= spec.centre_row) & (row < spec.centre_row + spec.n_in)
+  return mask
 
 
 def periodic(x: Array, n: int) -> Array:
@@ -153,24 +156,27 @@ def _divisor(x: Array) -> Array:
   return jnp.where(jnp.isfinite(x) & (x != 0), x, jnp.inf)
 
 
-def rows(x: Array) -> Array:
-  """A per-input-node vector, broadcastable against a kernel view."""
-  return x[:, None]
+def per_row(x: Array, spec: LayerSpec) -> Array:
+  """A per-input-node vector, one entry per kernel row (tiled over a flatten
+  layer's taps)."""
+  return periodic(x, spec.kernel_shape[-2])
+
+
+def fold_rows(x: Array, spec: LayerSpec) -> Array:
+  """One value per kernel row, summed per input node (over a flatten layer's taps)."""
+  if x.shape[0] == spec.n_in:
+    return x
+  return jnp.sum(x.reshape(spec.taps, spec.n_in), axis=0)
+
+
+def rows(x: Array, spec: LayerSpec) -> Array:
+  """A per-input-node vector, broadcastable against the layer's kernel."""
+  return per_row(x, spec)[:, None]
 
 
 def cols(x: Array) -> Array:
-  """A per-output-node vector, broadcastable against a kernel view."""
+  """A per-output-node vector, broadcastable against a kernel."""
   return x[None, :]
-
-
-def sum_to_outputs(view: Array) -> Array:
-  """Sum of a kernel view over its taps and inputs: one value per output node."""
-  return jnp.sum(view, axis=tuple(range(view.ndim - 1)))
-
-
-def sum_to_inputs(view: Array) -> Array:
-  """Sum of a kernel view over its taps and outputs: one value per input node."""
-  return jnp.sum(view, axis=(*range(view.ndim - 2), view.ndim - 1))
 
 
 # ----------------------------------------------------------------------------
@@ -189,18 +195,18 @@ class Chains(NamedTuple):
   forward: tuple[Array, ...]
 
 
-def chains(struct: ChainStructure, views: Sequence[Array], dtype) -> Chains:
+def chains(struct: ChainStructure, kernels: Sequence[Array], dtype) -> Chains:
   """Back and forward skeleton chains, O(sum of widths) after the gathers."""
   specs, depth = struct.layers, struct.depth
   back = [jnp.ones(specs[0].n_in, dtype)]
   for k in range(depth - 1):
-    w_in = incoming_skeleton(views[k], specs[k], struct.pi[k]).astype(dtype)
+    w_in = incoming_skeleton(kernels[k], specs[k], struct.pi[k]).astype(dtype)
     back.append(periodic(back[k], specs[k].n_out) * w_in)
   back.append(jnp.ones(specs[-1].n_out, dtype))  # outputs: never used as a tail
   forward = [None] * (depth + 1)
   forward[depth] = jnp.ones(specs[-1].n_out, dtype)
   for k in range(depth - 1, 0, -1):
-    w_out = outgoing_skeleton(views[k], specs[k], struct.sigma[k]).astype(dtype)
+    w_out = outgoing_skeleton(kernels[k], specs[k], struct.sigma[k]).astype(dtype)
     forward[k] = w_out * periodic(forward[k + 1], specs[k].n_in)
   forward[0] = jnp.ones(specs[0].n_in, dtype)  # inputs: never used as a head
   return Chains(tuple(back), tuple(forward))
@@ -216,15 +222,14 @@ def basis_values(struct: ChainStructure, kernels: Sequence[Array],
   already computed for these kernels.
   """
   ct = compute_dtype(kernels[0].dtype)
-  w_views = [kernel_view(w, s) for w, s in zip(kernels, struct.layers)]
-  ch = chains(struct, w_views, ct) if chain_products is None else chain_products
+  ch = chains(struct, kernels, ct) if chain_products is None else chain_products
   values, bias_values = [], []
   for k, spec in enumerate(struct.layers):
-    v = rows(ch.back[k]) * w_views[k].astype(ct) * cols(ch.forward[k + 1])
+    v = rows(ch.back[k], spec) * kernels[k].astype(ct) * cols(ch.forward[k + 1])
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       v = jnp.where(fixed, 0, v)
-    values.append(v.astype(kernels[k].dtype).reshape(kernels[k].shape))
+    values.append(v.astype(kernels[k].dtype))
     b = biases[k]
     bias_values.append(None if b is None else
                        (b.astype(ct) * ch.forward[k + 1]).astype(b.dtype))
@@ -243,7 +248,8 @@ def node_sums(kernel: Array, grad: Array, bias: Array | None, bias_grad: Array |
   bias: the one full reduction of the inverse chain rule (a scale probe's
   ``s * dL/ds`` equals it).
   """
-  total = replicated(sum_to_outputs(kernel.astype(dtype) * grad.astype(dtype)))
+  inputs_and_taps = tuple(range(kernel.ndim - 1))
+  total = replicated(jnp.sum(kernel.astype(dtype) * grad.astype(dtype), axis=inputs_and_taps))
   if bias is not None:
     total += replicated(bias.astype(dtype) * bias_grad.astype(dtype))
   return total
@@ -281,9 +287,7 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
-  w_views = [kernel_view(w, s) for w, s in zip(kernels, specs)]
-  g_views = [kernel_view(g, s) for g, s in zip(kernel_grads, specs)]
-  ch = chains(struct, w_views, ct)
+  ch = chains(struct, kernels, ct)
 
   # P recurrence over hidden levels 1..L-1; one column reduction per layer.
   carried = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
@@ -293,9 +297,9 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
     if probe_sums is not None and probe_sums[k] is not None:
       p = replicated(probe_sums[k].astype(ct))
     else:
-      p = node_sums(w_views[k], g_views[k], biases[k], bias_grads[k], ct)
-    p -= (incoming_skeleton(w_views[k], spec, pi).astype(ct)
-          * incoming_skeleton(g_views[k], spec, pi).astype(ct))
+      p = node_sums(kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
+    p -= (incoming_skeleton(kernels[k], spec, pi).astype(ct)
+          * incoming_skeleton(kernel_grads[k], spec, pi).astype(ct))
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
     # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
@@ -305,14 +309,14 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
     inv_back, inv_fwd = reciprocal(ch.back[k]), reciprocal(ch.forward[k + 1])
-    gv = g_views[k].astype(ct) * rows(inv_back) * cols(inv_fwd)
+    gv = kernel_grads[k].astype(ct) * rows(inv_back, spec) * cols(inv_fwd)
     out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:
-      gv -= jnp.where(out, rows(carried[k]), 0)
+      gv -= jnp.where(out, rows(carried[k], spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
-    grads.append(gv.astype(kernel_grads[k].dtype).reshape(kernels[k].shape))
+    grads.append(gv.astype(kernel_grads[k].dtype))
     gb = bias_grads[k]
     bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd).astype(gb.dtype))
   return PathGradients(grads, bias_grads_v, ch, ct)
@@ -357,7 +361,7 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   skeleton_steps = [None] * depth  # per level: the outgoing skeleton steps taken
   for k in range(depth - 1, 0, -1):
     spec, sigma = specs[k], struct.sigma[k]
-    dv_out = outgoing_skeleton(kernel_view(kernel_steps[k], spec), spec, sigma).astype(ct)
+    dv_out = outgoing_skeleton(kernel_steps[k], spec, sigma).astype(ct)
     inv_path_value = 1 / (_usable(ch.back[k]) * _usable(ch.forward[k]))  # 0 if degenerate
     ratio = 1 + dv_out * inv_path_value
     if ratio_clip is not None:
@@ -374,16 +378,16 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
     shrink = (1 - q[k + 1]) / q[k + 1]  # 1/Q - 1
-    w = kernel_view(kernels[k], spec).astype(ct)
-    dv = kernel_view(kernel_steps[k], spec).astype(ct)
+    w = kernels[k].astype(ct)
+    dv = kernel_steps[k].astype(ct)
     if skeleton_steps[k] is not None:
-      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), rows(skeleton_steps[k]), dv)
+      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), rows(skeleton_steps[k], spec), dv)
     inv_fwd = 1 / (q[k + 1] * _usable(ch.forward[k + 1]))  # 1 / (Q F)
-    du = w * cols(shrink) + dv * rows(reciprocal(ch.back[k])) * cols(inv_fwd)
+    du = w * cols(shrink) + dv * rows(reciprocal(ch.back[k]), spec) * cols(inv_fwd)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
-    updates.append(du.astype(kernels[k].dtype).reshape(kernels[k].shape))
+    updates.append(du.astype(kernels[k].dtype))
     b = biases[k]
     if b is None:
       bias_updates.append(None)

@@ -12,17 +12,16 @@ from gsgd_jax.structure import LayerPaths, build_structure
 
 
 def _map_layers(params: Any, layers: LayerPaths, kernel_fn, bias_fn, other_fn):
-  """Rebuilds ``params`` with ``kernel_fn(block, k, struct, view)`` on each
-  layer's kernel view ``(*tap axes, n_in, n_out)``, ``bias_fn(block, k, struct, bias)``
-  on its bias and ``other_fn(leaf)`` elsewhere."""
+  """Rebuilds ``params`` with ``kernel_fn(block, k, struct, kernel)`` on each
+  layer's kernel, ``bias_fn(block, k, struct, bias)`` on its bias and
+  ``other_fn(leaf)`` elsewhere."""
   blocks, wheres, treedef = build_structure(params, layers)
   leaves = jax.tree.leaves(params)
   out = [other_fn(leaf) for leaf in leaves]
   for b, (struct, where) in enumerate(zip(blocks, wheres)):
     for k, spec in enumerate(struct.layers):
       kernel = leaves[where.kernel[k]]
-      new = kernel_fn(b, k, struct, ps.kernel_view(jnp.asarray(kernel), spec))
-      out[where.kernel[k]] = new.reshape(kernel.shape)
+      out[where.kernel[k]] = kernel_fn(b, k, struct, jnp.asarray(kernel))
       if where.bias[k] is not None:
         out[where.bias[k]] = bias_fn(b, k, struct, leaves[where.bias[k]])
   return treedef.unflatten(out)
@@ -31,14 +30,14 @@ def _map_layers(params: Any, layers: LayerPaths, kernel_fn, bias_fn, other_fn):
 def _skeleton(k, struct, which: str):
   spec = struct.layers[k]
   fixed = ps.fixed_mask(spec, struct.pi[k])
-  mask = jnp.zeros(spec.view_shape, bool) if fixed is None else fixed
+  mask = jnp.zeros(spec.kernel_shape, bool) if fixed is None else fixed
   if which == "all":
     out = ps.outgoing_mask(spec, struct.sigma[k])
     if out is not None:
       mask = mask | out
   elif which != "fixed":
     raise ValueError(f"`which` must be 'fixed' or 'all', got {which!r}")
-  return jnp.broadcast_to(mask, spec.view_shape)
+  return jnp.broadcast_to(mask, spec.kernel_shape)
 
 
 def skeleton_mask(params: Any, layers: LayerPaths, which: str = "fixed") -> Any:
@@ -106,7 +105,7 @@ def rescale(params: Any, layers: LayerPaths, factors) -> Any:
     if factors[b][k + 1] is not None:
       scaled = scaled * ps.cols(jnp.asarray(factors[b][k + 1]).astype(ct))
     if factors[b][k] is not None:
-      scaled = scaled / ps.rows(jnp.asarray(factors[b][k]).astype(ct))
+      scaled = scaled / ps.rows(jnp.asarray(factors[b][k]).astype(ct), s.layers[k])
     return scaled.astype(w.dtype)
 
   def bias_fn(b, k, s, bias):

@@ -93,13 +93,13 @@ def _check_skeleton(params, blocks, wheres) -> None:
     if any(isinstance(w, jax.core.Tracer) for w in kernels):
       return
     for k, spec in enumerate(block.layers):
-      view = ps.kernel_view(jnp.asarray(kernels[k]), spec)
+      kernel = jnp.asarray(kernels[k])
       entries = []
       if block.pi[k] is not None:
-        entries.append(("incoming", "output", ps.incoming_skeleton(view, spec, block.pi[k])))
+        entries.append(("incoming", "output", ps.incoming_skeleton(kernel, spec, block.pi[k])))
       if block.sigma[k] is not None:
-        entries.append(("outgoing", "input", ps.outgoing_skeleton(view, spec, block.sigma[k])))
-      tiny = float(jnp.finfo(ps.compute_dtype(view.dtype)).tiny)
+        entries.append(("outgoing", "input", ps.outgoing_skeleton(kernel, spec, block.sigma[k])))
+      tiny = float(jnp.finfo(ps.compute_dtype(kernel.dtype)).tiny)
       for kind, side, values in entries:
         magnitude = np.abs(np.asarray(values, np.float64))
         bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
@@ -108,8 +108,7 @@ def _check_skeleton(params, blocks, wheres) -> None:
               f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
               f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
               "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
-    _warn_extreme_chains(block, [ps.kernel_view(jnp.asarray(w), s)
-                                 for w, s in zip(kernels, block.layers)])
+    _warn_extreme_chains(block, [jnp.asarray(w) for w in kernels])
 
 
 # Skeleton-chain products outside this range make G-SGD's weight steps, which
@@ -117,11 +116,11 @@ def _check_skeleton(params, blocks, wheres) -> None:
 CHAIN_RANGE = (1e-3, 1e3)
 
 
-def _warn_extreme_chains(block, kernels3) -> None:
+def _warn_extreme_chains(block, kernels) -> None:
   """Warns when some hidden node's skeleton-chain product ``B F`` is extreme."""
   if block.depth < 2:
     return
-  ch = ps.chains(block, kernels3, jnp.float64 if jax.config.x64_enabled else jnp.float32)
+  ch = ps.chains(block, kernels, jnp.float64 if jax.config.x64_enabled else jnp.float32)
   products = np.concatenate([np.abs(np.asarray(ch.back[k] * ch.forward[k], np.float64))
                              for k in range(1, block.depth)])
   low, high = float(products.min()), float(products.max())

@@ -22,27 +22,29 @@ def _chain_gammas(struct, kernels, biases):
   a -> j} w^2 gamma_out(j)``; every tap of a convolution is an edge.
   """
   ct = ps.compute_dtype(kernels[0].dtype)
-  squares = [jnp.square(ps.kernel_view(w, s).astype(ct)) for w, s in zip(kernels, struct.layers)]
-  gamma_in = [jnp.ones(struct.layers[0].n_in, ct)]
+  specs = struct.layers
+  squares = [jnp.square(w.astype(ct)) for w in kernels]
+  gamma_in = [jnp.ones(specs[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = ps.replicated(jnp.einsum("...io,i->o", sq, gamma_in[k], precision="highest"))
+    g = ps.replicated(jnp.einsum("...io,i->o", sq, ps.per_row(gamma_in[k], specs[k]),
+                                 precision="highest"))
     if biases[k] is not None:
       g += ps.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
   gamma_out = [None] * (struct.depth + 1)
-  gamma_out[struct.depth] = jnp.ones(struct.layers[-1].n_out, ct)
+  gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
-    gamma_out[k] = ps.replicated(
-        jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest"))
+    per_row = jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest")
+    gamma_out[k] = ps.replicated(ps.fold_rows(per_row, specs[k]))
   return gamma_in, gamma_out
 
 
 def _block_scales(params, layers):
-  """Per block: ``(block, positions in params, per-layer (kernel gamma view, bias gamma))``.
+  """Per block: ``(block, positions in params, per-layer (kernel gamma, bias gamma))``.
 
   The kernel's gamma is returned as the broadcastable product
-  ``gamma_in[i] * gamma_out[j]`` of shape ``(n_in, n_out)``, which broadcasts
-  against the kernel view.
+  ``gamma_in[i] * gamma_out[j]`` of shape ``(rows, n_out)``, which broadcasts
+  against the kernel.
   """
   blocks, wheres, _ = build_structure(params, layers)
   leaves = jax.tree.leaves(params)
@@ -50,8 +52,8 @@ def _block_scales(params, layers):
     kernels = [leaves[i] for i in where.kernel]
     biases = [None if i is None else leaves[i] for i in where.bias]
     gamma_in, gamma_out = _chain_gammas(struct, kernels, biases)
-    yield struct, where, [(ps.rows(gamma_in[k]) * ps.cols(gamma_out[k + 1]),
-                           gamma_out[k + 1]) for k in range(struct.depth)]
+    yield struct, where, [(ps.rows(gamma_in[k], spec) * ps.cols(gamma_out[k + 1]),
+                           gamma_out[k + 1]) for k, spec in enumerate(struct.layers)]
 
 
 def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
@@ -72,7 +74,7 @@ def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
     for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
       kernel = leaves[where.kernel[k]]
       out[where.kernel[k]] = jnp.broadcast_to(
-          kernel_gamma, spec.view_shape).reshape(kernel.shape).astype(
+          kernel_gamma, kernel.shape).astype(
               kernel.dtype)
       if where.bias[k] is not None:
         out[where.bias[k]] = bias_gamma.astype(leaves[where.bias[k]].dtype)
@@ -119,8 +121,7 @@ def scale_by_path_norm(layers: LayerPaths,
     for (struct, _, scales), where in zip(block_scales, grad_wheres):
       for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
         g = grads[where.kernel[k]]
-        scaled = ps.kernel_view(g, spec) / jnp.maximum(kernel_gamma, min_scale)
-        out[where.kernel[k]] = scaled.reshape(g.shape).astype(g.dtype)
+        out[where.kernel[k]] = (g / jnp.maximum(kernel_gamma, min_scale)).astype(g.dtype)
         if where.bias[k] is not None:
           gb = grads[where.bias[k]]
           out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)

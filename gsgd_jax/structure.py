@@ -7,9 +7,9 @@ with or without ``Variable`` wrappers).
 
 Conventions (SPEC §1-2). Layers are numbered ``k = 0..L-1``; layer ``k`` maps node
 level ``k`` to level ``k + 1``; level 0 holds the inputs, level ``L`` the outputs and
-levels ``1..L-1`` the hidden nodes. A kernel is viewed as ``(*tap axes, n_in,
-n_out)`` (``LayerSpec.view_shape``): ``taps`` parallel edges join each node pair
-and tap ``centre`` is the skeleton one.
+levels ``1..L-1`` the hidden nodes. ``taps`` parallel edges join each pair of
+nodes of adjacent levels and tap ``centre`` is the skeleton one. The layer kinds
+(kernels are used in their own shape, see ``basis.py``):
 
   * dense ``(n_in, n_out)``: one tap;
   * convolution ``(*window, c_in, c_out)`` (1-D, 2-D, 3-D): channels are nodes, one
@@ -65,17 +65,16 @@ class LayerSpec:
     return "/".join(self.path)
 
   @property
-  def view_shape(self) -> tuple[int, ...]:
-    """The kernel as the algorithm sees it, ``(*tap axes, n_in, n_out)``: its own
-    shape, except that a flatten layer's rows split into ``(taps, n_in)``."""
-    if self.kind == "flatten":
-      return (self.taps, self.n_in, self.n_out)
-    return self.kernel_shape
+  def centre_index(self) -> tuple[int, ...]:
+    """A convolution's skeleton tap as a position in its window axes (() otherwise)."""
+    if self.kind != "conv":
+      return ()
+    return tuple(int(i) for i in np.unravel_index(self.centre, self.kernel_shape[:-2]))
 
   @property
-  def centre_index(self) -> tuple[int, ...]:
-    """The skeleton tap as an index into the tap axes of ``view_shape``."""
-    return tuple(int(i) for i in np.unravel_index(self.centre, self.view_shape[:-2]))
+  def centre_row(self) -> int:
+    """First kernel row of a flatten layer's skeleton tap (0 otherwise)."""
+    return self.centre * self.n_in if self.kind == "flatten" else 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

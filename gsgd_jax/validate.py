@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax.basis import kernel_view, node_sums
+from gsgd_jax.basis import node_sums
 from gsgd_jax.init import rescale
 from gsgd_jax.structure import LayerPaths, build_structure, locate_blocks
 
@@ -122,8 +122,7 @@ def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths
       tol = rtol if rtol is not None else _default_rtol(jnp.result_type(kernel))
       bias = None if where.bias[k] is None else leaves[where.bias[k]]
       bias_grad = None if bias is None else grad_leaves[grad_where.bias[k]]
-      expected = node_sums(kernel_view(jnp.asarray(kernel), spec),
-                           kernel_view(jnp.asarray(grad_leaves[grad_where.kernel[k]]), spec),
+      expected = node_sums(jnp.asarray(kernel), jnp.asarray(grad_leaves[grad_where.kernel[k]]),
                            bias, bias_grad, wide)
       probed = (jnp.asarray(leaves[where.probe[k]], wide)
                 * jnp.asarray(grad_leaves[grad_where.probe[k]], wide))

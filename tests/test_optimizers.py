@@ -127,22 +127,33 @@ def _step_temp_bytes(tx, params, loss):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def _wide_conv_net():
-  """Two 3x3 convolutions of 256 channels on 4x4 images: kernels outweigh activations."""
+def _conv_net(head):
+  """Wide convolutions on small images, so that kernels outweigh activations: two
+  3x3 convolutions of 256 channels and global pooling (``head='pool'``), or one of
+  32 channels flattened into a dense layer of 512 (``head='flatten'``)."""
   keys = jax.random.split(jax.random.key(0), 3)
-  params = {f"Conv_{k}": {"kernel": jax.random.normal(keys[k], (3, 3, c, 256)) / 30,
-                          "bias": jnp.zeros(256)} for k, c in enumerate((8, 256))}
-  params["Dense_0"] = {"kernel": jax.random.normal(keys[2], (256, 10)) / 16}
-  layers = [("Conv_0",), ("Conv_1",), ("Dense_0",)]
+  channels = (8, 256, 256) if head == "pool" else (8, 32)
+  convs = [f"Conv_{k}" for k in range(len(channels) - 1)]
+  params = {name: {"kernel": jax.random.normal(keys[0], (3, 3, c_in, c_out)) / 30,
+                   "bias": jnp.zeros(c_out)}
+            for name, c_in, c_out in zip(convs, channels, channels[1:])}
+  dense = [256, 10] if head == "pool" else [4 * 4 * 32, 512, 10]
+  for k, (n_in, n_out) in enumerate(zip(dense, dense[1:])):
+    params[f"Dense_{k}"] = {"kernel": jax.random.normal(keys[k + 1], (n_in, n_out)) / n_in}
+  layers = [(name,) for name in (*convs, *(f"Dense_{k}" for k in range(len(dense) - 1)))]
   x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
 
   def loss(p):
     h = x
-    for name in ("Conv_0", "Conv_1"):
+    for name in convs:
       h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
       h = jax.nn.relu(h + p[name]["bias"])
-    return jnp.mean((h.mean(axis=(1, 2)) @ p["Dense_0"]["kernel"]) ** 2)
+    h = h.mean(axis=(1, 2)) if head == "pool" else h.reshape(len(h), -1)
+    for k in range(len(dense) - 1):
+      h = h @ p[f"Dense_{k}"]["kernel"]
+      h = jax.nn.relu(h) if k < len(dense) - 2 else h
+    return jnp.mean(h ** 2)
 
   return gsgd_jax.set_skeleton(params, layers), layers, loss
 
@@ -154,7 +165,7 @@ IN_PLACE = {**{name: OPTIMIZERS[name] for name in ("gsgd", "g_momentum", "g_nest
 
 
 @pytest.mark.parametrize("name", sorted(IN_PLACE))
-@pytest.mark.parametrize("net", ["mlp", "cnn"])
+@pytest.mark.parametrize("net", ["mlp", "cnn", "flatten"])
 def test_train_step_holds_no_kernel_sized_temporary(name, net):
   # The update reads each gradient once, elementwise and in its own shape, so XLA
   # can write the new kernel into the gradient's buffer, as it does for SGD; one
@@ -163,7 +174,7 @@ def test_train_step_holds_no_kernel_sized_temporary(name, net):
   if net == "mlp":
     params, layers, _, loss = _problem(dtype=jnp.float32, widths=(64, 512, 512, 10))
   else:
-    params, layers, loss = _wide_conv_net()
+    params, layers, loss = _conv_net("pool" if net == "cnn" else "flatten")
   largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
   sgd_temp = _step_temp_bytes(optax.sgd(0.1), params, loss)
   temp = _step_temp_bytes(IN_PLACE[name](layers), params, loss)
