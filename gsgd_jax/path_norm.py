@@ -34,8 +34,8 @@ def _chain_gammas(struct, kernels, biases):
   gamma_out = [None] * (struct.depth + 1)
   gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
-    per_row = jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest")
-    gamma_out[k] = ps.replicated(ps.fold_rows(per_row, specs[k]))
+    row_sums = jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest")
+    gamma_out[k] = ps.replicated(ps.fold_rows(row_sums, specs[k]))
   return gamma_in, gamma_out
 
 
@@ -71,11 +71,9 @@ def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
   leaves, treedef = jax.tree.flatten(params)
   out = [jnp.ones_like(leaf) for leaf in leaves]
   for struct, where, scales in _block_scales(params, layers):
-    for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
+    for k, (kernel_gamma, bias_gamma) in enumerate(scales):
       kernel = leaves[where.kernel[k]]
-      out[where.kernel[k]] = jnp.broadcast_to(
-          kernel_gamma, kernel.shape).astype(
-              kernel.dtype)
+      out[where.kernel[k]] = jnp.broadcast_to(kernel_gamma, kernel.shape).astype(kernel.dtype)
       if where.bias[k] is not None:
         out[where.bias[k]] = bias_gamma.astype(leaves[where.bias[k]].dtype)
   return treedef.unflatten(out)
@@ -118,8 +116,8 @@ def scale_by_path_norm(layers: LayerPaths,
     grads, treedef, grad_wheres = locate_blocks(
         updates, [struct for struct, _, _ in block_scales], "updates")
     out = list(grads)
-    for (struct, _, scales), where in zip(block_scales, grad_wheres):
-      for k, (spec, (kernel_gamma, bias_gamma)) in enumerate(zip(struct.layers, scales)):
+    for (_, _, scales), where in zip(block_scales, grad_wheres):
+      for k, (kernel_gamma, bias_gamma) in enumerate(scales):
         g = grads[where.kernel[k]]
         out[where.kernel[k]] = (g / jnp.maximum(kernel_gamma, min_scale)).astype(g.dtype)
         if where.bias[k] is not None:

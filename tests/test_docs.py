@@ -93,7 +93,7 @@ def test_readme_probe_example_matches_plain_gsgd():
   ns = {}
   exec(compile("import flax.linen as nn, jax, jax.numpy as jnp, optax, gsgd_jax\n"
                + _readme_blocks()[3], "README.md", "exec"), ns)
-  params, layers, tx, loss = ns["params"], ns["layers"], ns["tx"], ns["loss"]
+  params, tx, loss = ns["params"], ns["tx"], ns["loss"]
   assert all("scale_probe" in params["params"][name] for name in ("layers_0", "layers_2"))
   grads = jax.grad(loss)(params)
   updates, _ = tx.update(grads, tx.init(params), params)
