@@ -1,7 +1,9 @@
 """Speed of G-SGD and Path-SGD against optax.sgd, as ratios measured in one interleaved run.
 
-Models: ReLU MLPs from about 0.1M to 100M parameters and a PlainNet-like CNN
-(7 convolutions of 64 channels, 3x3, on 16x16 images; global average pool; dense).
+Models: ReLU MLPs from about 0.1M to 100M parameters, a PlainNet-like CNN
+(7 convolutions of 64 channels, 3x3, on 16x16 images; global average pool; dense)
+and a CNN whose largest layer is a flatten (one such convolution flattened into a
+dense layer of 512: 8.4M parameters).
 The whole train step is timed only up to ``--step-max-params`` (a 100M-parameter
 step takes seconds on a CPU). The log-log slope of update time against parameter
 count over the MLPs tells how the update scales (1 is linear).
@@ -40,14 +42,16 @@ MLPS = {
     "mlp-22M": (1024, (3072, 3072, 3072), 10),
     "mlp-100M": (4096, (8192, 8192), 10),
 }
-# name -> (image side, input channels, conv layers, channels, classes)
-CNNS = {"plainnet-7": (16, 3, 7, 64, 10)}
+# name -> (image side, input channels, conv layers, channels, classes, dense width after a
+# flatten or None for global average pooling)
+CNNS = {"plainnet-7": (16, 3, 7, 64, 10, None), "convflat-8M": (16, 3, 1, 64, 10, 512)}
 MODELS = (*MLPS, *CNNS)
 CNN_BATCH = 32
 
 
-def cnn_params(key, side, c_in, depth, channels, n_out):
-  """PlainNet-like: ``depth`` 3x3 SAME convolutions, global average pool, dense."""
+def cnn_params(key, side, c_in, depth, channels, n_out, flatten_width):
+  """``depth`` 3x3 SAME convolutions, then global average pool and dense, or
+  flatten, dense of ``flatten_width`` and dense."""
   params, layers, c = {}, [], c_in
   for k in range(depth):
     key, sub = jax.random.split(key)
@@ -55,9 +59,12 @@ def cnn_params(key, side, c_in, depth, channels, n_out):
                            * np.sqrt(2 / (9 * c)), "bias": jnp.zeros(channels)}
     layers.append((f"Conv_{k}",))
     c = channels
-  params["Dense_0"] = {"kernel": jax.random.normal(key, (c, n_out)) / np.sqrt(c),
-                       "bias": jnp.zeros(n_out)}
-  layers.append(("Dense_0",))
+  widths = (c, n_out) if flatten_width is None else (side * side * c, flatten_width, n_out)
+  for k, (a, b) in enumerate(zip(widths, widths[1:])):
+    key, sub = jax.random.split(key)
+    params[f"Dense_{k}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+                            "bias": jnp.zeros(b)}
+    layers.append((f"Dense_{k}",))
   return gsgd_jax.set_skeleton(params, layers), layers
 
 
@@ -75,12 +82,14 @@ def with_probes(params, layers):
 
 
 def cnn_forward(params, layers, x):
-  for name, in layers[:-1]:
+  convs = [name for name, in layers if name.startswith("Conv_")]
+  for name in convs:
     x = jax.lax.conv_general_dilated(x, params[name]["kernel"], (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     x = jax.nn.relu(_probe(params[name], x + params[name]["bias"]))
-  last = params[layers[-1][0]]
-  return x.mean(axis=(1, 2)) @ last["kernel"] + last["bias"]
+  dense = layers[len(convs):]
+  x = x.mean(axis=(1, 2)) if len(dense) == 1 else x.reshape(len(x), -1)
+  return forward(params, dense, x)
 
 
 def mlp_params(key, n_in, hidden, n_out):
@@ -119,7 +128,7 @@ def model_and_data(name, batch):
     params, layers = mlp_params(jax.random.key(0), *spec)
     x = jax.random.normal(jax.random.key(1), (batch, spec[0]))
     return params, layers, forward, x, spec[-1], batch
-  side, c_in, *_, n_out = spec = CNNS[name]
+  side, c_in, _, _, n_out, _ = spec = CNNS[name]
   params, layers = cnn_params(jax.random.key(0), *spec)
   x = jax.random.normal(jax.random.key(1), (CNN_BATCH, side, side, c_in))
   return params, layers, cnn_forward, x, n_out, CNN_BATCH

@@ -1,0 +1,34 @@
+"""The speed benchmark's models and its end-to-end run (its timings are not tested)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import speed
+from gsgd_jax.structure import build_structure
+
+
+@pytest.mark.parametrize("name, kinds", [
+    ("mlp-0.1M", ["dense"] * 3),
+    ("plainnet-7", ["conv"] * 7 + ["dense"]),
+    ("convflat-8M", ["conv", "flatten", "dense"]),
+])
+def test_models_declare_their_layers_and_probes_change_nothing(name, kinds):
+  params, layers, forward, x, n_out, batch = speed.model_and_data(name, 4)
+  blocks, _, _ = build_structure(params, layers)
+  assert [spec.kind for spec in blocks[0].layers] == kinds
+  out = forward(params, layers, x)
+  assert out.shape == (batch, n_out)
+  np.testing.assert_allclose(forward(speed.with_probes(params, layers), layers, x), out)
+
+
+def test_main_writes_a_ratio_for_every_optimizer(tmp_path):
+  speed.main(["--models", "mlp-0.1M", "--rounds", "1", "--min-seconds", "0", "--batch", "8",
+              "--out", str(tmp_path)])
+  (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
+  for kind in ("update", "step"):
+    assert row[kind]["SGD"]["ratio"] == 1
+    for opt in speed.OPTIMIZERS:
+      assert np.isfinite(row[kind][opt]["ratio"]) and row[kind][opt]["ratio"] > 0
+  assert "| mlp-0.1M |" in (tmp_path / "speed.md").read_text()
