@@ -4,6 +4,8 @@ import jax
 import optax
 from flax import nnx
 
+import gsgd_jax
+
 
 def train_scan(tx, params, loss, steps, observe):
   """``steps`` jitted updates of ``tx`` on ``loss`` inside ``lax.scan``.
@@ -32,3 +34,12 @@ def train_nnx(model, tx, loss, steps):
   for _ in range(steps):
     step(model, optimizer)
   return start, float(loss(model))
+
+
+def nnx_layers_at_skeleton(model):
+  """Infers the layers of an NNX ``model``, sets its skeleton weights to 1 in
+  place (``set_skeleton``) and returns the layers."""
+  state = nnx.state(model, nnx.Param)
+  layers = gsgd_jax.infer_layers(state)
+  nnx.update(model, gsgd_jax.set_skeleton(state, layers))
+  return layers

@@ -13,7 +13,7 @@ from gsgd_jax import basis
 from gsgd_jax.structure import build_structure
 
 import reference as ref
-from helpers import train_nnx, train_scan
+from helpers import nnx_layers_at_skeleton, train_nnx, train_scan
 
 # Each net: input shape (H, W, C), then ops. ('conv', kh, kw, c_out, stride, padding),
 # ('pool', kind, window, stride, padding), ('flatten',), ('gap',), ('dense', n_out).
@@ -292,10 +292,8 @@ class NNXCNN(nnx.Module):
 def test_nnx_cnn_trains():
   x, y = _images()
   model = NNXCNN(nnx.Rngs(2))
-  state = nnx.state(model, nnx.Param)
-  layers = gsgd_jax.infer_layers(state)
+  layers = nnx_layers_at_skeleton(model)
   assert layers == [("convs", 0), ("convs", 1), ("head", 0)]
-  nnx.update(model, gsgd_jax.set_skeleton(state, layers))
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
   start, end = train_nnx(model, gsgd_jax.gsgd(0.05, layers=layers), loss, steps=40)
   assert end < 0.8 * start

@@ -9,6 +9,8 @@ from flax import nnx
 
 import gsgd_jax
 
+from helpers import nnx_layers_at_skeleton
+
 
 def _data(n=128, d=8, classes=3):
   x = jax.random.normal(jax.random.key(0), (n, d), jnp.float32)
@@ -63,8 +65,7 @@ class NNXMLP(nnx.Module):
 def test_nnx_optimizer_trains():
   x, y = _data()
   model = NNXMLP(nnx.Rngs(3))
-  layers = gsgd_jax.infer_layers(nnx.state(model, nnx.Param))
-  nnx.update(model, gsgd_jax.set_skeleton(nnx.state(model, nnx.Param), layers))
+  layers = nnx_layers_at_skeleton(model)
   optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.1, layers=layers), wrt=nnx.Param)
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
 

@@ -13,7 +13,7 @@ from gsgd_jax import basis as ps
 from gsgd_jax import probes
 from gsgd_jax.structure import PROBE, build_structure
 
-from helpers import train_nnx
+from helpers import nnx_layers_at_skeleton, train_nnx
 
 
 class ProbedMLP(nn.Module):
@@ -196,10 +196,8 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
   x = jax.random.normal(jax.random.key(0), (32, 8, 8, 1), jnp.float32)
   y = (jnp.mean(x, axis=(1, 2, 3)) > 0).astype(jnp.int32)
   model = ProbedNNX(nnx.Rngs(1))
-  state = nnx.state(model, nnx.Param)
-  layers = gsgd_jax.infer_layers(state)
+  layers = nnx_layers_at_skeleton(model)
   assert layers == [("convs", 0), ("head", 0), ("head", 1)]
-  nnx.update(model, gsgd_jax.set_skeleton(state, layers))
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   assert gsgd_jax.verify_probes(lambda p: loss(nnx.merge(graphdef, p, rest)), state,
