@@ -1,31 +1,26 @@
 """gsgd_jax: G-SGD and path-space optimizers for ReLU networks, as optax transformations."""
 
-from gsgd_jax import probes
-from gsgd_jax.aliases import g_adam, g_adamw, g_momentum, g_rmsprop
-from gsgd_jax.init import random_rescale, rescale, set_skeleton, skeleton_mask
-from gsgd_jax.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
-from gsgd_jax.optimizers import (
-    PathSpaceState,
-    basis_path_values,
-    block_labels,
-    gsgd,
-    path_space,
-)
-from gsgd_jax.structure import ChainStructure, LayerSpec, infer_layers
-from gsgd_jax.validate import verify_invariance, verify_probes
+import importlib.metadata
 
-__version__ = "0.1.0"
+from gsgd_jax import probes
+from gsgd_jax._src.alias import g_adam, g_adamw, g_momentum, g_rmsprop, gsgd
+from gsgd_jax._src.infer import infer_layers
+from gsgd_jax._src.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
+from gsgd_jax._src.rescaling import random_rescale, rescale
+from gsgd_jax._src.skeleton import set_skeleton, skeleton_mask
+from gsgd_jax._src.transform import PathSpaceState, basis_path_values, block_labels, path_space
+from gsgd_jax._src.validate import verify_invariance, verify_probes
+
+__version__ = importlib.metadata.version("gsgd_jax")
 
 __all__ = [
-    "ChainStructure",
-    "LayerSpec",
     "PathSpaceState",
     "basis_path_values",
+    "block_labels",
     "g_adam",
     "g_adamw",
     "g_momentum",
     "g_rmsprop",
-    "block_labels",
     "gsgd",
     "infer_layers",
     "path_norm_scales",

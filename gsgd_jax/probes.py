@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gsgd_jax.structure import PROBE
+from gsgd_jax._src.pytree import PROBE
 
 __all__ = ["PROBE", "Conv", "Dense", "Linear", "NNXConv", "scale_probe"]
 

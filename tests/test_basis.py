@@ -7,8 +7,8 @@ import optax
 import pytest
 
 import gsgd_jax
-from gsgd_jax import basis
-from gsgd_jax.structure import build_structure
+from gsgd_jax._src import basis
+from gsgd_jax._src.structure import build_structure
 
 import reference as ref
 
@@ -87,7 +87,7 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
 
   want, want_b = jax.grad(loss_of_values, argnums=(0, 1))(values, bias_values)
   grads = jax.grad(loss)(params)
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   got = basis.inverse_chain_rule(struct, kernels, biases, *_arrays(grads, layers))
   tol = 1e-10 * _scale(want + (want_b if bias else []))
   for k, free in enumerate(_free_masks(widths)):
@@ -109,7 +109,7 @@ def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
   new = optax.apply_updates(params, updates)
 
   # dv as the inner transformation computes it from the path gradients.
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
   path_grads = {n: {"kernel": pg.kernels[k], "bias": pg.biases[k]}
                 for k, (n,) in enumerate(layers)}
@@ -143,7 +143,7 @@ def test_zero_weights_and_biases_move_exactly():
   new = optax.apply_updates(params, updates)
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   assert int(state.clipped_ratios) == 0
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
   before, before_b = ref.basis_values(*_arrays(params, layers), widths)
   after, after_b = ref.basis_values(*_arrays(new, layers), widths)
@@ -161,7 +161,7 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
   tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=(0.9, 1.1))
   updates, state = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
   before, _ = ref.basis_values(*_arrays(params, layers), widths)
   after, _ = ref.basis_values(*_arrays(new, layers), widths)
@@ -232,7 +232,7 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
   assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
   new = optax.apply_updates(params, updates)
 
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
   assert all(np.all(np.isfinite(g)) for g in pg.kernels)
   # Node 2 of level 1 heads every path of row 2 of layer 1, the outgoing skeleton one included.

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import gsgd_jax
-from gsgd_jax import basis
-from gsgd_jax.structure import build_structure
+from gsgd_jax._src import basis
+from gsgd_jax._src.structure import build_structure
 
 import reference as ref
 from helpers import nnx_layers_at_skeleton, train_nnx, train_scan
@@ -139,7 +139,7 @@ def _problem(name, seed=0):
 @pytest.mark.parametrize("name", sorted(NETS))
 def test_structure_reads_taps_and_flatten(name):
   params, layers, taps, widths, *_ = _problem(name)
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   assert [(s.taps, s.centre, s.n_in, s.n_out) for s in struct.layers] == taps
   kinds = [s.kind for s in struct.layers]
   assert kinds[0] == "conv" and kinds[-1] in ("dense", "flatten")
@@ -165,7 +165,7 @@ def test_cnn_icr_equals_autodiff(name):
 
   want, want_b = jax.grad(loss_of_values, argnums=(0, 1))(values, bias_values)
   grads = jax.grad(loss)(params)
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   got = basis.inverse_chain_rule(
       struct, [params[n]["kernel"] for (n,) in layers], biases,
       [grads[n]["kernel"] for (n,) in layers], [grads[n].get("bias") for (n,) in layers])
@@ -189,7 +189,7 @@ def test_cnn_weight_allocation_lands_on_v_plus_dv(name):
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   centres = [t[1] for t in taps]
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   views, biases = _views(params, layers, taps)
   got = basis.inverse_chain_rule(
       struct, [params[n]["kernel"] for (n,) in layers], biases,
@@ -259,7 +259,7 @@ def test_linen_cnn_trains():
   layers = gsgd_jax.infer_layers(params)
   assert layers == [("params", "Conv_0"), ("params", "Conv_1"), ("params", "Dense_0"),
                     ("params", "Dense_1")]
-  (struct,), _, _ = build_structure(params, layers)
+  (struct,) = build_structure(params, layers)
   assert [s.kind for s in struct.layers] == ["conv", "conv", "flatten", "dense"]
   assert struct.layers[2].taps == 4
   params = gsgd_jax.set_skeleton(params, layers)

@@ -12,11 +12,13 @@ import optax
 import gsgd_jax
 import pytest
 
-from gsgd_jax import aliases, optimizers, path_norm, probes
+from gsgd_jax import probes
+from gsgd_jax._src import alias, infer, path_norm, transform, validate
 
 
-@pytest.mark.parametrize("module, examples", [(optimizers, 5), (aliases, 5), (path_norm, 5),
-                                              (probes, 3)], ids=lambda m: getattr(m, "__name__", ""))
+@pytest.mark.parametrize("module, examples", [(transform, 9), (alias, 10), (path_norm, 5),
+                                              (probes, 3), (infer, 3), (validate, 5)],
+                         ids=lambda m: getattr(m, "__name__", ""))
 def test_docstring_examples(module, examples):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= examples and result.failed == 0

@@ -9,9 +9,11 @@ import pytest
 from flax import nnx
 
 import gsgd_jax
-from gsgd_jax import basis as ps
+from gsgd_jax._src import basis
 from gsgd_jax import probes
-from gsgd_jax.structure import PROBE, build_structure
+from gsgd_jax._src.pytree import locate_blocks
+from gsgd_jax._src.structure import build_structure
+from gsgd_jax.probes import PROBE
 
 from helpers import nnx_layers_at_skeleton, train_nnx
 
@@ -108,13 +110,15 @@ def test_probe_values_other_than_one_are_exact():
   loss = lambda p: jnp.sum(ProbedMLP().apply(p, x) ** 2)
   gsgd_jax.verify_probes(loss, params, layers, rtol=1e-12)
   grads = jax.grad(loss)(params)
-  (struct,), (where,), _ = build_structure(params, layers)
-  leaves, grad_leaves = jax.tree.leaves(params), jax.tree.leaves(grads)
-  args = [[leaves[i] for i in where.kernel], [leaves[i] for i in where.bias],
-          [grad_leaves[i] for i in where.kernel], [grad_leaves[i] for i in where.bias]]
-  sums = [None if i is None else leaves[i] * grad_leaves[i] for i in where.probe]
-  with_sums = ps.inverse_chain_rule(struct, *args, probe_sums=sums)
-  reduced = ps.inverse_chain_rule(struct, *args)
+  (struct,) = build_structure(params, layers)
+  (p,) = [s.take(located.leaves) for located in [locate_blocks(params, [struct.paths], "params")]
+          for s in located.slots]
+  (g,) = [s.take(located.leaves) for located in [locate_blocks(grads, [struct.paths], "grads")]
+          for s in located.slots]
+  args = [p.kernels, p.biases, g.kernels, g.biases]
+  sums = [None if s is None else s * gs for s, gs in zip(p.probes, g.probes)]
+  with_sums = basis.inverse_chain_rule(struct, *args, probe_sums=sums)
+  reduced = basis.inverse_chain_rule(struct, *args)
   for a, b in zip(with_sums.kernels, reduced.kernels):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 

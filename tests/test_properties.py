@@ -39,8 +39,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gsgd_jax
-from gsgd_jax import basis
-from gsgd_jax.structure import build_structure
+from gsgd_jax._src import basis
+from gsgd_jax._src.structure import build_structure
 
 import reference as ref
 
@@ -258,7 +258,7 @@ def _loss(net, params):
 def _icr(net, params):
   """The library's path gradients of the loss at ``params`` (kernel-shaped)."""
   grads = jax.grad(functools.partial(_loss, net))(params)
-  (struct,), _, _ = build_structure(params, net.layers)
+  (struct,) = build_structure(params, net.layers)
   pg = basis.inverse_chain_rule(struct, [params[n]["kernel"] for n in net.names],
                                 net.views(params)[1],
                                 [grads[n]["kernel"] for n in net.names], net.views(grads)[1])

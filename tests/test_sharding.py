@@ -9,7 +9,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsgd_jax
-from gsgd_jax.structure import PROBE
+from gsgd_jax.probes import PROBE
 
 import reference as ref
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import speed
-from gsgd_jax.structure import build_structure
+from gsgd_jax._src.structure import build_structure
 
 
 @pytest.mark.parametrize("name, kinds", [
@@ -16,7 +16,7 @@ from gsgd_jax.structure import build_structure
 ])
 def test_models_declare_their_layers_and_probes_change_nothing(name, kinds):
   params, layers, forward, x, n_out, batch = speed.model_and_data(name, 4)
-  blocks, _, _ = build_structure(params, layers)
+  blocks = build_structure(params, layers)
   assert [spec.kind for spec in blocks[0].layers] == kinds
   out = forward(params, layers, x)
   assert out.shape == (batch, n_out)

@@ -1,8 +1,8 @@
 """Basis-path values, the inverse chain rule (ICR) and weight allocation (WA).
 
 The functions here act on one chain (a ``ChainStructure``) given as lists of
-per-layer arrays; ``optimizers.py`` maps pytrees to these lists. Notation follows
-SPEC §2-4 with 0-based layers (see ``structure.py``): ``B[k]`` and ``F[k]`` are
+per-layer arrays; ``transform.py`` maps pytrees to these lists. Notation follows
+docs/math.md with 0-based layers (see ``structure.py``): ``B[k]`` and ``F[k]`` are
 the back and forward skeleton-chain products at node level ``k``.
 
 Everything is O(m): per layer, one reduction over the taps and inputs and
@@ -16,21 +16,21 @@ Kernels are used in their own shape, ``(*window, rows, n_out)``: dense
 n_out)`` with row ``s * n_in + c`` fed by node ``c``. Per-node vectors broadcast
 against them through ``rows`` and ``cols``. Never reshaping a kernel matters:
 XLA writes a fused update into the buffer of the gradient it reads only if it
-reads it without a reshape. With the kernels viewed as ``(taps, n_in, n_out)``
-a train step held kernel-sized temporaries that SGD's does not (on a 2-core CPU,
-for a 22M-parameter MLP: 50 MB instead of 10 MB, and about a tenth of the
-step's time).
+reads it without a reshape; with the kernels viewed as ``(taps, n_in, n_out)``
+a train step held kernel-sized temporaries that SGD's does not (measured in
+benchmarks/RESULTS.md, checked by the memory test).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax.structure import ChainStructure, LayerSpec
+from gsgd_jax._src.structure import ChainStructure, LayerSpec
 
 Array = jax.Array
 
@@ -44,28 +44,40 @@ def compute_dtype(dtype) -> jnp.dtype:
 # Skeleton edges: per-node gathers and fused masks.
 
 
-def _explicit_mesh() -> bool:
-  return bool(jax.sharding.get_abstract_mesh().explicit_axes)
+def _explicit_mesh(x: Array) -> jax.sharding.AbstractMesh | None:
+  """The mesh of ``x``'s own sharding when it has Explicit axes, else None.
+
+  Read from the array's type, not from the context mesh, so that sharded params
+  work inside and outside ``jax.set_mesh`` alike.
+  """
+  mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+  return mesh if mesh is not None and mesh.explicit_axes else None
+
+
+def _replicated_sharding(mesh: jax.sharding.AbstractMesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def replicated(vector: Array) -> Array:
-  """A per-node vector, replicated under an Explicit-axes mesh.
+  """A per-node vector, replicated where it is sharded over Explicit axes.
 
   Per-node vectors are tiny; kept replicated they broadcast against kernels of
   any sharding, and every update keeps the sharding of its gradient.
   """
-  if _explicit_mesh():
-    return jax.sharding.reshard(vector, jax.sharding.PartitionSpec())
-  return vector
+  mesh = _explicit_mesh(vector)
+  if mesh is None:
+    return vector
+  return jax.sharding.reshard(vector, _replicated_sharding(mesh))
 
 
 def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray,
           nodes_out: np.ndarray) -> Array:
   """The skeleton-tap entries ``(nodes_in[p], nodes_out[p])``: one per node
-  (replicated under an Explicit-axes mesh)."""
+  (replicated when the kernel is sharded over Explicit axes)."""
   index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
-  if _explicit_mesh():
-    return kernel.at[index].get(out_sharding=jax.sharding.PartitionSpec())
+  mesh = _explicit_mesh(kernel)
+  if mesh is not None:
+    return kernel.at[index].get(out_sharding=_replicated_sharding(mesh))
   return kernel[index]
 
 
@@ -183,7 +195,7 @@ def cols(x: Array) -> Array:
 # Chain products and basis-path values.
 
 
-class Chains(NamedTuple):
+class SkeletonProducts(NamedTuple):
   """Skeleton-chain products per node level (``L + 1`` vectors each).
 
   ``back[k][j]``: product of incoming skeleton weights from an input to node j
@@ -195,8 +207,8 @@ class Chains(NamedTuple):
   forward: tuple[Array, ...]
 
 
-def chains(struct: ChainStructure, kernels: Sequence[Array], dtype) -> Chains:
-  """Back and forward skeleton chains, O(sum of widths) after the gathers."""
+def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -> SkeletonProducts:
+  """Back and forward skeleton-chain products, O(sum of widths) after the gathers."""
   specs, depth = struct.layers, struct.depth
   back = [jnp.ones(specs[0].n_in, dtype)]
   for k in range(depth - 1):
@@ -209,30 +221,30 @@ def chains(struct: ChainStructure, kernels: Sequence[Array], dtype) -> Chains:
     w_out = outgoing_skeleton(kernels[k], specs[k], struct.sigma[k]).astype(dtype)
     forward[k] = w_out * periodic(forward[k + 1], specs[k].n_in)
   forward[0] = jnp.ones(specs[0].n_in, dtype)  # inputs: never used as a head
-  return Chains(tuple(back), tuple(forward))
+  return SkeletonProducts(tuple(back), tuple(forward))
 
 
 def basis_values(struct: ChainStructure, kernels: Sequence[Array],
-                 biases: Sequence[Array | None], chain_products: Chains | None = None
+                 biases: Sequence[Array | None], products: SkeletonProducts | None = None
                  ) -> tuple[list[Array], list[Array | None]]:
   """Basis-path values owned by every weight and bias; 0 on the fixed edges F.
 
   ``v_e = B[k][i] * w_e * F[k+1][j]`` for an edge ``i -> j`` of layer ``k`` and
-  ``v_b = b_j * F[k+1][j]`` for a bias. ``chain_products`` may be passed when
+  ``v_b = b_j * F[k+1][j]`` for a bias. ``products`` may be passed when
   already computed for these kernels.
   """
   ct = compute_dtype(kernels[0].dtype)
-  ch = chains(struct, kernels, ct) if chain_products is None else chain_products
+  products = skeleton_products(struct, kernels, ct) if products is None else products
   values, bias_values = [], []
   for k, spec in enumerate(struct.layers):
-    v = rows(ch.back[k], spec) * kernels[k].astype(ct) * cols(ch.forward[k + 1])
+    v = rows(products.back[k], spec) * kernels[k].astype(ct) * cols(products.forward[k + 1])
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       v = jnp.where(fixed, 0, v)
     values.append(v.astype(kernels[k].dtype))
     b = biases[k]
     bias_values.append(None if b is None else
-                       (b.astype(ct) * ch.forward[k + 1]).astype(b.dtype))
+                       (b.astype(ct) * products.forward[k + 1]).astype(b.dtype))
   return values, bias_values
 
 
@@ -260,7 +272,7 @@ class PathGradients(NamedTuple):
 
   kernels: list[Array]  # dL/dv, shaped like each kernel, 0 on F
   biases: list[Array | None]
-  chains: Chains
+  products: SkeletonProducts
   compute_dtype: jnp.dtype
 
 
@@ -268,7 +280,7 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
                        biases: Sequence[Array | None], kernel_grads: Sequence[Array],
                        bias_grads: Sequence[Array | None],
                        probe_sums: Sequence[Array | None] | None = None) -> PathGradients:
-  """Basis-path gradients from weight gradients (SPEC §3).
+  """Basis-path gradients from weight gradients (docs/math.md).
 
   With ``u_p = v_p * dL/dv_p`` (the path's share of ``w * g``)::
 
@@ -287,7 +299,7 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
-  ch = chains(struct, kernels, ct)
+  products = skeleton_products(struct, kernels, ct)
 
   # P recurrence over hidden levels 1..L-1; one column reduction per layer.
   carried = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
@@ -303,12 +315,12 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
     # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
-    carried[k + 1] = p / (_usable(ch.back[k + 1]) * _usable(ch.forward[k + 1]))
+    carried[k + 1] = p / (_usable(products.back[k + 1]) * _usable(products.forward[k + 1]))
     p_prev = p
 
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
-    inv_back, inv_fwd = reciprocal(ch.back[k]), reciprocal(ch.forward[k + 1])
+    inv_back, inv_fwd = reciprocal(products.back[k]), reciprocal(products.forward[k + 1])
     gv = kernel_grads[k].astype(ct) * rows(inv_back, spec) * cols(inv_fwd)
     out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:
@@ -319,7 +331,7 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
     grads.append(gv.astype(kernel_grads[k].dtype))
     gb = bias_grads[k]
     bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd).astype(gb.dtype))
-  return PathGradients(grads, bias_grads_v, ch, ct)
+  return PathGradients(grads, bias_grads_v, products, ct)
 
 
 # ----------------------------------------------------------------------------
@@ -332,10 +344,10 @@ DEFAULT_RATIO_CLIP = (0.1, 10.0)
 
 def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
                       biases: Sequence[Array | None], kernel_steps: Sequence[Array],
-                      bias_steps: Sequence[Array | None], chain_products: Chains,
+                      bias_steps: Sequence[Array | None], products: SkeletonProducts,
                       ratio_clip: tuple[float, float] | None
                       ) -> tuple[list[Array], list[Array | None], Array]:
-  """Weight updates that move every basis path from ``v`` to ``v + dv`` (SPEC §4).
+  """Weight updates that move every basis path from ``v`` to ``v + dv`` (docs/math.md).
 
   F stays fixed. Node ratios ``Q`` come from the outgoing skeleton paths::
 
@@ -354,7 +366,6 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
-  ch = chain_products
   q = [None] * (depth + 1)
   q[depth] = jnp.ones(specs[-1].n_out, ct)
   num_clipped = jnp.zeros((), jnp.int32)
@@ -362,7 +373,7 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   for k in range(depth - 1, 0, -1):
     spec, sigma = specs[k], struct.sigma[k]
     dv_out = outgoing_skeleton(kernel_steps[k], spec, sigma).astype(ct)
-    inv_path_value = 1 / (_usable(ch.back[k]) * _usable(ch.forward[k]))  # 0 if degenerate
+    inv_path_value = 1 / (_usable(products.back[k]) * _usable(products.forward[k]))  # 0 if degenerate
     ratio = 1 + dv_out * inv_path_value
     if ratio_clip is not None:
       clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
@@ -382,8 +393,8 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
     dv = kernel_steps[k].astype(ct)
     if skeleton_steps[k] is not None:
       dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), rows(skeleton_steps[k], spec), dv)
-    inv_fwd = 1 / (q[k + 1] * _usable(ch.forward[k + 1]))  # 1 / (Q F)
-    du = w * cols(shrink) + dv * rows(reciprocal(ch.back[k]), spec) * cols(inv_fwd)
+    inv_fwd = 1 / (q[k + 1] * _usable(products.forward[k + 1]))  # 1 / (Q F)
+    du = w * cols(shrink) + dv * rows(reciprocal(products.back[k]), spec) * cols(inv_fwd)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)

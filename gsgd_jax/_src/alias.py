@@ -1,6 +1,6 @@
-"""Path-space versions of common optax optimizers: ``path_space(optax.X(...))``.
+"""G-SGD and path-space versions of common optax optimizers: ``path_space(optax.X(...))``.
 
-Each runs its optax namesake on basis-path gradients (SPEC §3-4), so the trained
+Each runs its optax namesake on basis-path gradients (docs/math.md), so the trained
 network's function does not depend on how the initial weights are positively
 rescaled per hidden node. Parameters outside ``layers`` get the same optax
 optimizer on their ordinary gradients unless ``fallback`` says otherwise.
@@ -10,14 +10,67 @@ from __future__ import annotations
 
 import optax
 
-from gsgd_jax.optimizers import DEFAULT_RATIO_CLIP, path_space
-from gsgd_jax.structure import LayerPaths
+from gsgd_jax._src.declaration import LayerPaths
+from gsgd_jax._src.transform import DEFAULT_RATIO_CLIP, path_space
 
-_REFERENCE = """
+def gsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    layers: LayerPaths,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
+
+  Plain G-SGD (Meng et al., 2019) takes, for every basis path :math:`p`,
+
+  .. math::
+    v_p \leftarrow v_p - \eta_t \, \frac{\partial L}{\partial v_p},
+
+  computed from ordinary weight gradients by the inverse chain rule and turned
+  back into weights by weight allocation. It equals
+  ``path_space(optax.sgd(learning_rate, momentum, nesterov), layers=layers)``;
+  parameters outside ``layers`` get plain SGD with the same settings.
+  Outputs of the trained network do not depend on how the initial weights are
+  positively rescaled per hidden node, unlike plain SGD.
+
+  Use :func:`gsgd_jax.set_skeleton` on the initial params first, as the authors
+  did: with skeleton weights 1, path values start at the scale of single
+  weights.
+
+  Args:
+    learning_rate: a float or an optax schedule (a function of the step count).
+    layers: ordered key paths of the layers (see :func:`path_space`).
+    momentum: optional momentum (heavy ball) in path space.
+    nesterov: use Nesterov momentum.
+    fallback: the transformation for parameters outside ``layers``; by default
+      the same SGD on their ordinary gradients (see :func:`path_space`).
+    ratio_clip: bounds of the skeleton path ratios (see :func:`path_space`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))
+    >>> layers = gsgd_jax.infer_layers(params)
+    >>> params = gsgd_jax.set_skeleton(params, layers)
+    >>> tx = gsgd_jax.gsgd(0.1, layers=layers)
+    >>> state = tx.init(params)
+    >>> loss = lambda p: jnp.mean(model.apply(p, jnp.ones((4, 8))) ** 2)
+    >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
+    >>> params = optax.apply_updates(params, updates)
+
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
-"""
+  """
+  return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
 
 
 def g_momentum(
@@ -52,6 +105,10 @@ def g_momentum(
     >>> tx = gsgd_jax.g_momentum(0.1, 0.9, layers=['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
                     layers=layers, fallback=fallback, ratio_clip=ratio_clip)
@@ -97,6 +154,10 @@ def g_adam(
     >>> tx = gsgd_jax.g_adam(1e-3, layers=['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   return path_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
                     layers=layers, fallback=fallback, ratio_clip=ratio_clip)
@@ -144,6 +205,10 @@ def g_adamw(
     >>> tx = gsgd_jax.g_adamw(1e-3, weight_decay=1e-2, layers=['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   return path_space(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
                                 weight_decay=weight_decay),
@@ -188,11 +253,11 @@ def g_rmsprop(
     >>> tx = gsgd_jax.g_rmsprop(1e-3, layers=['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   return path_space(optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum,
                                   nesterov=nesterov),
                     layers=layers, fallback=fallback, ratio_clip=ratio_clip)
-
-
-for _fn in (g_momentum, g_adam, g_adamw, g_rmsprop):
-  _fn.__doc__ += _REFERENCE

@@ -1,16 +1,17 @@
-"""Path-SGD (Neyshabur et al., 2015): SGD preconditioned by the path norm (SPEC §7)."""
+"""Path-SGD (Neyshabur et al., 2015): SGD preconditioned by the path norm (docs/math.md)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from gsgd_jax import basis as ps
-from gsgd_jax.structure import (LayerPaths, build_structure, is_placeholder, locate_blocks,
-                                zero_probes)
+from gsgd_jax._src import basis, declaration, pytree, structure
+from gsgd_jax._src.declaration import LayerPaths
+from gsgd_jax._src.pytree import LayerArrays
+from gsgd_jax._src.transform import NO_PARAMS_MSG
 
 
 def _chain_gammas(struct, kernels, biases):
@@ -21,42 +22,37 @@ def _chain_gammas(struct, kernels, biases):
   from a constant node with ``gamma_in = 1``) and ``gamma_out(a) = sum_{edges
   a -> j} w^2 gamma_out(j)``; every tap of a convolution is an edge.
   """
-  ct = ps.compute_dtype(kernels[0].dtype)
+  ct = basis.compute_dtype(kernels[0].dtype)
   specs = struct.layers
   squares = [jnp.square(w.astype(ct)) for w in kernels]
   gamma_in = [jnp.ones(specs[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = ps.replicated(jnp.einsum("...io,i->o", sq, ps.per_row(gamma_in[k], specs[k]),
+    g = basis.replicated(jnp.einsum("...io,i->o", sq, basis.per_row(gamma_in[k], specs[k]),
                                  precision="highest"))
     if biases[k] is not None:
-      g += ps.replicated(jnp.square(biases[k].astype(ct)))
+      g += basis.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
   gamma_out = [None] * (struct.depth + 1)
   gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
     row_sums = jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest")
-    gamma_out[k] = ps.replicated(ps.fold_rows(row_sums, specs[k]))
+    gamma_out[k] = basis.replicated(basis.fold_rows(row_sums, specs[k]))
   return gamma_in, gamma_out
 
 
-def _block_scales(params, layers):
-  """Per block: ``(block, positions in params, per-layer (kernel gamma, bias gamma))``.
+def _layer_scales(block: structure.ChainStructure, kernels: Sequence[jax.Array],
+                  biases: Sequence[jax.Array | None]) -> list[tuple[jax.Array, jax.Array]]:
+  """Per layer, ``(kernel gamma, bias gamma)``.
 
-  The kernel's gamma is returned as the broadcastable product
-  ``gamma_in[i] * gamma_out[j]`` of shape ``(rows, n_out)``, which broadcasts
-  against the kernel.
+  The kernel's gamma is the broadcastable product ``gamma_in[i] * gamma_out[j]``
+  of shape ``(rows, n_out)``, which broadcasts against the kernel.
   """
-  blocks, wheres, _ = build_structure(params, layers)
-  leaves = jax.tree.leaves(params)
-  for struct, where in zip(blocks, wheres):
-    kernels = [leaves[i] for i in where.kernel]
-    biases = [None if i is None else leaves[i] for i in where.bias]
-    gamma_in, gamma_out = _chain_gammas(struct, kernels, biases)
-    yield struct, where, [(ps.rows(gamma_in[k], spec) * ps.cols(gamma_out[k + 1]),
-                           gamma_out[k + 1]) for k, spec in enumerate(struct.layers)]
+  gamma_in, gamma_out = _chain_gammas(block, kernels, biases)
+  return [(basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), gamma_out[k + 1])
+          for k, spec in enumerate(block.layers)]
 
 
-def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
+def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
   """The Path-SGD scales ``gamma_e = gamma_in(tail) * gamma_out(head)``, shaped like params.
 
   For a bias ``gamma = gamma_out(head)``. Leaves outside ``layers`` hold 1.
@@ -68,15 +64,17 @@ def path_norm_scales(params: Any, layers: LayerPaths) -> Any:
   Returns:
     A pytree shaped like ``params`` in the params' dtypes.
   """
-  leaves, treedef = jax.tree.flatten(params)
-  out = [jnp.ones_like(leaf) for leaf in leaves]
-  for struct, where, scales in _block_scales(params, layers):
-    for k, (kernel_gamma, bias_gamma) in enumerate(scales):
-      kernel = leaves[where.kernel[k]]
-      out[where.kernel[k]] = jnp.broadcast_to(kernel_gamma, kernel.shape).astype(kernel.dtype)
-      if where.bias[k] is not None:
-        out[where.bias[k]] = bias_gamma.astype(leaves[where.bias[k]].dtype)
-  return treedef.unflatten(out)
+  blocks = structure.build_structure(params, layers)
+
+  def scales(b: int, arrays: LayerArrays):
+    layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
+    return ([jnp.broadcast_to(kernel_gamma, w.shape).astype(w.dtype)
+             for (kernel_gamma, _), w in zip(layer_scales, arrays.kernels, strict=True)],
+            [None if bias is None else bias_gamma.astype(bias.dtype)
+             for (_, bias_gamma), bias in zip(layer_scales, arrays.biases, strict=True)])
+
+  return pytree.map_layers(params, [block.paths for block in blocks], scales,
+                           outside=jnp.ones_like)
 
 
 def scale_by_path_norm(layers: LayerPaths,
@@ -88,7 +86,7 @@ def scale_by_path_norm(layers: LayerPaths,
     \gamma_e = \gamma_{in}(\text{tail}) \, \gamma_{out}(\text{head}),
 
   with :math:`\gamma_{in}` and :math:`\gamma_{out}` from a forward and a
-  backward pass of the squared-weight network on an all-ones input (SPEC §7).
+  backward pass of the squared-weight network on an all-ones input (docs/math.md).
   For convolutions this runs on the channel graph, one edge per tap; it is not
   the path norm of the network unrolled over spatial positions, which would
   count every position's copy of an edge. Leaves outside ``layers`` pass through;
@@ -103,27 +101,31 @@ def scale_by_path_norm(layers: LayerPaths,
     An ``optax.GradientTransformation`` that needs ``params``.
   """
 
+  decl = declaration.as_declaration(layers)  # read once
+
   def init_fn(params):
-    if not is_placeholder(params):  # (optax.tree_map_params passes a placeholder)
-      build_structure(params, layers)  # raise structural errors at init
+    if not pytree.is_placeholder(params):  # (optax.tree_map_params passes a placeholder)
+      structure.build_structure(params, decl)  # raise structural errors at init
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError("gsgd_jax.scale_by_path_norm needs the current params: call "
-                       "tx.update(grads, state, params).")
-    block_scales = list(_block_scales(params, layers))
-    grads, treedef, grad_wheres = locate_blocks(
-        updates, [struct for struct, _, _ in block_scales], "updates")
-    out = list(grads)
-    for (_, _, scales), where in zip(block_scales, grad_wheres):
-      for k, (kernel_gamma, bias_gamma) in enumerate(scales):
-        g = grads[where.kernel[k]]
-        out[where.kernel[k]] = (g / jnp.maximum(kernel_gamma, min_scale)).astype(g.dtype)
-        if where.bias[k] is not None:
-          gb = grads[where.bias[k]]
-          out[where.bias[k]] = (gb / jnp.maximum(bias_gamma, min_scale)).astype(gb.dtype)
-    return zero_probes(treedef.unflatten(out)), state
+      raise ValueError(NO_PARAMS_MSG.format("gsgd_jax.scale_by_path_norm"))
+    blocks = structure.build_structure(params, decl)
+    paths = [block.paths for block in blocks]
+    located = pytree.locate_blocks(params, paths, "params")
+
+    def divide(b: int, grads: LayerArrays):
+      arrays = located.slots[b].take(located.leaves)
+      layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
+      scaled = lambda g, gamma: None if g is None else (
+          g / jnp.maximum(gamma, min_scale)).astype(g.dtype)
+      return ([scaled(g, gamma) for g, (gamma, _) in zip(grads.kernels, layer_scales,
+                                                          strict=True)],
+              [scaled(g, gamma) for g, (_, gamma) in zip(grads.biases, layer_scales,
+                                                          strict=True)])
+
+    return pytree.zero_probes(pytree.map_layers(updates, paths, divide, what="updates")), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -136,7 +138,7 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule, *, layers: LayerPaths,
   .. math::
     w_e \leftarrow w_e - \eta_t \, \frac{\partial L / \partial w_e}{\gamma_e}
 
-  (Neyshabur et al., 2015; SPEC §7). Like G-SGD it is invariant under positive
+  (Neyshabur et al., 2015; docs/math.md). Like G-SGD it is invariant under positive
   rescaling of hidden nodes. Parameters outside ``layers`` get plain SGD.
 
   Args:

@@ -1,0 +1,171 @@
+"""Reading the ``layers`` argument: one chain of layer paths, or several blocks.
+
+Accepted forms (shown in every error about them):
+
+  * one chain: a sequence of paths, e.g. ``['fc1', 'fc2']`` or
+    ``[('params', 'Dense_0'), ('params', 'Dense_1')]``;
+  * several blocks: a sequence of sequences of paths, e.g.
+    ``[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]`` (blocks may be
+    lists or tuples of paths);
+  * a path: a ``'a/b/c'`` string, or a tuple of keys (strings, integers or JAX
+    key entries); inside a block, a list of keys is a path too.
+
+``layers`` is read once, when a transformation is built: a generator is consumed
+then, and changing the list afterwards changes nothing. A list of plain keys at
+the top level (``[['fc1', 'fc2'], ['fc3', 'fc4']]``) reads as a block of paths
+or as one path written as a list; the params tree decides, and a declaration
+that the tree cannot decide is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any, Union
+
+from gsgd_jax._src import pytree
+from gsgd_jax._src.pytree import KeyPath, Path
+
+# What the public functions take as ``layers``: one chain of paths or several blocks.
+LayerPath = Union[KeyPath, str]
+LayerPaths = Union[Sequence[LayerPath], Sequence[Sequence[LayerPath]], "Declaration"]
+
+Blocks = tuple[tuple[Path, ...], ...]
+
+FORMS = (
+    "one chain: a sequence of paths, e.g. ['fc1', 'fc2'] or [('params', 'Dense_0'), "
+    "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
+    "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]; a path: an 'a/b' string or "
+    "a tuple of keys")
+
+
+def _is_key(entry: Any) -> bool:
+  return not isinstance(entry, (list, tuple, dict, set))
+
+
+def _path(entry: Any) -> Path:
+  """A path written as an ``'a/b'`` string or a sequence of keys, normalised."""
+  if isinstance(entry, str):
+    parts = tuple(p for p in entry.split("/") if p)
+  elif isinstance(entry, (tuple, list)) and all(_is_key(k) for k in entry):
+    parts = tuple(pytree.key_name(k) for k in entry)
+  else:
+    raise TypeError(f"a layer path must be a tuple of keys or an 'a/b' string, got "
+                    f"{entry!r}. Accepted forms of `layers`: {FORMS}")
+  if not parts:
+    raise ValueError("a layer path must not be empty")
+  return parts
+
+
+def _is_path(entry: Any) -> bool:
+  return isinstance(entry, str) or (isinstance(entry, tuple) and all(map(_is_key, entry)))
+
+
+def _block(entry: Any) -> tuple[Path, ...]:
+  if not isinstance(entry, (list, tuple)):
+    raise TypeError(f"a block of `layers` must be a list of paths, got {entry!r}. "
+                    f"Accepted forms of `layers`: {FORMS}")
+  if not entry:
+    raise ValueError("a block of `layers` is empty: declare at least one layer per block")
+  return tuple(_path(p) for p in entry)
+
+
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+  """``layers`` as read once: its possible readings as blocks of paths.
+
+  Attributes:
+    readings: one reading, or two when lists of plain keys at the top level may
+      be blocks of paths or paths written as lists (see :meth:`resolve`).
+    text: the declaration as the user wrote it, for messages.
+  """
+
+  readings: tuple[Blocks, ...]
+  text: str
+
+  def resolve(self, leaf_paths: set[Path], masked: set[Path]) -> Blocks:
+    """The blocks this declaration names in a tree with these leaf paths.
+
+    Of two readings, the one whose every path leads to a ``kernel`` is taken;
+    when both do, the declaration is ambiguous and refused. Raises, naming the
+    layer, when a declared layer's kernel or bias is an ``optax.MaskedNode``.
+    """
+    resolves = lambda blocks: all(p + ("kernel",) in leaf_paths for b in blocks for p in b)
+    fitting = [blocks for blocks in self.readings if resolves(blocks)]
+    if len(fitting) > 1:
+      raise ValueError(
+          f"`layers` = {self.text} reads two ways in these params: as blocks "
+          f"{_show(fitting[0])} or as one chain {_show(fitting[1])}. Write it in one of "
+          f"the accepted forms: {FORMS}.")
+    blocks = fitting[0] if fitting else self.readings[0]
+    twice = _twice(blocks)
+    if twice is not None:
+      raise ValueError(f"layer {'/'.join(twice)!r} is declared twice in `layers`")
+    for block in blocks:
+      for path in block:
+        name = "/".join(path)
+        if path + ("kernel",) in masked:
+          raise ValueError(
+              f"layer {name!r} is masked out (optax.masked or optax.partition hands it "
+              "to another transformation) but declared in `layers`: declare only the "
+              "layers this transformation receives.")
+        if path + ("bias",) in masked:
+          raise ValueError(
+              f"layer {name!r}: its bias is masked out (optax.masked or "
+              "optax.partition hands it to another transformation) but its kernel is "
+              "not. Weight allocation rescales a node's incoming weights and bias "
+              "together, so a declared layer's kernel and bias must go to the same "
+              "transformation; build the mask or labels with gsgd_jax.block_labels.")
+      if len(block) == 1:
+        warnings.warn(
+            f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
+            "hidden nodes, so path space gives it the inner transformation on its "
+            "weights as they are. To declare one chain, list its paths in one flat "
+            f"sequence. Accepted forms: {FORMS}", stacklevel=5)
+    return blocks
+
+
+def _show(blocks: Blocks) -> str:
+  return repr([["/".join(p) for p in block] for block in blocks])
+
+
+def as_declaration(layers: Any) -> Declaration:
+  """Reads ``layers`` once (see the module docstring); a Declaration passes through."""
+  if isinstance(layers, Declaration):
+    return layers
+  if isinstance(layers, str) or not isinstance(layers, Iterable) or isinstance(layers, dict):
+    what = "the string " if isinstance(layers, str) else ""
+    raise TypeError(f"`layers` must be a sequence of layer paths or of blocks, got "
+                    f"{what}{layers!r}. Accepted forms: {FORMS}")
+  entries = list(layers)
+  text = repr(entries)
+  if not entries:
+    raise ValueError("`layers` is empty: declare at least one layer")
+  key_lists = [isinstance(e, list) and all(map(_is_key, e)) for e in entries]
+  readings: list[Blocks] = []
+  if all(_is_path(e) or is_keys for e, is_keys in zip(entries, key_lists, strict=True)):
+    if not any(key_lists):
+      readings.append((tuple(_path(e) for e in entries),))
+    elif all(key_lists):  # blocks of paths, or one chain of paths written as lists
+      readings.append(tuple(_block(e) for e in entries))
+      readings.append((tuple(_path(e) for e in entries),))
+    else:  # some paths are written as lists: one chain
+      readings.append((tuple(_path(e) for e in entries),))
+  elif all(isinstance(e, (list, tuple)) and not _is_path(e) or is_keys
+           for e, is_keys in zip(entries, key_lists, strict=True)):
+    readings.append(tuple(_block(e) for e in entries))
+  else:
+    raise TypeError(f"`layers` mixes paths and blocks: {text}. Accepted forms: {FORMS}")
+  return Declaration(tuple(readings), text)
+
+
+def _twice(blocks: Blocks) -> Path | None:
+  """The first path declared twice in ``blocks``, if any."""
+  seen: set[Path] = set()
+  for block in blocks:
+    for path in block:
+      if path in seen:
+        return path
+      seen.add(path)
+  return None

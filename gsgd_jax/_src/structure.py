@@ -1,0 +1,254 @@
+"""Static structure of a ReLU chain: layer specs, skeleton and per-node index tables.
+
+Everything here is derived from key paths and shapes only (never from values or
+pytree order), so it is identical in ``init`` and ``update``.
+
+Conventions (docs/math.md). Layers are numbered ``k = 0..L-1``; layer ``k`` maps
+node level ``k`` to level ``k + 1``; level 0 holds the inputs, level ``L`` the
+outputs and levels ``1..L-1`` the hidden nodes. ``taps`` parallel edges join each
+pair of nodes of adjacent levels and tap ``centre`` is the skeleton one. The
+layer kinds (kernels are used in their own shape, see ``basis.py``):
+
+  * dense ``(n_in, n_out)``: one tap;
+  * convolution ``(*window, c_in, c_out)`` (2-D, 3-D): channels are nodes, one
+    tap per window position, the centre ``(k // 2, ...)`` is the skeleton tap;
+  * dense after a flatten of ``(S positions, C channels)`` (NHWC order, row
+    ``s * C + c``): recognised when a dense kernel with ``S * C`` rows follows a
+    convolution with ``C`` output channels; S taps, skeleton position ``S // 2``.
+
+A rank-3 kernel is refused: a stacked dense layer (``nn.scan``) and a 1-D
+convolution have that shape and different symmetry groups.
+
+Several independent chains (blocks) may be declared; nothing crosses a block
+boundary, so the inputs and outputs of each block are not hidden nodes.
+
+Skeleton, per hidden node:
+  * incoming edge of node ``j`` of level ``k + 1``: from node ``pi[k][j] = j mod n_in``;
+  * outgoing edge of node ``a`` of level ``k``: to node ``sigma[k][a] = a mod n_out``
+    of layer ``k``.
+The incoming skeleton edges form the fixed set F that G-SGD never moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gsgd_jax._src import declaration, pytree
+from gsgd_jax._src.pytree import PROBE, Path
+
+class UnsupportedLayerError(ValueError):
+  """A declared layer is of a kind whose symmetry G-SGD does not model."""
+
+
+Signature = tuple[tuple[Path, tuple[int, ...], bool], ...]  # (path, kernel shape, has bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """One layer of a chain, as seen by the path-space algorithm."""
+
+  path: Path  # normalised key path of the layer's sub-tree
+  kind: str  # 'dense', 'conv' or 'flatten' (a dense layer after a flatten)
+  kernel_shape: tuple[int, ...]
+  has_bias: bool
+  taps: int  # parallel edges per (input node, output node) pair
+  centre: int  # index of the skeleton tap in [0, taps)
+  n_in: int
+  n_out: int
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path)
+
+  @property
+  def centre_index(self) -> tuple[int, ...]:
+    """A convolution's skeleton tap as a position in its window axes (() otherwise)."""
+    if self.kind != "conv":
+      return ()
+    return tuple(int(i) for i in np.unravel_index(self.centre, self.kernel_shape[:-2]))
+
+  @property
+  def centre_row(self) -> int:
+    """First kernel row of a flatten layer's skeleton tap (0 otherwise)."""
+    return self.centre * self.n_in if self.kind == "flatten" else 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChainStructure:
+  """Skeleton and index tables of one chain of layers (see module docstring).
+
+  Attributes:
+    layers: the ``L`` layer specs in order.
+    pi: ``pi[k]`` (for ``k < L-1``): source of the incoming skeleton edge of each
+      node of level ``k + 1``.
+    sigma: ``sigma[k]`` (for ``k >= 1``; ``sigma[0]`` is ``None``): target of the
+      outgoing skeleton edge of each node of level ``k``.
+    out_fixed: ``out_fixed[k][a]`` (for ``k >= 1``): the outgoing skeleton edge
+      of node ``a`` of level ``k`` is itself in F.
+    loops_back: ``loops_back[k][j]`` (for ``1 <= k < L-1``): the incoming
+      skeleton edge of node ``j`` of level ``k + 1`` is also the outgoing
+      skeleton edge of its source, i.e. ``sigma[k][pi[k][j]] == j``.
+  """
+
+  layers: tuple[LayerSpec, ...]
+  pi: tuple[np.ndarray | None, ...]
+  sigma: tuple[np.ndarray | None, ...]
+  out_fixed: tuple[np.ndarray | None, ...]
+  loops_back: tuple[np.ndarray | None, ...]
+
+  @property
+  def depth(self) -> int:
+    return len(self.layers)
+
+  @property
+  def paths(self) -> tuple[Path, ...]:
+    return tuple(spec.path for spec in self.layers)
+
+  @property
+  def num_hidden(self) -> int:
+    """H: the number of hidden nodes, i.e. the dimension of the group G."""
+    return sum(spec.n_out for spec in self.layers[:-1])
+
+  @property
+  def num_weights(self) -> int:
+    """m: weights plus biases (biases count as edges from a constant node)."""
+    return sum(
+        int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers)
+
+  @property
+  def num_basis_paths(self) -> int:
+    """m - H: the dimension of the positively scale-invariant space."""
+    return self.num_weights - self.num_hidden
+
+
+def _layer_spec(path: Path, kernel_shape: tuple[int, ...], has_bias: bool,
+                prev: LayerSpec | None) -> LayerSpec:
+  name = "/".join(path)
+  if len(kernel_shape) < 2 or min(kernel_shape) < 1:
+    raise ValueError(f"layer {name!r}: kernel of shape {kernel_shape} is neither a dense "
+                     "(in, out) kernel nor a convolution (*window, in, out) kernel")
+  if len(kernel_shape) == 3:
+    raise UnsupportedLayerError(
+        f"layer {name!r}: a rank-3 kernel {kernel_shape} is either a stacked dense layer "
+        "(nn.scan / nnx.vmap: one (in, out) kernel per copy on axis 0) or a 1-D "
+        "convolution (width, in, out); the two have different symmetry groups and "
+        "gsgd_jax supports neither yet. Leave the layer out of `layers` (it then takes "
+        "the fallback), or unroll the stack and declare one block per copy.")
+  *window, n_in, n_out = kernel_shape
+  if window:  # convolution: one tap per window position, the centre is the skeleton
+    centre = int(np.ravel_multi_index(tuple(d // 2 for d in window), window))
+    return LayerSpec(path, "conv", tuple(kernel_shape), has_bias, int(np.prod(window)),
+                     centre, n_in, n_out)
+  if prev is not None and prev.kind == "conv" and n_in != prev.n_out \
+      and n_in % prev.n_out == 0:
+    positions = n_in // prev.n_out  # flatten of (positions, channels), NHWC order
+    return LayerSpec(path, "flatten", tuple(kernel_shape), has_bias, positions,
+                     positions // 2, prev.n_out, n_out)
+  return LayerSpec(path, "dense", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out)
+
+
+def chain_structure(signature: Signature) -> ChainStructure:
+  """Specs and skeleton index tables of one chain of layers."""
+  if not signature:
+    raise ValueError("a block of `layers` is empty: declare at least one layer per block")
+  specs: list[LayerSpec] = []
+  for entry in signature:
+    spec = _layer_spec(*entry, prev=specs[-1] if specs else None)
+    if specs and spec.n_in != specs[-1].n_out:
+      prev = specs[-1]
+      if spec.kind == "conv" and prev.n_out % spec.n_in == 0:
+        raise UnsupportedLayerError(
+            f"layer {spec.name!r}: kernel {spec.kernel_shape} takes {spec.n_in} input "
+            f"channels but the layer before it, {prev.name!r}, has {prev.n_out} outputs: "
+            "a grouped or depthwise convolution (feature_group_count > 1)? G-SGD "
+            "supports only convolutions whose output channels each see every input "
+            "channel; leave this layer out of `layers` (it then takes the fallback) and "
+            "split the chain around it.")
+      raise ValueError(
+          f"layer {spec.name!r} takes {spec.n_in} inputs (kernel {spec.kernel_shape}) "
+          f"but the layer before it, {prev.name!r}, has {prev.n_out} outputs "
+          f"(kernel {prev.kernel_shape}); are `layers` in forward order?")
+    specs.append(spec)
+  depth = len(specs)
+  pi = tuple(np.arange(s.n_out) % s.n_in if k < depth - 1 else None
+             for k, s in enumerate(specs))
+  sigma = tuple(np.arange(s.n_in) % s.n_out if k >= 1 else None
+                for k, s in enumerate(specs))
+  out_fixed = tuple(
+      None if k == 0 else
+      (pi[k][sigma[k]] == np.arange(s.n_in)) if k < depth - 1 else
+      np.zeros(s.n_in, bool)
+      for k, s in enumerate(specs))
+  loops_back = tuple(
+      (sigma[k][pi[k]] == np.arange(s.n_out)) if 1 <= k < depth - 1 else None
+      for k, s in enumerate(specs))
+  for table in (*pi, *sigma, *out_fixed, *loops_back):
+    if table is not None:
+      table.setflags(write=False)
+  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back)
+
+
+@functools.lru_cache(maxsize=256)
+def _build(signatures: tuple[Signature, ...]) -> tuple[ChainStructure, ...]:
+  return tuple(chain_structure(signature) for signature in signatures)
+
+
+def _masked_paths(tree: Any) -> set[Path]:
+  """Key paths of the ``optax.MaskedNode`` stand-ins of leaves that ``optax.masked``
+  or ``optax.partition`` handed to another transformation."""
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
+  return {tuple(pytree.key_name(k) for k in path)
+          for path, leaf in with_path if is_masked(leaf)}
+
+
+def _check_layer(name: str, leaves: list[Any], slot_kernel: int, slot_bias: int | None,
+                 slot_probe: int | None) -> None:
+  kernel_shape = np.shape(leaves[slot_kernel])
+  for i, what in ((slot_kernel, "kernel"), (slot_bias, "bias"), (slot_probe, PROBE)):
+    if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
+      raise ValueError(f"layer {name!r}: {what} has dtype {jnp.result_type(leaves[i])}; "
+                       "G-SGD needs floating-point parameters")
+  for i, what in ((slot_bias, "bias"), (slot_probe, PROBE)):
+    if i is None:
+      continue
+    shape = np.shape(leaves[i])
+    if len(shape) == 2 and len(kernel_shape) == 3 and shape[0] == kernel_shape[0]:
+      raise ValueError(
+          f"layer {name!r}: kernel {kernel_shape} and {what} {shape} carry a stack axis "
+          f"of length {shape[0]} (nn.scan / nnx.vmap): stacked layers are not supported "
+          "yet. Leave the layer out of `layers` (it then takes the fallback), or unroll "
+          "the stack and declare one block per copy.")
+    if shape != (kernel_shape[-1],):
+      raise ValueError(f"layer {name!r}: {what} of shape {shape} does not match the "
+                       f"kernel's {kernel_shape[-1]} outputs")
+
+
+def build_structure(tree: Any, layers: declaration.Declaration | Any,
+                    what: str = "params") -> tuple[ChainStructure, ...]:
+  """The (cached) chain structure of every block of ``layers`` in ``tree``.
+
+  Raises, naming the layer, when a declared layer is missing, masked out, not
+  floating point, of an unsupported kind, or does not chain with its neighbour.
+  """
+  decl = declaration.as_declaration(layers)
+  paths, leaves, _ = pytree.leaf_paths(tree)
+  masked = _masked_paths(tree)
+  blocks = decl.resolve(set(paths), masked)
+  signatures = []
+  for block in blocks:
+    slots = pytree.locate_layers(paths, block, what=what)
+    for name, k, b, s in zip(block, slots.kernel, slots.bias, slots.probe, strict=True):
+      _check_layer("/".join(name), leaves, k, b, s)
+    signatures.append(tuple(
+        (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
+        for name, k, b in zip(block, slots.kernel, slots.bias, strict=True)))
+  return _build(tuple(signatures))

@@ -1,0 +1,277 @@
+"""``path_space``: any optax transformation run in the basis-path space of ReLU chains."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gsgd_jax._src import basis, declaration, pytree, structure, validate
+from gsgd_jax._src.declaration import LayerPaths
+from gsgd_jax._src.pytree import LayerArrays, Located
+
+DEFAULT_RATIO_CLIP = basis.DEFAULT_RATIO_CLIP
+
+NO_PARAMS_MSG = "{} needs the current params: call tx.update(grads, state, params)."
+
+
+class PathSpaceState(NamedTuple):
+  """State of :func:`path_space`.
+
+  Attributes:
+    inner_state: state of the inner transformation, which runs on path-space
+      gradients shaped like params.
+    clipped_ratios: number of skeleton path ratios clipped in the last update
+      (``int32``, shape ``()``).
+    total_clipped_ratios: the same, summed over all updates so far.
+  """
+
+  inner_state: optax.OptState
+  clipped_ratios: jax.Array
+  total_clipped_ratios: jax.Array
+
+
+def _block_paths(blocks: tuple[structure.ChainStructure, ...]) -> list[tuple[pytree.Path, ...]]:
+  return [block.paths for block in blocks]
+
+
+def _inner_params(params: optax.Params, blocks: tuple[structure.ChainStructure, ...],
+                  products: list[basis.SkeletonProducts] | None = None,
+                  outside=lambda leaf: leaf) -> optax.Params:
+  """Params as ``inner`` sees them: basis-path values in the blocks, 0 on scale
+  probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
+  def values(b: int, arrays: LayerArrays):
+    return basis.basis_values(blocks[b], arrays.kernels, arrays.biases,
+                              None if products is None else products[b])
+  return pytree.zero_probes(pytree.map_layers(params, _block_paths(blocks), values,
+                                              outside=outside))
+
+
+def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
+  """Basis-path values of ``params``, in a pytree shaped like ``params``.
+
+  Each weight and bias outside the fixed skeleton F holds the value of the one
+  basis path it owns, ``v_e = B[i] w_e F[j]`` (docs/math.md); entries on F,
+  scale probes and leaves outside ``layers`` hold 0. These values are invariant
+  under positive rescaling of hidden nodes and, with the signs of F, determine
+  the network function.
+
+  Args:
+    params: parameter pytree.
+    layers: the layers' key paths, one chain or several blocks (see
+      :func:`path_space`).
+
+  Returns:
+    A pytree shaped like ``params``.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.full((1, 2), 2.0)},
+    ...           'l1': {'kernel': jnp.array([[3.0], [5.0]])}}
+    >>> values = gsgd_jax.basis_path_values(params, ['l0', 'l1'])
+    >>> values['l0']['kernel'].tolist(), values['l1']['kernel'].tolist()
+    ([[0.0, 0.0]], [[6.0], [10.0]])
+  """
+  blocks = structure.build_structure(params, layers)
+  return _inner_params(params, blocks, outside=jnp.zeros_like)
+
+
+def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
+                 outside: str = "fallback") -> Any:
+  """Labels each leaf of ``tree`` for ``optax.partition``.
+
+  Kernels, biases and scale probes of the declared layers get ``inside``;
+  every other leaf gets ``outside``. A declared layer's kernel and bias always
+  share a label, as weight allocation needs.
+
+  Args:
+    tree: a params-shaped pytree.
+    layers: the layers' key paths, one chain or several blocks.
+    inside: the label of the declared layers' leaves.
+    outside: the label of every other leaf.
+
+  Returns:
+    A pytree of labels shaped like ``tree``.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
+    ...           'l1': {'kernel': jnp.ones((4, 2))}, 'norm': {'scale': jnp.ones(2)}}
+    >>> gsgd_jax.block_labels(params, ['l0', 'l1'])
+    {'l0': {'bias': 'path', 'kernel': 'path'}, 'l1': {'kernel': 'path'}, 'norm': {'scale': 'fallback'}}
+  """
+  if pytree.is_placeholder(tree):
+    return inside
+  blocks = structure.build_structure(tree, layers)
+  leaves, treedef, slots = pytree.locate_blocks(tree, _block_paths(blocks), "params")
+  labels = [outside] * len(leaves)
+  for block_slots in slots:
+    for i in (*block_slots.kernel, *block_slots.bias, *block_slots.probe):
+      if i is not None:
+        labels[i] = inside
+  return treedef.unflatten(labels)
+
+
+def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
+  """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
+  def product(s, g):
+    dtype = basis.compute_dtype(s.dtype)
+    return s.astype(dtype) * g.astype(dtype)
+  return [None if s is None or g is None else product(s, g)
+          for s, g in zip(params.probes, grads.probes, strict=True)]
+
+
+def _check_gradients(block: structure.ChainStructure, params: LayerArrays,
+                     grads: LayerArrays) -> None:
+  """Raises, naming the layer, when gradients do not have the params' structure."""
+  for spec, w, g, b, gb in zip(block.layers, params.kernels, grads.kernels, params.biases,
+                               grads.biases, strict=True):
+    if w.shape != g.shape:
+      raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not match "
+                       f"kernel shape {w.shape}")
+    if (b is None) != (gb is None):
+      has, lacks = ("params", "gradients") if gb is None else ("gradients", "params")
+      raise ValueError(f"layer {spec.name!r}: the {has} have a bias and the {lacks} do "
+                       "not; pass the gradients of these params, with the same tree "
+                       "structure.")
+
+
+def path_space(
+    inner: optax.GradientTransformation,
+    *,
+    layers: LayerPaths,
+    fallback: optax.GradientTransformation | None = None,
+    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs an optax transformation in the basis-path space of ReLU chains.
+
+  One update is the three steps of G-SGD (Meng et al., 2019):
+
+  1. inverse chain rule: weight gradients :math:`g` become basis-path gradients
+     :math:`\partial L / \partial v_p` (:math:`O(m)`, see the mathematics page, docs/math.md);
+  2. ``inner`` maps them to path steps :math:`\Delta v`, seeing the basis-path
+     values :math:`v` as its ``params``;
+  3. weight allocation: weights move so that every basis path lands on
+     :math:`v + \Delta v` while the incoming skeleton edges stay fixed:
+
+  .. math::
+    w_e \leftarrow \Big(w_e + \frac{\Delta v_e}{B_i F_j}\Big) \Big/ Q_j,
+    \qquad Q_a = 1 + \frac{\Delta v_{a \to \sigma(a)}}{B_a F_a}.
+
+  Path gradients and steps live in pytrees shaped like params (0 on the fixed
+  skeleton edges), so any elementwise optax transformation (momentum, Adam,
+  clipping, schedules) works unchanged, and the network's function follows the
+  same trajectory from any positively rescaled initialisation.
+
+  ``layers`` declares dense layers, convolutions (channels are nodes, the
+  centre tap is the skeleton edge) and dense layers after a flatten. It is one
+  chain, or several independent blocks (e.g. one per residual block); nothing
+  crosses a block boundary. Every parameter outside the blocks (BatchNorm
+  scales, shortcuts, embeddings, ...) is updated by ``fallback``.
+
+  A layer may carry a ``scale_probe`` leaf (:mod:`gsgd_jax.probes`): its
+  gradient then stands in for the one reduction over the kernel that the
+  inverse chain rule needs, so the update reads the weights no more often than
+  SGD's does. Every ``scale_probe`` leaf, in the blocks or not, gets a zero
+  update.
+
+  Args:
+    inner: the transformation applied in path space, e.g. ``optax.sgd(0.1)`` or
+      ``optax.adam(1e-3)``.
+    layers: one chain: ordered key paths (tuples of dict keys / list indices,
+      or ``'a/b'`` strings) to each layer's sub-tree holding ``kernel`` and
+      optional ``bias``, input layer first, e.g. ``[('params', 'Dense_0'),
+      ('params', 'Dense_1')]``; or several blocks: a sequence of lists of such
+      paths. See :func:`gsgd_jax.infer_layers`.
+    fallback: the transformation for parameters outside the blocks, applied to
+      their ordinary gradients. ``None`` (default) applies ``inner`` itself to
+      them, in the same state (so ``gsgd(lr)`` gives them plain SGD at ``lr``);
+      ``optax.set_to_zero()`` freezes them.
+    ratio_clip: ``(low, high)`` bounds for the ratios ``R`` of the outgoing
+      skeleton paths, the only ratios used as divisors. A step asking for a
+      ratio outside them (``R <= 0`` included) is clipped, NaN becomes 1, and
+      the count is kept in the state. ``None`` disables the guard.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
+    and forwards extra keyword arguments to ``inner``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))},
+    ...           'l1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)},
+    ...           'scale': jnp.ones(2)}
+    >>> tx = gsgd_jax.path_space(optax.adam(1e-2), layers=['l0', 'l1'])
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
+  """
+  decl = declaration.as_declaration(layers)  # read once: later changes to `layers` do nothing
+  if ratio_clip is not None:
+    low, high = (float(r) for r in ratio_clip)
+    if not 0 < low <= 1 <= high:
+      raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
+    ratio_clip = (low, high)
+  if fallback is not None:
+    inner = optax.partition({"path": inner, "fallback": fallback},
+                            lambda tree: block_labels(tree, decl))
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    zero = jnp.zeros((), jnp.int32)
+    if pytree.is_placeholder(params):  # optax.tree_map_params: the inner state's layout suffices
+      return PathSpaceState(inner.init(params), zero, zero)
+    blocks = structure.build_structure(params, decl)
+    validate.check_skeleton(params, blocks)
+    return PathSpaceState(inner.init(_inner_params(params, blocks)), zero, zero)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(NO_PARAMS_MSG.format("gsgd_jax.path_space"))
+    blocks = structure.build_structure(params, decl)
+    paths = _block_paths(blocks)
+    located: Located = pytree.locate_blocks(params, paths, "params")
+    block_params = [slots.take(located.leaves) for slots in located.slots]
+
+    # Inverse chain rule per block; other leaves keep their ordinary gradients.
+    products = []
+
+    def icr(b: int, grads: LayerArrays):
+      _check_gradients(blocks[b], block_params[b], grads)
+      path_grads = basis.inverse_chain_rule(
+          blocks[b], block_params[b].kernels, block_params[b].biases, grads.kernels,
+          grads.biases, _probe_sums(block_params[b], grads))
+      products.append(path_grads.products)
+      return path_grads.kernels, path_grads.biases
+
+    path_grads = pytree.map_layers(updates, paths, icr, what="updates")
+    path_params = _inner_params(params, blocks, products)
+
+    # Probes anywhere (also on layers outside the blocks) are never trained.
+    steps, inner_state = inner.update(pytree.zero_probes(path_grads), state.inner_state,
+                                      path_params, **extra_args)
+
+    # Weight allocation per block; other leaves take the inner (or fallback) step.
+    clipped = []
+
+    def allocate(b: int, steps: LayerArrays):
+      kernels, biases, num_clipped = basis.weight_allocation(
+          blocks[b], block_params[b].kernels, block_params[b].biases, steps.kernels,
+          steps.biases, products[b], ratio_clip)
+      clipped.append(num_clipped)
+      return kernels, biases
+
+    new_updates = pytree.map_layers(pytree.zero_probes(steps), paths, allocate,
+                                    what="inner updates")
+    clipped_now = sum(clipped, jnp.zeros((), jnp.int32))
+    return new_updates, PathSpaceState(inner_state, clipped_now,
+                                       state.total_clipped_ratios + clipped_now)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

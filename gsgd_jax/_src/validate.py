@@ -1,0 +1,283 @@
+"""Checks: the model has the symmetry its declared layers assume; probes and skeleton are sound."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gsgd_jax._src import basis, pytree, rescaling, structure
+from gsgd_jax._src.declaration import LayerPaths
+from gsgd_jax._src.pytree import LayerArrays
+
+# Skeleton-chain products outside this range make G-SGD's weight steps, which
+# scale as 1/(B F)^2, explode or vanish.
+PRODUCT_RANGE = (1e-3, 1e3)
+
+# Where verify_invariance checks: the params as given, then params moved at
+# random (multiplicative and additive noise, so zero-initialised biases and
+# gates move) with inputs scaled up, so activations leave the range where
+# relu6, tanh or a norm's statistics look homogeneous.
+_INPUT_SCALE = 10.0
+
+
+def _default_rtol(dtype: Any) -> float:
+  bits = jnp.finfo(dtype).bits
+  return 1e-8 if bits == 64 else 1e-4 if bits == 32 else 3e-2
+
+
+def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
+  """Every floating leaf times ``exp(U(-log_range, log_range))`` elementwise plus
+  Gaussian noise of half its RMS (0.1 for an all-zero leaf); leaves named
+  ``var`` (BatchNorm's running variance) only multiplied, so they stay positive."""
+  paths, leaves, treedef = pytree.leaf_paths(params)
+  keys = jax.random.split(key, 2 * max(len(leaves), 1))
+  out = []
+  for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      out.append(leaf)
+      continue
+    x = jnp.asarray(leaf)
+    wide = x.astype(jnp.float32)
+    factor = jnp.exp(jax.random.uniform(keys[2 * i], x.shape, jnp.float32, -log_range,
+                                        log_range))
+    moved = wide * factor
+    if not (path and path[-1] == "var"):
+      rms = jnp.sqrt(jnp.mean(jnp.square(wide))) if x.size else 0.0
+      noise_scale = jnp.where(rms > 0, 0.5 * rms, 0.1)
+      moved = moved + noise_scale * jax.random.normal(keys[2 * i + 1], x.shape, jnp.float32)
+    out.append(moved.astype(x.dtype))
+  return treedef.unflatten(out)
+
+
+def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: LayerPaths,
+                      x: Any, *, key: jax.Array | None = None, rtol: float | None = None,
+                      atol: float | None = None, log_range: float = 1.0,
+                      perturb: bool = True) -> float:
+  """Checks that rescaling the declared hidden nodes leaves the model's outputs unchanged.
+
+  G-SGD is exact only if every hidden node of every declared block can be
+  rescaled by a positive factor (incoming weights and bias times ``c``, outgoing
+  weights divided by ``c``) without changing the function. This rescales one
+  hidden level at a time by random factors ``exp(U(-log_range, log_range))``
+  and compares ``apply_fn(params, x)``, so a failure names the first layer whose
+  outputs may not be rescaled: a tanh or sigmoid after it, a normalisation or a
+  residual addition inside a block, or layers declared out of order.
+
+  A model can be invariant at its initial params and stop being so once
+  trained (``relu6`` below 6, a zero-initialised bias or gate, BatchNorm in
+  evaluation mode with fresh statistics). With ``perturb`` the check also runs
+  at params moved at random (every floating leaf of ``params`` multiplied by
+  ``exp(U(-1, 1))`` and given Gaussian noise; leaves named ``var`` only
+  multiplied) on inputs scaled by 10. To check running statistics too, pass
+  the whole variables (``{'params': ..., 'batch_stats': ...}``) as ``params``
+  and an ``apply_fn`` that takes them. Run it once on a new model before
+  training with G-SGD.
+
+  Args:
+    apply_fn: ``apply_fn(params, x)`` returns the model's outputs (any pytree).
+    params: the model's parameters (or all its variables).
+    layers: the layers' key paths, one chain or several blocks.
+    x: a batch of inputs.
+    key: PRNG key of the factors (default ``jax.random.key(0)``).
+    rtol: tolerance relative to the largest output magnitude; default by the
+      least precise dtype of the outputs and the declared kernels: 1e-8
+      (float64), 1e-4 (float32), 3e-2 (16-bit).
+    atol: absolute tolerance; default ``rtol`` times the smallest normal
+      number's square root, i.e. negligible.
+    log_range: half-width of the distribution of ``log c``.
+    perturb: also check at randomly perturbed params and scaled inputs.
+
+  Returns:
+    The largest difference seen, relative to the largest output magnitude.
+
+  Raises:
+    ValueError: naming the layer (and block) whose output rescaling changed the
+      outputs, by how much, and whether at the given or the perturbed params.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
+    >>> x = jnp.ones((4, 3))
+    >>> relu = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> params = relu.init(jax.random.key(0), x)
+    >>> layers = gsgd_jax.infer_layers(params)
+    >>> gsgd_jax.verify_invariance(relu.apply, params, layers, x) < 1e-4
+    True
+    >>> tanh = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
+    >>> gsgd_jax.verify_invariance(tanh.apply, tanh.init(jax.random.key(0), x), layers, x)
+    Traceback (most recent call last):
+    ...
+    ValueError: rescaling the output nodes of layer 'params/layers_0' ...
+  """
+  key = jax.random.key(0) if key is None else key
+  blocks = structure.build_structure(params, layers)
+  located = pytree.locate_blocks(params, [block.paths for block in blocks], "params")
+  kernels = [located.leaves[i] for slots in located.slots for i in slots.kernel]
+  points = [("at the params given", params, x)]
+  if perturb:
+    key, sub = jax.random.split(key)
+    scaled_x = jax.tree.map(lambda a: a * jnp.asarray(_INPUT_SCALE, jnp.result_type(a)), x)
+    points.append(("at randomly perturbed params on inputs scaled by "
+                   f"{_INPUT_SCALE:g} (the symmetry holds at the given params only: "
+                   "relu6 or another clipped activation, a zero-initialised bias or "
+                   "gate, or fixed normalisation statistics?)",
+                   _perturbed(params, sub, 1.0), scaled_x))
+  worst = 0.0
+  for where, point_params, point_x in points:
+    reference = jax.tree.leaves(apply_fn(point_params, point_x))
+    tol = rtol if rtol is not None else max(_default_rtol(jnp.result_type(a))
+                                            for a in (*reference, *kernels))
+    floor = atol if atol is not None else tol * float(np.sqrt(np.finfo(np.float32).tiny))
+    scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r in reference) or 1.0
+    for b, block in enumerate(blocks):
+      for level in range(1, block.depth):
+        key, sub = jax.random.split(key)
+        n = block.layers[level - 1].n_out
+        factors: list[list[Any]] = [[None] * (other.depth + 1) for other in blocks]
+        factors[b][level] = jnp.exp(jax.random.uniform(sub, (n,), jnp.float32,
+                                                       -log_range, log_range))
+        outputs = jax.tree.leaves(apply_fn(rescaling.rescale(point_params, layers, factors),
+                                           point_x))
+        diff = max(float(jnp.max(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32))))
+                   for o, r in zip(outputs, reference, strict=True))
+        worst = max(worst, diff / scale)
+        if not np.isfinite(diff) or diff > floor + tol * scale:
+          block_name = f" of block {b}" if len(blocks) > 1 else ""
+          raise ValueError(
+              f"rescaling the output nodes of layer {block.layers[level - 1].name!r}"
+              f"{block_name} by positive factors changed the model's outputs {where} (max "
+              f"difference {diff:.3g}, output scale {scale:.3g}). G-SGD needs every "
+              "declared hidden node to be positively rescalable: check for a non-ReLU "
+              "activation (tanh, sigmoid, relu6), a normalisation, a bias or a residual "
+              "addition after this layer inside the block, and that `layers` are in "
+              "forward order.")
+  return worst
+
+
+def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure, ...]) -> None:
+  """Raises if a skeleton weight is zero, subnormal or not finite, naming the layer and node.
+
+  Every basis path divides by products of skeleton weights, so a zero one would
+  make path gradients infinite (in ``update`` such paths take no step; see
+  ``basis.reciprocal``). Weight allocation never moves F and keeps the
+  outgoing skeleton weights' signs (clipped ratios), so a start without zeros
+  stays without zeros. Skipped when ``params`` are traced (``init`` under jit).
+  Warns when a hidden node's skeleton-chain product is extreme.
+  """
+  leaves, _, slots = pytree.locate_blocks(params, [block.paths for block in blocks], "params")
+  for block, block_slots in zip(blocks, slots, strict=True):
+    kernels = block_slots.take(leaves).kernels
+    if any(isinstance(w, jax.core.Tracer) for w in kernels):
+      return
+    kernels = [jnp.asarray(w) for w in kernels]
+    for k, spec in enumerate(block.layers):
+      entries = []
+      if block.pi[k] is not None:
+        entries.append(("incoming", "output",
+                        basis.incoming_skeleton(kernels[k], spec, block.pi[k])))
+      if block.sigma[k] is not None:
+        entries.append(("outgoing", "input",
+                        basis.outgoing_skeleton(kernels[k], spec, block.sigma[k])))
+      tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
+      for kind, side, values in entries:
+        magnitude = np.abs(np.asarray(values, np.float64))
+        bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
+        if bad.size:
+          raise ValueError(
+              f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
+              f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
+              "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
+    _warn_extreme_products(block, kernels)
+
+
+def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Array]) -> None:
+  """Warns when some hidden node's skeleton-chain product ``B F`` is extreme."""
+  if block.depth < 2:
+    return
+  products = basis.skeleton_products(
+      block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
+  node_products = np.concatenate([
+      np.abs(np.asarray(products.back[k] * products.forward[k], np.float64))
+      for k in range(1, block.depth)])
+  low, high = float(node_products.min()), float(node_products.max())
+  if low < PRODUCT_RANGE[0] or high > PRODUCT_RANGE[1]:
+    warnings.warn(
+        f"G-SGD: skeleton-chain products B*F of the hidden nodes of the block starting at "
+        f"{block.layers[0].name!r} span [{low:.3g}, {high:.3g}]; weight steps scale as "
+        "1/(B F)^2, so training may diverge. Call gsgd_jax.set_skeleton(params, layers) "
+        "before training, as the authors do.", stacklevel=4)
+
+
+def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths, *,
+                  key: jax.Array | None = None, rtol: float | None = None) -> float:
+  """Checks that every scale probe's gradient equals the sum it stands for.
+
+  For a layer with a ``scale_probe`` leaf ``s`` (see :mod:`gsgd_jax.probes`),
+  ``s * dL/ds`` must equal ``sum_{i, taps} w g + b g_b`` per output node, or
+  :func:`gsgd_jax.path_space` would use wrong path gradients. It does when the
+  probe multiplies the layer's outputs, bias included, with only positively
+  homogeneous operations (ReLU, pooling) in between. The check runs at
+  ``params`` with every declared bias shifted by random values, so that a
+  probe applied before the bias add shows even where biases are still 0.
+  Run it once on a new model.
+
+  Args:
+    loss_fn: ``loss_fn(params)`` returns a scalar loss (on a fixed batch).
+    params: the model's parameters, with probes.
+    layers: the layers' key paths, one chain or several blocks.
+    key: PRNG key of the bias shifts (default ``jax.random.key(0)``).
+    rtol: tolerance relative to the largest sum of each layer; default by the
+      kernels' dtype: 1e-8 (float64), 1e-4 (float32), 3e-2 (16-bit).
+
+  Returns:
+    The largest difference seen, relative to each layer's largest sum.
+
+  Raises:
+    ValueError: when no declared layer has a probe, or naming the first layer
+      whose probe gradient does not match.
+  """
+  key = jax.random.key(0) if key is None else key
+  blocks = structure.build_structure(params, layers)
+  paths = [block.paths for block in blocks]
+  bias_keys = iter(jax.random.split(key, sum(block.depth for block in blocks)))
+
+  def shift_biases(b: int, arrays: LayerArrays):
+    shift = lambda bias, k: bias + 0.1 * jax.random.normal(k, jnp.shape(bias),
+                                                            jnp.result_type(bias))
+    return arrays.kernels, [None if bias is None else shift(bias, next(bias_keys))
+                            for bias in arrays.biases]
+
+  params = pytree.map_layers(params, paths, shift_biases)
+  grads = jax.grad(loss_fn)(params)
+  located_params = pytree.locate_blocks(params, paths, "params")
+  located_grads = pytree.locate_blocks(grads, paths, "grads")
+  wide = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+  worst, checked = 0.0, 0
+  for block, param_slots, grad_slots in zip(blocks, located_params.slots,
+                                            located_grads.slots, strict=True):
+    p, g = param_slots.take(located_params.leaves), grad_slots.take(located_grads.leaves)
+    for k, spec in enumerate(block.layers):
+      if p.probes[k] is None or g.probes[k] is None:
+        continue
+      tol = rtol if rtol is not None else _default_rtol(jnp.result_type(p.kernels[k]))
+      expected = basis.node_sums(jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]),
+                                 p.biases[k], g.biases[k], wide)
+      probed = jnp.asarray(p.probes[k], wide) * jnp.asarray(g.probes[k], wide)
+      scale = float(jnp.max(jnp.abs(expected))) or 1.0
+      diff = float(jnp.max(jnp.abs(probed - expected))) / scale
+      worst, checked = max(worst, diff), checked + 1
+      if not np.isfinite(diff) or diff > tol:
+        raise ValueError(
+            f"layer {spec.name!r}: scale_probe * its gradient differs from "
+            f"sum(kernel * grad) + bias * bias_grad by {diff:.3g} (relative). Multiply "
+            "the layer's outputs, bias included, by its probe "
+            "(gsgd_jax.probes.scale_probe), with only ReLU or pooling before the next "
+            "declared layer.")
+  if not checked:
+    raise ValueError("no declared layer has a 'scale_probe' leaf (see gsgd_jax.probes)")
+  return worst
