@@ -1,4 +1,5 @@
-# The two commands: `make run` (Fashion-MNIST, SGD vs G-SGD) and `make test`.
+# The two commands: `make run` (Fashion-MNIST, SGD vs G-SGD) and `make test`;
+# `make lint` (ruff lint and format check, pyrefly) and `make docs` (the Sphinx site in site/, warnings as errors).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,12 +7,12 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: run test speed fmnist-data clean
+.PHONY: run test lint format docs speed fmnist-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	touch $(STAMP)
 
 # Debian's dataset-fashion-mnist, when missing and we may install it; never fatal:
@@ -32,8 +33,21 @@ run: $(STAMP) fmnist-data
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyrefly check
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Warnings are errors (-W) and every cross-reference must resolve (-n).
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W -n --keep-going -q -b html docs site
+
 speed: $(STAMP)
 	$(PY) -m benchmarks.speed $(ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) *.egg-info site

@@ -12,7 +12,7 @@ import gzip
 import os
 import pickle
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,20 +20,20 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's `dataset-fashion-mnist` package installs the gzipped IDX files."""
 
 IDX_STEMS = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
+  "train-images-idx3-ubyte",
+  "train-labels-idx1-ubyte",
+  "t10k-images-idx3-ubyte",
+  "t10k-labels-idx1-ubyte",
 )
 """The four file names (without `.gz`) that make a directory an IDX dataset."""
 
 _IDX_DTYPES = {
-    0x08: np.dtype("u1"),
-    0x09: np.dtype("i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
+  0x08: np.dtype("u1"),
+  0x09: np.dtype("i1"),
+  0x0B: np.dtype(">i2"),
+  0x0C: np.dtype(">i4"),
+  0x0D: np.dtype(">f4"),
+  0x0E: np.dtype(">f8"),
 }
 
 
@@ -82,18 +82,23 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   """
   raw = _read_bytes(path)
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"{os.fspath(path)}: not an IDX file (bad magic number "
-                     f"{raw[:4].hex() or 'missing'})")
+    raise ValueError(
+      f"{os.fspath(path)}: not an IDX file (bad magic number {raw[:4].hex() or 'missing'})"
+    )
   dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
   header = 4 + 4 * ndim
   if len(raw) < header:
-    raise ValueError(f"{os.fspath(path)}: truncated IDX header ({len(raw)} bytes, "
-                     f"expected {header} for {ndim} dimensions)")
+    raise ValueError(
+      f"{os.fspath(path)}: truncated IDX header ({len(raw)} bytes, "
+      f"expected {header} for {ndim} dimensions)"
+    )
   shape = struct.unpack(f">{ndim}I", raw[4:header])
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(raw) - header != expected:
-    raise ValueError(f"{os.fspath(path)}: IDX size mismatch: shape {shape} needs "
-                     f"{expected} data bytes, file has {len(raw) - header}")
+    raise ValueError(
+      f"{os.fspath(path)}: IDX size mismatch: shape {shape} needs "
+      f"{expected} data bytes, file has {len(raw) - header}"
+    )
   data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
   return data.astype(dtype.newbyteorder("="))
 
@@ -120,7 +125,7 @@ def find_idx_dir(data_dir: str | os.PathLike) -> dict[str, str] | None:
 
 def _images_to_features(images: np.ndarray, scale: float) -> np.ndarray:
   """Flattens images to (n, features) float32 and divides by `scale`."""
-  return (images.reshape(len(images), -1).astype(np.float32) / np.float32(scale))
+  return images.reshape(len(images), -1).astype(np.float32) / np.float32(scale)
 
 
 def load_idx_dataset(data_dir: str | os.PathLike, name: str) -> Dataset:
@@ -138,21 +143,24 @@ def load_idx_dataset(data_dir: str | os.PathLike, name: str) -> Dataset:
   """
   paths = find_idx_dir(data_dir)
   if paths is None:
-    raise ValueError(f"{os.fspath(data_dir)}: expected the IDX files "
-                     f"{', '.join(IDX_STEMS)} (each optionally .gz)")
+    raise ValueError(
+      f"{os.fspath(data_dir)}: expected the IDX files {', '.join(IDX_STEMS)} (each optionally .gz)"
+    )
   arrays = {stem: read_idx(path) for stem, path in paths.items()}
   splits = []
   for prefix in ("train", "t10k"):
     images = arrays[f"{prefix}-images-idx3-ubyte"]
     labels = arrays[f"{prefix}-labels-idx1-ubyte"].reshape(-1)
     if len(images) != len(labels):
-      raise ValueError(f"{os.fspath(data_dir)}: {prefix} has {len(images)} images "
-                       f"but {len(labels)} labels")
+      raise ValueError(
+        f"{os.fspath(data_dir)}: {prefix} has {len(images)} images but {len(labels)} labels"
+      )
     splits += [_images_to_features(images, 255.0), labels.astype(np.int32)]
   x_train, y_train, x_test, y_test = splits
   num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
-  return Dataset(name, x_train, y_train, x_test, y_test, num_classes,
-                 f"IDX files in {os.fspath(data_dir)}")
+  return Dataset(
+    name, x_train, y_train, x_test, y_test, num_classes, f"IDX files in {os.fspath(data_dir)}"
+  )
 
 
 def load_digits(test_fraction: float = 0.2) -> Dataset:
@@ -173,15 +181,25 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
   x = _images_to_features(digits.images, 16.0)
   y = digits.target.astype(np.int32)
   order = np.random.default_rng(0).permutation(len(x))
-  n_train = len(x) - int(round(test_fraction * len(x)))
+  n_train = len(x) - round(test_fraction * len(x))
   train, test = order[:n_train], order[n_train:]
-  return Dataset("sklearn-digits", x[train], y[train], x[test], y[test], 10,
-                 "scikit-learn's bundled digits (sklearn.datasets.load_digits)")
+  return Dataset(
+    "sklearn-digits",
+    x[train],
+    y[train],
+    x[test],
+    y[test],
+    10,
+    "scikit-learn's bundled digits (sklearn.datasets.load_digits)",
+  )
 
 
-def load_dataset(data_dir: str | os.PathLike | None = None, *,
-                 log: Callable[[str], object] = print,
-                 default_dir: str | os.PathLike = FASHION_MNIST_DIR) -> Dataset:
+def load_dataset(
+  data_dir: str | os.PathLike | None = None,
+  *,
+  log: Callable[[str], object] = print,
+  default_dir: str | os.PathLike = FASHION_MNIST_DIR,
+) -> Dataset:
   """Loads the experiment dataset: `data_dir`, else Fashion-MNIST, else digits.
 
   Args:
@@ -200,17 +218,24 @@ def load_dataset(data_dir: str | os.PathLike | None = None, *,
     return load_idx_dataset(data_dir, name)
   if find_idx_dir(default_dir) is not None:
     return load_idx_dataset(default_dir, "fashion-mnist")
-  log(f"Fashion-MNIST not found at {os.fspath(default_dir)}; install it with "
-      "`apt-get install dataset-fashion-mnist` (as root) or pass --data-dir with "
-      "the standard IDX files. Falling back to scikit-learn's digits.")
+  log(
+    f"Fashion-MNIST not found at {os.fspath(default_dir)}; install it with "
+    "`apt-get install dataset-fashion-mnist` (as root) or pass --data-dir with "
+    "the standard IDX files. Falling back to scikit-learn's digits."
+  )
   return load_digits()
 
 
 CIFAR_LAYOUTS = {
-    # variant: (train files, test files, label key, classes, sub-folder of the archive)
-    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10,
-                "cifar-10-batches-py"),
-    "cifar100": (["train"], ["test"], b"fine_labels", 100, "cifar-100-python"),
+  # variant: (train files, test files, label key, classes, sub-folder of the archive)
+  "cifar10": (
+    [f"data_batch_{i}" for i in range(1, 6)],
+    ["test_batch"],
+    b"labels",
+    10,
+    "cifar-10-batches-py",
+  ),
+  "cifar100": (["train"], ["test"], b"fine_labels", 100, "cifar-100-python"),
 }
 
 
@@ -224,8 +249,9 @@ def _read_cifar_batch(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarr
     raise ValueError(f"{path}: not a CIFAR python batch (no b'data' / {label_key!r})") from None
   raw = np.asarray(raw, np.uint8)
   if raw.ndim != 2 or raw.shape[1] != 3072 or len(raw) != len(labels):
-    raise ValueError(f"{path}: expected (n, 3072) images and n labels, got {raw.shape} "
-                     f"and {len(labels)}")
+    raise ValueError(
+      f"{path}: expected (n, 3072) images and n labels, got {raw.shape} and {len(labels)}"
+    )
   images = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32) / 255.0
   return images, np.asarray(labels, np.int32)
 
@@ -250,14 +276,20 @@ def load_cifar(data_dir: str | os.PathLike, variant: str = "cifar10") -> Dataset
   train_files, test_files, label_key, classes, folder = CIFAR_LAYOUTS[variant]
   root = os.fspath(data_dir)
   if not os.path.exists(os.path.join(root, train_files[0])) and os.path.isdir(
-      os.path.join(root, folder)):
+    os.path.join(root, folder)
+  ):
     root = os.path.join(root, folder)
   missing = [f for f in train_files + test_files if not os.path.exists(os.path.join(root, f))]
   if missing:
     raise ValueError(f"{root}: missing {variant} batches {missing}")
   parts = {}
   for split, files in (("train", train_files), ("test", test_files)):
-    xs, ys = zip(*(_read_cifar_batch(os.path.join(root, f), label_key) for f in files))
+    xs, ys = zip(*(_read_cifar_batch(os.path.join(root, f), label_key) for f in files), strict=True)
     parts[split] = (np.concatenate(xs), np.concatenate(ys))
-  return Dataset(variant, *parts["train"], *parts["test"], num_classes=classes,
-                 source=f"python-pickle batches in {root}")
+  return Dataset(
+    variant,
+    *parts["train"],
+    *parts["test"],
+    num_classes=classes,
+    source=f"python-pickle batches in {root}",
+  )

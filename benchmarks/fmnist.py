@@ -24,7 +24,6 @@ import gsgd_jax
 from benchmarks import data as datasets
 from benchmarks.loop import MLP, seconds_per_epoch, train
 
-
 DEFAULT_CONFIG = "configs/fmnist_mlp.toml"
 
 
@@ -61,30 +60,44 @@ def main(argv=None):
   args = parse_args(argv)
 
   ds = datasets.load_dataset(args.data_dir)
-  print(f"dataset: {ds.name} ({ds.source}); {len(ds.x_train)} train / "
-        f"{len(ds.x_test)} test, {ds.x_train.shape[1]} features, {ds.num_classes} classes")
+  print(
+    f"dataset: {ds.name} ({ds.source}); {len(ds.x_train)} train / "
+    f"{len(ds.x_test)} test, {ds.x_train.shape[1]} features, {ds.num_classes} classes"
+  )
   widths = tuple(int(w) for w in args.widths.split(","))
   model = MLP(widths, ds.num_classes)
   params = model.init(jax.random.key(args.seed), jnp.zeros((1, ds.x_train.shape[1])))
   layers = gsgd_jax.infer_layers(params)
   params = gsgd_jax.set_skeleton(params, layers, 1.0)
-  print(f"model: {ds.x_train.shape[1]}-{'-'.join(map(str, widths))}-{ds.num_classes} ReLU MLP, "
-        f"{sum(p.size for p in jax.tree.leaves(params))} parameters, skeleton weights = 1; "
-        f"lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs")
+  print(
+    f"model: {ds.x_train.shape[1]}-{'-'.join(map(str, widths))}-{ds.num_classes} ReLU MLP, "
+    f"{sum(p.size for p in jax.tree.leaves(params))} parameters, skeleton weights = 1; "
+    f"lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs"
+  )
 
   results = {}
   for name, tx in [("SGD", optax.sgd(args.lr)), ("G-SGD", gsgd_jax.gsgd(args.lr, layers=layers))]:
-    results[name], _ = train(name, tx, model, params, (ds.x_train, ds.y_train),
-                             (ds.x_test, ds.y_test), epochs=args.epochs,
-                             batch_size=args.batch_size, seed=args.seed)
+    results[name], _ = train(
+      name,
+      tx,
+      model,
+      params,
+      (ds.x_train, ds.y_train),
+      (ds.x_test, ds.y_test),
+      epochs=args.epochs,
+      batch_size=args.batch_size,
+      seed=args.seed,
+    )
 
   print(f"\n{ds.name}, after {args.epochs} epochs:\n")
   print("| optimizer | test accuracy | train loss (last epoch) | s/epoch |")
   print("|---|---|---|---|")
   for name, history in results.items():
     last = history[-1]
-    print(f"| {name} | {last['test_accuracy']:.4f} | {last['train_loss']:.4f} | "
-          f"{seconds_per_epoch(history):.2f} |")
+    print(
+      f"| {name} | {last['test_accuracy']:.4f} | {last['train_loss']:.4f} | "
+      f"{seconds_per_epoch(history):.2f} |"
+    )
   clipped = results["G-SGD"][-1].get("clipped_ratios", 0)
   print(f"\nG-SGD clipped skeleton path ratios: {clipped}")
   if args.json:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,8 +82,11 @@ class ResNet(nn.Module):
 
   def gsgd_blocks(self) -> list[list[tuple[str, ...]]]:
     """The ``layers`` argument for gsgd_jax: one block per residual branch."""
-    return [[("params", f"stage{s}_block{b}", "conv_a"), ("params", f"stage{s}_block{b}", "conv_b")]
-            for s, (_, blocks) in enumerate(self.stages) for b in range(blocks)]
+    return [
+      [("params", f"stage{s}_block{b}", "conv_a"), ("params", f"stage{s}_block{b}", "conv_b")]
+      for s, (_, blocks) in enumerate(self.stages)
+      for b in range(blocks)
+    ]
 
 
 def gsgd_layers(model: nn.Module, params) -> list:
@@ -117,21 +120,37 @@ def make_train_chunk(model: nn.Module, tx: optax.GradientTransformation) -> Call
 
 def accuracy(model, params, x, y, batch=2048) -> float:
   apply = jax.jit(model.apply)
-  hits = sum(int(jnp.sum(jnp.argmax(apply(params, x[i:i + batch]), -1) == y[i:i + batch]))
-             for i in range(0, len(x), batch))
+  hits = sum(
+    int(jnp.sum(jnp.argmax(apply(params, x[i : i + batch]), -1) == y[i : i + batch]))
+    for i in range(0, len(x), batch)
+  )
   return hits / len(x)
 
 
 def total_clipped(state) -> int | None:
   """Clipped path ratios so far, wherever a ``PathSpaceState`` sits in ``state``."""
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-      s, gsgd_jax.PathSpaceState)) if isinstance(s, gsgd_jax.PathSpaceState)]
+  found = [
+    s
+    for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, gsgd_jax.PathSpaceState))
+    if isinstance(s, gsgd_jax.PathSpaceState)
+  ]
   return sum(int(s.total_clipped_ratios) for s in found) if found else None
 
 
-def train(name: str, tx: optax.GradientTransformation, model: nn.Module, params,
-          train_xy: Sequence[np.ndarray], test_xy: Sequence[np.ndarray], *, epochs: int,
-          batch_size: int, seed: int, chunk_steps: int = 100, progress: bool = True):
+def train(
+  name: str,
+  tx: optax.GradientTransformation,
+  model: nn.Module,
+  params,
+  train_xy: Sequence[np.ndarray],
+  test_xy: Sequence[np.ndarray],
+  *,
+  epochs: int,
+  batch_size: int,
+  seed: int,
+  chunk_steps: int = 100,
+  progress: bool = True,
+):
   """Trains with shuffled mini-batches; returns per-epoch metrics and final params.
 
   The batch order depends only on ``seed`` and the epoch, so runs are
@@ -146,25 +165,36 @@ def train(name: str, tx: optax.GradientTransformation, model: nn.Module, params,
   history = []
   for epoch in range(epochs):
     order = np.random.default_rng([seed, epoch]).permutation(len(x_train))
-    order = order[:steps * batch_size].reshape(steps, batch_size)
+    order = order[: steps * batch_size].reshape(steps, batch_size)
     losses, start = [], time.perf_counter()
-    with tqdm(total=steps, desc=f"{name:>12} epoch {epoch + 1}/{epochs}", unit="step",
-              leave=False, disable=not progress) as bar:
+    with tqdm(
+      total=steps,
+      desc=f"{name:>12} epoch {epoch + 1}/{epochs}",
+      unit="step",
+      leave=False,
+      disable=not progress,
+    ) as bar:
       for first in range(0, steps, chunk_steps):
-        idx = order[first:first + chunk_steps]
+        idx = order[first : first + chunk_steps]
         params, state, chunk_losses = chunk(params, state, x_train[idx], y_train[idx])
         losses.append(np.asarray(chunk_losses))
         bar.update(len(idx))
     seconds = time.perf_counter() - start
-    entry = {"epoch": epoch + 1, "train_loss": float(np.concatenate(losses).mean()),
-             "test_accuracy": accuracy(model, params, *test_xy), "seconds": seconds}
+    entry = {
+      "epoch": epoch + 1,
+      "train_loss": float(np.concatenate(losses).mean()),
+      "test_accuracy": accuracy(model, params, *test_xy),
+      "seconds": seconds,
+    }
     clipped = total_clipped(state)
     if clipped is not None:
       entry["clipped_ratios"] = clipped
     history.append(entry)
     if progress:
-      tqdm.write(f"{name:>12} epoch {epoch + 1}: loss {entry['train_loss']:.4f}  "
-                 f"test acc {entry['test_accuracy']:.4f}  {seconds:.1f}s")
+      tqdm.write(
+        f"{name:>12} epoch {epoch + 1}: loss {entry['train_loss']:.4f}  "
+        f"test acc {entry['test_accuracy']:.4f}  {seconds:.1f}s"
+      )
   return history, params
 
 

@@ -21,6 +21,7 @@ same G-SGD on the model with a scale probe on every hidden layer
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -36,11 +37,11 @@ from gsgd_jax.probes import PROBE
 
 # name -> (input, hidden widths, outputs); parameter counts about 1M, 6M, 22M.
 MLPS = {
-    "mlp-0.1M": (256, (256, 128), 10),
-    "mlp-1M": (784, (1024, 512), 10),
-    "mlp-6M": (1024, (2048, 2048), 10),
-    "mlp-22M": (1024, (3072, 3072, 3072), 10),
-    "mlp-100M": (4096, (8192, 8192), 10),
+  "mlp-0.1M": (256, (256, 128), 10),
+  "mlp-1M": (784, (1024, 512), 10),
+  "mlp-6M": (1024, (2048, 2048), 10),
+  "mlp-22M": (1024, (3072, 3072, 3072), 10),
+  "mlp-100M": (4096, (8192, 8192), 10),
 }
 # name -> (image side, input channels, conv layers, channels, classes, dense width after a
 # flatten or None for global average pooling)
@@ -55,15 +56,19 @@ def cnn_params(key, side, c_in, depth, channels, n_out, flatten_width):
   params, layers, c = {}, [], c_in
   for k in range(depth):
     key, sub = jax.random.split(key)
-    params[f"Conv_{k}"] = {"kernel": jax.random.normal(sub, (3, 3, c, channels))
-                           * np.sqrt(2 / (9 * c)), "bias": jnp.zeros(channels)}
+    params[f"Conv_{k}"] = {
+      "kernel": jax.random.normal(sub, (3, 3, c, channels)) * np.sqrt(2 / (9 * c)),
+      "bias": jnp.zeros(channels),
+    }
     layers.append((f"Conv_{k}",))
     c = channels
   widths = (c, n_out) if flatten_width is None else (side * side * c, flatten_width, n_out)
-  for k, (a, b) in enumerate(zip(widths, widths[1:])):
+  for k, (a, b) in enumerate(itertools.pairwise(widths)):
     key, sub = jax.random.split(key)
-    params[f"Dense_{k}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
-                            "bias": jnp.zeros(b)}
+    params[f"Dense_{k}"] = {
+      "kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+      "bias": jnp.zeros(b),
+    }
     layers.append((f"Dense_{k}",))
   return gsgd_jax.set_skeleton(params, layers), layers
 
@@ -76,18 +81,19 @@ def _probe(layer, z):
 def with_probes(params, layers):
   """Params with a scale probe on every hidden layer."""
   params = dict(params)
-  for name, in layers[:-1]:
+  for (name,) in layers[:-1]:
     params[name] = {**params[name], PROBE: jnp.ones(params[name]["bias"].shape)}
   return params
 
 
 def cnn_forward(params, layers, x):
-  convs = [name for name, in layers if name.startswith("Conv_")]
+  convs = [name for (name,) in layers if name.startswith("Conv_")]
   for name in convs:
-    x = jax.lax.conv_general_dilated(x, params[name]["kernel"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.lax.conv_general_dilated(
+      x, params[name]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     x = jax.nn.relu(_probe(params[name], x + params[name]["bias"]))
-  dense = layers[len(convs):]
+  dense = layers[len(convs) :]
   x = x.mean(axis=(1, 2)) if len(dense) == 1 else x.reshape(len(x), -1)
   return forward(params, dense, x)
 
@@ -95,10 +101,12 @@ def cnn_forward(params, layers, x):
 def mlp_params(key, n_in, hidden, n_out):
   widths = (n_in, *hidden, n_out)
   params = {}
-  for k, (a, b) in enumerate(zip(widths, widths[1:])):
+  for k, (a, b) in enumerate(itertools.pairwise(widths)):
     key, sub = jax.random.split(key)
-    params[f"Dense_{k}"] = {"kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
-                            "bias": jnp.zeros(b)}
+    params[f"Dense_{k}"] = {
+      "kernel": jax.random.normal(sub, (a, b)) / np.sqrt(a),
+      "bias": jnp.zeros(b),
+    }
   layers = [(f"Dense_{k}",) for k in range(len(widths) - 1)]
   return gsgd_jax.set_skeleton(params, layers), layers
 
@@ -141,9 +149,12 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
   params, layers, forward, x, n_out, batch = model_and_data(name, batch)
   n_params = sum(p.size for p in jax.tree.leaves(params))
   y = jax.random.randint(jax.random.key(2), (batch,), 0, n_out)
-  optimizers = {"SGD": optax.sgd(1e-3), "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers),
-                "G-SGD+probes": gsgd_jax.gsgd(1e-3, layers=layers),
-                "Path-SGD": gsgd_jax.path_sgd(1e-3, layers=layers)}
+  optimizers = {
+    "SGD": optax.sgd(1e-3),
+    "G-SGD": gsgd_jax.gsgd(1e-3, layers=layers),
+    "G-SGD+probes": gsgd_jax.gsgd(1e-3, layers=layers),
+    "Path-SGD": gsgd_jax.path_sgd(1e-3, layers=layers),
+  }
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
@@ -154,6 +165,7 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
     # Only the probed variant's model multiplies hidden outputs by probes.
     params = with_probes(plain_params, layers) if opt_name == "G-SGD+probes" else plain_params
     grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+
     def update(p, s, g, tx=tx):
       u, s = tx.update(g, s, p)
       return optax.apply_updates(p, u), s, g
@@ -165,8 +177,8 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
     state = tx.init(params)
     donated = (0, 1) if donate else ()
     programs[opt_name] = {
-        "update": (jax.jit(update, donate_argnums=donated), (params, state, grads)),
-        "step": (jax.jit(train_step, donate_argnums=donated), (params, state)),
+      "update": (jax.jit(update, donate_argnums=donated), (params, state, grads)),
+      "step": (jax.jit(train_step, donate_argnums=donated), (params, state)),
     }
   results = {"model": name, "parameters": int(n_params), "batch": batch}
   kinds = ("update", "step") if n_params <= step_max_params else ("update",)
@@ -188,10 +200,12 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
         prog[kind] = (fn, args)
     results[kind] = {"iters_per_round": n}
     for opt in OPTIMIZERS:
-      ratios = [t / base for t, base in zip(times[opt], times["SGD"])]
-      results[kind][opt] = {"ms": 1e3 * float(np.median(times[opt])),
-                            "ratio": float(np.median(ratios)),
-                            "ratio_range": [float(np.min(ratios)), float(np.max(ratios))]}
+      ratios = [t / base for t, base in zip(times[opt], times["SGD"], strict=True)]
+      results[kind][opt] = {
+        "ms": 1e3 * float(np.median(times[opt])),
+        "ratio": float(np.median(ratios)),
+        "ratio_range": [float(np.min(ratios)), float(np.max(ratios))],
+      }
   return results
 
 
@@ -205,8 +219,10 @@ def loglog_slopes(rows) -> dict[str, float]:
   if len(mlps) < 2:
     return {}
   n = np.log([r["parameters"] for r in mlps])
-  return {opt: float(np.polyfit(n, np.log([r["update"][opt]["ms"] for r in mlps]), 1)[0])
-          for opt in OPTIMIZERS}
+  return {
+    opt: float(np.polyfit(n, np.log([r["update"][opt]["ms"] for r in mlps]), 1)[0])
+    for opt in OPTIMIZERS
+  }
 
 
 def device_name() -> str:
@@ -219,17 +235,24 @@ def device_name() -> str:
 def table(rows) -> str:
   ratios = [opt for opt in OPTIMIZERS if opt != "SGD"]
   head = " | ".join(f"{opt} ratio" for opt in ratios)
-  lines = [f"| model | params | update+apply SGD ms | {head} | "
-           f"train step (batch) SGD ms | {head} |",
-           "|---|---|---|" + "---|" * len(ratios) + "---|" + "---|" * len(ratios)]
+  lines = [
+    f"| model | params | update+apply SGD ms | {head} | train step (batch) SGD ms | {head} |",
+    "|---|---|---|" + "---|" * len(ratios) + "---|" + "---|" * len(ratios),
+  ]
   for r in rows:
     u = r["update"]
-    cells = [r["model"], f"{r['parameters'] / 1e6:.1f}M", f"{u['SGD']['ms']:.2f}",
-             *(f"{u[opt]['ratio']:.2f}" for opt in ratios)]
+    cells = [
+      r["model"],
+      f"{r['parameters'] / 1e6:.1f}M",
+      f"{u['SGD']['ms']:.2f}",
+      *(f"{u[opt]['ratio']:.2f}" for opt in ratios),
+    ]
     if "step" in r:
       st = r["step"]
-      cells += [f"({r['batch']}) {st['SGD']['ms']:.2f}",
-                *(f"{st[opt]['ratio']:.2f}" for opt in ratios)]
+      cells += [
+        f"({r['batch']}) {st['SGD']['ms']:.2f}",
+        *(f"{st[opt]['ratio']:.2f}" for opt in ratios),
+      ]
     else:
       cells += ["not timed"] + [""] * len(ratios)
     lines.append("| " + " | ".join(cells) + " |")
@@ -238,41 +261,74 @@ def table(rows) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--models", default=",".join(MODELS),
-                      help=f"comma-separated, of: {', '.join(MODELS)}")
+  parser.add_argument(
+    "--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}"
+  )
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--batch", type=int, default=256)
-  parser.add_argument("--min-seconds", type=float, default=0.2,
-                      help="time per variant per round")
-  parser.add_argument("--step-max-params", type=float, default=3e7,
-                      help="time the whole train step only up to this many parameters")
-  parser.add_argument("--donate", action="store_true",
-                      help="donate params and state to the jitted functions")
+  parser.add_argument("--min-seconds", type=float, default=0.2, help="time per variant per round")
+  parser.add_argument(
+    "--step-max-params",
+    type=float,
+    default=3e7,
+    help="time the whole train step only up to this many parameters",
+  )
+  parser.add_argument(
+    "--donate", action="store_true", help="donate params and state to the jitted functions"
+  )
   parser.add_argument("--out", help="directory for speed.json and speed.md")
   args = parser.parse_args(argv)
   rows = []
   for name in args.models.split(","):
-    rows.append(bench_model(name, rounds=args.rounds, batch=args.batch,
-                            min_seconds=args.min_seconds, donate=args.donate,
-                            step_max_params=args.step_max_params))
-    print(f"{name}: " + ", ".join(
-        f"{kind} {opt} {rows[-1][kind][opt]['ratio']:.2f}" for kind in ("update", "step")
-        if kind in rows[-1] for opt in OPTIMIZERS[1:3]), flush=True)
-  header = (f"device: {device_name()}; jax {jax.__version__}; "
-            f"{'donated' if args.donate else 'undonated'} buffers; "
-            f"{args.rounds} interleaved rounds; ratio = time / SGD time (median over rounds)")
+    rows.append(
+      bench_model(
+        name,
+        rounds=args.rounds,
+        batch=args.batch,
+        min_seconds=args.min_seconds,
+        donate=args.donate,
+        step_max_params=args.step_max_params,
+      )
+    )
+    print(
+      f"{name}: "
+      + ", ".join(
+        f"{kind} {opt} {rows[-1][kind][opt]['ratio']:.2f}"
+        for kind in ("update", "step")
+        if kind in rows[-1]
+        for opt in OPTIMIZERS[1:3]
+      ),
+      flush=True,
+    )
+  header = (
+    f"device: {device_name()}; jax {jax.__version__}; "
+    f"{'donated' if args.donate else 'undonated'} buffers; "
+    f"{args.rounds} interleaved rounds; ratio = time / SGD time (median over rounds)"
+  )
   slopes = loglog_slopes(rows)
   md = header + "\n\n" + table(rows)
   if slopes:
-    md += ("\n\nLog-log slope of update time against parameters over the MLPs of at least "
-           f"{SLOPE_MIN_PARAMS / 1e6:g}M parameters: " +
-           ", ".join(f"{opt} {slope:.2f}" for opt, slope in slopes.items()) + " (1 = linear).")
+    md += (
+      "\n\nLog-log slope of update time against parameters over the MLPs of at least "
+      f"{SLOPE_MIN_PARAMS / 1e6:g}M parameters: "
+      + ", ".join(f"{opt} {slope:.2f}" for opt, slope in slopes.items())
+      + " (1 = linear)."
+    )
   print("\n" + md)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "speed.json"), "w") as f:
-      json.dump({"device": device_name(), "jax": jax.__version__, "donate": args.donate,
-                 "rows": rows, "loglog_slopes": slopes}, f, indent=1)
+      json.dump(
+        {
+          "device": device_name(),
+          "jax": jax.__version__,
+          "donate": args.donate,
+          "rows": rows,
+          "loglog_slopes": slopes,
+        },
+        f,
+        indent=1,
+      )
     with open(os.path.join(args.out, "speed.md"), "w") as f:
       f.write(md + "\n")
 

@@ -29,8 +29,20 @@ import gsgd_jax
 from benchmarks import data as datasets
 from benchmarks.loop import MLP, PlainCNN, ResNet, gsgd_layers, seconds_per_epoch, train
 
-TOP_KEYS = {"description", "dataset", "data_dir", "epochs", "batch_size", "seeds",
-            "skeleton_init", "train_subset", "model", "sweep", "optimizers", "grid"}
+TOP_KEYS = {
+  "description",
+  "dataset",
+  "data_dir",
+  "epochs",
+  "batch_size",
+  "seeds",
+  "skeleton_init",
+  "train_subset",
+  "model",
+  "sweep",
+  "optimizers",
+  "grid",
+}
 OPTIMIZER_KEYS = {"name", "kind", "lr", "lr_decay", "lr_grid", "momentum", "skeleton_init"}
 MODEL_KEYS = {"kind", "widths", "bias", "stages"}
 GRID_KEYS = {"validation", "epochs", "seed"}
@@ -55,8 +67,10 @@ def load_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
   for opt in config["optimizers"]:
     _check_keys(opt, OPTIMIZER_KEYS, f"{path} [[optimizers]] {opt.get('name', '?')}")
     if opt.get("kind") not in KINDS:
-      raise ValueError(f"{path}: optimizer {opt.get('name')!r} has kind {opt.get('kind')!r}; "
-                       f"use one of {', '.join(KINDS)}")
+      raise ValueError(
+        f"{path}: optimizer {opt.get('name')!r} has kind {opt.get('kind')!r}; "
+        f"use one of {', '.join(KINDS)}"
+      )
     if "lr" not in opt and "lr_grid" not in opt:
       raise ValueError(f"{path}: optimizer {opt['name']!r} needs lr or lr_grid")
   sweep = config.get("sweep", {})
@@ -94,8 +108,15 @@ def load_data(config) -> datasets.Dataset:
     raise ValueError(f"unknown dataset {name!r}: use fashion-mnist, digits, cifar10, cifar100")
   subset = config.get("train_subset", 0)
   if subset:
-    ds = datasets.Dataset(ds.name, ds.x_train[:subset], ds.y_train[:subset], ds.x_test,
-                          ds.y_test, ds.num_classes, ds.source + f" (first {subset} train)")
+    ds = datasets.Dataset(
+      ds.name,
+      ds.x_train[:subset],
+      ds.y_train[:subset],
+      ds.x_test,
+      ds.y_test,
+      ds.num_classes,
+      ds.source + f" (first {subset} train)",
+    )
   return ds
 
 
@@ -127,17 +148,16 @@ def make_model(config, point, num_classes):
 
 def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransformation:
   decay = opt.get("lr_decay", 0.0)
-  schedule = lr if not decay else (
-      lambda count: lr * jnp.exp(-decay * (count // steps_per_epoch)))
+  schedule = lr if not decay else (lambda count: lr * jnp.exp(-decay * (count // steps_per_epoch)))
   momentum = opt.get("momentum", 0.9)
   return {
-      "sgd": lambda: optax.sgd(schedule),
-      "momentum": lambda: optax.sgd(schedule, momentum=momentum),
-      "adam": lambda: optax.adam(schedule),
-      "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers),
-      "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers),
-      "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
-      "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
+    "sgd": lambda: optax.sgd(schedule),
+    "momentum": lambda: optax.sgd(schedule, momentum=momentum),
+    "adam": lambda: optax.adam(schedule),
+    "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers),
+    "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers),
+    "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
+    "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
   }[opt["kind"]]()
 
 
@@ -155,8 +175,18 @@ def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, prog
   batch = config.get("batch_size", 64)
   tx = make_optimizer(opt, lr, layers, len(train_xy[0]) // batch)
   label = opt["name"] + (f" H={point['width']}" if "width" in point else "")
-  history, _ = train(label, tx, model, params, train_xy, test_xy, epochs=epochs,
-                     batch_size=batch, seed=seed, progress=progress)
+  history, _ = train(
+    label,
+    tx,
+    model,
+    params,
+    train_xy,
+    test_xy,
+    epochs=epochs,
+    batch_size=batch,
+    seed=seed,
+    progress=progress,
+  )
   return history
 
 
@@ -170,9 +200,18 @@ def choose_lr(config, opt, ds, xy, progress) -> dict[str, Any]:
   val, fit = order[:n_val], order[n_val:]
   scores = {}
   for lr in opt["lr_grid"]:
-    history = run_one(config, opt, sweep_points(config)[0], seed, lr, ds, (x[fit], y[fit]),
-                      (x[val], y[val]), epochs=grid.get("epochs", config.get("epochs", 1)),
-                      progress=progress)
+    history = run_one(
+      config,
+      opt,
+      sweep_points(config)[0],
+      seed,
+      lr,
+      ds,
+      (x[fit], y[fit]),
+      (x[val], y[val]),
+      epochs=grid.get("epochs", config.get("epochs", 1)),
+      progress=progress,
+    )
     scores[str(lr)] = history[-1]["test_accuracy"]
   best = max(opt["lr_grid"], key=lambda lr: scores[str(lr)])
   return {"lr": best, "validation_accuracy": scores}
@@ -194,8 +233,12 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
   prepare = as_images if cnn else (lambda x: x.reshape(len(x), -1))
   train_xy = (prepare(ds.x_train), ds.y_train)
   test_xy = (prepare(ds.x_test), ds.y_test)
-  results["dataset"] = {"name": ds.name, "source": ds.source, "train": len(ds.x_train),
-                        "test": len(ds.x_test)}
+  results["dataset"] = {
+    "name": ds.name,
+    "source": ds.source,
+    "train": len(ds.x_train),
+    "test": len(ds.x_test),
+  }
 
   def save():
     with open(path + ".tmp", "w") as f:
@@ -215,10 +258,19 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
         key = (opt["name"], _point_key(point), seed)
         if key in done:
           continue
-        history = run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, epochs=epochs,
-                          progress=progress)
-        results["runs"].append({"optimizer": opt["name"], "kind": opt["kind"], "point": point,
-                                "seed": seed, "lr": lr, "history": history})
+        history = run_one(
+          config, opt, point, seed, lr, ds, train_xy, test_xy, epochs=epochs, progress=progress
+        )
+        results["runs"].append(
+          {
+            "optimizer": opt["name"],
+            "kind": opt["kind"],
+            "point": point,
+            "seed": seed,
+            "lr": lr,
+            "history": history,
+          }
+        )
         save()
   save()
   return results
@@ -242,22 +294,29 @@ def _stats(values) -> str:
 
 def summarize(results) -> str:
   config = results["config"]
-  lines = [f"# {config['name']}", "", config.get("description", "").strip(), "",
-           f"Dataset: {results['dataset']['name']} ({results['dataset']['source']}); "
-           f"{config.get('epochs', 1)} epochs, batch {config.get('batch_size', 64)}; "
-           "mean ± std over seeds of the last epoch.", "",
-           "| optimizer | setting | lr | seeds | test accuracy | train loss | s/epoch | "
-           "clipped ratios |", "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"# {config['name']}",
+    "",
+    config.get("description", "").strip(),
+    "",
+    f"Dataset: {results['dataset']['name']} ({results['dataset']['source']}); "
+    f"{config.get('epochs', 1)} epochs, batch {config.get('batch_size', 64)}; "
+    "mean ± std over seeds of the last epoch.",
+    "",
+    "| optimizer | setting | lr | seeds | test accuracy | train loss | s/epoch | clipped ratios |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   groups = _groups(results)
   for (name, _), runs in groups.items():
     point = runs[0]["point"]
     last = [r["history"][-1] for r in runs]
     clipped = [h.get("clipped_ratios") for h in last]
     lines.append(
-        f"| {name} | {_point_label(point)} | {runs[0]['lr']:g} | {len(runs)} | "
-        f"{_stats([h['test_accuracy'] for h in last])} | {_stats([h['train_loss'] for h in last])} | "
-        f"{np.mean([seconds_per_epoch(r['history']) for r in runs]):.2f} | "
-        f"{'-' if clipped[0] is None else sum(clipped)} |")
+      f"| {name} | {_point_label(point)} | {runs[0]['lr']:g} | {len(runs)} | "
+      f"{_stats([h['test_accuracy'] for h in last])} | {_stats([h['train_loss'] for h in last])} | "
+      f"{np.mean([seconds_per_epoch(r['history']) for r in runs]):.2f} | "
+      f"{'-' if clipped[0] is None else sum(clipped)} |"
+    )
   if results["lr_choices"]:
     lines += ["", "Learning rates chosen on a validation split:", ""]
     for name, choice in results["lr_choices"].items():
@@ -266,10 +325,17 @@ def summarize(results) -> str:
   gaps = gap_table(results)
   if gaps:
     first, second = [o["name"] for o in config["optimizers"][:2]]
-    lines += ["", f"Gap {second} minus {first}, paired by seed (mean ± std):", "",
-              "| width | test accuracy gap | train loss gap |", "|---|---|---|"]
-    lines += [f"| {w} | {a:+.4f} ± {sa:.4f} | {l:+.4f} ± {sl:.4f} |"
-              for w, a, sa, l, sl in gaps]
+    lines += [
+      "",
+      f"Gap {second} minus {first}, paired by seed (mean ± std):",
+      "",
+      "| width | test accuracy gap | train loss gap |",
+      "|---|---|---|",
+    ]
+    lines += [
+      f"| {width} | {acc:+.4f} ± {acc_std:.4f} | {loss:+.4f} ± {loss_std:.4f} |"
+      for width, acc, acc_std, loss, loss_std in gaps
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -305,14 +371,22 @@ def gap_table(results):
     if seeds:
       acc = [b[s]["test_accuracy"] - a[s]["test_accuracy"] for s in seeds]
       loss = [b[s]["train_loss"] - a[s]["train_loss"] for s in seeds]
-      rows.append((point["width"], float(np.mean(acc)), float(np.std(acc)),
-                   float(np.mean(loss)), float(np.std(loss))))
+      rows.append(
+        (
+          point["width"],
+          float(np.mean(acc)),
+          float(np.std(acc)),
+          float(np.mean(loss)),
+          float(np.std(loss)),
+        )
+      )
   return rows
 
 
 def plot(results, out_dir) -> list[str]:
   """Learning curves (mean over seeds) and, for a width sweep, the gap against width."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -322,12 +396,12 @@ def plot(results, out_dir) -> list[str]:
     point = runs[0]["point"]
     epochs = np.arange(1, len(runs[0]["history"]) + 1)
     label = name + (f" ({_point_label(point)})" if point else "")
-    for ax, key in zip(axes, ("test_accuracy", "train_loss")):
+    for ax, key in zip(axes, ("test_accuracy", "train_loss"), strict=True):
       curves = np.array([[h[key] for h in r["history"]] for r in runs])
       ax.plot(epochs, curves.mean(0), marker="o", label=label)
       if len(runs) > 1:
         ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15)
-  for ax, title in zip(axes, ("test accuracy", "train loss")):
+  for ax, title in zip(axes, ("test accuracy", "train loss"), strict=True):
     ax.set_xlabel("epoch")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -339,10 +413,11 @@ def plot(results, out_dir) -> list[str]:
   plt.close(fig)
   gaps = gap_table(results)
   if gaps:
-    widths, acc, acc_std, loss, loss_std = zip(*gaps)
+    widths, acc, acc_std, loss, loss_std = zip(*gaps, strict=True)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, values, errors, title in zip(axes, (acc, loss), (acc_std, loss_std),
-                                         ("test accuracy gap", "train loss gap")):
+    for ax, values, errors, title in zip(
+      axes, (acc, loss), (acc_std, loss_std), ("test accuracy gap", "train loss gap"), strict=True
+    ):
       ax.errorbar(widths, values, yerr=errors, marker="o", capsize=3)
       ax.axhline(0, color="grey", lw=0.8)
       ax.set_xscale("log", base=2)
@@ -366,8 +441,9 @@ def main(argv=None):
   parser.add_argument("--data-dir", help="override the config's data_dir")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
-  config = load_config(args.config, {"seeds": args.seeds, "epochs": args.epochs,
-                                     "data_dir": args.data_dir})
+  config = load_config(
+    args.config, {"seeds": args.seeds, "epochs": args.epochs, "data_dir": args.data_dir}
+  )
   out_dir = args.out or os.path.join("runs", config["name"])
   results = run_experiment(config, out_dir, progress=not args.no_progress)
   summary = summarize(results)
@@ -375,8 +451,12 @@ def main(argv=None):
     f.write(summary)
   plots = plot(results, out_dir)
   print("\n" + summary)
-  print("wrote " + ", ".join([os.path.join(out_dir, "results.json"),
-                              os.path.join(out_dir, "summary.md"), *plots]))
+  print(
+    "wrote "
+    + ", ".join(
+      [os.path.join(out_dir, "results.json"), os.path.join(out_dir, "summary.md"), *plots]
+    )
+  )
 
 
 if __name__ == "__main__":

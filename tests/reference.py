@@ -9,6 +9,8 @@ table of layer kinds.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ def make_mlp(key, widths, bias=True, dtype=jnp.float64, layer_names=None):
   """Random params ``{'Dense_k': {'kernel', 'bias'}}``; random signs and scales."""
   params = {}
   names = layer_names or [f"Dense_{k}" for k in range(len(widths) - 1)]
-  for k, (n_in, n_out) in enumerate(zip(widths, widths[1:])):
+  for k, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
     key, k1, k2 = jax.random.split(key, 3)
     layer = {"kernel": (jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
     if bias:
@@ -46,14 +48,14 @@ def skeleton_sets(widths, centres=None):
   """(F, OUT): per layer, the sets of (tap, i, j) incoming-fixed and outgoing skeleton
   edges; with ``centres=None`` (dense) the sets hold (i, j) pairs."""
   depth = len(widths) - 1
-  tap = (lambda k: ()) if centres is None else (lambda k: (centres[k],))
+  tap = (lambda _k: ()) if centres is None else (lambda k: (centres[k],))
   fixed = [set() for _ in range(depth)]
   out = [set() for _ in range(depth)]
   for level in range(1, depth):  # hidden levels
     for j in range(widths[level]):
-      fixed[level - 1].add(tap(level - 1) + (j % widths[level - 1], j))
+      fixed[level - 1].add((*tap(level - 1), j % widths[level - 1], j))
     for a in range(widths[level]):
-      out[level].add(tap(level) + (a, a % widths[level + 1]))
+      out[level].add((*tap(level), a, a % widths[level + 1]))
   return fixed, out
 
 
@@ -63,15 +65,22 @@ def chain_products(views, widths, centres):
   back = [np.ones(widths[0])]
   for level in range(1, depth):
     n_prev, c = widths[level - 1], centres[level - 1]
-    back.append(np.array([back[level - 1][j % n_prev] * views[level - 1][c, j % n_prev, j]
-                          for j in range(widths[level])]))
+    back.append(
+      np.array(
+        [
+          back[level - 1][j % n_prev] * views[level - 1][c, j % n_prev, j]
+          for j in range(widths[level])
+        ]
+      )
+    )
   back.append(np.ones(widths[depth]))
   fwd = [None] * (depth + 1)
   fwd[depth] = np.ones(widths[depth])
   for level in range(depth - 1, 0, -1):
     n_next, c = widths[level + 1], centres[level]
-    fwd[level] = np.array([views[level][c, a, a % n_next] * fwd[level + 1][a % n_next]
-                           for a in range(widths[level])])
+    fwd[level] = np.array(
+      [views[level][c, a, a % n_next] * fwd[level + 1][a % n_next] for a in range(widths[level])]
+    )
   fwd[0] = np.ones(widths[0])
   return back, fwd
 
@@ -119,8 +128,10 @@ def reconstruct_taps(values, bias_values, fixed_views, widths, centres):
   back = [jnp.ones(widths[0])]  # back chains use F only
   for level in range(1, depth):
     idx = np.arange(widths[level]) % widths[level - 1]
-    back.append(back[level - 1][idx]
-                * fixed_views[level - 1][centres[level - 1], idx, np.arange(widths[level])])
+    back.append(
+      back[level - 1][idx]
+      * fixed_views[level - 1][centres[level - 1], idx, np.arange(widths[level])]
+    )
   views, biases = [None] * depth, [None] * depth
   fwd = jnp.ones(widths[depth])
   for k in range(depth - 1, -1, -1):
@@ -137,6 +148,7 @@ def reconstruct_taps(values, bias_values, fixed_views, widths, centres):
 def reconstruct(values, bias_values, fixed_kernels, widths):
   """Dense chains: kernels from basis values and F."""
   views, centres = dense_views(fixed_kernels)
-  rebuilt, biases = reconstruct_taps([jnp.asarray(v)[None] for v in values], bias_values,
-                                     views, widths, centres)
+  rebuilt, biases = reconstruct_taps(
+    [jnp.asarray(v)[None] for v in values], bias_values, views, widths, centres
+  )
   return [w[0] for w in rebuilt], biases

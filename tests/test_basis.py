@@ -5,26 +5,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 
 import gsgd_jax
 from gsgd_jax._src import basis
 from gsgd_jax._src.structure import build_structure
 
-import reference as ref
-
 # Equal, expanding, narrowing, width 1 and depths 1-6.
 WIDTHS = [
-    (5, 3),
-    (3, 4, 2),
-    (4, 4, 4, 4),
-    (3, 8, 8, 2),
-    (8, 5, 3, 2),
-    (2, 3, 7, 12, 4),
-    (3, 2, 7, 1, 4),
-    (1, 1, 1, 1),
-    (2, 1, 5, 1),
-    (4, 6, 6, 6, 6, 6, 3),
-    (7, 3, 9, 2, 6, 4, 5),
+  (5, 3),
+  (3, 4, 2),
+  (4, 4, 4, 4),
+  (3, 8, 8, 2),
+  (8, 5, 3, 2),
+  (2, 3, 7, 12, 4),
+  (3, 2, 7, 1, 4),
+  (1, 1, 1, 1),
+  (2, 1, 5, 1),
+  (4, 6, 6, 6, 6, 6, 3),
+  (7, 3, 9, 2, 6, 4, 5),
 ]
 
 
@@ -45,7 +44,7 @@ def _free_masks(widths):
   masks = []
   for k, n_in in enumerate(widths[:-1]):
     m = np.ones((n_in, widths[k + 1]), bool)
-    for (i, j) in fixed[k]:
+    for i, j in fixed[k]:
       m[i, j] = False
     masks.append(m)
   return masks
@@ -76,8 +75,9 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
 
   def loss_of_values(v, vb):
     ks, bs = ref.reconstruct(v, vb, kernels, widths)
-    rebuilt = {n: {"kernel": ks[k], **({"bias": bs[k]} if bias else {})}
-               for k, (n,) in enumerate(layers)}
+    rebuilt = {
+      n: {"kernel": ks[k], **({"bias": bs[k]} if bias else {})} for k, (n,) in enumerate(layers)
+    }
     return loss(rebuilt)
 
   # The reconstruction really is the inverse of the basis-value map.
@@ -91,8 +91,9 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
   got = basis.inverse_chain_rule(struct, kernels, biases, *_arrays(grads, layers))
   tol = 1e-10 * _scale(want + (want_b if bias else []))
   for k, free in enumerate(_free_masks(widths)):
-    np.testing.assert_allclose(np.asarray(got.kernels[k])[free], np.asarray(want[k])[free],
-                               rtol=1e-9, atol=tol)
+    np.testing.assert_allclose(
+      np.asarray(got.kernels[k])[free], np.asarray(want[k])[free], rtol=1e-9, atol=tol
+    )
     assert np.all(np.asarray(got.kernels[k])[~free] == 0)
     if bias:
       np.testing.assert_allclose(got.biases[k], want_b[k], rtol=1e-9, atol=tol)
@@ -111,10 +112,10 @@ def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
   # dv as the inner transformation computes it from the path gradients.
   (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
-  path_grads = {n: {"kernel": pg.kernels[k], "bias": pg.biases[k]}
-                for k, (n,) in enumerate(layers)}
-  steps, _ = tx_inner.update(path_grads, tx_inner.init(path_grads),
-                             gsgd_jax.basis_path_values(params, layers))
+  path_grads = {n: {"kernel": pg.kernels[k], "bias": pg.biases[k]} for k, (n,) in enumerate(layers)}
+  steps, _ = tx_inner.update(
+    path_grads, tx_inner.init(path_grads), gsgd_jax.basis_path_values(params, layers)
+  )
   before, before_b = ref.basis_values(*_arrays(params, layers), widths)
   after, after_b = ref.basis_values(*_arrays(new, layers), widths)
   free = _free_masks(widths)
@@ -122,11 +123,13 @@ def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
     target = before[k] + np.asarray(steps[name]["kernel"])
     tol = 1e-11 * (1 + _scale([before[k], target]))
     np.testing.assert_allclose(after[k][free[k]], target[free[k]], rtol=1e-9, atol=tol)
-    np.testing.assert_allclose(after_b[k], before_b[k] + np.asarray(steps[name]["bias"]),
-                               rtol=1e-9, atol=tol)
+    np.testing.assert_allclose(
+      after_b[k], before_b[k] + np.asarray(steps[name]["bias"]), rtol=1e-9, atol=tol
+    )
     # Only weights outside F move.
-    np.testing.assert_array_equal(np.asarray(new[name]["kernel"])[~free[k]],
-                                  np.asarray(params[name]["kernel"])[~free[k]])
+    np.testing.assert_array_equal(
+      np.asarray(new[name]["kernel"])[~free[k]], np.asarray(params[name]["kernel"])[~free[k]]
+    )
     assert np.all(np.asarray(updates[name]["kernel"])[~free[k]] == 0)
 
 
@@ -145,10 +148,11 @@ def test_zero_weights_and_biases_move_exactly():
   assert int(state.clipped_ratios) == 0
   (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
-  before, before_b = ref.basis_values(*_arrays(params, layers), widths)
+  _before, before_b = ref.basis_values(*_arrays(params, layers), widths)
   after, after_b = ref.basis_values(*_arrays(new, layers), widths)
-  np.testing.assert_allclose(after_b[0], before_b[0] - 0.01 * np.asarray(pg.biases[0]),
-                             rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(
+    after_b[0], before_b[0] - 0.01 * np.asarray(pg.biases[0]), rtol=1e-12, atol=1e-14
+  )
   np.testing.assert_allclose(after[1][4, 2], -0.01 * np.asarray(pg.kernels[1])[4, 2], rtol=1e-12)
   assert np.asarray(pg.kernels[1])[4, 2] != 0
 
@@ -171,7 +175,7 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
   for k in range(len(layers)):
     target = before[k] - lr * np.asarray(pg.kernels[k])
     miss = free[k] & ~np.isclose(after[k], target, rtol=1e-9, atol=1e-12)
-    for i, j in zip(*np.nonzero(miss)):
+    for i, j in zip(*np.nonzero(miss), strict=True):
       assert (i, j) in outgoing[k], "only clipped skeleton paths may miss v + dv"
       ratio = after[k][i, j] / before[k][i, j]
       assert ratio == pytest.approx(0.9) or ratio == pytest.approx(1.1)
@@ -244,8 +248,9 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
   free = _free_masks(widths)
   for k in range(len(layers)):
     target = before[k] - lr * np.asarray(pg.kernels[k], np.float64)
-    np.testing.assert_allclose(after[k][free[k]], target[free[k]], rtol=1e-4,
-                               atol=1e-6 * _scale([before[k], target]))
+    np.testing.assert_allclose(
+      after[k][free[k]], target[free[k]], rtol=1e-4, atol=1e-6 * _scale([before[k], target])
+    )
 
 
 def test_depth_50_float32_update_matches_float64():
@@ -262,7 +267,7 @@ def test_depth_50_float32_update_matches_float64():
   to32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
   got, state = jax.jit(tx.update)(to32(grads), tx.init(to32(params)), to32(params))
   assert int(state.clipped_ratios) == 0
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert a.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(b)))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale + 1e-30)

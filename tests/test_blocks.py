@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import gsgd_jax
-
 import reference as ref
 from helpers import train_scan
+
+import gsgd_jax
 
 BLOCKS = [["a0", "a1"], ["b0", "b1", "b2"]]
 
@@ -31,11 +30,15 @@ def _problem(seed=0):
   return params, x, forward, loss
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS),
     lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS, fallback=optax.adam(1e-2)),
     lambda: gsgd_jax.path_space(optax.adam(3e-3), layers=BLOCKS),
-], ids=["gsgd", "gsgd+adam-fallback", "g-adam"])
+  ],
+  ids=["gsgd", "gsgd+adam-fallback", "g-adam"],
+)
 def test_invariance_inside_blocks(make):
   params, x, forward, loss = _problem()
   rescaled = gsgd_jax.random_rescale(params, BLOCKS, jax.random.key(5))
@@ -52,7 +55,7 @@ def test_invariance_inside_blocks(make):
 
 
 def test_fallback_follows_its_transform_exactly():
-  params, x, forward, loss = _problem()
+  params, _x, _forward, loss = _problem()
   fallback = optax.adam(1e-2)
   tx = gsgd_jax.gsgd(0.05, layers=BLOCKS, fallback=fallback)
   rest = {"scale": params["scale"], "shift": params["shift"]}
@@ -85,11 +88,11 @@ def test_blocks_are_independent_chains():
 
 def test_block_errors():
   params, *_ = _problem()
-  with pytest.raises(ValueError, match="'a1' is declared twice"):
+  with pytest.raises(ValueError, match=r"'a1' is declared twice"):
     gsgd_jax.gsgd(0.1, layers=[["a0", "a1"], ["a1"]]).init(params)
-  with pytest.raises(ValueError, match="block .* is empty"):
+  with pytest.raises(ValueError, match=r"block .* is empty"):
     gsgd_jax.gsgd(0.1, layers=[["a0", "a1"], []]).init(params)
-  with pytest.raises(TypeError, match="mixes paths and blocks"):
+  with pytest.raises(TypeError, match=r"mixes paths and blocks"):
     gsgd_jax.gsgd(0.1, layers=["a0", [["a1"]]]).init(params)
-  with pytest.raises(TypeError, match="not the string|got the string"):
+  with pytest.raises(TypeError, match=r"not the string|got the string"):
     gsgd_jax.gsgd(0.1, layers="a0").init(params)

@@ -12,24 +12,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import gsgd_jax
-
 import reference as ref
 from helpers import train_scan
+
+import gsgd_jax
 
 WIDTHS = (4, 7, 6, 3)
 
 # name -> (factory, hyperparameters); every factory takes `layers=` as well.
 FACTORIES = {
-    "gsgd": (gsgd_jax.gsgd, {"learning_rate": 0.05}),
-    "g_momentum": (gsgd_jax.g_momentum, {"learning_rate": 0.01, "momentum": 0.9}),
-    "g_nesterov": (functools.partial(gsgd_jax.g_momentum, nesterov=True),
-                   {"learning_rate": 0.01, "momentum": 0.9}),
-    "g_adam": (gsgd_jax.g_adam, {"learning_rate": 3e-3}),
-    "g_adamw": (gsgd_jax.g_adamw, {"learning_rate": 3e-3, "weight_decay": 0.1}),
-    "g_rmsprop": (gsgd_jax.g_rmsprop, {"learning_rate": 1e-3}),
-    "path_sgd": (gsgd_jax.path_sgd, {"learning_rate": 0.05}),
+  "gsgd": (gsgd_jax.gsgd, {"learning_rate": 0.05}),
+  "g_momentum": (gsgd_jax.g_momentum, {"learning_rate": 0.01, "momentum": 0.9}),
+  "g_nesterov": (
+    functools.partial(gsgd_jax.g_momentum, nesterov=True),
+    {"learning_rate": 0.01, "momentum": 0.9},
+  ),
+  "g_adam": (gsgd_jax.g_adam, {"learning_rate": 3e-3}),
+  "g_adamw": (gsgd_jax.g_adamw, {"learning_rate": 3e-3, "weight_decay": 0.1}),
+  "g_rmsprop": (gsgd_jax.g_rmsprop, {"learning_rate": 1e-3}),
+  "path_sgd": (gsgd_jax.path_sgd, {"learning_rate": 0.05}),
 }
 NAMES = sorted(FACTORIES)
 
@@ -75,7 +76,7 @@ def test_rescaling_invariance(name):
 def test_converges_under_jit_and_scan(name):
   params, layers, _, loss = _problem(seed=5)
   tx = _make(name, layers)
-  (final, _), losses = train_scan(tx, params, loss, 150, loss)
+  (_final, _), losses = train_scan(tx, params, loss, 150, loss)
   assert float(losses[-1]) < 0.5 * float(loss(params))
   assert bool(jnp.all(jnp.isfinite(losses)))
 
@@ -87,9 +88,8 @@ def test_extra_args_ignored_and_compiled_once(name):
   grads = jax.grad(loss)(params)
   state = tx.init(params)
   plain, _ = tx.update(grads, state, params)
-  extra, _ = optax.with_extra_args_support(tx).update(grads, state, params, value=1.0,
-                                                      unknown="x")
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra)):
+  extra, _ = optax.with_extra_args_support(tx).update(grads, state, params, value=1.0, unknown="x")
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra), strict=True):
     np.testing.assert_array_equal(a, b)
   traces = []
 
@@ -114,7 +114,7 @@ def test_inject_hyperparams_and_constant_schedule(name):
   plain = _make(name, layers)
   runs = [train_scan(tx, params, loss, 5, lambda p: p)[0][0] for tx in (plain, injected, scheduled)]
   for other in runs[1:]:
-    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other)):
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
   state = injected.init(params)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(hyper["learning_rate"])
@@ -159,7 +159,7 @@ def test_multi_steps_accumulates(name):
   _, avg_state = averaging.update(grads, avg_state, params)
   mean_grads, _ = averaging.update(grads, avg_state, params)
   want, _ = tx.update(mean_grads, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
 
 
@@ -173,7 +173,7 @@ def test_chain_masked_and_tree_map_params(name):
   got, _ = chained.update(grads, chained.init(params), params)
   clipped, _ = clip.update(grads, clip.init(params))
   want, _ = tx.update(clipped, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-16)
 
   mask = {k: not k.startswith("scale") for k in params}
@@ -182,14 +182,19 @@ def test_chain_masked_and_tree_map_params(name):
   np.testing.assert_array_equal(updates["scale"], grads["scale"])  # passed through
   chain_only = {k: v for k, v in params.items() if k != "scale"}
   want, _ = tx.update({k: grads[k] for k in chain_only}, tx.init(chain_only), chain_only)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only})):
+  for a, b in zip(
+    jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only}), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-13)
 
   state = tx.init(params)
-  zeroed = optax.tree_map_params(tx, lambda p: jnp.zeros_like(p), state)
+  zeroed = optax.tree_map_params(tx, jnp.zeros_like, state)
   assert jax.tree.structure(zeroed) == jax.tree.structure(state)
-  assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(zeroed)
-             if leaf.shape == params["Dense_0"]["kernel"].shape)
+  assert all(
+    bool(jnp.all(leaf == 0))
+    for leaf in jax.tree.leaves(zeroed)
+    if leaf.shape == params["Dense_0"]["kernel"].shape
+  )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -217,8 +222,10 @@ def test_g_adamw_decays_path_values():
   new = optax.apply_updates(params, updates)
   before = gsgd_jax.basis_path_values(params, layers)
   after = gsgd_jax.basis_path_values(new, layers)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
     np.testing.assert_allclose(a, (1 - lr * wd) * b, rtol=1e-12, atol=1e-15)
   fixed = gsgd_jax.skeleton_mask(params, layers)
-  for w, w_new, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(fixed)):
+  for w, w_new, m in zip(
+    jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(fixed), strict=True
+  ):
     np.testing.assert_array_equal(np.asarray(w_new)[np.asarray(m)], np.asarray(w)[np.asarray(m)])

@@ -9,8 +9,14 @@ import pytest
 
 from benchmarks import data
 
-_CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,
-          np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+_CODES = {
+  np.dtype("u1"): 0x08,
+  np.dtype("i1"): 0x09,
+  np.dtype(">i2"): 0x0B,
+  np.dtype(">i4"): 0x0C,
+  np.dtype(">f4"): 0x0D,
+  np.dtype(">f8"): 0x0E,
+}
 
 
 def idx_bytes(array, dtype):
@@ -34,10 +40,10 @@ def write_dataset(directory, n_train=6, n_test=4, side=28, seed=0):
   """Writes the four standard IDX files (some gzipped) and returns their arrays."""
   rng = np.random.default_rng(seed)
   arrays = {
-      "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
-      "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
-      "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
-      "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test, dtype=np.uint8),
+    "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
+    "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+    "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
+    "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test, dtype=np.uint8),
   }
   arrays["train-labels-idx1-ubyte"][0] = 9  # So num_classes is 10.
   arrays["train-images-idx3-ubyte.gz"][0, 0, :2] = (0, 255)  # Both ends of the range.
@@ -76,13 +82,15 @@ def test_read_idx_float32_values_exact(tmp_path):
   np.testing.assert_array_equal(out, array)
 
 
-@pytest.mark.parametrize("raw", [b"\x01\x00\x08\x01\x00\x00\x00\x01\x07",
-                                 b"\x00\x00\x42\x01\x00\x00\x00\x01\x07",
-                                 b"\x00", b""], ids=["nonzero", "badtype", "short", "empty"])
+@pytest.mark.parametrize(
+  "raw",
+  [b"\x01\x00\x08\x01\x00\x00\x00\x01\x07", b"\x00\x00\x42\x01\x00\x00\x00\x01\x07", b"\x00", b""],
+  ids=["nonzero", "badtype", "short", "empty"],
+)
 def test_read_idx_bad_magic_names_file(tmp_path, raw):
   path = tmp_path / "bad-magic-idx"
   path.write_bytes(raw)
-  with pytest.raises(ValueError, match="bad-magic-idx"):
+  with pytest.raises(ValueError, match=r"bad-magic-idx"):
     data.read_idx(path)
 
 
@@ -94,14 +102,14 @@ def test_read_idx_truncated_raises(tmp_path, suffix, cut):
   path = tmp_path / f"trunc-idx{suffix}"
   with (gzip.open if suffix else open)(path, "wb") as f:
     f.write(raw)
-  with pytest.raises(ValueError, match="trunc-idx"):
+  with pytest.raises(ValueError, match=r"trunc-idx"):
     data.read_idx(path)
 
 
 def test_read_idx_trailing_bytes_raise(tmp_path):
   path = tmp_path / "long-idx"
   path.write_bytes(idx_bytes(np.arange(6, dtype=np.uint8), "u1") + b"\x00")
-  with pytest.raises(ValueError, match="long-idx"):
+  with pytest.raises(ValueError, match=r"long-idx"):
     data.read_idx(path)
 
 
@@ -154,7 +162,7 @@ def test_load_dataset_uses_data_dir(tmp_path):
 
 def test_load_dataset_explicit_missing_dir_raises(tmp_path):
   with pytest.raises(ValueError, match=re.escape(str(tmp_path))):
-    data.load_dataset(tmp_path, log=lambda msg: None)
+    data.load_dataset(tmp_path, log=lambda _msg: None)
 
 
 def test_load_dataset_default_dir_is_fashion_mnist(tmp_path):

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from helpers import nnx_layers_at_skeleton
 
 import gsgd_jax
-
-from helpers import nnx_layers_at_skeleton
 
 
 def _data(n=128, d=8, classes=3):
@@ -34,8 +33,7 @@ def test_linen_mlp_trains():
   assert layers == [("params", "Dense_0"), ("params", "Dense_1"), ("params", "Dense_2")]
   params = gsgd_jax.set_skeleton(params, layers)
   tx = gsgd_jax.gsgd(0.1, layers=layers)
-  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(p, x), y).mean()
+  loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
 
   @jax.jit
   def step(p, state):
@@ -53,8 +51,9 @@ def test_linen_mlp_trains():
 
 class NNXMLP(nnx.Module):
   def __init__(self, rngs):
-    self.layers = nnx.List([nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 16, rngs=rngs),
-                            nnx.Linear(16, 3, rngs=rngs)])
+    self.layers = nnx.List(
+      [nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)]
+    )
 
   def __call__(self, x):
     for layer in self.layers[:-1]:

@@ -2,16 +2,28 @@
 
 import json
 
-from benchmarks import fmnist
-
 from test_data import write_dataset
+
+from benchmarks import fmnist
 
 
 def test_run_trains_both_optimizers_and_writes_results(tmp_path, capsys):
   write_dataset(tmp_path, n_train=96, n_test=20, side=6)
   out = tmp_path / "results.json"
-  fmnist.main(["--data-dir", str(tmp_path), "--epochs", "2", "--widths", "8,8",
-               "--batch-size", "16", "--json", str(out)])
+  fmnist.main(
+    [
+      "--data-dir",
+      str(tmp_path),
+      "--epochs",
+      "2",
+      "--widths",
+      "8,8",
+      "--batch-size",
+      "16",
+      "--json",
+      str(out),
+    ]
+  )
   printed = capsys.readouterr().out
   assert "| SGD |" in printed and "| G-SGD |" in printed
   results = json.loads(out.read_text())
@@ -25,7 +37,7 @@ def test_run_trains_both_optimizers_and_writes_results(tmp_path, capsys):
 
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
   config = tmp_path / "c.toml"
-  config.write_text('epochs = 3\nwidths = [16, 4]\nlr = 0.2\n')
+  config.write_text("epochs = 3\nwidths = [16, 4]\nlr = 0.2\n")
   args = fmnist.parse_args(["--config", str(config), "--lr", "0.5"])
   assert (args.epochs, args.widths, args.lr) == (3, "16,4", 0.5)
   config.write_text("epoch = 3\n")

@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import gsgd_jax
-
-import reference as ref
 
 
 @pytest.mark.parametrize("widths", [(3, 4, 4, 2), (5, 8, 3, 7, 2), (2, 1, 3)], ids=str)
@@ -16,14 +15,20 @@ def test_random_rescale_preserves_function_and_basis_values(widths):
   params["other"] = {"scale": jnp.arange(3.0)}
   x = jax.random.normal(jax.random.key(1), (9, widths[0]))
   scaled = gsgd_jax.random_rescale(params, layers, jax.random.key(2))
-  changed = [not np.allclose(a, b) for a, b in
-             zip(jax.tree.leaves(params), jax.tree.leaves(scaled))]
+  changed = [
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(scaled), strict=True)
+  ]
   assert sum(changed) >= 2 * (len(widths) - 2)  # the weights really moved
   np.testing.assert_array_equal(scaled["other"]["scale"], params["other"]["scale"])
-  np.testing.assert_allclose(ref.forward(scaled, layers, x), ref.forward(params, layers, x),
-                             rtol=1e-12, atol=1e-12)
-  for a, b in zip(jax.tree.leaves(gsgd_jax.basis_path_values(scaled, layers)),
-                  jax.tree.leaves(gsgd_jax.basis_path_values(params, layers))):
+  np.testing.assert_allclose(
+    ref.forward(scaled, layers, x), ref.forward(params, layers, x), rtol=1e-12, atol=1e-12
+  )
+  for a, b in zip(
+    jax.tree.leaves(gsgd_jax.basis_path_values(scaled, layers)),
+    jax.tree.leaves(gsgd_jax.basis_path_values(params, layers)),
+    strict=True,
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
@@ -44,7 +49,7 @@ def test_skeleton_masks_follow_the_spec_rule():
     assert not np.any(got_all[name]["bias"])
   # One fixed edge per hidden node: |F| = H.
   assert sum(int(np.sum(m)) for m in jax.tree.leaves(got_fixed)) == sum(widths[1:-1])
-  with pytest.raises(ValueError, match="which"):
+  with pytest.raises(ValueError, match=r"which"):
     gsgd_jax.skeleton_mask(params, layers, which="some")
 
 
@@ -52,8 +57,12 @@ def test_equal_widths_give_the_papers_skeleton():
   d, h, classes = 6, 4, 3
   params, layers = ref.make_mlp(jax.random.key(0), (d, h, h, h, classes))
   mask = gsgd_jax.skeleton_mask(params, layers, which="all")
-  want = [np.zeros((d, h), bool), np.eye(h, dtype=bool), np.eye(h, dtype=bool),
-          np.zeros((h, classes), bool)]
+  want = [
+    np.zeros((d, h), bool),
+    np.eye(h, dtype=bool),
+    np.eye(h, dtype=bool),
+    np.zeros((h, classes), bool),
+  ]
   for i in range(h):
     want[0][i % d, i] = True  # w^1(i mod d, i)
     want[3][i, i % classes] = True  # w^L(i, i mod K)
@@ -65,13 +74,14 @@ def test_set_skeleton_sets_every_skeleton_weight_and_nothing_else():
   params, layers = ref.make_mlp(jax.random.key(0), (4, 6, 3, 2))
   new = gsgd_jax.set_skeleton(params, layers, value=1.0)
   mask = gsgd_jax.skeleton_mask(params, layers, which="all")
-  for name, in layers:
+  for (name,) in layers:
     m = np.asarray(mask[name]["kernel"])
     np.testing.assert_array_equal(np.asarray(new[name]["kernel"])[m], 1.0)
-    np.testing.assert_array_equal(np.asarray(new[name]["kernel"])[~m],
-                                  np.asarray(params[name]["kernel"])[~m])
+    np.testing.assert_array_equal(
+      np.asarray(new[name]["kernel"])[~m], np.asarray(params[name]["kernel"])[~m]
+    )
     np.testing.assert_array_equal(new[name]["bias"], params[name]["bias"])
-  with pytest.raises(ValueError, match="nonzero"):
+  with pytest.raises(ValueError, match=r"nonzero"):
     gsgd_jax.set_skeleton(params, layers, value=0.0)
 
 

@@ -26,8 +26,7 @@ def _setup(tx_factory=lambda layers: gsgd_jax.g_momentum(0.05, layers=layers)):
   params = model.init(jax.random.key(1), x)
   layers = gsgd_jax.infer_layers(params)
   params = gsgd_jax.set_skeleton(params, layers)
-  state = train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                        tx=tx_factory(layers))
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx_factory(layers))
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
@@ -65,6 +64,9 @@ def test_orbax_checkpoint_resumes_bit_identically(tmp_path):
   resumed = state.replace(params=restored["params"], opt_state=restored["opt_state"])
   for _ in range(5):
     resumed = step(resumed)
-  for a, b in zip(jax.tree.leaves((straight.params, straight.opt_state)),
-                  jax.tree.leaves((resumed.params, resumed.opt_state))):
+  for a, b in zip(
+    jax.tree.leaves((straight.params, straight.opt_state)),
+    jax.tree.leaves((resumed.params, resumed.opt_state)),
+    strict=True,
+  ):
     np.testing.assert_array_equal(a, b)

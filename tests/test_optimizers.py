@@ -1,17 +1,17 @@
-"""Rescaling invariance (SPEC §5.3) for G-SGD and path-space optax transforms, fallback, precision."""
+"""Rescaling invariance (docs/math.md) for G-SGD and path-space transforms, fallback, precision."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import gsgd_jax
-
 import reference as ref
 from helpers import train_scan
+
+import gsgd_jax
 
 WIDTHS = (6, 9, 7, 8, 3)
 STEPS = 25
@@ -32,16 +32,17 @@ def _train(tx, params, loss, steps=STEPS, observe=None):
 
 
 OPTIMIZERS = {
-    "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers),
-    "gsgd_schedule": lambda layers: gsgd_jax.gsgd(
-        optax.exponential_decay(0.05, 5, 0.7), layers=layers),
-    "g_momentum": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9),
-    "g_nesterov": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9,
-                                               nesterov=True),
-    "g_adam": lambda layers: gsgd_jax.path_space(optax.adam(3e-3), layers=layers),
-    "g_rmsprop": lambda layers: gsgd_jax.path_space(optax.rmsprop(1e-3), layers=layers),
-    "g_clipped_sgd": lambda layers: gsgd_jax.path_space(
-        optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05)), layers=layers),
+  "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers),
+  "gsgd_schedule": lambda layers: gsgd_jax.gsgd(
+    optax.exponential_decay(0.05, 5, 0.7), layers=layers
+  ),
+  "g_momentum": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9),
+  "g_nesterov": lambda layers: gsgd_jax.gsgd(0.01, layers=layers, momentum=0.9, nesterov=True),
+  "g_adam": lambda layers: gsgd_jax.path_space(optax.adam(3e-3), layers=layers),
+  "g_rmsprop": lambda layers: gsgd_jax.path_space(optax.rmsprop(1e-3), layers=layers),
+  "g_clipped_sgd": lambda layers: gsgd_jax.path_space(
+    optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.05)), layers=layers
+  ),
 }
 
 
@@ -73,13 +74,12 @@ def test_gsgd_is_path_space_sgd():
   params, layers, x, loss = _problem()
   outputs = lambda p: ref.forward(p, layers, x)
   a = _train(gsgd_jax.gsgd(0.05, layers=layers), params, loss, observe=outputs)[2]
-  b = _train(gsgd_jax.path_space(optax.sgd(0.05), layers=layers), params, loss,
-             observe=outputs)[2]
+  b = _train(gsgd_jax.path_space(optax.sgd(0.05), layers=layers), params, loss, observe=outputs)[2]
   np.testing.assert_array_equal(a, b)
 
 
 def test_leaves_outside_layers_follow_the_fallback():
-  params, layers, x, loss = _problem()
+  params, layers, _x, loss = _problem()
   params["scale"] = jnp.ones(3)
   full_loss = lambda p: loss(p) + jnp.sum((p["scale"] - 2.0) ** 2)
   grads = jax.grad(full_loss)(params)
@@ -94,7 +94,9 @@ def test_leaves_outside_layers_follow_the_fallback():
   updates_frozen, _ = frozen.update(grads, frozen.init(params), params)
   np.testing.assert_array_equal(updates_frozen["scale"], 0.0)
   for got in (updates, updates_frozen):
-    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: got[k] for k in chain_only})):
+    for a, b in zip(
+      jax.tree.leaves(want), jax.tree.leaves({k: got[k] for k in chain_only}), strict=True
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-14)
 
   # optax.partition routes the same way.
@@ -102,7 +104,9 @@ def test_leaves_outside_layers_follow_the_fallback():
   routed = optax.partition({"chain": tx, "rest": optax.sgd(0.1)}, labels)
   updates, _ = routed.update(grads, routed.init(params), params)
   np.testing.assert_allclose(updates["scale"], -0.1 * grads["scale"])
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only})):
+  for a, b in zip(
+    jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only}), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-14)
 
 
@@ -114,15 +118,17 @@ def test_float32_update_matches_float64():
   to32 = functools.partial(jax.tree.map, lambda a: a.astype(jnp.float32))
   got, _ = tx.update(to32(grads), tx.init(to32(params)), to32(params))
   scale = max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(want))
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def _step_temp_bytes(tx, params, loss):
   """Bytes of temporaries XLA allots to one jitted train step."""
+
   def step(p, s):
     u, s = tx.update(jax.grad(loss)(p), s, p)
     return optax.apply_updates(p, u), s
+
   compiled = jax.jit(step).lower(params, tx.init(params)).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -134,11 +140,12 @@ def _conv_net(head):
   keys = jax.random.split(jax.random.key(0), 3)
   channels = (8, 256, 256) if head == "pool" else (8, 32)
   convs = [f"Conv_{k}" for k in range(len(channels) - 1)]
-  params = {name: {"kernel": jax.random.normal(keys[0], (3, 3, c_in, c_out)) / 30,
-                   "bias": jnp.zeros(c_out)}
-            for name, c_in, c_out in zip(convs, channels, channels[1:])}
+  params = {
+    name: {"kernel": jax.random.normal(keys[0], (3, 3, c_in, c_out)) / 30, "bias": jnp.zeros(c_out)}
+    for name, c_in, c_out in zip(convs, channels, channels[1:], strict=False)
+  }
   dense = [256, 10] if head == "pool" else [4 * 4 * 32, 512, 10]
-  for k, (n_in, n_out) in enumerate(zip(dense, dense[1:])):
+  for k, (n_in, n_out) in enumerate(itertools.pairwise(dense)):
     params[f"Dense_{k}"] = {"kernel": jax.random.normal(keys[k + 1], (n_in, n_out)) / n_in}
   layers = [(name,) for name in (*convs, *(f"Dense_{k}" for k in range(len(dense) - 1)))]
   x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
@@ -146,22 +153,25 @@ def _conv_net(head):
   def loss(p):
     h = x
     for name in convs:
-      h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      h = jax.lax.conv_general_dilated(
+        h, p[name]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
       h = jax.nn.relu(h + p[name]["bias"])
     h = h.mean(axis=(1, 2)) if head == "pool" else h.reshape(len(h), -1)
     for k in range(len(dense) - 1):
       h = h @ p[f"Dense_{k}"]["kernel"]
       h = jax.nn.relu(h) if k < len(dense) - 2 else h
-    return jnp.mean(h ** 2)
+    return jnp.mean(h**2)
 
   return gsgd_jax.set_skeleton(params, layers), layers, loss
 
 
 # g_rmsprop keeps one kernel-sized temporary: XLA materialises rsqrt(nu), which
 # both the skeleton-edge gather and the kernel pass read.
-IN_PLACE = {**{name: OPTIMIZERS[name] for name in ("gsgd", "g_momentum", "g_nesterov", "g_adam")},
-            "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers)}
+IN_PLACE = {
+  **{name: OPTIMIZERS[name] for name in ("gsgd", "g_momentum", "g_nesterov", "g_adam")},
+  "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers),
+}
 
 
 @pytest.mark.parametrize("name", sorted(IN_PLACE))

@@ -1,14 +1,15 @@
 """Path-SGD (SPEC §7): gamma against autodiff of the squared network, the update, invariance."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gsgd_jax
-
 import reference as ref
 from test_cnn import NETS, build
+
+import gsgd_jax
 
 
 def _squared_network_sum(squares, bias_squares, views_shape):
@@ -18,13 +19,15 @@ def _squared_network_sum(squares, bias_squares, views_shape):
   and inputs, plus its squared bias (an edge from a constant node).
   """
   x = jnp.ones(views_shape[0][1])
-  for u, b2 in zip(squares, bias_squares):
+  for u, b2 in zip(squares, bias_squares, strict=True):
     x = jnp.einsum("tij,i->j", u, x) + (0.0 if b2 is None else b2)
   return jnp.sum(x)
 
 
 def _gamma_by_autodiff(params, layers, views_shape):
-  kernels = [jnp.asarray(params[n]["kernel"]).reshape(s) for (n,), s in zip(layers, views_shape)]
+  kernels = [
+    jnp.asarray(params[n]["kernel"]).reshape(s) for (n,), s in zip(layers, views_shape, strict=True)
+  ]
   biases = [params[n].get("bias") for (n,) in layers]
   squares = [jnp.square(w) for w in kernels]
   bias_squares = [None if b is None else jnp.square(b) for b in biases]
@@ -35,7 +38,7 @@ def _gamma_by_autodiff(params, layers, views_shape):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_mlp_gamma_equals_grad_of_squared_network(widths, bias):
   params, layers = ref.make_mlp(jax.random.key(0), widths, bias)
-  shapes = [(1, a, b) for a, b in zip(widths, widths[1:])]
+  shapes = [(1, a, b) for a, b in itertools.pairwise(widths)]
   want, want_b = _gamma_by_autodiff(params, layers, shapes)
   got = gsgd_jax.path_norm_scales(params, layers)
   for k, (name,) in enumerate(layers):
@@ -63,10 +66,11 @@ def test_path_sgd_update_is_gradient_over_gamma():
   tx = gsgd_jax.path_sgd(0.1, layers=layers)
   updates, _ = tx.update(grads, tx.init(params), params)
   gamma = gsgd_jax.path_norm_scales(params, layers)
-  for name, in layers:
+  for (name,) in layers:
     for leaf in ("kernel", "bias"):
-      np.testing.assert_allclose(updates[name][leaf],
-                                 -0.1 * grads[name][leaf] / gamma[name][leaf], rtol=1e-13)
+      np.testing.assert_allclose(
+        updates[name][leaf], -0.1 * grads[name][leaf] / gamma[name][leaf], rtol=1e-13
+      )
   np.testing.assert_allclose(updates["scale"], -0.1 * grads["scale"])  # plain SGD outside
 
 
@@ -76,5 +80,5 @@ def test_zero_gamma_stays_finite():
   tx = gsgd_jax.path_sgd(0.1, layers=["a", "b"])
   updates, _ = tx.update(grads, tx.init(params), params)
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-  with pytest.raises(ValueError, match="needs the current params"):
+  with pytest.raises(ValueError, match=r"needs the current params"):
     tx.update(grads, tx.init(params))

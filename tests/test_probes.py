@@ -7,15 +7,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import nnx_layers_at_skeleton, train_nnx
 
 import gsgd_jax
-from gsgd_jax._src import basis
 from gsgd_jax import probes
+from gsgd_jax._src import basis
 from gsgd_jax._src.pytree import locate_blocks
 from gsgd_jax._src.structure import build_structure
 from gsgd_jax.probes import PROBE
-
-from helpers import nnx_layers_at_skeleton, train_nnx
 
 
 class ProbedMLP(nn.Module):
@@ -48,19 +47,22 @@ class ProbedCNN(nn.Module):
 
 def _strip(tree):
   """The same tree without probe leaves."""
-  return {"params": {name: {k: v for k, v in layer.items() if k != PROBE}
-                     for name, layer in tree["params"].items()}}
+  return {
+    "params": {
+      name: {k: v for k, v in layer.items() if k != PROBE} for name, layer in tree["params"].items()
+    }
+  }
 
 
 def _problem(model, x_shape, seed=0):
   x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
-  params = jax.tree.map(lambda a: a.astype(jnp.float64),
-                        model.init(jax.random.key(seed + 1), x))
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(seed + 1), x))
   layers = gsgd_jax.infer_layers(params)
   params = gsgd_jax.set_skeleton(params, layers)
   # Non-zero biases, so that the bias term of the node sums is exercised.
   params = jax.tree_util.tree_map_with_path(
-      lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params)
+    lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params
+  )
   y = jax.random.normal(jax.random.key(seed + 2), (x_shape[0], 3), jnp.float64)
   loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
   return params, layers, loss
@@ -70,12 +72,17 @@ CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("make_tx", [
+@pytest.mark.parametrize(
+  "make_tx",
+  [
     lambda layers: gsgd_jax.gsgd(0.1, layers=layers),
     lambda layers: gsgd_jax.g_adamw(1e-2, layers=layers, weight_decay=0.1),
-    lambda layers: gsgd_jax.path_space(optax.sgd(0.1, momentum=0.9), layers=layers,
-                                       fallback=optax.adam(1e-2)),
-], ids=["gsgd", "g_adamw", "momentum+fallback"])
+    lambda layers: gsgd_jax.path_space(
+      optax.sgd(0.1, momentum=0.9), layers=layers, fallback=optax.adam(1e-2)
+    ),
+  ],
+  ids=["gsgd", "g_adamw", "momentum+fallback"],
+)
 def test_probed_updates_equal_plain_updates(case, make_tx):
   model, x_shape = CASES[case]
   params, layers, loss = _problem(model(probe=True), x_shape)
@@ -89,13 +96,15 @@ def test_probed_updates_equal_plain_updates(case, make_tx):
     assert gsgd_jax.verify_probes(loss, params, layers) < 1e-12
     grads = grad(params)
     updates, state = tx.update(grads, state, params)
-    plain_updates, plain_state = tx.update(plain_grad(plain_params), plain_state,
-                                           plain_params)
+    plain_updates, plain_state = tx.update(plain_grad(plain_params), plain_state, plain_params)
     for layer in updates["params"].values():
       if PROBE in layer:
         np.testing.assert_array_equal(layer[PROBE], 0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
-                 _strip(updates), plain_updates)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+      _strip(updates),
+      plain_updates,
+    )
     params = optax.apply_updates(params, updates)
     plain_params = optax.apply_updates(plain_params, plain_updates)
   np.testing.assert_array_equal(params["params"]["Dense_0"][PROBE], 1)
@@ -111,29 +120,38 @@ def test_probe_values_other_than_one_are_exact():
   gsgd_jax.verify_probes(loss, params, layers, rtol=1e-12)
   grads = jax.grad(loss)(params)
   (struct,) = build_structure(params, layers)
-  (p,) = [s.take(located.leaves) for located in [locate_blocks(params, [struct.paths], "params")]
-          for s in located.slots]
-  (g,) = [s.take(located.leaves) for located in [locate_blocks(grads, [struct.paths], "grads")]
-          for s in located.slots]
+  (p,) = [
+    s.take(located.leaves)
+    for located in [locate_blocks(params, [struct.paths], "params")]
+    for s in located.slots
+  ]
+  (g,) = [
+    s.take(located.leaves)
+    for located in [locate_blocks(grads, [struct.paths], "grads")]
+    for s in located.slots
+  ]
   args = [p.kernels, p.biases, g.kernels, g.biases]
-  sums = [None if s is None else s * gs for s, gs in zip(p.probes, g.probes)]
+  sums = [None if s is None else s * gs for s, gs in zip(p.probes, g.probes, strict=True)]
   with_sums = basis.inverse_chain_rule(struct, *args, probe_sums=sums)
   reduced = basis.inverse_chain_rule(struct, *args)
-  for a, b in zip(with_sums.kernels, reduced.kernels):
+  for a, b in zip(with_sums.kernels, reduced.kernels, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
 def _mlp_params(key, probe=True):
   k0, k1 = jax.random.split(key)
-  params = {"l0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jnp.zeros(5)},
-            "l1": {"kernel": jax.random.normal(k1, (5, 3))}}
+  params = {
+    "l0": {"kernel": jax.random.normal(k0, (4, 5)), "bias": jnp.zeros(5)},
+    "l1": {"kernel": jax.random.normal(k1, (5, 3))},
+  }
   if probe:
     params["l0"][PROBE] = jnp.ones(5)
   return params
 
 
-@pytest.mark.parametrize("placement", ["on_outputs", "after_relu", "after_tanh", "unused",
-                                       "before_bias"])
+@pytest.mark.parametrize(
+  "placement", ["on_outputs", "after_relu", "after_tanh", "unused", "before_bias"]
+)
 def test_verify_probes_names_a_miswired_layer(placement):
   x = jax.random.normal(jax.random.key(0), (8, 4))
   params = _mlp_params(jax.random.key(1))
@@ -141,31 +159,35 @@ def test_verify_probes_names_a_miswired_layer(placement):
   def loss(p):
     z = x @ p["l0"]["kernel"] + p["l0"]["bias"]
     s = p["l0"][PROBE]
-    h = {"on_outputs": lambda: jax.nn.relu(z * s),
-         "after_relu": lambda: jax.nn.relu(z) * s,  # homogeneous in between: fine
-         "after_tanh": lambda: jnp.tanh(z) * s,
-         # Caught although this layer's bias is 0: verify_probes shifts biases.
-         "before_bias": lambda: jax.nn.relu((z - p["l0"]["bias"]) * s + p["l0"]["bias"]),
-         "unused": lambda: jax.nn.relu(z)}[placement]()
+    h = {
+      "on_outputs": lambda: jax.nn.relu(z * s),
+      "after_relu": lambda: jax.nn.relu(z) * s,  # homogeneous in between: fine
+      "after_tanh": lambda: jnp.tanh(z) * s,
+      # Caught although this layer's bias is 0: verify_probes shifts biases.
+      "before_bias": lambda: jax.nn.relu((z - p["l0"]["bias"]) * s + p["l0"]["bias"]),
+      "unused": lambda: jax.nn.relu(z),
+    }[placement]()
     return jnp.sum((h @ p["l1"]["kernel"]) ** 2)
 
   if placement in ("on_outputs", "after_relu"):
     assert gsgd_jax.verify_probes(loss, params, ["l0", "l1"]) < 1e-5
   else:
-    with pytest.raises(ValueError, match="layer 'l0': scale_probe"):
+    with pytest.raises(ValueError, match=r"layer 'l0': scale_probe"):
       gsgd_jax.verify_probes(loss, params, ["l0", "l1"])
 
 
 def test_verify_probes_without_probes_says_so():
   params = _mlp_params(jax.random.key(1), probe=False)
-  with pytest.raises(ValueError, match="no declared layer has a 'scale_probe'"):
+  with pytest.raises(ValueError, match=r"no declared layer has a 'scale_probe'"):
     gsgd_jax.verify_probes(lambda p: jnp.sum(p["l0"]["kernel"]), params, ["l0", "l1"])
 
 
 def test_probe_of_wrong_shape_is_named():
-  params = {"l0": {"kernel": jnp.ones((3, 4)), PROBE: jnp.ones(3)},
-            "l1": {"kernel": jnp.ones((4, 2))}}
-  with pytest.raises(ValueError, match=f"'l0': {PROBE} of shape"):
+  params = {
+    "l0": {"kernel": jnp.ones((3, 4)), PROBE: jnp.ones(3)},
+    "l1": {"kernel": jnp.ones((4, 2))},
+  }
+  with pytest.raises(ValueError, match=rf"'l0': {PROBE} of shape"):
     gsgd_jax.gsgd(0.1, layers=["l0", "l1"]).init(params)
 
 
@@ -204,8 +226,7 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
   assert layers == [("convs", 0), ("head", 0), ("head", 1)]
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-  assert gsgd_jax.verify_probes(lambda p: loss(nnx.merge(graphdef, p, rest)), state,
-                                layers) < 1e-4
+  assert gsgd_jax.verify_probes(lambda p: loss(nnx.merge(graphdef, p, rest)), state, layers) < 1e-4
   start, end = train_nnx(model, gsgd_jax.gsgd(0.05, layers=layers), loss, steps=30)
   assert end < 0.8 * start
   np.testing.assert_array_equal(getattr(model.head[0], PROBE)[...], 1)
@@ -216,8 +237,13 @@ def test_multisteps_averages_probe_gradients_with_the_rest():
   gradients (all taken at the same params) keeps them consistent."""
   params, layers, _ = _problem(ProbedMLP(probe=True), (16, 4))
   plain_params = _strip(params)
-  batches = [(jax.random.normal(jax.random.key(10 + i), (16, 4), jnp.float64),
-              jax.random.normal(jax.random.key(20 + i), (16, 3), jnp.float64)) for i in range(4)]
+  batches = [
+    (
+      jax.random.normal(jax.random.key(10 + i), (16, 4), jnp.float64),
+      jax.random.normal(jax.random.key(20 + i), (16, 3), jnp.float64),
+    )
+    for i in range(4)
+  ]
 
   def grad(model, p, batch):
     x, y = batch
@@ -227,11 +253,15 @@ def test_multisteps_averages_probe_gradients_with_the_rest():
   state, plain_state = tx.init(params), tx.init(plain_params)
   for batch in batches:
     updates, state = tx.update(grad(ProbedMLP(), params, batch), state, params)
-    plain_updates, plain_state = tx.update(grad(ProbedMLP(probe=False), plain_params, batch),
-                                           plain_state, plain_params)
+    plain_updates, plain_state = tx.update(
+      grad(ProbedMLP(probe=False), plain_params, batch), plain_state, plain_params
+    )
     # MultiSteps accumulates gradients in float32, even for float64 params.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-                 _strip(updates), plain_updates)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+      _strip(updates),
+      plain_updates,
+    )
     params = optax.apply_updates(params, updates)
     plain_params = optax.apply_updates(plain_params, plain_updates)
   assert int(state.gradient_step) == 2

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,14 +43,24 @@ import gsgd_jax
 from gsgd_jax._src import basis
 from gsgd_jax._src.structure import build_structure
 
-import reference as ref
-
 settings.register_profile(
-    "ci", max_examples=10, deadline=None, derandomize=True, database=None,
-    suppress_health_check=[HealthCheck.too_slow], print_blob=False)
+  "ci",
+  max_examples=10,
+  deadline=None,
+  derandomize=True,
+  database=None,
+  suppress_health_check=[HealthCheck.too_slow],
+  print_blob=False,
+)
 settings.register_profile(
-    "long", max_examples=300, deadline=None, derandomize=False, database=None,
-    suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+  "long",
+  max_examples=300,
+  deadline=None,
+  derandomize=False,
+  database=None,
+  suppress_health_check=[HealthCheck.too_slow],
+  print_blob=True,
+)
 PROFILE = os.environ.get("GSGD_HYPOTHESIS_PROFILE", "ci")
 # Applied per test rather than loaded globally, so other test modules are untouched.
 SETTINGS = settings(settings.get_profile(PROFILE))
@@ -83,10 +94,13 @@ def _layer_options(draw, depth):
   else:
     bias = (bias_mode == "all",) * depth
   signs = tuple(draw(st.lists(st.sampled_from(SIGNS), min_size=depth, max_size=depth)))
-  return dict(bias=bias, signs=signs,
-              weights=draw(st.sampled_from(["bounded", "normal"])),
-              skeleton=draw(st.sampled_from([None, None, 1.0, -1.0, 0.5])),
-              seed=draw(st.integers(0, 2**20)))
+  return {
+    "bias": bias,
+    "signs": signs,
+    "weights": draw(st.sampled_from(["bounded", "normal"])),
+    "skeleton": draw(st.sampled_from([None, None, 1.0, -1.0, 0.5])),
+    "seed": draw(st.integers(0, 2**20)),
+  }
 
 
 @st.composite
@@ -102,13 +116,16 @@ def chain_specs(draw):
 @st.composite
 def conv_specs(draw):
   image = draw(st.sampled_from([(4, 4), (5, 3)]))
-  ops = [("conv", *draw(st.sampled_from(WINDOWS)), draw(st.integers(1, 5)))
-         for _ in range(draw(st.integers(1, 3)))]
+  ops = [
+    ("conv", *draw(st.sampled_from(WINDOWS)), draw(st.integers(1, 5)))
+    for _ in range(draw(st.integers(1, 3)))
+  ]
   ops.append((draw(st.sampled_from(["flatten", "gap"])),))
   ops += [("dense", draw(st.integers(1, 5))) for _ in range(draw(st.integers(1, 2)))]
   depth = sum(op[0] in ("conv", "dense") for op in ops)
-  return NetSpec(image=image, in_width=draw(st.integers(1, 5)), ops=tuple(ops),
-                 **_layer_options(draw, depth))
+  return NetSpec(
+    image=image, in_width=draw(st.integers(1, 5)), ops=tuple(ops), **_layer_options(draw, depth)
+  )
 
 
 SPECS = {"chain": chain_specs(), "conv": conv_specs()}
@@ -159,13 +176,17 @@ class Net(NamedTuple):
 
   def views(self, tree):
     """Kernels as (taps, n_in, n_out) views, and biases (None where absent)."""
-    views = [tree[n]["kernel"].reshape(t, a, b)
-             for n, t, a, b in zip(self.names, self.taps, self.widths, self.widths[1:])]
+    views = [
+      tree[n]["kernel"].reshape(t, a, b)
+      for n, t, a, b in zip(self.names, self.taps, self.widths, self.widths[1:], strict=False)
+    ]
     return views, [tree[n].get("bias") for n in self.names]
 
   def tree(self, views, biases):
-    return {n: {"kernel": v.reshape(s), **({} if b is None else {"bias": b})}
-            for n, v, s, b in zip(self.names, views, self.shapes, biases)}
+    return {
+      n: {"kernel": v.reshape(s), **({} if b is None else {"bias": b})}
+      for n, v, s, b in zip(self.names, views, self.shapes, biases, strict=True)
+    }
 
 
 def _layout(spec):
@@ -195,8 +216,8 @@ def _layout(spec):
 def build(spec: NetSpec) -> Net:
   rng = np.random.default_rng(spec.seed)
   layout, plan = _layout(spec)
-  names, shapes, taps, centres = (tuple(col) for col in zip(*layout))
-  widths = (spec.in_width,) + tuple(shape[-1] for shape in shapes)
+  names, shapes, taps, centres = (tuple(col) for col in zip(*layout, strict=True))
+  widths = (spec.in_width, *tuple(shape[-1] for shape in shapes))
   fixed, out = ref.skeleton_sets(widths, centres)
   params = {}
   for k, (name, shape, t, _) in enumerate(layout):
@@ -236,8 +257,9 @@ def forward(params, x, plan):
   last = max(i for i, (op, _) in enumerate(plan) if op in ("conv", "dense"))
   for i, (op, name) in enumerate(plan):
     if op == "conv":
-      x = jax.lax.conv_general_dilated(x, params[name]["kernel"], (1, 1), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x = jax.lax.conv_general_dilated(
+        x, params[name]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
     elif op == "dense":
       x = x @ params[name]["kernel"]
     elif op == "flatten":
@@ -259,9 +281,13 @@ def _icr(net, params):
   """The library's path gradients of the loss at ``params`` (kernel-shaped)."""
   grads = jax.grad(functools.partial(_loss, net))(params)
   (struct,) = build_structure(params, net.layers)
-  pg = basis.inverse_chain_rule(struct, [params[n]["kernel"] for n in net.names],
-                                net.views(params)[1],
-                                [grads[n]["kernel"] for n in net.names], net.views(grads)[1])
+  pg = basis.inverse_chain_rule(
+    struct,
+    [params[n]["kernel"] for n in net.names],
+    net.views(params)[1],
+    [grads[n]["kernel"] for n in net.names],
+    net.views(grads)[1],
+  )
   return grads, pg
 
 
@@ -273,7 +299,7 @@ def _outgoing_masks(net):
   """Outgoing skeleton edges that own a path (are not also in F)."""
   fixed, out = ref.skeleton_sets(net.widths, net.centres)
   masks = []
-  for k, shape in enumerate(zip(net.taps, net.widths, net.widths[1:])):
+  for k, shape in enumerate(zip(net.taps, net.widths, net.widths[1:], strict=False)):
     m = np.zeros(shape, bool)
     for idx in out[k] - fixed[k]:
       m[idx] = True
@@ -288,25 +314,28 @@ def _stable_lr(net, params, pg, relative_step):
   ``1000 * relative_step``, so that gradients at rounding level (dead units) do
   not become finite steps."""
   views, bias_values = net.views(gsgd_jax.basis_path_values(params, net.layers))
-  grads = [jnp.reshape(g, v.shape) for g, v in zip(pg.kernels, views)]
+  grads = [jnp.reshape(g, v.shape) for g, v in zip(pg.kernels, views, strict=True)]
   present = lambda arrays: [a for a in arrays if a is not None]
   largest = lambda arrays: jnp.max(jnp.stack([jnp.max(jnp.abs(a)) for a in present(arrays)]))
   worst = jnp.maximum(largest(grads + pg.biases) / largest(views + bias_values), 1e-3)
-  for g, v, m in zip(grads, views, _outgoing_masks(net)):
+  for g, v, m in zip(grads, views, _outgoing_masks(net), strict=True):
     if m.any():
       worst = jnp.maximum(worst, jnp.max(jnp.where(m, jnp.abs(g), 0) / jnp.where(m, jnp.abs(v), 1)))
   return relative_step / worst
 
 
 def _max_abs(arrays):
-  return max((float(np.max(np.abs(a))) for a in arrays if a is not None and np.size(a)),
-             default=0.0)
+  return max(
+    (float(np.max(np.abs(a))) for a in arrays if a is not None and np.size(a)), default=0.0
+  )
 
 
 def _given(check):
   """A test running ``check(net)`` on hypothesis-drawn chains and conv nets."""
+
   def test(kind, data):
     check(build(data.draw(SPECS[kind], label="spec")))
+
   # Failures then name the property; derandomized draws differ per property.
   test.__name__ = test.__qualname__ = check.__name__
   test.__doc__ = check.__doc__
@@ -329,6 +358,7 @@ def test_icr_equals_autodiff(net):
     def loss_of_values(v, vb):
       rebuilt = ref.reconstruct_taps(v, vb, views, net.widths, net.centres)
       return _loss(net, net.tree(*rebuilt)), rebuilt
+
     want, rebuilt = jax.grad(loss_of_values, argnums=(0, 1), has_aux=True)(values, bias_values)
     _, pg = _icr(net, params)
     return want, rebuilt, (pg.kernels, pg.biases)
@@ -344,12 +374,22 @@ def test_icr_equals_autodiff(net):
   tol = 1e-10 * _max_abs(list(want) + list(want_b))
   for k, free in enumerate(_free_masks(net)):
     g = np.reshape(got[k], free.shape)
-    np.testing.assert_allclose(g[free], np.asarray(want[k])[free], rtol=1e-8, atol=tol,
-                               err_msg=f"path gradients of layer {net.names[k]}")
+    np.testing.assert_allclose(
+      g[free],
+      np.asarray(want[k])[free],
+      rtol=1e-8,
+      atol=tol,
+      err_msg=f"path gradients of layer {net.names[k]}",
+    )
     assert np.all(g[~free] == 0), "path gradients on F must be 0"
     if biases[k] is not None:
-      np.testing.assert_allclose(got_b[k], want_b[k], rtol=1e-8, atol=tol,
-                                 err_msg=f"bias path gradients of layer {net.names[k]}")
+      np.testing.assert_allclose(
+        got_b[k],
+        want_b[k],
+        rtol=1e-8,
+        atol=tol,
+        err_msg=f"bias path gradients of layer {net.names[k]}",
+      )
 
 
 @_given
@@ -364,9 +404,14 @@ def test_weight_allocation_lands_on_v_plus_dv(net):
     tx = gsgd_jax.path_space(optax.sgd(lr), layers=net.layers, ratio_clip=None)
     updates, _ = tx.update(grads, tx.init(params), params)
     new = optax.apply_updates(params, updates)
-    return (lr, (pg.kernels, pg.biases), gsgd_jax.basis_path_values(params, net.layers),
-            new, gsgd_jax.basis_path_values(new, net.layers),
-            gsgd_jax.skeleton_mask(params, net.layers))
+    return (
+      lr,
+      (pg.kernels, pg.biases),
+      gsgd_jax.basis_path_values(params, net.layers),
+      new,
+      gsgd_jax.basis_path_values(new, net.layers),
+      gsgd_jax.skeleton_mask(params, net.layers),
+    )
 
   lr, (gv, gv_b), before, new, after, fixed = program(net.params)
   before_v, before_b = net.views(before)
@@ -378,15 +423,22 @@ def test_weight_allocation_lands_on_v_plus_dv(net):
     target = np.asarray(before_v[k]) - float(lr) * np.reshape(gv[k], free.shape)
     tol = 1e-11 * (1 + _max_abs([before_v[k], target]))
     for got in (after_v[k], ref_v[k]):  # the library's and the reference's values
-      np.testing.assert_allclose(np.asarray(got)[free], target[free], rtol=1e-9, atol=tol,
-                                 err_msg=f"basis values of layer {net.names[k]}")
+      np.testing.assert_allclose(
+        np.asarray(got)[free],
+        target[free],
+        rtol=1e-9,
+        atol=tol,
+        err_msg=f"basis values of layer {net.names[k]}",
+      )
     if before_b[k] is not None:
       target_b = np.asarray(before_b[k]) - float(lr) * np.asarray(gv_b[k])
       for got in (after_b[k], ref_b[k]):
-        np.testing.assert_allclose(got, target_b, rtol=1e-9, atol=tol,
-                                   err_msg=f"bias basis values of layer {net.names[k]}")
-    np.testing.assert_array_equal(np.asarray(new_w[k])[~free], np.asarray(old_w[k])[~free],
-                                  err_msg="a weight of F moved")
+        np.testing.assert_allclose(
+          got, target_b, rtol=1e-9, atol=tol, err_msg=f"bias basis values of layer {net.names[k]}"
+        )
+    np.testing.assert_array_equal(
+      np.asarray(new_w[k])[~free], np.asarray(old_w[k])[~free], err_msg="a weight of F moved"
+    )
 
 
 STEPS = 4
@@ -410,6 +462,7 @@ def test_rescaling_invariance_of_training(net):
         updates, state = tx.update(jax.grad(functools.partial(_loss, net))(p), state, p)
         p = optax.apply_updates(p, updates)
         return (p, state), forward(p, net.x, net.plan)
+
       (_, state), outputs = jax.lax.scan(step, (p, tx.init(p)), length=STEPS)
       return outputs, state.total_clipped_ratios
 
@@ -435,13 +488,17 @@ def test_random_rescale_keeps_basis_values_and_function(net):
   @_program
   def program(params, seed):
     rescaled = gsgd_jax.random_rescale(params, net.layers, jax.random.key(seed))
-    return rescaled, [(gsgd_jax.basis_path_values(p, net.layers), forward(p, net.x, net.plan))
-                      for p in (params, rescaled)]
+    return rescaled, [
+      (gsgd_jax.basis_path_values(p, net.layers), forward(p, net.x, net.plan))
+      for p in (params, rescaled)
+    ]
 
   rescaled, [(want, out), (got, out_rescaled)] = program(net.params, net.seed)
   if len(net.names) > 1:  # hidden nodes exist: the weights really changed
-    moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(rescaled),
-                                                  jax.tree.leaves(net.params))]
+    moved = [
+      np.max(np.abs(a - b))
+      for a, b in zip(jax.tree.leaves(rescaled), jax.tree.leaves(net.params), strict=True)
+    ]
     assert max(moved) > 1e-3
   else:
     jax.tree.map(np.testing.assert_array_equal, rescaled, net.params)

@@ -5,23 +5,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsgd_jax
 from gsgd_jax.probes import PROBE
 
-import reference as ref
-
 WIDTHS = (6, 16, 16, 3)
 # Sharded along hidden units: columns into a hidden level, rows out of it.
-SPECS = {"Dense_0": {"kernel": P(None, "x"), "bias": P("x")},
-         "Dense_1": {"kernel": P("x", None), "bias": P("x")},
-         "Dense_2": {"kernel": P("x", None), "bias": P()}}
+SPECS = {
+  "Dense_0": {"kernel": P(None, "x"), "bias": P("x")},
+  "Dense_1": {"kernel": P("x", None), "bias": P("x")},
+  "Dense_2": {"kernel": P("x", None), "bias": P()},
+}
 OPTIMIZERS = {
-    "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9),
-    "g_adam": lambda layers: gsgd_jax.g_adam(1e-2, layers=layers),
-    "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers),
+  "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9),
+  "g_adam": lambda layers: gsgd_jax.g_adam(1e-2, layers=layers),
+  "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers),
 }
 
 
@@ -70,36 +71,44 @@ def test_sharded_training_matches_single_device(name, axis_type):
     sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, SPECS)
     param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
     # Auto: XLA picks output shardings unless told; pin the state to init's layout.
-    pin = None if axis_type == AxisType.Explicit else (
-        lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    pin = (
+      None
+      if axis_type == AxisType.Explicit
+      else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    )
     got, init_state, state = _train(tx, sharded, loss, out_shardings=pin)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-  for before, after in zip(jax.tree.leaves(init_state), jax.tree.leaves(state)):
+  for before, after in zip(jax.tree.leaves(init_state), jax.tree.leaves(state), strict=True):
     assert (before.dtype, before.shape) == (after.dtype, after.shape)
     assert before.sharding.is_equivalent_to(after.sharding, before.ndim), (
-        before.sharding, after.sharding)
+      before.sharding,
+      after.sharding,
+    )
   # The params keep their sharding along hidden units.
-  for a, spec in zip(jax.tree.leaves(got), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P))):
+  for a, spec in zip(
+    jax.tree.leaves(got), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P)), strict=True
+  ):
     assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
 
 
-CONV_SPECS = {"Conv_0": {"kernel": P(None, None, None, "x"), "bias": P("x"), PROBE: P("x")},
-              "Conv_1": {"kernel": P(None, None, "x", None), "bias": P(), PROBE: P()},
-              "Dense_0": {"kernel": P(), "bias": P()}}
+CONV_SPECS = {
+  "Conv_0": {"kernel": P(None, None, None, "x"), "bias": P("x"), PROBE: P("x")},
+  "Conv_1": {"kernel": P(None, None, "x", None), "bias": P(), PROBE: P()},
+  "Dense_0": {"kernel": P(), "bias": P()},
+}
 
 
 def _conv_problem(probes):
   """Two 3x3 convolutions (channels sharded), a flatten and a dense read-out."""
   ks = jax.random.split(jax.random.key(0), 3)
-  params = {"Conv_0": {"kernel": jax.random.normal(ks[0], (3, 3, 2, 16)) / 4,
-                       "bias": jnp.full(16, 0.1)},
-            "Conv_1": {"kernel": jax.random.normal(ks[1], (3, 3, 16, 8)) / 12,
-                       "bias": jnp.full(8, 0.1)},
-            "Dense_0": {"kernel": jax.random.normal(ks[2], (4 * 4 * 8, 3)) / 10,
-                        "bias": jnp.zeros(3)}}
+  params = {
+    "Conv_0": {"kernel": jax.random.normal(ks[0], (3, 3, 2, 16)) / 4, "bias": jnp.full(16, 0.1)},
+    "Conv_1": {"kernel": jax.random.normal(ks[1], (3, 3, 16, 8)) / 12, "bias": jnp.full(8, 0.1)},
+    "Dense_0": {"kernel": jax.random.normal(ks[2], (4 * 4 * 8, 3)) / 10, "bias": jnp.zeros(3)},
+  }
   if probes:
     params["Conv_0"][PROBE], params["Conv_1"][PROBE] = jnp.ones(16), jnp.ones(8)
   layers = ["Conv_0", "Conv_1", "Dense_0"]
@@ -111,9 +120,14 @@ def _conv_problem(probes):
     out = P() if explicit else None
     h = x
     for name, stride in (("Conv_0", 1), ("Conv_1", 2)):
-      h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (stride, stride), "SAME",
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                       out_sharding=out)
+      h = jax.lax.conv_general_dilated(
+        h,
+        p[name]["kernel"],
+        (stride, stride),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        out_sharding=out,
+      )
       h = h + p[name]["bias"]
       h = jax.nn.relu(gsgd_jax.probes.scale_probe(h, p[name][PROBE]) if probes else h)
     h = jnp.matmul(h.reshape(h.shape[0], -1), p["Dense_0"]["kernel"], out_sharding=out)
@@ -133,11 +147,15 @@ def test_sharded_cnn_matches_single_device(probes, axis_type):
     specs = {n: {k: CONV_SPECS[n][k] for k in layer} for n, layer in params.items()}
     sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
     param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
-    pin = None if axis_type == AxisType.Explicit else (
-        lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    pin = (
+      None
+      if axis_type == AxisType.Explicit
+      else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    )
     got, _, _ = _train(tx, sharded, loss, out_shardings=pin, steps=3)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-  for a, spec in zip(jax.tree.leaves(got),
-                     jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))):
+  for a, spec in zip(
+    jax.tree.leaves(got), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)), strict=True
+  ):
     assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)

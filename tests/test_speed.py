@@ -9,11 +9,14 @@ from benchmarks import speed
 from gsgd_jax._src.structure import build_structure
 
 
-@pytest.mark.parametrize("name, kinds", [
+@pytest.mark.parametrize(
+  "name, kinds",
+  [
     ("mlp-0.1M", ["dense"] * 3),
     ("plainnet-7", ["conv"] * 7 + ["dense"]),
     ("convflat-8M", ["conv", "flatten", "dense"]),
-])
+  ],
+)
 def test_models_declare_their_layers_and_probes_change_nothing(name, kinds):
   params, layers, forward, x, n_out, batch = speed.model_and_data(name, 4)
   blocks = build_structure(params, layers)
@@ -24,8 +27,20 @@ def test_models_declare_their_layers_and_probes_change_nothing(name, kinds):
 
 
 def test_main_writes_a_ratio_for_every_optimizer(tmp_path):
-  speed.main(["--models", "mlp-0.1M", "--rounds", "1", "--min-seconds", "0", "--batch", "8",
-              "--out", str(tmp_path)])
+  speed.main(
+    [
+      "--models",
+      "mlp-0.1M",
+      "--rounds",
+      "1",
+      "--min-seconds",
+      "0",
+      "--batch",
+      "8",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   (row,) = json.loads((tmp_path / "speed.json").read_text())["rows"]
   for kind in ("update", "step"):
     assert row[kind]["SGD"]["ratio"] == 1

@@ -1,5 +1,6 @@
 """Layer specs, index tables, key paths across tree forms, and layer inference."""
 
+import itertools
 import warnings
 
 import flax.linen as nn
@@ -7,19 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from flax import nnx
 
 import gsgd_jax
 from gsgd_jax._src.structure import build_structure
-
-import reference as ref
 
 
 def test_dimension_counts():
   widths = (5, 7, 3, 4)
   params, layers = ref.make_mlp(jax.random.key(0), widths, bias=True)
   (struct,) = build_structure(params, layers)
-  m = sum(a * b + b for a, b in zip(widths, widths[1:]))
+  m = sum(a * b + b for a, b in itertools.pairwise(widths))
   assert struct.num_weights == m
   assert struct.num_hidden == 10
   assert struct.num_basis_paths == m - 10
@@ -33,45 +33,49 @@ def test_structure_is_cached_and_independent_of_tree_form():
   (a,) = build_structure(params, layers)
   (b,) = build_structure(jax.tree.map(jnp.zeros_like, params), ["Dense_0", "Dense_1"])
   assert a is b
-  state = nnx.State({"Dense_0": {"kernel": nnx.Param(params["Dense_0"]["kernel"])},
-                     "Dense_1": {"kernel": nnx.Param(params["Dense_1"]["kernel"])}})
+  state = nnx.State(
+    {
+      "Dense_0": {"kernel": nnx.Param(params["Dense_0"]["kernel"])},
+      "Dense_1": {"kernel": nnx.Param(params["Dense_1"]["kernel"])},
+    }
+  )
   (c,) = build_structure(state, layers)
   assert c.layers[0].path == a.layers[0].path and not c.layers[0].has_bias
 
 
 def test_missing_layer_names_the_path():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
-  with pytest.raises(ValueError, match="Dense_7.*no 'kernel'"):
+  params, _layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  with pytest.raises(ValueError, match=r"Dense_7.*no 'kernel'"):
     gsgd_jax.gsgd(0.1, layers=[("Dense_0",), ("Dense_7",)]).init(params)
 
 
 def test_wrong_order_names_both_layers():
   params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
-  with pytest.raises(ValueError, match="Dense_0.*Dense_1.*forward order"):
+  with pytest.raises(ValueError, match=r"Dense_0.*Dense_1.*forward order"):
     gsgd_jax.gsgd(0.1, layers=layers[::-1]).init(params)
 
 
 def test_duplicate_and_empty_layers():
   params, layers = ref.make_mlp(jax.random.key(0), (3, 3, 3))
-  with pytest.raises(ValueError, match="twice"):
+  with pytest.raises(ValueError, match=r"twice"):
     gsgd_jax.gsgd(0.1, layers=[layers[0], layers[0]]).init(params)
-  with pytest.raises(ValueError, match="empty"):
+  with pytest.raises(ValueError, match=r"empty"):
     gsgd_jax.gsgd(0.1, layers=[]).init(params)
 
 
 def test_unsupported_kernel_rank_and_bias_shape():
   params = {"a": {"kernel": jnp.ones(3)}, "b": {"kernel": jnp.ones((4, 2))}}
-  with pytest.raises(ValueError, match="'a'.*neither a dense"):
+  with pytest.raises(ValueError, match=r"'a'.*neither a dense"):
     gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
   params = {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(3)}}
-  with pytest.raises(ValueError, match="bias of shape"):
+  with pytest.raises(ValueError, match=r"bias of shape"):
     gsgd_jax.gsgd(0.1, layers=["a"]).init(params)
 
 
 def test_update_without_params_raises():
   params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
   tx = gsgd_jax.gsgd(0.1, layers=layers)
-  with pytest.raises(ValueError, match="needs the current params"):
+  with pytest.raises(ValueError, match=r"needs the current params"):
     tx.update(params, tx.init(params))
 
 
@@ -94,7 +98,7 @@ def test_infer_layers_linen_orders_numerically():
 
 class _NNX(nnx.Module):
   def __init__(self, widths, rngs):
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths, widths[1:])])
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
 
 
 def test_infer_layers_nnx_list():
@@ -108,38 +112,47 @@ def test_infer_layers_named_fc():
   assert gsgd_jax.infer_layers(params) == [("fc1",), ("fc2",)]
 
 
-@pytest.mark.parametrize("params, why", [
-    ({"fc": {"kernel": jnp.ones((3, 4))}, "out": {"kernel": jnp.ones((4, 2))}},
-     "carries no number"),
-    ({"a1": {"kernel": jnp.ones((3, 4))}, "b2": {"kernel": jnp.ones((4, 2))}},
-     "several groups"),
-    ({"x": {"l1": {"kernel": jnp.ones((3, 4))}}, "l2": {"kernel": jnp.ones((4, 2))}},
-     "several groups"),
-    ({"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((3, 3, 4, 2))}},
-     "numbers a dense layer before a convolution"),
-    ({"l1": {"kernel": jnp.ones((3, 4))}, "l01": {"kernel": jnp.ones((4, 2))}},
-     "same number"),
-    ({"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((5, 2))}},
-     "shapes do not chain.*'l2' takes 5 inputs"),
+@pytest.mark.parametrize(
+  "params, why",
+  [
+    (
+      {"fc": {"kernel": jnp.ones((3, 4))}, "out": {"kernel": jnp.ones((4, 2))}},
+      "carries no number",
+    ),
+    ({"a1": {"kernel": jnp.ones((3, 4))}, "b2": {"kernel": jnp.ones((4, 2))}}, "several groups"),
+    (
+      {"x": {"l1": {"kernel": jnp.ones((3, 4))}}, "l2": {"kernel": jnp.ones((4, 2))}},
+      "several groups",
+    ),
+    (
+      {"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((3, 3, 4, 2))}},
+      "numbers a dense layer before a convolution",
+    ),
+    ({"l1": {"kernel": jnp.ones((3, 4))}, "l01": {"kernel": jnp.ones((4, 2))}}, "same number"),
+    (
+      {"l1": {"kernel": jnp.ones((3, 4))}, "l2": {"kernel": jnp.ones((5, 2))}},
+      "shapes do not chain.*'l2' takes 5 inputs",
+    ),
     ({"l1": {"scale": jnp.ones(3)}}, "no sub-tree"),
-])
+  ],
+)
 def test_infer_layers_fails_clearly(params, why):
   with pytest.raises(ValueError, match=why):
     gsgd_jax.infer_layers(params)
 
 
 def test_string_and_tuple_paths_agree():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, _layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
   nested = {"params": params}
   a = gsgd_jax.basis_path_values(nested, [("params", "Dense_0"), ("params", "Dense_1")])
   b = gsgd_jax.basis_path_values(nested, ["params/Dense_0", "params/Dense_1"])
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
 def test_non_floating_params_are_refused():
   params = {"a": {"kernel": jnp.ones((3, 4), jnp.int32)}, "b": {"kernel": jnp.ones((4, 2))}}
-  with pytest.raises(ValueError, match="'a': kernel has dtype int32"):
+  with pytest.raises(ValueError, match=r"'a': kernel has dtype int32"):
     gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
 
 
@@ -147,11 +160,11 @@ def test_zero_skeleton_weight_is_named_at_init():
   params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
   params = gsgd_jax.set_skeleton(params, layers)
   params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[3, 1].set(0.0)  # 3 -> 3 mod 2
-  with pytest.raises(ValueError, match="'Dense_1': the outgoing skeleton weight of input node 3"):
+  with pytest.raises(ValueError, match=r"'Dense_1': the outgoing skeleton weight of input node 3"):
     gsgd_jax.gsgd(0.1, layers=layers).init(params)
   params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[3, 1].set(1.0)
   params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[1, 1].set(jnp.nan)
-  with pytest.raises(ValueError, match="'Dense_0': the incoming skeleton weight of output node 1"):
+  with pytest.raises(ValueError, match=r"'Dense_0': the incoming skeleton weight of output node 1"):
     gsgd_jax.g_adam(0.1, layers=layers).init(params)
   jax.jit(gsgd_jax.gsgd(0.1, layers=layers).init)(params)  # traced: not checked, no error
   # A subnormal float32 skeleton weight is as bad as zero: its reciprocal overflows.
@@ -160,7 +173,7 @@ def test_zero_skeleton_weight_is_named_at_init():
   kernel[2, 2] = 1e-40  # set in NumPy: XLA on CPU flushes subnormal results to 0
   params32["Dense_0"]["kernel"] = kernel
   assert 0 < float(kernel[2, 2]) < float(jnp.finfo(jnp.float32).tiny)
-  with pytest.raises(ValueError, match="incoming skeleton weight of output node 2 is 9.9999"):
+  with pytest.raises(ValueError, match=r"incoming skeleton weight of output node 2 is 9.9999"):
     gsgd_jax.gsgd(0.1, layers=layers).init(params32)
 
 

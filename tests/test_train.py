@@ -45,8 +45,7 @@ def _config(tmp_path, text=SMALL, **overrides):
 def test_sweep_writes_results_summary_and_plots(tmp_path):
   out = tmp_path / "out"
   _config(tmp_path)
-  train.main(["--config", str(tmp_path / "c.toml"),
-              "--out", str(out), "--no-progress"])
+  train.main(["--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"])
   results = json.loads((out / "results.json").read_text())
   assert len(results["runs"]) == 4  # 2 optimizers x 2 widths x 1 seed
   for run in results["runs"]:
@@ -62,9 +61,11 @@ def test_runs_are_deterministic_per_seed(tmp_path):
   config = _config(tmp_path)
   a = train.run_experiment(config, tmp_path / "a", progress=False)
   b = train.run_experiment(config, tmp_path / "b", progress=False)
-  for ra, rb in zip(a["runs"], b["runs"]):
+  for ra, rb in zip(a["runs"], b["runs"], strict=True):
     assert [h["train_loss"] for h in ra["history"]] == [h["train_loss"] for h in rb["history"]]
-    assert [h["test_accuracy"] for h in ra["history"]] == [h["test_accuracy"] for h in rb["history"]]
+    assert [h["test_accuracy"] for h in ra["history"]] == [
+      h["test_accuracy"] for h in rb["history"]
+    ]
 
 
 def test_resume_skips_finished_runs(tmp_path):
@@ -83,8 +84,10 @@ def test_resume_skips_finished_runs(tmp_path):
 
 
 def test_learning_rate_grid_picks_by_validation(tmp_path):
-  text = SMALL.replace('lr = 0.1\n\n[[optimizers]]\nname = "G-SGD"',
-                       'lr_grid = [1e-6, 0.1]\n\n[[optimizers]]\nname = "G-SGD"')
+  text = SMALL.replace(
+    'lr = 0.1\n\n[[optimizers]]\nname = "G-SGD"',
+    'lr_grid = [1e-6, 0.1]\n\n[[optimizers]]\nname = "G-SGD"',
+  )
   text = text.replace("[sweep]\nwidth = [8, 16]\n", "")
   results = train.run_experiment(_config(tmp_path, text), tmp_path / "out", progress=False)
   choice = results["lr_choices"]["SGD"]
@@ -93,11 +96,14 @@ def test_learning_rate_grid_picks_by_validation(tmp_path):
   assert results["runs"][0]["lr"] == 0.1
 
 
-@pytest.mark.parametrize("bad, message", [
+@pytest.mark.parametrize(
+  "bad, message",
+  [
     ("epoch = 3\n", "unknown keys"),
     ('[[optimizers]]\nname = "X"\nkind = "lbfgs"\nlr = 1\n', "kind 'lbfgs'"),
     ('[[optimizers]]\nname = "X"\nkind = "sgd"\n', "needs lr or lr_grid"),
-])
+  ],
+)
 def test_config_errors(tmp_path, bad, message):
   with pytest.raises(ValueError, match=message):
     _config(tmp_path, bad + ("" if "optimizers" in bad else SMALL))
@@ -116,8 +122,10 @@ def _write_cifar(folder, variant, n=4):
   train_files, test_files, label_key, classes, _ = datasets.CIFAR_LAYOUTS[variant]
   written = {}
   for name in train_files + test_files:
-    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-             label_key: list(rng.integers(0, classes, n))}
+    batch = {
+      b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+      label_key: list(rng.integers(0, classes, n)),
+    }
     with open(folder / name, "wb") as f:
       pickle.dump(batch, f)
     written[name] = batch
@@ -142,19 +150,20 @@ def test_cifar_batches_load(tmp_path, variant):
 
 
 def test_cifar_errors(tmp_path):
-  with pytest.raises(ValueError, match="missing cifar10 batches"):
+  with pytest.raises(ValueError, match=r"missing cifar10 batches"):
     datasets.load_cifar(tmp_path, "cifar10")
-  with pytest.raises(ValueError, match="unknown CIFAR variant"):
+  with pytest.raises(ValueError, match=r"unknown CIFAR variant"):
     datasets.load_cifar(tmp_path, "cifar5")
   _write_cifar(tmp_path, "cifar10")
   with open(tmp_path / "test_batch", "wb") as f:
     pickle.dump({b"data": np.zeros((2, 10), np.uint8), b"labels": [0, 1]}, f)
-  with pytest.raises(ValueError, match="expected \\(n, 3072\\)"):
+  with pytest.raises(ValueError, match=r"expected \(n, 3072\)"):
     datasets.load_cifar(tmp_path, "cifar10")
 
 
 def test_every_config_loads():
   from pathlib import Path
+
   configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
   assert len(configs) >= 6
   for path in configs:
@@ -166,6 +175,7 @@ def test_every_config_loads():
 
 def test_smoke_config_runs(tmp_path):
   from pathlib import Path
+
   config = Path(__file__).parent.parent / "configs" / "smoke.toml"
   train.main(["--config", str(config), "--out", str(tmp_path), "--no-progress"])
   results = json.loads((tmp_path / "results.json").read_text())
@@ -174,11 +184,15 @@ def test_smoke_config_runs(tmp_path):
 
 
 def test_resnet_config_runs_with_blocks(tmp_path):
-  text = SMALL.replace('kind = "mlp"\nwidths = [16, 16]', 'kind = "resnet"\nstages = [[4, 1], [6, 1]]')
+  text = SMALL.replace(
+    'kind = "mlp"\nwidths = [16, 16]', 'kind = "resnet"\nstages = [[4, 1], [6, 1]]'
+  )
   text = text.replace("[sweep]\nwidth = [8, 16]\n", "").replace("epochs = 2", "epochs = 1")
   results = train.run_experiment(_config(tmp_path, text), tmp_path / "out", progress=False)
   assert [r["optimizer"] for r in results["runs"]] == ["SGD", "G-SGD"]
   assert "clipped_ratios" in results["runs"][1]["history"][-1]
   model = train.make_model(_config(tmp_path, text), {}, 10)
-  assert model.gsgd_blocks()[1] == [("params", "stage1_block0", "conv_a"),
-                                    ("params", "stage1_block0", "conv_b")]
+  assert model.gsgd_blocks()[1] == [
+    ("params", "stage1_block0", "conv_a"),
+    ("params", "stage1_block0", "conv_b"),
+  ]

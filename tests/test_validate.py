@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import gsgd_jax
-
 import reference as ref
 from test_cnn import build
+
+import gsgd_jax
 
 
 def test_relu_mlp_and_cnn_pass():
@@ -31,7 +30,7 @@ def test_tanh_after_a_layer_is_named():
     return h @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
 
   x = jax.random.normal(jax.random.key(1), (16, 5))
-  with pytest.raises(ValueError, match="layer 'Dense_1'.*non-ReLU activation"):
+  with pytest.raises(ValueError, match=r"layer 'Dense_1'.*non-ReLU activation"):
     gsgd_jax.verify_invariance(apply, params, layers, x)
 
 
@@ -40,7 +39,7 @@ def test_wrong_order_and_normalisation_inside_a_block_fail():
   x = jax.random.normal(jax.random.key(1), (16, 6))
   forward = lambda p, x: ref.forward(p, layers, x)
   swapped = [layers[1], layers[0], layers[2]]  # shapes chain, order does not
-  with pytest.raises(ValueError, match="rescaling the output nodes of layer 'Dense_1'"):
+  with pytest.raises(ValueError, match=r"rescaling the output nodes of layer 'Dense_1'"):
     gsgd_jax.verify_invariance(forward, params, swapped, x)
 
   class Normed(nn.Module):
@@ -51,7 +50,7 @@ def test_wrong_order_and_normalisation_inside_a_block_fail():
 
   model = Normed()
   p = model.init(jax.random.key(2), x)
-  with pytest.raises(ValueError, match="'params/Dense_0'"):
+  with pytest.raises(ValueError, match=r"'params/Dense_0'"):
     gsgd_jax.verify_invariance(model.apply, p, gsgd_jax.infer_layers(p), x)
 
 
@@ -66,7 +65,7 @@ def test_blocks_name_the_block():
     return h @ p["b1"]["kernel"]
 
   x = jax.random.normal(jax.random.key(2), (8, 4))
-  with pytest.raises(ValueError, match="'b0' of block 1"):
+  with pytest.raises(ValueError, match=r"'b0' of block 1"):
     gsgd_jax.verify_invariance(apply, params, [["a0", "a1"], ["b0", "b1"]], x)
 
 

@@ -13,14 +13,15 @@ import optax
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.transform import DEFAULT_RATIO_CLIP, path_space
 
+
 def gsgd(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    layers: LayerPaths,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  layers: LayerPaths,
+  momentum: float | None = None,
+  nesterov: bool = False,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
 
@@ -69,18 +70,22 @@ def gsgd(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+  return path_space(
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    layers=layers,
+    fallback=fallback,
+    ratio_clip=ratio_clip,
+  )
 
 
 def g_momentum(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    *,
-    layers: LayerPaths,
-    nesterov: bool = False,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float = 0.9,
+  *,
+  layers: LayerPaths,
+  nesterov: bool = False,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
 
@@ -110,19 +115,23 @@ def g_momentum(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  return path_space(optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+  return path_space(
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+    layers=layers,
+    fallback=fallback,
+    ratio_clip=ratio_clip,
+  )
 
 
 def g_adam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    layers: LayerPaths,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  *,
+  layers: LayerPaths,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam on the basis-path values.
 
@@ -159,20 +168,24 @@ def g_adam(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  return path_space(optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
-                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+  return path_space(
+    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps),
+    layers=layers,
+    fallback=fallback,
+    ratio_clip=ratio_clip,
+  )
 
 
 def g_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 1e-4,
-    *,
-    layers: LayerPaths,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 1e-4,
+  *,
+  layers: LayerPaths,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay of the basis-path values.
 
@@ -210,21 +223,24 @@ def g_adamw(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  return path_space(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps,
-                                weight_decay=weight_decay),
-                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+  return path_space(
+    optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    layers=layers,
+    fallback=fallback,
+    ratio_clip=ratio_clip,
+  )
 
 
 def g_rmsprop(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: float = 0.9,
-    eps: float = 1e-8,
-    momentum: float | None = None,
-    nesterov: bool = False,
-    *,
-    layers: LayerPaths,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  learning_rate: optax.ScalarOrSchedule,
+  decay: float = 0.9,
+  eps: float = 1e-8,
+  momentum: float | None = None,
+  nesterov: bool = False,
+  *,
+  layers: LayerPaths,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSProp on the basis-path values.
 
@@ -258,6 +274,9 @@ def g_rmsprop(
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
-  return path_space(optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum,
-                                  nesterov=nesterov),
-                    layers=layers, fallback=fallback, ratio_clip=ratio_clip)
+  return path_space(
+    optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum, nesterov=nesterov),
+    layers=layers,
+    fallback=fallback,
+    ratio_clip=ratio_clip,
+  )

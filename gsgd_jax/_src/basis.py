@@ -70,8 +70,7 @@ def replicated(vector: Array) -> Array:
   return jax.sharding.reshard(vector, _replicated_sharding(mesh))
 
 
-def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray,
-          nodes_out: np.ndarray) -> Array:
+def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.ndarray) -> Array:
   """The skeleton-tap entries ``(nodes_in[p], nodes_out[p])``: one per node
   (replicated when the kernel is sharded over Explicit axes)."""
   index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
@@ -224,9 +223,12 @@ def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -
   return SkeletonProducts(tuple(back), tuple(forward))
 
 
-def basis_values(struct: ChainStructure, kernels: Sequence[Array],
-                 biases: Sequence[Array | None], products: SkeletonProducts | None = None
-                 ) -> tuple[list[Array], list[Array | None]]:
+def basis_values(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  products: SkeletonProducts | None = None,
+) -> tuple[list[Array], list[Array | None]]:
   """Basis-path values owned by every weight and bias; 0 on the fixed edges F.
 
   ``v_e = B[k][i] * w_e * F[k+1][j]`` for an edge ``i -> j`` of layer ``k`` and
@@ -243,8 +245,9 @@ def basis_values(struct: ChainStructure, kernels: Sequence[Array],
       v = jnp.where(fixed, 0, v)
     values.append(v.astype(kernels[k].dtype))
     b = biases[k]
-    bias_values.append(None if b is None else
-                       (b.astype(ct) * products.forward[k + 1]).astype(b.dtype))
+    bias_values.append(
+      None if b is None else (b.astype(ct) * products.forward[k + 1]).astype(b.dtype)
+    )
   return values, bias_values
 
 
@@ -252,8 +255,9 @@ def basis_values(struct: ChainStructure, kernels: Sequence[Array],
 # Inverse chain rule.
 
 
-def node_sums(kernel: Array, grad: Array, bias: Array | None, bias_grad: Array | None,
-              dtype) -> Array:
+def node_sums(
+  kernel: Array, grad: Array, bias: Array | None, bias_grad: Array | None, dtype
+) -> Array:
   """``sum_{taps, i} (w g)[., i, j] + b_j g_bj`` per output node ``j``, in ``dtype``.
 
   The derivative of the loss along rescaling node ``j``'s incoming weights and
@@ -276,10 +280,14 @@ class PathGradients(NamedTuple):
   compute_dtype: jnp.dtype
 
 
-def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
-                       biases: Sequence[Array | None], kernel_grads: Sequence[Array],
-                       bias_grads: Sequence[Array | None],
-                       probe_sums: Sequence[Array | None] | None = None) -> PathGradients:
+def inverse_chain_rule(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_grads: Sequence[Array],
+  bias_grads: Sequence[Array | None],
+  probe_sums: Sequence[Array | None] | None = None,
+) -> PathGradients:
   """Basis-path gradients from weight gradients (docs/math.md).
 
   With ``u_p = v_p * dL/dv_p`` (the path's share of ``w * g``)::
@@ -310,8 +318,9 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
       p = replicated(probe_sums[k].astype(ct))
     else:
       p = node_sums(kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
-    p -= (incoming_skeleton(kernels[k], spec, pi).astype(ct)
-          * incoming_skeleton(kernel_grads[k], spec, pi).astype(ct))
+    p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
+      kernel_grads[k], spec, pi
+    ).astype(ct)
     if p_prev is not None:
       p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
     # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
@@ -342,11 +351,15 @@ def inverse_chain_rule(struct: ChainStructure, kernels: Sequence[Array],
 DEFAULT_RATIO_CLIP = (0.1, 10.0)
 
 
-def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
-                      biases: Sequence[Array | None], kernel_steps: Sequence[Array],
-                      bias_steps: Sequence[Array | None], products: SkeletonProducts,
-                      ratio_clip: tuple[float, float] | None
-                      ) -> tuple[list[Array], list[Array | None], Array]:
+def weight_allocation(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  products: SkeletonProducts,
+  ratio_clip: tuple[float, float] | None,
+) -> tuple[list[Array], list[Array | None], Array]:
   """Weight updates that move every basis path from ``v`` to ``v + dv`` (docs/math.md).
 
   F stays fixed. Node ratios ``Q`` come from the outgoing skeleton paths::
@@ -373,7 +386,9 @@ def weight_allocation(struct: ChainStructure, kernels: Sequence[Array],
   for k in range(depth - 1, 0, -1):
     spec, sigma = specs[k], struct.sigma[k]
     dv_out = outgoing_skeleton(kernel_steps[k], spec, sigma).astype(ct)
-    inv_path_value = 1 / (_usable(products.back[k]) * _usable(products.forward[k]))  # 0 if degenerate
+    inv_path_value = 1 / (
+      _usable(products.back[k]) * _usable(products.forward[k])
+    )  # 0 if degenerate
     ratio = 1 + dv_out * inv_path_value
     if ratio_clip is not None:
       clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))

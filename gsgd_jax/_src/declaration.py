@@ -22,22 +22,21 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from gsgd_jax._src import pytree
 from gsgd_jax._src.pytree import KeyPath, Path
 
-# What the public functions take as ``layers``: one chain of paths or several blocks.
-LayerPath = Union[KeyPath, str]
-LayerPaths = Union[Sequence[LayerPath], Sequence[Sequence[LayerPath]], "Declaration"]
+LayerPath: TypeAlias = KeyPath | str
 
 Blocks = tuple[tuple[Path, ...], ...]
 
 FORMS = (
-    "one chain: a sequence of paths, e.g. ['fc1', 'fc2'] or [('params', 'Dense_0'), "
-    "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
-    "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]; a path: an 'a/b' string or "
-    "a tuple of keys")
+  "one chain: a sequence of paths, e.g. ['fc1', 'fc2'] or [('params', 'Dense_0'), "
+  "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
+  "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]; a path: an 'a/b' string or "
+  "a tuple of keys"
+)
 
 
 def _is_key(entry: Any) -> bool:
@@ -51,8 +50,10 @@ def _path(entry: Any) -> Path:
   elif isinstance(entry, (tuple, list)) and all(_is_key(k) for k in entry):
     parts = tuple(pytree.key_name(k) for k in entry)
   else:
-    raise TypeError(f"a layer path must be a tuple of keys or an 'a/b' string, got "
-                    f"{entry!r}. Accepted forms of `layers`: {FORMS}")
+    raise TypeError(
+      f"a layer path must be a tuple of keys or an 'a/b' string, got "
+      f"{entry!r}. Accepted forms of `layers`: {FORMS}"
+    )
   if not parts:
     raise ValueError("a layer path must not be empty")
   return parts
@@ -64,8 +65,10 @@ def _is_path(entry: Any) -> bool:
 
 def _block(entry: Any) -> tuple[Path, ...]:
   if not isinstance(entry, (list, tuple)):
-    raise TypeError(f"a block of `layers` must be a list of paths, got {entry!r}. "
-                    f"Accepted forms of `layers`: {FORMS}")
+    raise TypeError(
+      f"a block of `layers` must be a list of paths, got {entry!r}. "
+      f"Accepted forms of `layers`: {FORMS}"
+    )
   if not entry:
     raise ValueError("a block of `layers` is empty: declare at least one layer per block")
   return tuple(_path(p) for p in entry)
@@ -91,13 +94,14 @@ class Declaration:
     when both do, the declaration is ambiguous and refused. Raises, naming the
     layer, when a declared layer's kernel or bias is an ``optax.MaskedNode``.
     """
-    resolves = lambda blocks: all(p + ("kernel",) in leaf_paths for b in blocks for p in b)
+    resolves = lambda blocks: all((*p, "kernel") in leaf_paths for b in blocks for p in b)
     fitting = [blocks for blocks in self.readings if resolves(blocks)]
     if len(fitting) > 1:
       raise ValueError(
-          f"`layers` = {self.text} reads two ways in these params: as blocks "
-          f"{_show(fitting[0])} or as one chain {_show(fitting[1])}. Write it in one of "
-          f"the accepted forms: {FORMS}.")
+        f"`layers` = {self.text} reads two ways in these params: as blocks "
+        f"{_show(fitting[0])} or as one chain {_show(fitting[1])}. Write it in one of "
+        f"the accepted forms: {FORMS}."
+      )
     blocks = fitting[0] if fitting else self.readings[0]
     twice = _twice(blocks)
     if twice is not None:
@@ -105,25 +109,33 @@ class Declaration:
     for block in blocks:
       for path in block:
         name = "/".join(path)
-        if path + ("kernel",) in masked:
+        if (*path, "kernel") in masked:
           raise ValueError(
-              f"layer {name!r} is masked out (optax.masked or optax.partition hands it "
-              "to another transformation) but declared in `layers`: declare only the "
-              "layers this transformation receives.")
-        if path + ("bias",) in masked:
+            f"layer {name!r} is masked out (optax.masked or optax.partition hands it "
+            "to another transformation) but declared in `layers`: declare only the "
+            "layers this transformation receives."
+          )
+        if (*path, "bias") in masked:
           raise ValueError(
-              f"layer {name!r}: its bias is masked out (optax.masked or "
-              "optax.partition hands it to another transformation) but its kernel is "
-              "not. Weight allocation rescales a node's incoming weights and bias "
-              "together, so a declared layer's kernel and bias must go to the same "
-              "transformation; build the mask or labels with gsgd_jax.block_labels.")
+            f"layer {name!r}: its bias is masked out (optax.masked or "
+            "optax.partition hands it to another transformation) but its kernel is "
+            "not. Weight allocation rescales a node's incoming weights and bias "
+            "together, so a declared layer's kernel and bias must go to the same "
+            "transformation; build the mask or labels with gsgd_jax.block_labels."
+          )
       if len(block) == 1:
         warnings.warn(
-            f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
-            "hidden nodes, so path space gives it the inner transformation on its "
-            "weights as they are. To declare one chain, list its paths in one flat "
-            f"sequence. Accepted forms: {FORMS}", stacklevel=5)
+          f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
+          "hidden nodes, so path space gives it the inner transformation on its "
+          "weights as they are. To declare one chain, list its paths in one flat "
+          f"sequence. Accepted forms: {FORMS}",
+          stacklevel=5,
+        )
     return blocks
+
+
+# What the public functions take as ``layers``: one chain of paths or several blocks.
+LayerPaths: TypeAlias = Sequence[LayerPath] | Sequence[Sequence[LayerPath]] | Declaration
 
 
 def _show(blocks: Blocks) -> str:
@@ -136,8 +148,10 @@ def as_declaration(layers: Any) -> Declaration:
     return layers
   if isinstance(layers, str) or not isinstance(layers, Iterable) or isinstance(layers, dict):
     what = "the string " if isinstance(layers, str) else ""
-    raise TypeError(f"`layers` must be a sequence of layer paths or of blocks, got "
-                    f"{what}{layers!r}. Accepted forms: {FORMS}")
+    raise TypeError(
+      f"`layers` must be a sequence of layer paths or of blocks, got "
+      f"{what}{layers!r}. Accepted forms: {FORMS}"
+    )
   entries = list(layers)
   text = repr(entries)
   if not entries:
@@ -152,8 +166,10 @@ def as_declaration(layers: Any) -> Declaration:
       readings.append((tuple(_path(e) for e in entries),))
     else:  # some paths are written as lists: one chain
       readings.append((tuple(_path(e) for e in entries),))
-  elif all(isinstance(e, (list, tuple)) and not _is_path(e) or is_keys
-           for e, is_keys in zip(entries, key_lists, strict=True)):
+  elif all(
+    (isinstance(e, (list, tuple)) and not _is_path(e)) or is_keys
+    for e, is_keys in zip(entries, key_lists, strict=True)
+  ):
     readings.append(tuple(_block(e) for e in entries))
   else:
     raise TypeError(f"`layers` mixes paths and blocks: {text}. Accepted forms: {FORMS}")

@@ -46,43 +46,46 @@ def infer_layers(params: Any) -> list[tuple[str | int, ...]]:
     [('params', 'layers_0'), ('params', 'layers_2'), ('params', 'layers_4')]
   """
   paths, leaves, _ = pytree.leaf_paths(params)
-  found = [(p[:-1], tuple(np.shape(leaf)))
-           for p, leaf in zip(paths, leaves, strict=True) if p and p[-1] == "kernel"]
+  found = [
+    (p[:-1], tuple(np.shape(leaf)))
+    for p, leaf in zip(paths, leaves, strict=True)
+    if p and p[-1] == "kernel"
+  ]
   if not found:
     raise ValueError("infer_layers: no sub-tree with a 'kernel' leaf in params")
   listing = ", ".join("/".join(p) for p, _ in found)
 
   def ambiguous(why: str) -> ValueError:
-    return ValueError(f"infer_layers cannot decide the layer order ({why}); found layers: "
-                      f"{listing}. Pass `layers=[...]` explicitly, in forward order.")
+    return ValueError(
+      f"infer_layers cannot decide the layer order ({why}); found layers: "
+      f"{listing}. Pass `layers=[...]` explicitly, in forward order."
+    )
 
   groups: dict[tuple[Any, ...], list[tuple[int, pytree.Path, tuple[int, ...]]]] = {}
   for path, shape in found:
     match = _NUMBERED.match(path[-1])
     if match is None:
       raise ambiguous(f"{path[-1]!r} carries no number")
-    groups.setdefault((path[:-1], match.group(1)), []).append(
-        (int(match.group(2)), path, shape))
+    groups.setdefault((path[:-1], match.group(1)), []).append((int(match.group(2)), path, shape))
   kind = lambda shape: "conv" if len(shape) > 2 else "dense"
   by_kind: dict[str, list[list[tuple[int, pytree.Path, tuple[int, ...]]]]] = {}
-  for (parent, stem), members in groups.items():
-    members = sorted(members)
+  for (parent, stem), unordered in groups.items():
+    members = sorted(unordered)
     if len({n for n, *_ in members}) != len(members):
       raise ambiguous("two layers carry the same number")
     kinds = [kind(shape) for _, _, shape in members]
     if kinds != sorted(kinds, key=lambda k: k != "conv"):
-      raise ambiguous(f"group {'/'.join(parent + (stem,))}* numbers a dense layer before a "
-                      "convolution")
+      raise ambiguous(
+        f"group {'/'.join((*parent, stem))}* numbers a dense layer before a convolution"
+      )
     by_kind.setdefault("mixed" if len(set(kinds)) > 1 else kinds[0], []).append(members)
   if any(len(g) > 1 for g in by_kind.values()) or ("mixed" in by_kind and len(by_kind) > 1):
-    raise ambiguous("several groups of layers of the same kind; cannot tell which "
-                    "comes first")
+    raise ambiguous("several groups of layers of the same kind; cannot tell which comes first")
   ordered = [member for key in ("mixed", "conv", "dense") for member in by_kind.get(key, [[]])[0]]
   try:
     structure.chain_structure(tuple((path, shape, False) for _, path, shape in ordered))
   except structure.UnsupportedLayerError as err:
-    raise structure.UnsupportedLayerError(f"infer_layers: unsupported layer kind: {err}"
-                                          ) from None
+    raise structure.UnsupportedLayerError(f"infer_layers: unsupported layer kind: {err}") from None
   except ValueError as err:
     raise ambiguous(f"shapes do not chain: {err}") from None
   return [tuple(int(k) if k.isdigit() else k for k in path) for _, path, _ in ordered]

@@ -27,8 +27,9 @@ def _chain_gammas(struct, kernels, biases):
   squares = [jnp.square(w.astype(ct)) for w in kernels]
   gamma_in = [jnp.ones(specs[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = basis.replicated(jnp.einsum("...io,i->o", sq, basis.per_row(gamma_in[k], specs[k]),
-                                 precision="highest"))
+    g = basis.replicated(
+      jnp.einsum("...io,i->o", sq, basis.per_row(gamma_in[k], specs[k]), precision="highest")
+    )
     if biases[k] is not None:
       g += basis.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
@@ -40,16 +41,19 @@ def _chain_gammas(struct, kernels, biases):
   return gamma_in, gamma_out
 
 
-def _layer_scales(block: structure.ChainStructure, kernels: Sequence[jax.Array],
-                  biases: Sequence[jax.Array | None]) -> list[tuple[jax.Array, jax.Array]]:
+def _layer_scales(
+  block: structure.ChainStructure, kernels: Sequence[jax.Array], biases: Sequence[jax.Array | None]
+) -> list[tuple[jax.Array, jax.Array]]:
   """Per layer, ``(kernel gamma, bias gamma)``.
 
   The kernel's gamma is the broadcastable product ``gamma_in[i] * gamma_out[j]``
   of shape ``(rows, n_out)``, which broadcasts against the kernel.
   """
   gamma_in, gamma_out = _chain_gammas(block, kernels, biases)
-  return [(basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), gamma_out[k + 1])
-          for k, spec in enumerate(block.layers)]
+  return [
+    (basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), gamma_out[k + 1])
+    for k, spec in enumerate(block.layers)
+  ]
 
 
 def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
@@ -68,17 +72,23 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
 
   def scales(b: int, arrays: LayerArrays):
     layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
-    return ([jnp.broadcast_to(kernel_gamma, w.shape).astype(w.dtype)
-             for (kernel_gamma, _), w in zip(layer_scales, arrays.kernels, strict=True)],
-            [None if bias is None else bias_gamma.astype(bias.dtype)
-             for (_, bias_gamma), bias in zip(layer_scales, arrays.biases, strict=True)])
+    return (
+      [
+        jnp.broadcast_to(kernel_gamma, w.shape).astype(w.dtype)
+        for (kernel_gamma, _), w in zip(layer_scales, arrays.kernels, strict=True)
+      ],
+      [
+        None if bias is None else bias_gamma.astype(bias.dtype)
+        for (_, bias_gamma), bias in zip(layer_scales, arrays.biases, strict=True)
+      ],
+    )
 
-  return pytree.map_layers(params, [block.paths for block in blocks], scales,
-                           outside=jnp.ones_like)
+  return pytree.map_layers(params, [block.paths for block in blocks], scales, outside=jnp.ones_like)
 
 
-def scale_by_path_norm(layers: LayerPaths,
-                       min_scale: float = 1e-30) -> optax.GradientTransformation:
+def scale_by_path_norm(
+  layers: LayerPaths, min_scale: float = 1e-30
+) -> optax.GradientTransformation:
   r"""Divides each weight's gradient by its path-norm scale :math:`\gamma_e`.
 
   .. math::
@@ -118,21 +128,27 @@ def scale_by_path_norm(layers: LayerPaths,
     def divide(b: int, grads: LayerArrays):
       arrays = located.slots[b].take(located.leaves)
       layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
-      scaled = lambda g, gamma: None if g is None else (
-          g / jnp.maximum(gamma, min_scale)).astype(g.dtype)
-      return ([scaled(g, gamma) for g, (gamma, _) in zip(grads.kernels, layer_scales,
-                                                          strict=True)],
-              [scaled(g, gamma) for g, (_, gamma) in zip(grads.biases, layer_scales,
-                                                          strict=True)])
+      scaled = lambda g, gamma: (
+        None if g is None else (g / jnp.maximum(gamma, min_scale)).astype(g.dtype)
+      )
+      return (
+        [scaled(g, gamma) for g, (gamma, _) in zip(grads.kernels, layer_scales, strict=True)],
+        [scaled(g, gamma) for g, (_, gamma) in zip(grads.biases, layer_scales, strict=True)],
+      )
 
     return pytree.zero_probes(pytree.map_layers(updates, paths, divide, what="updates")), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def path_sgd(learning_rate: optax.ScalarOrSchedule, *, layers: LayerPaths,
-             momentum: float | None = None, nesterov: bool = False,
-             min_scale: float = 1e-30) -> optax.GradientTransformation:
+def path_sgd(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  layers: LayerPaths,
+  momentum: float | None = None,
+  nesterov: bool = False,
+  min_scale: float = 1e-30,
+) -> optax.GradientTransformation:
   r"""Path-SGD: SGD with each gradient divided by its path-norm scale.
 
   .. math::
@@ -164,5 +180,7 @@ def path_sgd(learning_rate: optax.ScalarOrSchedule, *, layers: LayerPaths,
     Optimization in Deep Neural Networks <https://arxiv.org/abs/1506.02617>`_,
     NeurIPS 2015.
   """
-  return optax.chain(scale_by_path_norm(layers, min_scale),
-                     optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+  return optax.chain(
+    scale_by_path_norm(layers, min_scale),
+    optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
+  )

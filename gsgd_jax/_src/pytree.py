@@ -61,10 +61,12 @@ def zero_probes(tree: Any) -> Any:
   """``tree`` with every ``scale_probe`` leaf zeroed, inside the declared layers
   or not: probes are never trained (see ``gsgd_jax.probes``)."""
   paths, leaves, treedef = leaf_paths(tree)
-  return treedef.unflatten([
+  return treedef.unflatten(
+    [
       jnp.zeros_like(leaf) if path and path[-1] == PROBE else leaf
       for path, leaf in zip(paths, leaves, strict=True)
-  ])
+    ]
+  )
 
 
 class LayerArrays(NamedTuple):
@@ -97,23 +99,25 @@ class LayerSlots:
         out[i] = value
 
 
-def locate_layers(paths: Sequence[Path], layers: Sequence[Path], what: str = "params"
-                  ) -> LayerSlots:
+def locate_layers(
+  paths: Sequence[Path], layers: Sequence[Path], what: str = "params"
+) -> LayerSlots:
   """Finds each layer's ``kernel`` (required), ``bias`` and probe (optional) leaf."""
   index = {p: i for i, p in enumerate(paths)}
   kernels, biases, probes = [], [], []
   for layer in layers:
-    k = index.get(layer + ("kernel",))
+    k = index.get((*layer, "kernel"))
     if k is None:
       candidates = sorted("/".join(p[:-1]) for p in paths if p and p[-1] == "kernel")
       raise ValueError(
-          f"layer {'/'.join(layer)!r} has no 'kernel' leaf in {what}. Layers with "
-          f"a kernel: {candidates or 'none'}. Pass `layers` as key paths to "
-          "sub-trees holding 'kernel' (e.g. ('params', 'Dense_0')), or use "
-          "gsgd_jax.infer_layers(params).")
+        f"layer {'/'.join(layer)!r} has no 'kernel' leaf in {what}. Layers with "
+        f"a kernel: {candidates or 'none'}. Pass `layers` as key paths to "
+        "sub-trees holding 'kernel' (e.g. ('params', 'Dense_0')), or use "
+        "gsgd_jax.infer_layers(params)."
+      )
     kernels.append(k)
-    biases.append(index.get(layer + ("bias",)))
-    probes.append(index.get(layer + (PROBE,)))
+    biases.append(index.get((*layer, "bias")))
+    probes.append(index.get((*layer, PROBE)))
   return LayerSlots(tuple(kernels), tuple(biases), tuple(probes))
 
 
@@ -128,14 +132,17 @@ class Located(NamedTuple):
 def locate_blocks(tree: Any, blocks: Sequence[Sequence[Path]], what: str) -> Located:
   """Leaves, treedef and per-block slots of the layers ``blocks`` name in ``tree``."""
   paths, leaves, treedef = leaf_paths(tree)
-  return Located(leaves, treedef,
-                 tuple(locate_layers(paths, block, what=what) for block in blocks))
+  return Located(leaves, treedef, tuple(locate_layers(paths, block, what=what) for block in blocks))
 
 
-def map_layers(tree: Any, blocks: Sequence[Sequence[Path]],
-               fn: Callable[[int, LayerArrays], tuple[Sequence[Any], Sequence[Any | None]]],
-               *, outside: Callable[[Any], Any] = lambda leaf: leaf,
-               what: str = "params") -> Any:
+def map_layers(
+  tree: Any,
+  blocks: Sequence[Sequence[Path]],
+  fn: Callable[[int, LayerArrays], tuple[Sequence[Any], Sequence[Any | None]]],
+  *,
+  outside: Callable[[Any], Any] = lambda leaf: leaf,
+  what: str = "params",
+) -> Any:
   """Rebuilds ``tree`` block by block.
 
   ``fn(b, arrays)`` gets block ``b``'s :class:`LayerArrays` and returns its new

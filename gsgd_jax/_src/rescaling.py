@@ -13,8 +13,9 @@ from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays, map_layers
 
 
-def rescale(params: optax.Params, layers: LayerPaths,
-            factors: Sequence[Sequence[jax.typing.ArrayLike | None]]) -> optax.Params:
+def rescale(
+  params: optax.Params, layers: LayerPaths, factors: Sequence[Sequence[jax.typing.ArrayLike | None]]
+) -> optax.Params:
   """Applies the element of G with the given positive per-node factors.
 
   Args:
@@ -55,8 +56,9 @@ def rescale(params: optax.Params, layers: LayerPaths,
   return map_layers(params, [block.paths for block in blocks], rescaled)
 
 
-def random_rescale(params: optax.Params, layers: LayerPaths, key: jax.Array,
-                   log_range: float = 1.5) -> optax.Params:
+def random_rescale(
+  params: optax.Params, layers: LayerPaths, key: jax.Array, log_range: float = 1.5
+) -> optax.Params:
   """Rescales every hidden node by a random positive factor; the function is unchanged.
 
   Node ``j`` of each hidden level gets ``c_j = exp(U(-log_range, log_range))``:
@@ -78,8 +80,12 @@ def random_rescale(params: optax.Params, layers: LayerPaths, key: jax.Array,
   factors = []
   for block, block_key in zip(blocks, jax.random.split(key, len(blocks)), strict=True):
     keys = jax.random.split(block_key, max(block.depth - 1, 1))
-    factors.append([None] + [
-        jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32, -log_range,
-                                   log_range))
-        for k, spec in enumerate(block.layers[:-1])] + [None])
+    factors.append(
+      [None]
+      + [
+        jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32, -log_range, log_range))
+        for k, spec in enumerate(block.layers[:-1])
+      ]
+      + [None]
+    )
   return rescale(params, layers, factors)

@@ -41,12 +41,17 @@ def skeleton_mask(params: optax.Params, layers: LayerPaths, which: str = "fixed"
   blocks = structure.build_structure(params, layers)
 
   def masks(b: int, arrays: LayerArrays):
-    return ([_skeleton(blocks[b], k, which) for k in range(blocks[b].depth)],
-            [None if bias is None else jnp.zeros(jnp.shape(bias), bool)
-             for bias in arrays.biases])
+    return (
+      [_skeleton(blocks[b], k, which) for k in range(blocks[b].depth)],
+      [None if bias is None else jnp.zeros(jnp.shape(bias), bool) for bias in arrays.biases],
+    )
 
-  return map_layers(params, [block.paths for block in blocks], masks,
-                    outside=lambda leaf: jnp.zeros(jnp.shape(leaf), bool))
+  return map_layers(
+    params,
+    [block.paths for block in blocks],
+    masks,
+    outside=lambda leaf: jnp.zeros(jnp.shape(leaf), bool),
+  )
 
 
 def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -> optax.Params:
@@ -66,13 +71,17 @@ def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -
     ``params`` with the skeleton weights replaced.
   """
   if value == 0:
-    raise ValueError("set_skeleton: a zero skeleton weight makes every basis path "
-                     "through it zero; use a nonzero value")
+    raise ValueError(
+      "set_skeleton: a zero skeleton weight makes every basis path "
+      "through it zero; use a nonzero value"
+    )
   blocks = structure.build_structure(params, layers)
 
   def with_skeleton(b: int, arrays: LayerArrays):
-    kernels = [jnp.where(_skeleton(blocks[b], k, "all"), jnp.asarray(value, w.dtype), w)
-               for k, w in enumerate(map(jnp.asarray, arrays.kernels))]
+    kernels = [
+      jnp.where(_skeleton(blocks[b], k, "all"), jnp.asarray(value, w.dtype), w)
+      for k, w in enumerate(map(jnp.asarray, arrays.kernels))
+    ]
     return kernels, arrays.biases
 
   return map_layers(params, [block.paths for block in blocks], with_skeleton)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -43,6 +42,7 @@ import optax
 
 from gsgd_jax._src import declaration, pytree
 from gsgd_jax._src.pytree import PROBE, Path
+
 
 class UnsupportedLayerError(ValueError):
   """A declared layer is of a kind whose symmetry G-SGD does not model."""
@@ -120,8 +120,7 @@ class ChainStructure:
   @property
   def num_weights(self) -> int:
     """m: weights plus biases (biases count as edges from a constant node)."""
-    return sum(
-        int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers)
+    return sum(int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers)
 
   @property
   def num_basis_paths(self) -> int:
@@ -129,29 +128,34 @@ class ChainStructure:
     return self.num_weights - self.num_hidden
 
 
-def _layer_spec(path: Path, kernel_shape: tuple[int, ...], has_bias: bool,
-                prev: LayerSpec | None) -> LayerSpec:
+def _layer_spec(
+  path: Path, kernel_shape: tuple[int, ...], has_bias: bool, prev: LayerSpec | None
+) -> LayerSpec:
   name = "/".join(path)
   if len(kernel_shape) < 2 or min(kernel_shape) < 1:
-    raise ValueError(f"layer {name!r}: kernel of shape {kernel_shape} is neither a dense "
-                     "(in, out) kernel nor a convolution (*window, in, out) kernel")
+    raise ValueError(
+      f"layer {name!r}: kernel of shape {kernel_shape} is neither a dense "
+      "(in, out) kernel nor a convolution (*window, in, out) kernel"
+    )
   if len(kernel_shape) == 3:
     raise UnsupportedLayerError(
-        f"layer {name!r}: a rank-3 kernel {kernel_shape} is either a stacked dense layer "
-        "(nn.scan / nnx.vmap: one (in, out) kernel per copy on axis 0) or a 1-D "
-        "convolution (width, in, out); the two have different symmetry groups and "
-        "gsgd_jax supports neither yet. Leave the layer out of `layers` (it then takes "
-        "the fallback), or unroll the stack and declare one block per copy.")
+      f"layer {name!r}: a rank-3 kernel {kernel_shape} is either a stacked dense layer "
+      "(nn.scan / nnx.vmap: one (in, out) kernel per copy on axis 0) or a 1-D "
+      "convolution (width, in, out); the two have different symmetry groups and "
+      "gsgd_jax supports neither yet. Leave the layer out of `layers` (it then takes "
+      "the fallback), or unroll the stack and declare one block per copy."
+    )
   *window, n_in, n_out = kernel_shape
   if window:  # convolution: one tap per window position, the centre is the skeleton
     centre = int(np.ravel_multi_index(tuple(d // 2 for d in window), window))
-    return LayerSpec(path, "conv", tuple(kernel_shape), has_bias, int(np.prod(window)),
-                     centre, n_in, n_out)
-  if prev is not None and prev.kind == "conv" and n_in != prev.n_out \
-      and n_in % prev.n_out == 0:
+    return LayerSpec(
+      path, "conv", tuple(kernel_shape), has_bias, int(np.prod(window)), centre, n_in, n_out
+    )
+  if prev is not None and prev.kind == "conv" and n_in != prev.n_out and n_in % prev.n_out == 0:
     positions = n_in // prev.n_out  # flatten of (positions, channels), NHWC order
-    return LayerSpec(path, "flatten", tuple(kernel_shape), has_bias, positions,
-                     positions // 2, prev.n_out, n_out)
+    return LayerSpec(
+      path, "flatten", tuple(kernel_shape), has_bias, positions, positions // 2, prev.n_out, n_out
+    )
   return LayerSpec(path, "dense", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out)
 
 
@@ -166,30 +170,34 @@ def chain_structure(signature: Signature) -> ChainStructure:
       prev = specs[-1]
       if spec.kind == "conv" and prev.n_out % spec.n_in == 0:
         raise UnsupportedLayerError(
-            f"layer {spec.name!r}: kernel {spec.kernel_shape} takes {spec.n_in} input "
-            f"channels but the layer before it, {prev.name!r}, has {prev.n_out} outputs: "
-            "a grouped or depthwise convolution (feature_group_count > 1)? G-SGD "
-            "supports only convolutions whose output channels each see every input "
-            "channel; leave this layer out of `layers` (it then takes the fallback) and "
-            "split the chain around it.")
+          f"layer {spec.name!r}: kernel {spec.kernel_shape} takes {spec.n_in} input "
+          f"channels but the layer before it, {prev.name!r}, has {prev.n_out} outputs: "
+          "a grouped or depthwise convolution (feature_group_count > 1)? G-SGD "
+          "supports only convolutions whose output channels each see every input "
+          "channel; leave this layer out of `layers` (it then takes the fallback) and "
+          "split the chain around it."
+        )
       raise ValueError(
-          f"layer {spec.name!r} takes {spec.n_in} inputs (kernel {spec.kernel_shape}) "
-          f"but the layer before it, {prev.name!r}, has {prev.n_out} outputs "
-          f"(kernel {prev.kernel_shape}); are `layers` in forward order?")
+        f"layer {spec.name!r} takes {spec.n_in} inputs (kernel {spec.kernel_shape}) "
+        f"but the layer before it, {prev.name!r}, has {prev.n_out} outputs "
+        f"(kernel {prev.kernel_shape}); are `layers` in forward order?"
+      )
     specs.append(spec)
   depth = len(specs)
-  pi = tuple(np.arange(s.n_out) % s.n_in if k < depth - 1 else None
-             for k, s in enumerate(specs))
-  sigma = tuple(np.arange(s.n_in) % s.n_out if k >= 1 else None
-                for k, s in enumerate(specs))
+  pi = tuple(np.arange(s.n_out) % s.n_in if k < depth - 1 else None for k, s in enumerate(specs))
+  sigma = tuple(np.arange(s.n_in) % s.n_out if k >= 1 else None for k, s in enumerate(specs))
   out_fixed = tuple(
-      None if k == 0 else
-      (pi[k][sigma[k]] == np.arange(s.n_in)) if k < depth - 1 else
-      np.zeros(s.n_in, bool)
-      for k, s in enumerate(specs))
+    None
+    if k == 0
+    else (pi[k][sigma[k]] == np.arange(s.n_in))
+    if k < depth - 1
+    else np.zeros(s.n_in, bool)
+    for k, s in enumerate(specs)
+  )
   loops_back = tuple(
-      (sigma[k][pi[k]] == np.arange(s.n_out)) if 1 <= k < depth - 1 else None
-      for k, s in enumerate(specs))
+    (sigma[k][pi[k]] == np.arange(s.n_out)) if 1 <= k < depth - 1 else None
+    for k, s in enumerate(specs)
+  )
   for table in (*pi, *sigma, *out_fixed, *loops_back):
     if table is not None:
       table.setflags(write=False)
@@ -206,34 +214,40 @@ def _masked_paths(tree: Any) -> set[Path]:
   or ``optax.partition`` handed to another transformation."""
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   with_path, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked)
-  return {tuple(pytree.key_name(k) for k in path)
-          for path, leaf in with_path if is_masked(leaf)}
+  return {tuple(pytree.key_name(k) for k in path) for path, leaf in with_path if is_masked(leaf)}
 
 
-def _check_layer(name: str, leaves: list[Any], slot_kernel: int, slot_bias: int | None,
-                 slot_probe: int | None) -> None:
+def _check_layer(
+  name: str, leaves: list[Any], slot_kernel: int, slot_bias: int | None, slot_probe: int | None
+) -> None:
   kernel_shape = np.shape(leaves[slot_kernel])
   for i, what in ((slot_kernel, "kernel"), (slot_bias, "bias"), (slot_probe, PROBE)):
     if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
-      raise ValueError(f"layer {name!r}: {what} has dtype {jnp.result_type(leaves[i])}; "
-                       "G-SGD needs floating-point parameters")
+      raise ValueError(
+        f"layer {name!r}: {what} has dtype {jnp.result_type(leaves[i])}; "
+        "G-SGD needs floating-point parameters"
+      )
   for i, what in ((slot_bias, "bias"), (slot_probe, PROBE)):
     if i is None:
       continue
     shape = np.shape(leaves[i])
     if len(shape) == 2 and len(kernel_shape) == 3 and shape[0] == kernel_shape[0]:
       raise ValueError(
-          f"layer {name!r}: kernel {kernel_shape} and {what} {shape} carry a stack axis "
-          f"of length {shape[0]} (nn.scan / nnx.vmap): stacked layers are not supported "
-          "yet. Leave the layer out of `layers` (it then takes the fallback), or unroll "
-          "the stack and declare one block per copy.")
+        f"layer {name!r}: kernel {kernel_shape} and {what} {shape} carry a stack axis "
+        f"of length {shape[0]} (nn.scan / nnx.vmap): stacked layers are not supported "
+        "yet. Leave the layer out of `layers` (it then takes the fallback), or unroll "
+        "the stack and declare one block per copy."
+      )
     if shape != (kernel_shape[-1],):
-      raise ValueError(f"layer {name!r}: {what} of shape {shape} does not match the "
-                       f"kernel's {kernel_shape[-1]} outputs")
+      raise ValueError(
+        f"layer {name!r}: {what} of shape {shape} does not match the "
+        f"kernel's {kernel_shape[-1]} outputs"
+      )
 
 
-def build_structure(tree: Any, layers: declaration.Declaration | Any,
-                    what: str = "params") -> tuple[ChainStructure, ...]:
+def build_structure(
+  tree: Any, layers: declaration.Declaration | Any, what: str = "params"
+) -> tuple[ChainStructure, ...]:
   """The (cached) chain structure of every block of ``layers`` in ``tree``.
 
   Raises, naming the layer, when a declared layer is missing, masked out, not
@@ -248,7 +262,10 @@ def build_structure(tree: Any, layers: declaration.Declaration | Any,
     slots = pytree.locate_layers(paths, block, what=what)
     for name, k, b, s in zip(block, slots.kernel, slots.bias, slots.probe, strict=True):
       _check_layer("/".join(name), leaves, k, b, s)
-    signatures.append(tuple(
+    signatures.append(
+      tuple(
         (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
-        for name, k, b in zip(block, slots.kernel, slots.bias, strict=True)))
+        for name, k, b in zip(block, slots.kernel, slots.bias, strict=True)
+      )
+    )
   return _build(tuple(signatures))

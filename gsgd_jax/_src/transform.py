@@ -37,16 +37,23 @@ def _block_paths(blocks: tuple[structure.ChainStructure, ...]) -> list[tuple[pyt
   return [block.paths for block in blocks]
 
 
-def _inner_params(params: optax.Params, blocks: tuple[structure.ChainStructure, ...],
-                  products: list[basis.SkeletonProducts] | None = None,
-                  outside=lambda leaf: leaf) -> optax.Params:
+def _inner_params(
+  params: optax.Params,
+  blocks: tuple[structure.ChainStructure, ...],
+  products: list[basis.SkeletonProducts] | None = None,
+  outside=lambda leaf: leaf,
+) -> optax.Params:
   """Params as ``inner`` sees them: basis-path values in the blocks, 0 on scale
   probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
+
   def values(b: int, arrays: LayerArrays):
-    return basis.basis_values(blocks[b], arrays.kernels, arrays.biases,
-                              None if products is None else products[b])
-  return pytree.zero_probes(pytree.map_layers(params, _block_paths(blocks), values,
-                                              outside=outside))
+    return basis.basis_values(
+      blocks[b], arrays.kernels, arrays.biases, None if products is None else products[b]
+    )
+
+  return pytree.zero_probes(
+    pytree.map_layers(params, _block_paths(blocks), values, outside=outside)
+  )
 
 
 def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
@@ -78,8 +85,9 @@ def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
   return _inner_params(params, blocks, outside=jnp.zeros_like)
 
 
-def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
-                 outside: str = "fallback") -> Any:
+def block_labels(
+  tree: Any, layers: LayerPaths, inside: str = "path", outside: str = "fallback"
+) -> Any:
   """Labels each leaf of ``tree`` for ``optax.partition``.
 
   Kernels, biases and scale probes of the declared layers get ``inside``;
@@ -99,8 +107,9 @@ def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
     >>> import jax.numpy as jnp, gsgd_jax
     >>> params = {'l0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
     ...           'l1': {'kernel': jnp.ones((4, 2))}, 'norm': {'scale': jnp.ones(2)}}
-    >>> gsgd_jax.block_labels(params, ['l0', 'l1'])
-    {'l0': {'bias': 'path', 'kernel': 'path'}, 'l1': {'kernel': 'path'}, 'norm': {'scale': 'fallback'}}
+    >>> labels = gsgd_jax.block_labels(params, ['l0', 'l1'])
+    >>> labels['l0'], labels['norm']
+    ({'bias': 'path', 'kernel': 'path'}, {'scale': 'fallback'})
   """
   if pytree.is_placeholder(tree):
     return inside
@@ -116,34 +125,43 @@ def block_labels(tree: Any, layers: LayerPaths, inside: str = "path",
 
 def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
   """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
+
   def product(s, g):
     dtype = basis.compute_dtype(s.dtype)
     return s.astype(dtype) * g.astype(dtype)
-  return [None if s is None or g is None else product(s, g)
-          for s, g in zip(params.probes, grads.probes, strict=True)]
+
+  return [
+    None if s is None or g is None else product(s, g)
+    for s, g in zip(params.probes, grads.probes, strict=True)
+  ]
 
 
-def _check_gradients(block: structure.ChainStructure, params: LayerArrays,
-                     grads: LayerArrays) -> None:
+def _check_gradients(
+  block: structure.ChainStructure, params: LayerArrays, grads: LayerArrays
+) -> None:
   """Raises, naming the layer, when gradients do not have the params' structure."""
-  for spec, w, g, b, gb in zip(block.layers, params.kernels, grads.kernels, params.biases,
-                               grads.biases, strict=True):
+  for spec, w, g, b, gb in zip(
+    block.layers, params.kernels, grads.kernels, params.biases, grads.biases, strict=True
+  ):
     if w.shape != g.shape:
-      raise ValueError(f"layer {spec.name!r}: gradient shape {g.shape} does not match "
-                       f"kernel shape {w.shape}")
+      raise ValueError(
+        f"layer {spec.name!r}: gradient shape {g.shape} does not match kernel shape {w.shape}"
+      )
     if (b is None) != (gb is None):
       has, lacks = ("params", "gradients") if gb is None else ("gradients", "params")
-      raise ValueError(f"layer {spec.name!r}: the {has} have a bias and the {lacks} do "
-                       "not; pass the gradients of these params, with the same tree "
-                       "structure.")
+      raise ValueError(
+        f"layer {spec.name!r}: the {has} have a bias and the {lacks} do "
+        "not; pass the gradients of these params, with the same tree "
+        "structure."
+      )
 
 
 def path_space(
-    inner: optax.GradientTransformation,
-    *,
-    layers: LayerPaths,
-    fallback: optax.GradientTransformation | None = None,
-    ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  inner: optax.GradientTransformation,
+  *,
+  layers: LayerPaths,
+  fallback: optax.GradientTransformation | None = None,
+  ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
@@ -220,8 +238,9 @@ def path_space(
       raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
     ratio_clip = (low, high)
   if fallback is not None:
-    inner = optax.partition({"path": inner, "fallback": fallback},
-                            lambda tree: block_labels(tree, decl))
+    inner = optax.partition(
+      {"path": inner, "fallback": fallback}, lambda tree: block_labels(tree, decl)
+    )
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -246,8 +265,13 @@ def path_space(
     def icr(b: int, grads: LayerArrays):
       _check_gradients(blocks[b], block_params[b], grads)
       path_grads = basis.inverse_chain_rule(
-          blocks[b], block_params[b].kernels, block_params[b].biases, grads.kernels,
-          grads.biases, _probe_sums(block_params[b], grads))
+        blocks[b],
+        block_params[b].kernels,
+        block_params[b].biases,
+        grads.kernels,
+        grads.biases,
+        _probe_sums(block_params[b], grads),
+      )
       products.append(path_grads.products)
       return path_grads.kernels, path_grads.biases
 
@@ -255,23 +279,32 @@ def path_space(
     path_params = _inner_params(params, blocks, products)
 
     # Probes anywhere (also on layers outside the blocks) are never trained.
-    steps, inner_state = inner.update(pytree.zero_probes(path_grads), state.inner_state,
-                                      path_params, **extra_args)
+    steps, inner_state = inner.update(
+      pytree.zero_probes(path_grads), state.inner_state, path_params, **extra_args
+    )
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
     clipped = []
 
     def allocate(b: int, steps: LayerArrays):
       kernels, biases, num_clipped = basis.weight_allocation(
-          blocks[b], block_params[b].kernels, block_params[b].biases, steps.kernels,
-          steps.biases, products[b], ratio_clip)
+        blocks[b],
+        block_params[b].kernels,
+        block_params[b].biases,
+        steps.kernels,
+        steps.biases,
+        products[b],
+        ratio_clip,
+      )
       clipped.append(num_clipped)
       return kernels, biases
 
-    new_updates = pytree.map_layers(pytree.zero_probes(steps), paths, allocate,
-                                    what="inner updates")
+    new_updates = pytree.map_layers(
+      pytree.zero_probes(steps), paths, allocate, what="inner updates"
+    )
     clipped_now = sum(clipped, jnp.zeros((), jnp.int32))
-    return new_updates, PathSpaceState(inner_state, clipped_now,
-                                       state.total_clipped_ratios + clipped_now)
+    return new_updates, PathSpaceState(
+      inner_state, clipped_now, state.total_clipped_ratios + clipped_now
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -44,8 +44,7 @@ def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
       continue
     x = jnp.asarray(leaf)
     wide = x.astype(jnp.float32)
-    factor = jnp.exp(jax.random.uniform(keys[2 * i], x.shape, jnp.float32, -log_range,
-                                        log_range))
+    factor = jnp.exp(jax.random.uniform(keys[2 * i], x.shape, jnp.float32, -log_range, log_range))
     moved = wide * factor
     if not (path and path[-1] == "var"):
       rms = jnp.sqrt(jnp.mean(jnp.square(wide))) if x.size else 0.0
@@ -55,10 +54,18 @@ def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
   return treedef.unflatten(out)
 
 
-def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: LayerPaths,
-                      x: Any, *, key: jax.Array | None = None, rtol: float | None = None,
-                      atol: float | None = None, log_range: float = 1.0,
-                      perturb: bool = True) -> float:
+def verify_invariance(
+  apply_fn: Callable[[Any, Any], Any],
+  params: Any,
+  layers: LayerPaths,
+  x: Any,
+  *,
+  key: jax.Array | None = None,
+  rtol: float | None = None,
+  atol: float | None = None,
+  log_range: float = 1.0,
+  perturb: bool = True,
+) -> float:
   """Checks that rescaling the declared hidden nodes leaves the model's outputs unchanged.
 
   G-SGD is exact only if every hidden node of every declared block can be
@@ -122,16 +129,24 @@ def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: 
   if perturb:
     key, sub = jax.random.split(key)
     scaled_x = jax.tree.map(lambda a: a * jnp.asarray(_INPUT_SCALE, jnp.result_type(a)), x)
-    points.append(("at randomly perturbed params on inputs scaled by "
-                   f"{_INPUT_SCALE:g} (the symmetry holds at the given params only: "
-                   "relu6 or another clipped activation, a zero-initialised bias or "
-                   "gate, or fixed normalisation statistics?)",
-                   _perturbed(params, sub, 1.0), scaled_x))
+    points.append(
+      (
+        "at randomly perturbed params on inputs scaled by "
+        f"{_INPUT_SCALE:g} (the symmetry holds at the given params only: "
+        "relu6 or another clipped activation, a zero-initialised bias or "
+        "gate, or fixed normalisation statistics?)",
+        _perturbed(params, sub, 1.0),
+        scaled_x,
+      )
+    )
   worst = 0.0
   for where, point_params, point_x in points:
     reference = jax.tree.leaves(apply_fn(point_params, point_x))
-    tol = rtol if rtol is not None else max(_default_rtol(jnp.result_type(a))
-                                            for a in (*reference, *kernels))
+    tol = (
+      rtol
+      if rtol is not None
+      else max(_default_rtol(jnp.result_type(a)) for a in (*reference, *kernels))
+    )
     floor = atol if atol is not None else tol * float(np.sqrt(np.finfo(np.float32).tiny))
     scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r in reference) or 1.0
     for b, block in enumerate(blocks):
@@ -139,23 +154,28 @@ def verify_invariance(apply_fn: Callable[[Any, Any], Any], params: Any, layers: 
         key, sub = jax.random.split(key)
         n = block.layers[level - 1].n_out
         factors: list[list[Any]] = [[None] * (other.depth + 1) for other in blocks]
-        factors[b][level] = jnp.exp(jax.random.uniform(sub, (n,), jnp.float32,
-                                                       -log_range, log_range))
-        outputs = jax.tree.leaves(apply_fn(rescaling.rescale(point_params, layers, factors),
-                                           point_x))
-        diff = max(float(jnp.max(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32))))
-                   for o, r in zip(outputs, reference, strict=True))
+        factors[b][level] = jnp.exp(
+          jax.random.uniform(sub, (n,), jnp.float32, -log_range, log_range)
+        )
+        outputs = jax.tree.leaves(
+          apply_fn(rescaling.rescale(point_params, layers, factors), point_x)
+        )
+        diff = max(
+          float(jnp.max(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32))))
+          for o, r in zip(outputs, reference, strict=True)
+        )
         worst = max(worst, diff / scale)
         if not np.isfinite(diff) or diff > floor + tol * scale:
           block_name = f" of block {b}" if len(blocks) > 1 else ""
           raise ValueError(
-              f"rescaling the output nodes of layer {block.layers[level - 1].name!r}"
-              f"{block_name} by positive factors changed the model's outputs {where} (max "
-              f"difference {diff:.3g}, output scale {scale:.3g}). G-SGD needs every "
-              "declared hidden node to be positively rescalable: check for a non-ReLU "
-              "activation (tanh, sigmoid, relu6), a normalisation, a bias or a residual "
-              "addition after this layer inside the block, and that `layers` are in "
-              "forward order.")
+            f"rescaling the output nodes of layer {block.layers[level - 1].name!r}"
+            f"{block_name} by positive factors changed the model's outputs {where} (max "
+            f"difference {diff:.3g}, output scale {scale:.3g}). G-SGD needs every "
+            "declared hidden node to be positively rescalable: check for a non-ReLU "
+            "activation (tanh, sigmoid, relu6), a normalisation, a bias or a residual "
+            "addition after this layer inside the block, and that `layers` are in "
+            "forward order."
+          )
   return worst
 
 
@@ -178,20 +198,23 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
     for k, spec in enumerate(block.layers):
       entries = []
       if block.pi[k] is not None:
-        entries.append(("incoming", "output",
-                        basis.incoming_skeleton(kernels[k], spec, block.pi[k])))
+        entries.append(
+          ("incoming", "output", basis.incoming_skeleton(kernels[k], spec, block.pi[k]))
+        )
       if block.sigma[k] is not None:
-        entries.append(("outgoing", "input",
-                        basis.outgoing_skeleton(kernels[k], spec, block.sigma[k])))
+        entries.append(
+          ("outgoing", "input", basis.outgoing_skeleton(kernels[k], spec, block.sigma[k]))
+        )
       tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
       for kind, side, values in entries:
         magnitude = np.abs(np.asarray(values, np.float64))
         bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
         if bad.size:
           raise ValueError(
-              f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
-              f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
-              "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first.")
+            f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
+            f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
+            "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first."
+          )
     _warn_extreme_products(block, kernels)
 
 
@@ -200,21 +223,33 @@ def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Ar
   if block.depth < 2:
     return
   products = basis.skeleton_products(
-      block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32)
-  node_products = np.concatenate([
+    block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+  )
+  node_products = np.concatenate(
+    [
       np.abs(np.asarray(products.back[k] * products.forward[k], np.float64))
-      for k in range(1, block.depth)])
+      for k in range(1, block.depth)
+    ]
+  )
   low, high = float(node_products.min()), float(node_products.max())
   if low < PRODUCT_RANGE[0] or high > PRODUCT_RANGE[1]:
     warnings.warn(
-        f"G-SGD: skeleton-chain products B*F of the hidden nodes of the block starting at "
-        f"{block.layers[0].name!r} span [{low:.3g}, {high:.3g}]; weight steps scale as "
-        "1/(B F)^2, so training may diverge. Call gsgd_jax.set_skeleton(params, layers) "
-        "before training, as the authors do.", stacklevel=4)
+      f"G-SGD: skeleton-chain products B*F of the hidden nodes of the block starting at "
+      f"{block.layers[0].name!r} span [{low:.3g}, {high:.3g}]; weight steps scale as "
+      "1/(B F)^2, so training may diverge. Call gsgd_jax.set_skeleton(params, layers) "
+      "before training, as the authors do.",
+      stacklevel=4,
+    )
 
 
-def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths, *,
-                  key: jax.Array | None = None, rtol: float | None = None) -> float:
+def verify_probes(
+  loss_fn: Callable[[Any], Any],
+  params: Any,
+  layers: LayerPaths,
+  *,
+  key: jax.Array | None = None,
+  rtol: float | None = None,
+) -> float:
   """Checks that every scale probe's gradient equals the sum it stands for.
 
   For a layer with a ``scale_probe`` leaf ``s`` (see :mod:`gsgd_jax.probes`),
@@ -246,11 +281,13 @@ def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths
   paths = [block.paths for block in blocks]
   bias_keys = iter(jax.random.split(key, sum(block.depth for block in blocks)))
 
-  def shift_biases(b: int, arrays: LayerArrays):
-    shift = lambda bias, k: bias + 0.1 * jax.random.normal(k, jnp.shape(bias),
-                                                            jnp.result_type(bias))
-    return arrays.kernels, [None if bias is None else shift(bias, next(bias_keys))
-                            for bias in arrays.biases]
+  def shift_biases(_: int, arrays: LayerArrays):
+    shift = lambda bias, k: (
+      bias + 0.1 * jax.random.normal(k, jnp.shape(bias), jnp.result_type(bias))
+    )
+    return arrays.kernels, [
+      None if bias is None else shift(bias, next(bias_keys)) for bias in arrays.biases
+    ]
 
   params = pytree.map_layers(params, paths, shift_biases)
   grads = jax.grad(loss_fn)(params)
@@ -258,26 +295,29 @@ def verify_probes(loss_fn: Callable[[Any], Any], params: Any, layers: LayerPaths
   located_grads = pytree.locate_blocks(grads, paths, "grads")
   wide = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   worst, checked = 0.0, 0
-  for block, param_slots, grad_slots in zip(blocks, located_params.slots,
-                                            located_grads.slots, strict=True):
+  for block, param_slots, grad_slots in zip(
+    blocks, located_params.slots, located_grads.slots, strict=True
+  ):
     p, g = param_slots.take(located_params.leaves), grad_slots.take(located_grads.leaves)
     for k, spec in enumerate(block.layers):
       if p.probes[k] is None or g.probes[k] is None:
         continue
       tol = rtol if rtol is not None else _default_rtol(jnp.result_type(p.kernels[k]))
-      expected = basis.node_sums(jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]),
-                                 p.biases[k], g.biases[k], wide)
+      expected = basis.node_sums(
+        jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]), p.biases[k], g.biases[k], wide
+      )
       probed = jnp.asarray(p.probes[k], wide) * jnp.asarray(g.probes[k], wide)
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1
       if not np.isfinite(diff) or diff > tol:
         raise ValueError(
-            f"layer {spec.name!r}: scale_probe * its gradient differs from "
-            f"sum(kernel * grad) + bias * bias_grad by {diff:.3g} (relative). Multiply "
-            "the layer's outputs, bias included, by its probe "
-            "(gsgd_jax.probes.scale_probe), with only ReLU or pooling before the next "
-            "declared layer.")
+          f"layer {spec.name!r}: scale_probe * its gradient differs from "
+          f"sum(kernel * grad) + bias * bias_grad by {diff:.3g} (relative). Multiply "
+          "the layer's outputs, bias included, by its probe "
+          "(gsgd_jax.probes.scale_probe), with only ReLU or pooling before the next "
+          "declared layer."
+        )
   if not checked:
     raise ValueError("no declared layer has a 'scale_probe' leaf (see gsgd_jax.probes)")
   return worst
