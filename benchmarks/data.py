@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def load_digits(test_fraction: float = 0.2) -> Dataset:
   """
   from sklearn import datasets as sk_datasets  # Deferred: only needed here.
 
-  digits = sk_datasets.load_digits()
+  digits: Any = sk_datasets.load_digits()  # a Bunch (typed as a tuple by sklearn's stubs)
   x = _images_to_features(digits.images, 16.0)
   y = digits.target.astype(np.int32)
   order = np.random.default_rng(0).permutation(len(x))

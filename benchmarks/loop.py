@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -101,7 +102,8 @@ def make_train_chunk(model: nn.Module, tx: optax.GradientTransformation) -> Call
   """A jitted function running a chunk of training steps with ``lax.scan``."""
 
   def loss_fn(params, x, y):
-    logits = model.apply(params, x)
+    # apply returns the outputs alone when no collection is mutable.
+    logits = cast(jax.Array, model.apply(params, x))
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def step(carry, batch):

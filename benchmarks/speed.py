@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,7 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
       "update": (jax.jit(update, donate_argnums=donated), (params, state, grads)),
       "step": (jax.jit(train_step, donate_argnums=donated), (params, state)),
     }
-  results = {"model": name, "parameters": int(n_params), "batch": batch}
+  results: dict[str, Any] = {"model": name, "parameters": int(n_params), "batch": batch}
   kinds = ("update", "step") if n_params <= step_max_params else ("update",)
   for kind in kinds:
     times = {opt: [] for opt in programs}

@@ -4,6 +4,7 @@ import importlib.metadata
 
 from gsgd_jax import probes
 from gsgd_jax._src.alias import g_adam, g_adamw, g_momentum, g_rmsprop, gsgd
+from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.infer import infer_layers
 from gsgd_jax._src.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
 from gsgd_jax._src.rescaling import random_rescale, rescale
@@ -14,6 +15,7 @@ from gsgd_jax._src.validate import verify_invariance, verify_probes
 __version__ = importlib.metadata.version("gsgd_jax")
 
 __all__ = [
+  "LayerPaths",
   "PathSpaceState",
   "basis_path_values",
   "block_labels",

@@ -62,6 +62,15 @@ def scale_probe(outputs: jax.Array, probe: jax.Array) -> jax.Array:
 
   Returns:
     ``outputs * probe``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from gsgd_jax import probes
+    >>> z, probe = jnp.array([[1.0, -2.0, 3.0]]), jnp.ones(3)
+    >>> print(probes.scale_probe(z, probe))  # held at 1: the outputs unchanged
+    [[ 1. -2.  3.]]
+    >>> print(jax.grad(lambda s: probes.scale_probe(z, s).sum())(probe))  # sum of z per node
+    [ 1. -2.  3.]
   """
   return outputs * probe.astype(outputs.dtype)
 
@@ -73,7 +82,7 @@ def _linen_probe(module: nn.Module, outputs: jax.Array) -> jax.Array:
   return scale_probe(outputs, probe)
 
 
-def _add_nnx_probe(module: nnx.Module, out_features: int) -> None:
+def _add_nnx_probe(module: nnx.Linear | nnx.Conv, out_features: int) -> None:
   setattr(module, PROBE, nnx.Param(jnp.ones(out_features, module.param_dtype)))
 
 
@@ -95,7 +104,16 @@ class Dense(nn.Dense):
 
 
 class Conv(nn.Conv):
-  """``flax.linen.Conv`` with a scale probe (see :mod:`gsgd_jax.probes`)."""
+  """``flax.linen.Conv`` with a scale probe (see :mod:`gsgd_jax.probes`).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from gsgd_jax import probes
+    >>> model = nn.Sequential([probes.Conv(4, (3, 3)), nn.relu, nn.Conv(2, (3, 3))])
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    >>> params['params']['layers_0']['scale_probe'].shape
+    (4,)
+  """
 
   @nn.compact
   def __call__(self, inputs):
@@ -123,7 +141,16 @@ class Linear(nnx.Linear):
 
 
 class NNXConv(nnx.Conv):
-  """``flax.nnx.Conv`` with a scale probe (see :mod:`gsgd_jax.probes`)."""
+  """``flax.nnx.Conv`` with a scale probe (see :mod:`gsgd_jax.probes`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from gsgd_jax import probes
+    >>> layer = probes.NNXConv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((1, 8, 8, 3))).shape, layer.scale_probe.shape
+    ((1, 8, 8, 4), (4,))
+  """
 
   def __init__(self, in_features: int, out_features: int, kernel_size, *args, **kwargs):
     super().__init__(in_features, out_features, kernel_size, *args, **kwargs)

@@ -1,32 +1,19 @@
-"""A deliberately naive float64 reference of SPEC §1-4 for chains of layers.
+"""A deliberately naive float64 reference of the mathematics for chains of layers.
 
-Written from the SPEC with explicit loops and index sets, sharing no code with
-the library, so the library is checked against an independent reading. Kernels
-are handled as ``(taps, n_in, n_out)`` views with a skeleton tap ``centre``
-(``taps = 1`` for dense layers); the caller works the views out from the SPEC's
-table of layer kinds.
+Written from docs/math.md (nodes, edges and levels; the skeleton; basis paths and their
+values; the inverse chain rule and weight allocation, here as a reconstruction of the
+weights) with explicit loops and index sets, sharing no code with the library, so the
+library is checked against an independent reading. Kernels are handled as
+``(taps, n_in, n_out)`` views with a skeleton tap ``centre`` (``taps = 1`` for dense
+layers); the caller works the views out from the page's table of layer kinds. The test
+set-ups (networks, data, losses) live in ``problems.py``.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def make_mlp(key, widths, bias=True, dtype=jnp.float64, layer_names=None):
-  """Random params ``{'Dense_k': {'kernel', 'bias'}}``; random signs and scales."""
-  params = {}
-  names = layer_names or [f"Dense_{k}" for k in range(len(widths) - 1)]
-  for k, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
-    key, k1, k2 = jax.random.split(key, 3)
-    layer = {"kernel": (jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
-    if bias:
-      layer["bias"] = (0.1 * jax.random.normal(k2, (n_out,))).astype(dtype)
-    params[names[k]] = layer
-  return params, [(n,) for n in names]
 
 
 def forward(params, layers, x):
@@ -60,7 +47,8 @@ def skeleton_sets(widths, centres=None):
 
 
 def chain_products(views, widths, centres):
-  """B (back) and F (forward) chains by the SPEC's recurrences, with loops."""
+  """B (back) and F (forward) chains by the recurrences of docs/math.md (the skeleton),
+  with loops."""
   depth = len(widths) - 1
   back = [np.ones(widths[0])]
   for level in range(1, depth):

@@ -1,38 +1,23 @@
-"""Basis values, ICR and WA against the naive float64 reference (SPEC §5.1-5.2)."""
+"""Basis values, ICR and WA against the naive float64 reference (docs/math.md, basis paths and
+their values, the inverse chain rule, weight allocation)."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import reference as ref
+from problems import ALLOW_CHAIN_RANGE, WIDTHS, mlp, widths_cases
 
 import gsgd_jax
 from gsgd_jax._src import basis
 from gsgd_jax._src.structure import build_structure
 
-# Equal, expanding, narrowing, width 1 and depths 1-6.
-WIDTHS = [
-  (5, 3),
-  (3, 4, 2),
-  (4, 4, 4, 4),
-  (3, 8, 8, 2),
-  (8, 5, 3, 2),
-  (2, 3, 7, 12, 4),
-  (3, 2, 7, 1, 4),
-  (1, 1, 1, 1),
-  (2, 1, 5, 1),
-  (4, 6, 6, 6, 6, 6, 3),
-  (7, 3, 9, 2, 6, 4, 5),
-]
-
-
-def _problem(widths, bias, seed=0):
-  params, layers = ref.make_mlp(jax.random.key(seed), widths, bias)
-  x = jax.random.normal(jax.random.key(seed + 1), (11, widths[0]))
-  y = jax.random.normal(jax.random.key(seed + 2), (11, widths[-1]))
-  loss = lambda p: jnp.sum((ref.forward(p, layers, x) - y) ** 2)
-  return params, layers, loss
+# This file's data: 11 samples, summed squared error.
+_mlp = functools.partial(mlp, batch=11, reduce=jnp.sum)
 
 
 def _arrays(tree, layers):
@@ -54,10 +39,10 @@ def _scale(arrays):
   return max(float(np.max(np.abs(a))) for a in arrays if a is not None and np.size(a))
 
 
-@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_basis_values_match_reference(widths, bias):
-  params, layers, _ = _problem(widths, bias)
+  params, layers, *_ = _mlp(widths, bias=bias)
   want, want_b = ref.basis_values(*_arrays(params, layers), widths)
   got = gsgd_jax.basis_path_values(params, layers)
   for k, (name,) in enumerate(layers):
@@ -66,10 +51,10 @@ def test_basis_values_match_reference(widths, bias):
       np.testing.assert_allclose(got[name]["bias"], want_b[k], rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_icr_equals_autodiff_through_reconstruction(widths, bias):
-  params, layers, loss = _problem(widths, bias)
+  params, layers, loss, *_ = _mlp(widths, bias=bias)
   kernels, biases = _arrays(params, layers)
   values, bias_values = ref.basis_values(kernels, biases, widths)
 
@@ -85,7 +70,7 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
   for k in range(len(layers)):
     np.testing.assert_allclose(ks[k], kernels[k], rtol=1e-10, atol=1e-13)
 
-  want, want_b = jax.grad(loss_of_values, argnums=(0, 1))(values, bias_values)
+  want, want_b = jax.jit(jax.grad(loss_of_values, argnums=(0, 1)))(values, bias_values)
   grads = jax.grad(loss)(params)
   (struct,) = build_structure(params, layers)
   got = basis.inverse_chain_rule(struct, kernels, biases, *_arrays(grads, layers))
@@ -99,10 +84,13 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
       np.testing.assert_allclose(got.biases[k], want_b[k], rtol=1e-9, atol=tol)
 
 
-@pytest.mark.parametrize("widths", WIDTHS, ids=str)
+# Random skeleton weights on purpose: WA must land on v + dv whatever B and F are (init
+# warns for the deeper chains).
+@ALLOW_CHAIN_RANGE
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
-  params, layers, loss = _problem(widths, bias=True, seed=3)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=3)
   tx_inner = optax.sgd(0.03) if inner == "sgd" else optax.adam(0.01)
   tx = gsgd_jax.path_space(tx_inner, layers=layers, ratio_clip=None)
   grads = jax.grad(loss)(params)
@@ -136,7 +124,7 @@ def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
 def test_zero_weights_and_biases_move_exactly():
   """Zero weights own zero-valued paths; the additive WA moves them without 0/0."""
   widths = (4, 5, 3)
-  params, layers, loss = _problem(widths, bias=True)
+  params, layers, loss, *_ = _mlp(widths, bias=True)
   params = gsgd_jax.set_skeleton(params, layers)
   params["Dense_0"]["bias"] = jnp.zeros(5)
   params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[4, 2].set(0.0)
@@ -159,7 +147,7 @@ def test_zero_weights_and_biases_move_exactly():
 
 def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
   widths = (3, 5, 5, 2)
-  params, layers, loss = _problem(widths, bias=True)
+  params, layers, loss, *_ = _mlp(widths, bias=True)
   grads = jax.grad(loss)(params)
   lr = 5.0
   tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=(0.9, 1.1))
@@ -187,7 +175,7 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
 @pytest.mark.parametrize("lr", [1e3, 1e12])
 def test_huge_learning_rate_leaves_params_finite(lr):
   widths = (4, 6, 6, 3)
-  params, layers, loss = _problem(widths, bias=True)
+  params, layers, loss, *_ = _mlp(widths, bias=True)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), gsgd_jax.set_skeleton(params, layers))
   tx = gsgd_jax.gsgd(lr, layers=layers)
   updates, state = tx.update(jax.grad(loss)(params), tx.init(params), params)
@@ -198,7 +186,7 @@ def test_huge_learning_rate_leaves_params_finite(lr):
 
 def test_nan_ratio_becomes_one_and_is_counted():
   widths = (3, 4, 2)
-  params, layers, loss = _problem(widths, bias=False)
+  params, layers, loss, *_ = _mlp(widths, bias=False)
   params = gsgd_jax.set_skeleton(params, layers)
   grads = jax.grad(loss)(params)
   # A NaN gradient on one outgoing skeleton edge (node 1 -> 1 % 2) only.
@@ -223,7 +211,7 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
   ratio guard, and nothing is inf or NaN.
   """
   widths = (4, 5, 5, 3)
-  params, layers, loss = _problem(widths, bias=True, seed=4)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=4)
   params = gsgd_jax.set_skeleton(params, layers)
   params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
   kernel = np.array(params["Dense_0"]["kernel"])
@@ -255,9 +243,9 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
 
 def test_depth_50_float32_update_matches_float64():
   widths = (8,) * 50 + (3,)
-  params, layers, loss = _problem(widths, bias=True, seed=7)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=7)
   params = gsgd_jax.set_skeleton(params, layers)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   # A 50-layer chain's gradients span many orders of magnitude; a step of 1e-3 of
   # the largest keeps every skeleton ratio far from the guard.
   lr = 1e-3 / max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads))
@@ -267,7 +255,12 @@ def test_depth_50_float32_update_matches_float64():
   to32 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float32), t)
   got, state = jax.jit(tx.update)(to32(grads), tx.init(to32(params)), to32(params))
   assert int(state.clipped_ratios) == 0
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert a.dtype == jnp.float32
-    scale = float(jnp.max(jnp.abs(b)))
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * scale + 1e-30)
+  chex.assert_trees_all_equal_structs(got, want)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))) + 1e-30
+    ),
+    got,
+    want,
+  )

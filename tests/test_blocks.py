@@ -1,46 +1,27 @@
 """Several independent blocks in one transformation, and the fallback for the rest."""
 
+import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference as ref
 from helpers import train_scan
+from problems import BLOCKS, make_optimizer, two_blocks
 
 import gsgd_jax
-
-BLOCKS = [["a0", "a1"], ["b0", "b1", "b2"]]
-
-
-def _problem(seed=0):
-  a, _ = ref.make_mlp(jax.random.key(seed), (5, 7, 6), layer_names=["a0", "a1"])
-  b, _ = ref.make_mlp(jax.random.key(seed + 1), (6, 8, 4, 3), layer_names=["b0", "b1", "b2"])
-  params = {**a, **b, "scale": jnp.linspace(0.5, 1.5, 6), "shift": jnp.zeros(3)}
-  params = gsgd_jax.set_skeleton(params, BLOCKS)
-  x = jax.random.normal(jax.random.key(seed + 2), (16, 5))
-  y = jax.random.normal(jax.random.key(seed + 3), (16, 3))
-
-  def forward(p, x):
-    h = ref.forward(p, [("a0",), ("a1",)], x)
-    h = jax.nn.relu(h) * p["scale"]  # between blocks: outside both, like a norm scale
-    return ref.forward(p, [("b0",), ("b1",), ("b2",)], h) + p["shift"]
-
-  loss = lambda p: jnp.mean((forward(p, x) - y) ** 2)
-  return params, x, forward, loss
 
 
 @pytest.mark.parametrize(
   "make",
   [
-    lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS),
-    lambda: gsgd_jax.gsgd(0.05, layers=BLOCKS, fallback=optax.adam(1e-2)),
-    lambda: gsgd_jax.path_space(optax.adam(3e-3), layers=BLOCKS),
+    lambda: make_optimizer("gsgd", BLOCKS),
+    lambda: make_optimizer("gsgd", BLOCKS, fallback=optax.adam(1e-2)),
+    lambda: make_optimizer("g_adam", BLOCKS),
   ],
   ids=["gsgd", "gsgd+adam-fallback", "g-adam"],
 )
 def test_invariance_inside_blocks(make):
-  params, x, forward, loss = _problem()
+  params, _, loss, forward, x, *_ = two_blocks()
   rescaled = gsgd_jax.random_rescale(params, BLOCKS, jax.random.key(5))
   np.testing.assert_array_equal(rescaled["scale"], params["scale"])
   assert not np.allclose(rescaled["a0"]["kernel"], params["a0"]["kernel"])
@@ -55,7 +36,7 @@ def test_invariance_inside_blocks(make):
 
 
 def test_fallback_follows_its_transform_exactly():
-  params, _x, _forward, loss = _problem()
+  params, _, loss, *_ = two_blocks()
   fallback = optax.adam(1e-2)
   tx = gsgd_jax.gsgd(0.05, layers=BLOCKS, fallback=fallback)
   rest = {"scale": params["scale"], "shift": params["shift"]}
@@ -67,13 +48,12 @@ def test_fallback_follows_its_transform_exactly():
     updates, state = tx.update(grads, state, p)
     rest_grads = {"scale": grads["scale"], "shift": grads["shift"]}
     want, rest_state = fallback.update(rest_grads, rest_state, {k: p[k] for k in rest})
-    for k in rest:
-      np.testing.assert_allclose(updates[k], want[k], rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close({k: updates[k] for k in rest}, want, rtol=1e-12, atol=1e-15)
     p = optax.apply_updates(p, updates)
 
 
 def test_blocks_are_independent_chains():
-  params, *_ = _problem()
+  params, *_ = two_blocks()
   whole = gsgd_jax.basis_path_values(params, BLOCKS)
   alone = gsgd_jax.basis_path_values(params, BLOCKS[1])
   for name in ("b0", "b1", "b2"):
@@ -87,7 +67,7 @@ def test_blocks_are_independent_chains():
 
 
 def test_block_errors():
-  params, *_ = _problem()
+  params, *_ = two_blocks()
   with pytest.raises(ValueError, match=r"'a1' is declared twice"):
     gsgd_jax.gsgd(0.1, layers=[["a0", "a1"], ["a1"]]).init(params)
   with pytest.raises(ValueError, match=r"block .* is empty"):

@@ -1,81 +1,35 @@
-"""Every public transformation behaves as an optax citizen and keeps rescaling invariance.
+"""Every optimizer of the table (``problems.OPTIMIZERS``) behaves as an optax citizen.
 
 Mirrors the coverage of optax's own test suites: extra args, compile once, convergence
 under jit + scan, inject_hyperparams, schedules, dtypes, lax.cond, MultiSteps, chain,
-masked, apply_if_finite, tree_map_params.
+masked, apply_if_finite, tree_map_params. Their rescaling invariance is tested in
+``test_optimizers.py``, on the same table.
 """
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference as ref
 from helpers import train_scan
+from problems import OPTIMIZERS, make_optimizer, mlp
 
 import gsgd_jax
 
+# A small chain, for the many optimizer x dtype combinations; skeleton set, 64 samples and a
+# teacher's targets (a function G-SGD can fit).
 WIDTHS = (4, 7, 6, 3)
-
-# name -> (factory, hyperparameters); every factory takes `layers=` as well.
-FACTORIES = {
-  "gsgd": (gsgd_jax.gsgd, {"learning_rate": 0.05}),
-  "g_momentum": (gsgd_jax.g_momentum, {"learning_rate": 0.01, "momentum": 0.9}),
-  "g_nesterov": (
-    functools.partial(gsgd_jax.g_momentum, nesterov=True),
-    {"learning_rate": 0.01, "momentum": 0.9},
-  ),
-  "g_adam": (gsgd_jax.g_adam, {"learning_rate": 3e-3}),
-  "g_adamw": (gsgd_jax.g_adamw, {"learning_rate": 3e-3, "weight_decay": 0.1}),
-  "g_rmsprop": (gsgd_jax.g_rmsprop, {"learning_rate": 1e-3}),
-  "path_sgd": (gsgd_jax.path_sgd, {"learning_rate": 0.05}),
-}
-NAMES = sorted(FACTORIES)
-
-
-def _make(name, layers, **overrides):
-  factory, hyper = FACTORIES[name]
-  return factory(**{**hyper, **overrides}, layers=layers)
-
-
-def _problem(dtype=jnp.float64, seed=0, extra_leaf=False):
-  params, layers = ref.make_mlp(jax.random.key(seed), WIDTHS, dtype=dtype)
-  params = gsgd_jax.set_skeleton(params, layers)
-  if extra_leaf:
-    params["scale"] = jnp.ones(3, dtype)
-  teacher, _ = ref.make_mlp(jax.random.key(seed + 9), WIDTHS)
-  x = jax.random.normal(jax.random.key(seed + 1), (64, WIDTHS[0]))
-  y = ref.forward(teacher, layers, x)
-  x, y = x.astype(dtype), y.astype(dtype)
-
-  def loss(p):
-    out = ref.forward(p, layers, x)
-    if extra_leaf:
-      out = out * p["scale"]
-    ct = jnp.promote_types(dtype, jnp.float32)  # f16/bf16 losses in float32
-    return jnp.mean((out.astype(ct) - y.astype(ct)) ** 2)
-
-  return params, layers, x, loss
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_rescaling_invariance(name):
-  params, layers, x, loss = _problem()
-  rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(3))
-  tx = _make(name, layers)
-  outputs = lambda p: ref.forward(p, layers, x)
-  (final, _), out_a = train_scan(tx, params, loss, 20, outputs)
-  _, out_b = train_scan(tx, rescaled, loss, 20, outputs)
-  np.testing.assert_allclose(out_a, out_b, rtol=1e-9, atol=1e-10)
-  assert float(loss(final)) < float(loss(params))
+_mlp = functools.partial(mlp, WIDTHS, skeleton=True, batch=64, teacher=True)
+NAMES = sorted(OPTIMIZERS)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_converges_under_jit_and_scan(name):
-  params, layers, _, loss = _problem(seed=5)
-  tx = _make(name, layers)
+  params, layers, loss, *_ = _mlp(seed=5)
+  tx = make_optimizer(name, layers)
   (_final, _), losses = train_scan(tx, params, loss, 150, loss)
   assert float(losses[-1]) < 0.5 * float(loss(params))
   assert bool(jnp.all(jnp.isfinite(losses)))
@@ -83,14 +37,13 @@ def test_converges_under_jit_and_scan(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_extra_args_ignored_and_compiled_once(name):
-  params, layers, _, loss = _problem()
-  tx = _make(name, layers)
+  params, layers, loss, *_ = _mlp()
+  tx = make_optimizer(name, layers)
   grads = jax.grad(loss)(params)
   state = tx.init(params)
   plain, _ = tx.update(grads, state, params)
   extra, _ = optax.with_extra_args_support(tx).update(grads, state, params, value=1.0, unknown="x")
-  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(extra), strict=True):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(plain, extra)
   traces = []
 
   @jax.jit
@@ -107,15 +60,16 @@ def test_extra_args_ignored_and_compiled_once(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_inject_hyperparams_and_constant_schedule(name):
-  params, layers, _, loss = _problem()
-  factory, hyper = FACTORIES[name]
+  params, layers, loss, *_ = _mlp()
+  factory, hyper, _ = OPTIMIZERS[name]
   injected = optax.inject_hyperparams(factory)(**hyper, layers=layers)
-  scheduled = _make(name, layers, learning_rate=optax.constant_schedule(hyper["learning_rate"]))
-  plain = _make(name, layers)
+  scheduled = make_optimizer(
+    name, layers, learning_rate=optax.constant_schedule(hyper["learning_rate"])
+  )
+  plain = make_optimizer(name, layers)
   runs = [train_scan(tx, params, loss, 5, lambda p: p)[0][0] for tx in (plain, injected, scheduled)]
   for other in runs[1:]:
-    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(other), strict=True):
-      np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+    chex.assert_trees_all_close(runs[0], other, rtol=1e-13, atol=1e-15)
   state = injected.init(params)
   assert float(state.hyperparams["learning_rate"]) == pytest.approx(hyper["learning_rate"])
 
@@ -123,8 +77,8 @@ def test_inject_hyperparams_and_constant_schedule(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64])
 def test_dtypes_kept_and_stable_under_cond(name, dtype):
-  params, layers, _, loss = _problem(dtype=dtype)
-  tx = _make(name, layers)
+  params, layers, loss, *_ = _mlp(dtype=dtype)
+  tx = make_optimizer(name, layers)
   grads = jax.grad(loss)(params)
   state = tx.init(params)
 
@@ -134,8 +88,7 @@ def test_dtypes_kept_and_stable_under_cond(name, dtype):
 
   new_state = maybe_update(True, state)
   same = maybe_update(False, state)
-  dtypes = lambda t: [(x.dtype, x.shape) for x in jax.tree.leaves(t)]
-  assert dtypes(new_state) == dtypes(state) == dtypes(same)
+  chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state, same)
   updates, _ = jax.jit(tx.update)(grads, state, params)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   if dtype in (jnp.float32, jnp.float64):
@@ -144,8 +97,8 @@ def test_dtypes_kept_and_stable_under_cond(name, dtype):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_multi_steps_accumulates(name):
-  params, layers, _, loss = _problem()
-  tx = _make(name, layers)
+  params, layers, loss, *_ = _mlp()
+  tx = make_optimizer(name, layers)
   grads = jax.grad(loss)(params)
   multi = optax.MultiSteps(tx, every_k_schedule=2)
   state = multi.init(params)
@@ -159,22 +112,20 @@ def test_multi_steps_accumulates(name):
   _, avg_state = averaging.update(grads, avg_state, params)
   mean_grads, _ = averaging.update(grads, avg_state, params)
   want, _ = tx.update(mean_grads, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+  chex.assert_trees_all_close(second, want, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_chain_masked_and_tree_map_params(name):
-  params, layers, _, loss = _problem(extra_leaf=True)
-  tx = _make(name, layers)
+def test_chain_and_masked(name):
+  params, layers, loss, *_ = _mlp(output_scale=True)
+  tx = make_optimizer(name, layers)
   grads = jax.grad(loss)(params)
   clip = optax.clip_by_global_norm(0.01)
   chained = optax.chain(clip, tx)
   got, _ = chained.update(grads, chained.init(params), params)
   clipped, _ = clip.update(grads, clip.init(params))
   want, _ = tx.update(clipped, tx.init(params), params)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-16)
+  chex.assert_trees_all_close(got, want, rtol=1e-13, atol=1e-16)
 
   mask = {k: not k.startswith("scale") for k in params}
   masked = optax.masked(tx, mask)
@@ -182,25 +133,40 @@ def test_chain_masked_and_tree_map_params(name):
   np.testing.assert_array_equal(updates["scale"], grads["scale"])  # passed through
   chain_only = {k: v for k, v in params.items() if k != "scale"}
   want, _ = tx.update({k: grads[k] for k in chain_only}, tx.init(chain_only), chain_only)
-  for a, b in zip(
-    jax.tree.leaves(want), jax.tree.leaves({k: updates[k] for k in chain_only}), strict=True
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-13)
+  chex.assert_trees_all_close(want, {k: updates[k] for k in chain_only}, rtol=1e-13)
 
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tree_map_params_maps_every_param_shaped_tree(name):
+  """``optax.tree_map_params`` maps exactly the trees of the state shaped like the params
+  (momentum, Adam's moments: ``param_trees`` of them in the table), every leaf of them,
+  and leaves the rest of the state as it is. For an optimizer without such trees (G-SGD,
+  Path-SGD) it returns the state unchanged."""
+  params, layers, *_ = _mlp(output_scale=True)  # a leaf outside the layers, too
+  tx = make_optimizer(name, layers)
   state = tx.init(params)
-  zeroed = optax.tree_map_params(tx, jnp.zeros_like, state)
-  assert jax.tree.structure(zeroed) == jax.tree.structure(state)
-  assert all(
-    bool(jnp.all(leaf == 0))
-    for leaf in jax.tree.leaves(zeroed)
-    if leaf.shape == params["Dense_0"]["kernel"].shape
+  # The state holds zeros and counters: 7 marks a mapped leaf.
+  marked = optax.tree_map_params(tx, lambda p: jnp.full_like(p, 7), state)
+  chex.assert_trees_all_equal_shapes_and_dtypes(marked, state)
+  # The leaves tree_map_params changed (None elsewhere drops out of the leaves).
+  changed = jax.tree.leaves(
+    jax.tree.map(lambda new, old: None if np.array_equal(new, old) else new, marked, state)
   )
+  assert all(bool(jnp.all(leaf == 7)) for leaf in changed)
+  trees = OPTIMIZERS[name].param_trees
+  assert sorted(leaf.shape for leaf in changed) == sorted(
+    leaf.shape for leaf in jax.tree.leaves(params) * trees
+  )
+  if trees:
+    assert len(changed) > 0  # what this test checked
+  else:  # nothing shaped like the params to map
+    chex.assert_trees_all_equal(marked, state)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_apply_if_finite_skips_nan_gradients(name):
-  params, layers, _, loss = _problem()
-  tx = optax.apply_if_finite(_make(name, layers), max_consecutive_errors=3)
+  params, layers, loss, *_ = _mlp()
+  tx = optax.apply_if_finite(make_optimizer(name, layers), max_consecutive_errors=3)
   state = tx.init(params)
   bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), jax.grad(loss)(params))
   updates, state = tx.update(bad, state, params)
@@ -214,7 +180,7 @@ def test_apply_if_finite_skips_nan_gradients(name):
 
 def test_g_adamw_decays_path_values():
   """With zero gradients the only step is decoupled decay of every basis path."""
-  params, layers, _, _ = _problem()
+  params, layers, *_ = _mlp()
   lr, wd = 0.1, 0.5
   tx = gsgd_jax.g_adamw(lr, weight_decay=wd, layers=layers)
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -222,10 +188,15 @@ def test_g_adamw_decays_path_values():
   new = optax.apply_updates(params, updates)
   before = gsgd_jax.basis_path_values(params, layers)
   after = gsgd_jax.basis_path_values(new, layers)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
-    np.testing.assert_allclose(a, (1 - lr * wd) * b, rtol=1e-12, atol=1e-15)
+  decayed = jax.tree.map(lambda b: (1 - lr * wd) * b, before)
+  chex.assert_trees_all_close(after, decayed, rtol=1e-12, atol=1e-15)
   fixed = gsgd_jax.skeleton_mask(params, layers)
-  for w, w_new, m in zip(
-    jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(fixed), strict=True
-  ):
-    np.testing.assert_array_equal(np.asarray(w_new)[np.asarray(m)], np.asarray(w)[np.asarray(m)])
+  chex.assert_trees_all_equal_structs(params, new, fixed)
+  jax.tree.map(
+    lambda w, w_new, m: np.testing.assert_array_equal(
+      np.asarray(w_new)[np.asarray(m)], np.asarray(w)[np.asarray(m)]
+    ),
+    params,
+    new,
+    fixed,
+  )

@@ -1,5 +1,13 @@
-"""The runnable examples in docstrings and in the README run and do what they say."""
+"""The examples in docstrings, the README and docs/ run and do what they say; so does the
+script behind the README's picture.
 
+Every ```python block of README.md and docs/*.md runs: the blocks of a page run in order in one
+namespace, as one script, and the tests below check what the text around them claims. A block
+that is not meant to run says so: a ```text or ```sh block, or ```python notest. ``PAGES`` counts
+each page's blocks, so that a page cannot lose an example without a test noticing.
+"""
+
+import ast
 import doctest
 import re
 from pathlib import Path
@@ -12,17 +20,99 @@ import pytest
 
 import gsgd_jax
 from gsgd_jax import probes
-from gsgd_jax._src import alias, infer, path_norm, transform, validate
+from gsgd_jax._src import alias, infer, path_norm, rescaling, skeleton, transform, validate
+
+ROOT = Path(__file__).parent.parent
+
+# Runnable ```python blocks per page (none is marked notest today).
+PAGES = {
+  "README.md": 1,
+  "docs/index.md": 0,
+  "docs/guide.md": 11,
+  "docs/probes.md": 1,
+  "docs/math.md": 0,
+  "docs/troubleshooting.md": 0,
+  "docs/api.md": 0,
+  "docs/results.md": 0,
+}
+# Fences a page may use besides ```python: shell commands, program output, MyST directives.
+OTHER_FENCES = {"sh", "text", "{toctree}", "{eval-rst}", "{include}"}
+_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
+
+
+def _fences(page: str) -> list[tuple[str, str]]:
+  """``(info string, body)`` of every fenced block of a page, in order."""
+  return [(info.strip(), body) for info, body in _FENCE.findall((ROOT / page).read_text())]
+
+
+def _python_blocks(page: str) -> list[str]:
+  return [body for info, body in _fences(page) if info == "python"]
+
+
+def _run_page(page: str) -> dict:
+  """Runs a page's Python blocks in order in one namespace; returns the namespace."""
+  ns: dict = {"__name__": f"docs_{Path(page).stem}"}
+  for i, block in enumerate(_python_blocks(page)):
+    exec(compile(block, f"{page} (python block {i})", "exec"), ns)
+  return ns
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def _max_abs_diff(a, b) -> float:
+  return max(
+    float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float64) - jnp.asarray(y, jnp.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Docstrings.
 
 
 @pytest.mark.parametrize(
   "module, examples",
-  [(transform, 9), (alias, 10), (path_norm, 5), (probes, 3), (infer, 3), (validate, 5)],
+  [
+    (transform, 20),
+    (alias, 53),
+    (path_norm, 16),
+    (probes, 25),
+    (infer, 4),
+    (validate, 15),
+    (skeleton, 9),
+    (rescaling, 13),
+  ],
   ids=lambda m: getattr(m, "__name__", ""),
 )
 def test_docstring_examples(module, examples):
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= examples and result.failed == 0
+
+
+# Public names without an example of their own: a module, a state container (the example of
+# path_space prints its counter) and a constant.
+# A module, a state type, a type alias and a constant: nothing to call, so no example.
+_NO_EXAMPLE = {"probes", "PathSpaceState", "LayerPaths", "PROBE"}
+_PUBLIC = sorted(
+  {f"gsgd_jax.{name}" for name in gsgd_jax.__all__ if name not in _NO_EXAMPLE}
+  | {f"gsgd_jax.probes.{name}" for name in probes.__all__ if name not in _NO_EXAMPLE}
+)
+
+
+def _public(qualified: str):
+  module, name = qualified.rsplit(".", 1)
+  return getattr(gsgd_jax if module == "gsgd_jax" else probes, name)
+
+
+@pytest.mark.parametrize("name", _PUBLIC)
+def test_public_examples_print_checked_values(name):
+  doc = _public(name).__doc__
+  assert "Example:" in doc, name
+  examples = doctest.DocTestParser().get_examples(doc)
+  # At least one example shows its output, which doctest then compares.
+  assert any(example.want.strip() for example in examples), name
 
 
 @pytest.mark.parametrize(
@@ -42,49 +132,72 @@ def test_public_docstrings_follow_optax_style(name):
   doc = getattr(gsgd_jax, name).__doc__
   summary = doc.strip().splitlines()[0]
   assert summary.endswith(".") and len(summary) < 90
-  for section in ("Args:", "Returns:", ".. math::"):
+  for section in ("Args:", "Returns:", ".. math::", "Example:"):
     assert section in doc, (name, section)
   if name != "scale_by_path_norm":
-    assert "Example:" in doc and "References:" in doc, name
+    assert "References:" in doc, name
 
 
-def _readme_blocks():
-  readme = (Path(__file__).parent.parent / "README.md").read_text()
-  return re.findall(r"```python\n(.*?)```", readme, re.S)
+# ---------------------------------------------------------------------------------------------
+# Pages.
 
 
-def test_readme_mlp_and_partition_examples():
-  mlp, partition, *_ = _readme_blocks()
-  ns = {}
-  exec(compile(mlp, "README.md", "exec"), ns)
-  assert ns["layers"] == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
-  # The train step runs with both transformations the block defines.
-  for tx in (gsgd_jax.gsgd(0.1, layers=ns["layers"]), ns["tx"]):
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_pages_keep_their_examples(page):
+  fences = _fences(page)
+  assert sum(info == "python" for info, _ in fences) == PAGES[page]
+  # Anything else is explicitly not Python to run (a ```py or ```python3 block would escape).
+  others = {info for info, _ in fences if info != "python"}
+  assert all(info == "python notest" or info.split()[0] in OTHER_FENCES for info in others), others
+
+
+def test_every_page_is_counted():
+  pages = {"README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))}
+  assert pages == set(PAGES)
+
+
+def test_readme_quick_start_trains():
+  ns = _run_page("README.md")
+  layers = ns["layers"]
+  assert layers == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
+  # The train step runs, and moves the params, with both transformations the block defines.
+  for tx in (gsgd_jax.gsgd(0.1, layers=layers), ns["tx"]):
     ns["tx"] = tx
     x, y = jnp.ones((4, 784)), jnp.arange(4)
     params, _ = ns["step"](ns["params"], tx.init(ns["params"]), x, y)
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
-    assert not all(
-      bool(jnp.all(a == b))
-      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ns["params"]), strict=True)
-    )
-  exec(compile(partition, "README.md", "exec"), ns)
-  assert set(jax.tree.leaves(ns["labels"])) == {"chain"}
-  assert isinstance(ns["tx"], optax.GradientTransformation)
+    assert _max_abs_diff(params, ns["params"]) > 0
 
 
-def test_readme_resnet_blocks_are_invariant():
-  resnet = _readme_blocks()[2]
-  ns = {}
-  exec(
-    compile(
-      "import flax.linen as nn, jax, jax.numpy as jnp, optax, gsgd_jax\n" + resnet,
-      "README.md",
-      "exec",
-    ),
-    ns,
+def test_guide():
+  # The page runs once (it takes a while); each part of it is checked in turn.
+  guide = _run_page("docs/guide.md")
+  _check_declaration_and_training(guide)
+  _check_resnet_blocks_are_invariant(guide)
+  _check_fallback_and_partition(guide)
+  _check_optimizers_are_invariant_and_adam_on_weights_is_not(guide)
+  _check_ecosystem(guide)
+  _check_nnx_trains_and_keeps_the_fixed_set(guide)
+
+
+def _check_declaration_and_training(guide):
+  layers = guide["layers"]
+  assert layers == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
+  # The 'a/b' strings the text calls the same chain are.
+  same = ["params/layers_0", "params/layers_2", "params/layers_4"]
+  params = guide["params"]
+  values = [gsgd_jax.basis_path_values(params, declared) for declared in (same, layers)]
+  assert _max_abs_diff(*values) == 0
+  assert guide["loss"](guide["trained"]) < guide["loss"](params)
+
+
+def _check_resnet_blocks_are_invariant(guide):
+  model, params, blocks, tx = (
+    guide["resnet"],
+    guide["resnet_params"],
+    guide["blocks"],
+    guide["resnet_tx"],
   )
-  model, params, blocks, tx = ns["model"], ns["params"], ns["blocks"], ns["tx"]
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3), jnp.float32)
   y = jnp.arange(4)
   loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
@@ -110,16 +223,67 @@ def test_readme_resnet_blocks_are_invariant():
   assert not np.allclose(runs[0]["params"]["stem"]["kernel"], params["params"]["stem"]["kernel"])
 
 
-def test_readme_probe_example_matches_plain_gsgd():
-  ns = {}
-  exec(
-    compile(
-      "import flax.linen as nn, jax, jax.numpy as jnp, optax, gsgd_jax\n" + _readme_blocks()[3],
-      "README.md",
-      "exec",
-    ),
-    ns,
-  )
+def _check_fallback_and_partition(guide):
+  labels = guide["labels"]["params"]
+  assert labels["stem"] == {"bias": "rest", "kernel": "rest"}
+  assert labels["block_0"]["conv_a"] == {"bias": "path", "kernel": "path"}
+  params = guide["resnet_params"]
+  grads = jax.tree.map(jnp.ones_like, params)
+  for name in ("with_adam", "frozen", "partitioned"):
+    tx = guide[name]
+    updates, _ = tx.update(grads, tx.init(params), params)
+    stem = updates["params"]["stem"]["kernel"]
+    if name == "frozen":
+      assert not np.any(stem)
+    else:  # Adam's first step on the fallback: lr times the sign
+      np.testing.assert_allclose(np.abs(stem), 1e-3, rtol=1e-4)
+
+
+def _check_optimizers_are_invariant_and_adam_on_weights_is_not(guide):
+  scale = float(jnp.max(jnp.abs(guide["model"].apply(guide["params"], guide["x"]))))
+  for name, gap in guide["gaps"].items():
+    if name == "adam on weights":
+      assert gap > 1e-2 * scale, (name, gap)
+    else:  # float32 params: rounding only
+      assert gap < 1e-4 * scale, (name, gap)
+  assert guide["gap"](guide["clip_paths"]) < 1e-4 * scale
+  assert guide["gap"](guide["clip_weights"]) > 1e-2 * scale
+
+
+def _check_ecosystem(guide):
+  losses = np.asarray(guide["losses"])
+  assert losses.shape == (10,) and losses[-1] < losses[0]
+  assert float(guide["opt_state"].hyperparams["learning_rate"]) == 0.05
+  _assert_trees_close(guide["scanned"], guide["trained"])
+  # MultiSteps applies one step every 4 calls.
+  accumulated, params = guide["accumulated"], guide["params"]
+  grads = jax.grad(guide["loss"])(params)
+  state = accumulated.init(params)
+  for call in range(4):
+    updates, state = accumulated.update(grads, state, params)
+    assert (_max_abs_diff(updates, jax.tree.map(jnp.zeros_like, updates)) > 0) == (call == 3)
+  # Sharded training gives the single-device result.
+  _assert_trees_close(guide["sharded_trained"], guide["trained"])
+  # The checkpoint came back whole.
+  assert _max_abs_diff(guide["restored"], guide["checkpoint"]) == 0
+  assert jax.tree.structure(guide["restored"]) == jax.tree.structure(guide["checkpoint"])
+
+
+def _check_nnx_trains_and_keeps_the_fixed_set(guide):
+  from flax import nnx
+
+  model, layers = guide["nnx_model"], guide["nnx_layers"]
+  assert layers == [("layers", 0), ("layers", 1)]
+  state = nnx.state(model, nnx.Param)
+  fixed = gsgd_jax.skeleton_mask(state, layers)
+  # One step was taken, and the fixed set kept the value set_skeleton gave it.
+  assert int(guide["optimizer"].step[...]) == 1
+  kernel = np.asarray(model.layers[0].kernel[...])
+  np.testing.assert_array_equal(kernel[np.asarray(fixed["layers"][0]["kernel"])], 1.0)
+
+
+def test_probes_page_matches_plain_gsgd():
+  ns = _run_page("docs/probes.md")
   params, tx, loss = ns["params"], ns["tx"], ns["loss"]
   assert all("scale_probe" in params["params"][name] for name in ("layers_0", "layers_2"))
   grads = jax.grad(loss)(params)
@@ -133,3 +297,59 @@ def test_readme_probe_example_matches_plain_gsgd():
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), strip(updates), plain
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# The troubleshooting tables quote the library's own messages.
+
+
+def _library_messages() -> list[str]:
+  """Every string the library builds, f-strings with ``{}`` where a value goes."""
+  messages = []
+  for path in sorted((ROOT / "gsgd_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.JoinedStr):
+        messages.append(
+          "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        )
+      elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        messages.append(node.value)
+  return messages
+
+
+def _quoted_messages() -> list[str]:
+  """The code spans in the first column of the troubleshooting tables."""
+  quoted = []
+  for line in (ROOT / "docs/troubleshooting.md").read_text().splitlines():
+    if not line.startswith("| ") or line.startswith("| message"):
+      continue
+    first_column = line.split(" | ")[0]
+    spans = [span.strip() for _, span in re.findall(r"(`+)(.+?)\1", first_column)]
+    quoted += [span for span in spans if " " in span]  # not `init`, `verify_probes`, ...
+  return quoted
+
+
+def test_troubleshooting_quotes_real_messages():
+  messages = _library_messages()
+  quoted = _quoted_messages()
+  assert len(quoted) >= 39
+  for text in quoted:
+    # `…` stands for what varies; every literal piece must be in one of the library's strings.
+    for piece in (p.strip(" '") for p in text.split("…")):
+      if len(piece) >= 4:
+        assert any(piece in message for message in messages), (text, piece)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's picture.
+
+
+def test_invariance_plot_script_runs(tmp_path, capsys):
+  from benchmarks import invariance_plot
+
+  out = tmp_path / "invariance.png"
+  invariance_plot.main(["--out", str(out), "--steps", "30", "--widths", "16,16"])
+  assert out.stat().st_size > 0
+  printed = capsys.readouterr().out
+  gaps = dict(re.findall(r"(\S+): final loss .* between the two runs (\S+)", printed))
+  assert float(gaps["G-SGD"]) < 1e-3 < float(gaps["SGD"]), printed

@@ -1,12 +1,12 @@
 """End to end with Flax: a Linen MLP and an NNX MLP train with G-SGD."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from helpers import nnx_layers_at_skeleton
+from problems import NNXMLP, LinenMLP
 
 import gsgd_jax
 
@@ -17,18 +17,10 @@ def _data(n=128, d=8, classes=3):
   return x, jnp.argmax(x @ w, axis=-1)
 
 
-class LinenMLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(32)(x))
-    x = nn.relu(nn.Dense(16)(x))
-    return nn.Dense(3)(x)
-
-
 def test_linen_mlp_trains():
   x, y = _data()
-  model = LinenMLP()
-  params = model.init(jax.random.key(2), x)
+  model = LinenMLP((32, 16, 3))
+  params = jax.jit(model.init)(jax.random.key(2), x)
   layers = gsgd_jax.infer_layers(params)
   assert layers == [("params", "Dense_0"), ("params", "Dense_1"), ("params", "Dense_2")]
   params = gsgd_jax.set_skeleton(params, layers)
@@ -49,21 +41,9 @@ def test_linen_mlp_trains():
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
 
 
-class NNXMLP(nnx.Module):
-  def __init__(self, rngs):
-    self.layers = nnx.List(
-      [nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 16, rngs=rngs), nnx.Linear(16, 3, rngs=rngs)]
-    )
-
-  def __call__(self, x):
-    for layer in self.layers[:-1]:
-      x = nnx.relu(layer(x))
-    return self.layers[-1](x)
-
-
 def test_nnx_optimizer_trains():
   x, y = _data()
-  model = NNXMLP(nnx.Rngs(3))
+  model = NNXMLP((8, 32, 16, 3), nnx.Rngs(3))
   layers = nnx_layers_at_skeleton(model)
   optimizer = nnx.Optimizer(model, gsgd_jax.gsgd(0.1, layers=layers), wrt=nnx.Param)
   loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()

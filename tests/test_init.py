@@ -1,40 +1,39 @@
 """Skeleton masks, skeleton initialisation and function-preserving rescaling."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from problems import make_mlp
 
 import gsgd_jax
 
 
 @pytest.mark.parametrize("widths", [(3, 4, 4, 2), (5, 8, 3, 7, 2), (2, 1, 3)], ids=str)
 def test_random_rescale_preserves_function_and_basis_values(widths):
-  params, layers = ref.make_mlp(jax.random.key(0), widths)
+  params, layers = make_mlp(jax.random.key(0), widths)
   params["other"] = {"scale": jnp.arange(3.0)}
   x = jax.random.normal(jax.random.key(1), (9, widths[0]))
   scaled = gsgd_jax.random_rescale(params, layers, jax.random.key(2))
-  changed = [
-    not np.allclose(a, b)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(scaled), strict=True)
-  ]
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), params, scaled))
   assert sum(changed) >= 2 * (len(widths) - 2)  # the weights really moved
   np.testing.assert_array_equal(scaled["other"]["scale"], params["other"]["scale"])
   np.testing.assert_allclose(
     ref.forward(scaled, layers, x), ref.forward(params, layers, x), rtol=1e-12, atol=1e-12
   )
-  for a, b in zip(
-    jax.tree.leaves(gsgd_jax.basis_path_values(scaled, layers)),
-    jax.tree.leaves(gsgd_jax.basis_path_values(params, layers)),
-    strict=True,
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(
+    gsgd_jax.basis_path_values(scaled, layers),
+    gsgd_jax.basis_path_values(params, layers),
+    rtol=1e-12,
+    atol=1e-14,
+  )
 
 
-def test_skeleton_masks_follow_the_spec_rule():
+def test_skeleton_masks_follow_the_skeleton_rule():
   widths = (3, 5, 2, 4)
-  params, layers = ref.make_mlp(jax.random.key(0), widths)
+  params, layers = make_mlp(jax.random.key(0), widths)
   fixed, outgoing = ref.skeleton_sets(widths)
   got_fixed = gsgd_jax.skeleton_mask(params, layers)
   got_all = gsgd_jax.skeleton_mask(params, layers, which="all")
@@ -55,7 +54,7 @@ def test_skeleton_masks_follow_the_spec_rule():
 
 def test_equal_widths_give_the_papers_skeleton():
   d, h, classes = 6, 4, 3
-  params, layers = ref.make_mlp(jax.random.key(0), (d, h, h, h, classes))
+  params, layers = make_mlp(jax.random.key(0), (d, h, h, h, classes))
   mask = gsgd_jax.skeleton_mask(params, layers, which="all")
   want = [
     np.zeros((d, h), bool),
@@ -71,7 +70,7 @@ def test_equal_widths_give_the_papers_skeleton():
 
 
 def test_set_skeleton_sets_every_skeleton_weight_and_nothing_else():
-  params, layers = ref.make_mlp(jax.random.key(0), (4, 6, 3, 2))
+  params, layers = make_mlp(jax.random.key(0), (4, 6, 3, 2))
   new = gsgd_jax.set_skeleton(params, layers, value=1.0)
   mask = gsgd_jax.skeleton_mask(params, layers, which="all")
   for (name,) in layers:
@@ -86,6 +85,6 @@ def test_set_skeleton_sets_every_skeleton_weight_and_nothing_else():
 
 
 def test_set_skeleton_keeps_dtype():
-  params, layers = ref.make_mlp(jax.random.key(0), (4, 6, 2), dtype=jnp.bfloat16)
+  params, layers = make_mlp(jax.random.key(0), (4, 6, 2), dtype=jnp.bfloat16)
   new = gsgd_jax.set_skeleton(params, layers)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(new))

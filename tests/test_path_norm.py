@@ -1,4 +1,4 @@
-"""Path-SGD (SPEC §7): gamma against autodiff of the squared network, the update, invariance."""
+"""Path-SGD (docs/math.md, Path-SGD): gamma against autodiff of the squared network, the update."""
 
 import itertools
 
@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
-from test_cnn import NETS, build
+from problems import CNNS, cnn, make_mlp, widths_cases
 
 import gsgd_jax
 
@@ -34,10 +33,10 @@ def _gamma_by_autodiff(params, layers, views_shape):
   return jax.grad(_squared_network_sum, argnums=(0, 1))(squares, bias_squares, views_shape)
 
 
-@pytest.mark.parametrize("widths", [(5, 3), (3, 4, 2), (4, 7, 5, 3), (2, 1, 6, 1, 3)], ids=str)
+@pytest.mark.parametrize("widths", widths_cases([(5, 3), (3, 4, 2), (4, 7, 5, 3), (2, 1, 6, 1, 3)]))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_mlp_gamma_equals_grad_of_squared_network(widths, bias):
-  params, layers = ref.make_mlp(jax.random.key(0), widths, bias)
+  params, layers = make_mlp(jax.random.key(0), widths, bias)
   shapes = [(1, a, b) for a, b in itertools.pairwise(widths)]
   want, want_b = _gamma_by_autodiff(params, layers, shapes)
   got = gsgd_jax.path_norm_scales(params, layers)
@@ -47,9 +46,9 @@ def test_mlp_gamma_equals_grad_of_squared_network(widths, bias):
       np.testing.assert_allclose(got[name]["bias"], want_b[k], rtol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("name", sorted(CNNS))
 def test_cnn_gamma_on_the_channel_graph(name):
-  params, layers, taps, *_ = build(name)
+  params, layers, *_, taps = cnn(name)
   shapes = [(t, i, o) for t, _, i, o in taps]
   want, want_b = _gamma_by_autodiff(params, layers, shapes)
   got = gsgd_jax.path_norm_scales(params, layers)
@@ -60,7 +59,7 @@ def test_cnn_gamma_on_the_channel_graph(name):
 
 
 def test_path_sgd_update_is_gradient_over_gamma():
-  params, layers = ref.make_mlp(jax.random.key(1), (4, 6, 3))
+  params, layers = make_mlp(jax.random.key(1), (4, 6, 3))
   params["scale"] = jnp.ones(2)
   grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size).reshape(p.shape)), params)
   tx = gsgd_jax.path_sgd(0.1, layers=layers)

@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 from helpers import nnx_layers_at_skeleton, train_nnx
+from problems import linen
 
 import gsgd_jax
 from gsgd_jax import probes
@@ -54,20 +55,6 @@ def _strip(tree):
   }
 
 
-def _problem(model, x_shape, seed=0):
-  x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
-  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(seed + 1), x))
-  layers = gsgd_jax.infer_layers(params)
-  params = gsgd_jax.set_skeleton(params, layers)
-  # Non-zero biases, so that the bias term of the node sums is exercised.
-  params = jax.tree_util.tree_map_with_path(
-    lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params
-  )
-  y = jax.random.normal(jax.random.key(seed + 2), (x_shape[0], 3), jnp.float64)
-  loss = lambda p: jnp.mean((model.apply(p, x) - y) ** 2)
-  return params, layers, loss
-
-
 CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
 
 
@@ -85,8 +72,8 @@ CASES = {"mlp": (ProbedMLP, (16, 4)), "cnn": (ProbedCNN, (8, 8, 8, 2))}
 )
 def test_probed_updates_equal_plain_updates(case, make_tx):
   model, x_shape = CASES[case]
-  params, layers, loss = _problem(model(probe=True), x_shape)
-  plain_params, _, plain_loss = _problem(model(probe=False), x_shape)
+  params, layers, loss, *_ = linen(model(probe=True), x_shape)
+  plain_params, _, plain_loss, *_ = linen(model(probe=False), x_shape)
   grad, plain_grad = jax.grad(loss), jax.grad(plain_loss)
   # Drop-in: the probed modules draw the same kernels as Flax's own.
   jax.tree.map(np.testing.assert_array_equal, _strip(params), plain_params)
@@ -112,7 +99,7 @@ def test_probed_updates_equal_plain_updates(case, make_tx):
 
 def test_probe_values_other_than_one_are_exact():
   """A probe ``s`` != 1 is a frozen per-node gain: ``s * dL/ds`` is still the node sum."""
-  params, layers, _ = _problem(ProbedMLP(), (16, 4))
+  params, layers, *_ = linen(ProbedMLP(), (16, 4))
   params["params"]["Dense_0"][PROBE] = jnp.linspace(0.5, 2.0, 7)
   params["params"]["Dense_1"][PROBE] = -jnp.linspace(0.5, 2.0, 5)
   x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float64)
@@ -192,7 +179,7 @@ def test_probe_of_wrong_shape_is_named():
 
 
 def test_path_sgd_and_labels_leave_probes_alone():
-  params, layers, loss = _problem(ProbedMLP(), (16, 4))
+  params, layers, loss, *_ = linen(ProbedMLP(), (16, 4))
   grads = jax.grad(loss)(params)
   tx = gsgd_jax.path_sgd(0.1, layers=layers)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -235,7 +222,7 @@ def test_nnx_probed_model_trains_and_probes_stay_one():
 def test_multisteps_averages_probe_gradients_with_the_rest():
   """Probe gradients are linear in the loss: MultiSteps' mean of micro-batch
   gradients (all taken at the same params) keeps them consistent."""
-  params, layers, _ = _problem(ProbedMLP(probe=True), (16, 4))
+  params, layers, *_ = linen(ProbedMLP(probe=True), (16, 4))
   plain_params = _strip(params)
   batches = [
     (

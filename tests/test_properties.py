@@ -1,4 +1,5 @@
-"""Property-based tests of SPEC §5.1-5.3 on random ReLU chains and conv/dense mixes.
+"""Property-based tests of the mathematics (docs/math.md) on random ReLU chains and conv/dense
+mixes.
 
 Hypothesis draws small networks: dense chains of depth 1-6 with widths 1-9 per
 level (equal or unequal hidden widths), and 1-3 SAME convolutions on 4x4 or 5x3
@@ -38,6 +39,7 @@ import pytest
 import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from problems import ALLOW_CHAIN_RANGE, ALLOW_ONE_LAYER
 
 import gsgd_jax
 from gsgd_jax._src import basis
@@ -190,8 +192,8 @@ class Net(NamedTuple):
 
 
 def _layout(spec):
-  """Per layer ``(name, kernel shape, taps, skeleton tap)`` as SPEC §1-2 state
-  them, and the plan of the forward pass."""
+  """Per layer ``(name, kernel shape, taps, skeleton tap)`` as docs/math.md states them
+  (nodes, edges and levels; the skeleton), and the plan of the forward pass."""
   layout, plan = [], []
   c, flatten = spec.in_width, False
   positions = 1 if spec.image is None else spec.image[0] * spec.image[1]
@@ -339,7 +341,13 @@ def _given(check):
   # Failures then name the property; derandomized draws differ per property.
   test.__name__ = test.__qualname__ = check.__name__
   test.__doc__ = check.__doc__
-  return pytest.mark.parametrize("kind", sorted(SPECS))(SETTINGS(given(data=st.data())(test)))
+  test = SETTINGS(given(data=st.data())(test))
+  # The draws include depth-1 chains (one layer: the edge case of every formula) and
+  # skeletons left as drawn, whose chain products may leave the range init accepts
+  # silently: the library's warnings for both are expected here.
+  for allow in (ALLOW_ONE_LAYER, ALLOW_CHAIN_RANGE):
+    test = allow(test)
+  return pytest.mark.parametrize("kind", sorted(SPECS))(test)
 
 
 # ----------------------------------------------------------------------------
@@ -348,8 +356,8 @@ def _given(check):
 
 @_given
 def test_icr_equals_autodiff(net):
-  """SPEC §5.1: the library's path gradients are the gradients of the loss through
-  the reference's reconstruction of the weights from basis values and F."""
+  """docs/math.md, the inverse chain rule: the library's path gradients are the gradients
+  of the loss through the reference's reconstruction of the weights from basis values and F."""
   views, biases = net.views(net.params)
   values, bias_values = ref.basis_values_taps(views, biases, net.widths, net.centres)
 
@@ -394,8 +402,8 @@ def test_icr_equals_autodiff(net):
 
 @_given
 def test_weight_allocation_lands_on_v_plus_dv(net):
-  """SPEC §5.2: one path-space SGD step moves every basis path to v - lr * gv, and
-  only weights outside the fixed skeleton F."""
+  """docs/math.md, weight allocation: one path-space SGD step moves every basis path to
+  v - lr * gv, and only weights outside the fixed skeleton F."""
 
   @_program
   def program(params):
@@ -446,8 +454,9 @@ STEPS = 4
 
 @_given
 def test_rescaling_invariance_of_training(net):
-  """SPEC §5.3: G-SGD from params and from a random rescaling of them gives the
-  same network outputs after every step (no ratio clipped in either run)."""
+  """docs/math.md, why any elementwise optimizer stays invariant: G-SGD from params and
+  from a random rescaling of them gives the same network outputs after every step (no
+  ratio clipped in either run)."""
 
   @_program
   def program(params, seed):
@@ -495,10 +504,7 @@ def test_random_rescale_keeps_basis_values_and_function(net):
 
   rescaled, [(want, out), (got, out_rescaled)] = program(net.params, net.seed)
   if len(net.names) > 1:  # hidden nodes exist: the weights really changed
-    moved = [
-      np.max(np.abs(a - b))
-      for a, b in zip(jax.tree.leaves(rescaled), jax.tree.leaves(net.params), strict=True)
-    ]
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.max(np.abs(a - b)), rescaled, net.params))
     assert max(moved) > 1e-3
   else:
     jax.tree.map(np.testing.assert_array_equal, rescaled, net.params)

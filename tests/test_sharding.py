@@ -1,17 +1,18 @@
 """Sharded params (8 fake CPU devices, set in conftest) under Auto and Explicit meshes."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
-import reference as ref
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from problems import make_optimizer, mlp
 
 import gsgd_jax
 from gsgd_jax.probes import PROBE
 
+# Hidden widths that the 8 devices divide.
 WIDTHS = (6, 16, 16, 3)
 # Sharded along hidden units: columns into a hidden level, rows out of it.
 SPECS = {
@@ -19,31 +20,44 @@ SPECS = {
   "Dense_1": {"kernel": P("x", None), "bias": P("x")},
   "Dense_2": {"kernel": P("x", None), "bias": P()},
 }
-OPTIMIZERS = {
-  "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9),
-  "g_adam": lambda layers: gsgd_jax.g_adam(1e-2, layers=layers),
-  "path_sgd": lambda layers: gsgd_jax.path_sgd(0.05, layers=layers),
-}
+# Optimizers of the table (problems.OPTIMIZERS): momentum, Adam and Path-SGD states.
+SHARDED = ["g_momentum", "g_adam", "path_sgd"]
 
 
-def _problem():
-  params, layers = ref.make_mlp(jax.random.key(0), WIDTHS)
-  params = gsgd_jax.set_skeleton(params, layers)
-  x = jax.random.normal(jax.random.key(1), (32, WIDTHS[0]))
-  y = jax.random.normal(jax.random.key(2), (32, WIDTHS[-1]))
+def _sharding_aware_loss(layers, x, y):
+  """The MLP's mean squared error; under an Explicit mesh a contraction over sharded hidden
+  units needs an output sharding."""
 
   def loss(p):
     h = x
     explicit = bool(jax.sharding.get_abstract_mesh().explicit_axes)
     for k, (name,) in enumerate(layers):
-      # Contractions over sharded hidden units need an output sharding when explicit.
       h = jnp.matmul(h, p[name]["kernel"], out_sharding=P() if explicit else None)
       h = h + p[name]["bias"]
       if k < len(layers) - 1:
         h = jax.nn.relu(h)
     return jnp.mean((h - y) ** 2)
 
-  return params, layers, loss
+  return loss
+
+
+def _assert_sharded_as(tree, specs, mesh):
+  """Every leaf of ``tree`` is sharded as its PartitionSpec in ``specs`` (same structure) says."""
+
+  def check(a, spec):
+    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim), (a.sharding, spec)
+
+  jax.tree.map(check, tree, specs)
+
+
+def _assert_same_shardings(before, after):
+  """Leaf by leaf, ``after`` keeps the shapes, dtypes and shardings of ``before``."""
+  chex.assert_trees_all_equal_shapes_and_dtypes(before, after)
+
+  def check(b, a):
+    assert b.sharding.is_equivalent_to(a.sharding, b.ndim), (b.sharding, a.sharding)
+
+  jax.tree.map(check, before, after)
 
 
 def _train(tx, params, loss, out_shardings=None, steps=5):
@@ -60,11 +74,12 @@ def _train(tx, params, loss, out_shardings=None, steps=5):
   return params, init_state, state
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", SHARDED)
 @pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
 def test_sharded_training_matches_single_device(name, axis_type):
-  params, layers, loss = _problem()
-  tx = OPTIMIZERS[name](layers)
+  params, layers, _, _, x, y, *_ = mlp(WIDTHS, skeleton=True)
+  loss = _sharding_aware_loss(layers, x, y)
+  tx = make_optimizer(name, layers)
   want, _, want_state = _train(tx, params, loss)
   mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
   with jax.set_mesh(mesh):
@@ -77,21 +92,11 @@ def test_sharded_training_matches_single_device(name, axis_type):
       else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
     )
     got, init_state, state = _train(tx, sharded, loss, out_shardings=pin)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want_state), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-  for before, after in zip(jax.tree.leaves(init_state), jax.tree.leaves(state), strict=True):
-    assert (before.dtype, before.shape) == (after.dtype, after.shape)
-    assert before.sharding.is_equivalent_to(after.sharding, before.ndim), (
-      before.sharding,
-      after.sharding,
-    )
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(state, want_state, rtol=1e-12, atol=1e-14)
+  _assert_same_shardings(init_state, state)
   # The params keep their sharding along hidden units.
-  for a, spec in zip(
-    jax.tree.leaves(got), jax.tree.leaves(SPECS, is_leaf=lambda s: isinstance(s, P)), strict=True
-  ):
-    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
+  _assert_sharded_as(got, SPECS, mesh)
 
 
 CONV_SPECS = {
@@ -153,9 +158,51 @@ def test_sharded_cnn_matches_single_device(probes, axis_type):
       else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
     )
     got, _, _ = _train(tx, sharded, loss, out_shardings=pin, steps=3)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-  for a, spec in zip(
+  chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
+  _assert_sharded_as(got, specs, mesh)
+
+
+def test_explicit_sharded_params_outside_a_mesh_context():
+  """init and a jitted update read Explicit shardings from the arrays, as optax does,
+  whether or not a mesh context is set."""
+  mesh = jax.make_mesh((8,), ("x",))  # Explicit axes by default
+  key = jax.random.split(jax.random.key(0), 3)
+  params = {
+    "l0": {"kernel": jax.random.normal(key[0], (4, 16)), "bias": jnp.zeros(16)},
+    "l1": {"kernel": jax.random.normal(key[1], (16, 16)), "bias": jnp.zeros(16)},
+    "l2": {"kernel": jax.random.normal(key[2], (16, 3))},
+  }
+  layers = ["l0", "l1", "l2"]
+  params = gsgd_jax.set_skeleton(params, layers)
+  specs = {
+    "l0": {"kernel": P(None, "x"), "bias": P("x")},
+    "l1": {"kernel": P("x", None), "bias": P()},
+    "l2": {"kernel": P("x", None)},
+  }
+  sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+  x = jax.random.normal(jax.random.key(1), (8, 4))
+
+  def loss(p):
+    # Contractions over sharded hidden units name their output sharding (Explicit axes).
+    explicit = any(jax.typeof(leaf).sharding.mesh.explicit_axes for leaf in jax.tree.leaves(p))
+    matmul = lambda a, b: jnp.matmul(
+      a, b, out_sharding=NamedSharding(mesh, P()) if explicit else None
+    )
+    h = jax.nn.relu(matmul(x, p["l0"]["kernel"]) + p["l0"]["bias"])
+    h = jax.nn.relu(matmul(h, p["l1"]["kernel"]) + p["l1"]["bias"])
+    return jnp.sum(matmul(h, p["l2"]["kernel"]) ** 2)
+
+  tx = gsgd_jax.g_adam(1e-2, layers=layers)
+
+  @jax.jit
+  def step(p, state):
+    updates, state = tx.update(jax.grad(loss)(p), state, p)
+    return optax.apply_updates(p, updates), state
+
+  want, _ = step(params, tx.init(params))
+  got, _ = step(sharded, tx.init(sharded))  # no jax.set_mesh anywhere
+  chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
+  for a, s in zip(
     jax.tree.leaves(got), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)), strict=True
   ):
-    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
+    assert a.sharding.is_equivalent_to(NamedSharding(mesh, s), a.ndim)

@@ -3,13 +3,13 @@
 import itertools
 import warnings
 
-import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import reference as ref
 from flax import nnx
+from problems import NNXMLP, LinenMLP, make_mlp
 
 import gsgd_jax
 from gsgd_jax._src.structure import build_structure
@@ -17,7 +17,7 @@ from gsgd_jax._src.structure import build_structure
 
 def test_dimension_counts():
   widths = (5, 7, 3, 4)
-  params, layers = ref.make_mlp(jax.random.key(0), widths, bias=True)
+  params, layers = make_mlp(jax.random.key(0), widths, bias=True)
   (struct,) = build_structure(params, layers)
   m = sum(a * b + b for a, b in itertools.pairwise(widths))
   assert struct.num_weights == m
@@ -29,7 +29,7 @@ def test_dimension_counts():
 
 
 def test_structure_is_cached_and_independent_of_tree_form():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, layers = make_mlp(jax.random.key(0), (3, 4, 2))
   (a,) = build_structure(params, layers)
   (b,) = build_structure(jax.tree.map(jnp.zeros_like, params), ["Dense_0", "Dense_1"])
   assert a is b
@@ -44,19 +44,19 @@ def test_structure_is_cached_and_independent_of_tree_form():
 
 
 def test_missing_layer_names_the_path():
-  params, _layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, _layers = make_mlp(jax.random.key(0), (3, 4, 2))
   with pytest.raises(ValueError, match=r"Dense_7.*no 'kernel'"):
     gsgd_jax.gsgd(0.1, layers=[("Dense_0",), ("Dense_7",)]).init(params)
 
 
 def test_wrong_order_names_both_layers():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, layers = make_mlp(jax.random.key(0), (3, 4, 2))
   with pytest.raises(ValueError, match=r"Dense_0.*Dense_1.*forward order"):
     gsgd_jax.gsgd(0.1, layers=layers[::-1]).init(params)
 
 
 def test_duplicate_and_empty_layers():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 3, 3))
+  params, layers = make_mlp(jax.random.key(0), (3, 3, 3))
   with pytest.raises(ValueError, match=r"twice"):
     gsgd_jax.gsgd(0.1, layers=[layers[0], layers[0]]).init(params)
   with pytest.raises(ValueError, match=r"empty"):
@@ -67,42 +67,30 @@ def test_unsupported_kernel_rank_and_bias_shape():
   params = {"a": {"kernel": jnp.ones(3)}, "b": {"kernel": jnp.ones((4, 2))}}
   with pytest.raises(ValueError, match=r"'a'.*neither a dense"):
     gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
-  params = {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(3)}}
-  with pytest.raises(ValueError, match=r"bias of shape"):
-    gsgd_jax.gsgd(0.1, layers=["a"]).init(params)
+  params = {
+    "a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(3)},
+    "b": {"kernel": jnp.ones((4, 2))},
+  }
+  with pytest.raises(ValueError, match=r"'a'.*bias of shape"):
+    gsgd_jax.gsgd(0.1, layers=["a", "b"]).init(params)
 
 
 def test_update_without_params_raises():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, layers = make_mlp(jax.random.key(0), (3, 4, 2))
   tx = gsgd_jax.gsgd(0.1, layers=layers)
   with pytest.raises(ValueError, match=r"needs the current params"):
     tx.update(params, tx.init(params))
 
 
-class _Linen(nn.Module):
-  widths: tuple
-
-  @nn.compact
-  def __call__(self, x):
-    for w in self.widths[:-1]:
-      x = nn.relu(nn.Dense(w)(x))
-    return nn.Dense(self.widths[-1])(x)
-
-
 def test_infer_layers_linen_orders_numerically():
   widths = tuple(range(2, 14))  # 12 layers: Dense_10 must follow Dense_9, not Dense_1
-  params = _Linen(widths).init(jax.random.key(0), jnp.ones((1, 3)))
+  params = jax.jit(LinenMLP(widths).init)(jax.random.key(0), jnp.ones((1, 3)))
   layers = gsgd_jax.infer_layers(params)
   assert layers == [("params", f"Dense_{k}") for k in range(12)]
 
 
-class _NNX(nnx.Module):
-  def __init__(self, widths, rngs):
-    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
-
-
 def test_infer_layers_nnx_list():
-  model = _NNX((3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 2), nnx.Rngs(0))
+  model = NNXMLP((3, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 2), nnx.Rngs(0))
   layers = gsgd_jax.infer_layers(nnx.state(model, nnx.Param))
   assert layers == [("layers", k) for k in range(12)]
 
@@ -142,12 +130,11 @@ def test_infer_layers_fails_clearly(params, why):
 
 
 def test_string_and_tuple_paths_agree():
-  params, _layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, _layers = make_mlp(jax.random.key(0), (3, 4, 2))
   nested = {"params": params}
   a = gsgd_jax.basis_path_values(nested, [("params", "Dense_0"), ("params", "Dense_1")])
   b = gsgd_jax.basis_path_values(nested, ["params/Dense_0", "params/Dense_1"])
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_non_floating_params_are_refused():
@@ -157,7 +144,7 @@ def test_non_floating_params_are_refused():
 
 
 def test_zero_skeleton_weight_is_named_at_init():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, layers = make_mlp(jax.random.key(0), (3, 4, 2))
   params = gsgd_jax.set_skeleton(params, layers)
   params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[3, 1].set(0.0)  # 3 -> 3 mod 2
   with pytest.raises(ValueError, match=r"'Dense_1': the outgoing skeleton weight of input node 3"):
@@ -180,7 +167,7 @@ def test_zero_skeleton_weight_is_named_at_init():
 def test_extreme_skeleton_chains_warn_at_init():
   """Flax's default init gives skeleton-chain products far from 1: G-SGD's steps
   scale as 1/(B F)^2 there, so init warns; the skeleton initialisation does not."""
-  params, layers = ref.make_mlp(jax.random.key(0), (64, 128, 128, 10), dtype=jnp.float32)
+  params, layers = make_mlp(jax.random.key(0), (64, 128, 128, 10), dtype=jnp.float32)
   tx = gsgd_jax.gsgd(0.1, layers=layers)
   with pytest.warns(UserWarning, match=r"skeleton-chain products B\*F .* 'Dense_0' span"):
     tx.init(params)

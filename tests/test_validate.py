@@ -6,23 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from test_cnn import build
+from problems import cnn, make_mlp
 
 import gsgd_jax
 
 
 def test_relu_mlp_and_cnn_pass():
-  params, layers = ref.make_mlp(jax.random.key(0), (5, 8, 7, 3))
+  params, layers = make_mlp(jax.random.key(0), (5, 8, 7, 3))
   x = jax.random.normal(jax.random.key(1), (16, 5))
   worst = gsgd_jax.verify_invariance(lambda p, x: ref.forward(p, layers, x), params, layers, x)
   assert worst < 1e-10
-  params, layers, _, _, shape, forward = build("same-max-valid-flatten")
-  x = jax.random.normal(jax.random.key(2), (4, *shape))
-  assert gsgd_jax.verify_invariance(forward, params, layers, x) < 1e-10
+  problem = cnn("same-max-valid-flatten")
+  x = jax.random.normal(jax.random.key(2), (4, *problem.x.shape[1:]))
+  assert gsgd_jax.verify_invariance(problem.forward, problem.params, problem.layers, x) < 1e-10
 
 
 def test_tanh_after_a_layer_is_named():
-  params, layers = ref.make_mlp(jax.random.key(0), (5, 8, 7, 3))
+  params, layers = make_mlp(jax.random.key(0), (5, 8, 7, 3))
 
   def apply(p, x):
     h = jax.nn.relu(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
@@ -35,7 +35,7 @@ def test_tanh_after_a_layer_is_named():
 
 
 def test_wrong_order_and_normalisation_inside_a_block_fail():
-  params, layers = ref.make_mlp(jax.random.key(0), (6, 6, 6, 6))
+  params, layers = make_mlp(jax.random.key(0), (6, 6, 6, 6))
   x = jax.random.normal(jax.random.key(1), (16, 6))
   forward = lambda p, x: ref.forward(p, layers, x)
   swapped = [layers[1], layers[0], layers[2]]  # shapes chain, order does not
@@ -49,14 +49,14 @@ def test_wrong_order_and_normalisation_inside_a_block_fail():
       return nn.Dense(2)(x)
 
   model = Normed()
-  p = model.init(jax.random.key(2), x)
+  p = jax.jit(model.init)(jax.random.key(2), x)
   with pytest.raises(ValueError, match=r"'params/Dense_0'"):
     gsgd_jax.verify_invariance(model.apply, p, gsgd_jax.infer_layers(p), x)
 
 
 def test_blocks_name_the_block():
-  a, _ = ref.make_mlp(jax.random.key(0), (4, 5, 3), layer_names=["a0", "a1"])
-  b, _ = ref.make_mlp(jax.random.key(1), (3, 6, 2), layer_names=["b0", "b1"])
+  a, _ = make_mlp(jax.random.key(0), (4, 5, 3), layer_names=["a0", "a1"])
+  b, _ = make_mlp(jax.random.key(1), (3, 6, 2), layer_names=["b0", "b1"])
   params = {**a, **b}
 
   def apply(p, x):
@@ -70,9 +70,103 @@ def test_blocks_name_the_block():
 
 
 def test_rescale_with_explicit_factors():
-  params, layers = ref.make_mlp(jax.random.key(0), (3, 4, 2))
+  params, layers = make_mlp(jax.random.key(0), (3, 4, 2))
   factors = [[None, jnp.array([2.0, 1.0, 1.0, 0.5]), None]]
   new = gsgd_jax.rescale(params, layers, factors)
   np.testing.assert_allclose(new["Dense_0"]["kernel"][:, 0], 2 * params["Dense_0"]["kernel"][:, 0])
   np.testing.assert_allclose(new["Dense_0"]["bias"][3], 0.5 * params["Dense_0"]["bias"][3])
   np.testing.assert_allclose(new["Dense_1"]["kernel"][0], params["Dense_1"]["kernel"][0] / 2)
+
+
+# verify_invariance at perturbed params: models whose symmetry holds at initialisation only.
+X = jax.random.normal(jax.random.key(1), (16, 5))
+
+
+class _Relu6(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="l1")(nn.relu6(nn.Dense(8, name="l0")(x)))
+
+
+class _EvalBatchNorm(nn.Module):
+  """A BatchNorm in evaluation mode inside the block: with fresh statistics (mean 0,
+  variance 1) and bias 0 it is linear, and positively homogeneous, until trained."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8, name="l0")(x)
+    h = nn.BatchNorm(use_running_average=True, name="bn")(h)
+    return nn.Dense(3, name="l1")(nn.relu(h))
+
+
+class _SeparateBias(nn.Module):
+  """A declared bias-free layer followed by a bias of its own, zero at initialisation."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8, use_bias=False, name="l0")(x)
+    h = h + self.param("shift", nn.initializers.zeros, (8,))
+    return nn.Dense(3, name="l1")(nn.relu(h))
+
+
+class _TanhGate(nn.Module):
+  """``relu(h) + g * tanh(h)`` with the gate ``g`` zero at initialisation."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(8, name="l0")(x)
+    h = nn.relu(h) + self.param("gate", nn.initializers.zeros, ()) * jnp.tanh(h)
+    return nn.Dense(3, name="l1")(h)
+
+
+LAYERS = [("params", "l0"), ("params", "l1")]
+
+
+@pytest.mark.parametrize(
+  "model",
+  [_Relu6(), _EvalBatchNorm(), _SeparateBias(), _TanhGate()],
+  ids=["relu6", "eval-batchnorm", "separate-zero-bias", "zero-gate-tanh"],
+)
+def test_symmetry_that_holds_at_init_only_is_caught(model):
+  variables = model.init(jax.random.key(0), X)
+  # At the initial params every model passes: that is why the check perturbs them.
+  gsgd_jax.verify_invariance(model.apply, variables, LAYERS, X, perturb=False)
+  with pytest.raises(ValueError, match=r"layer 'params/l0'.*at randomly perturbed params"):
+    gsgd_jax.verify_invariance(model.apply, variables, LAYERS, X)
+
+
+def test_relu_model_passes_at_perturbed_params():
+  model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(8), nn.relu, nn.Dense(3)])
+  params = model.init(jax.random.key(0), X)
+  assert gsgd_jax.verify_invariance(model.apply, params, gsgd_jax.infer_layers(params), X) < 1e-6
+
+
+def test_bfloat16_relu_mlp_passes_with_the_default_tolerance():
+  model = nn.Sequential(
+    [
+      nn.Dense(16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+      nn.relu,
+      nn.Dense(16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+      nn.relu,
+      nn.Dense(3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+    ]
+  )
+  x = X.astype(jnp.bfloat16)
+  params = model.init(jax.random.key(0), x)
+  worst = gsgd_jax.verify_invariance(model.apply, params, gsgd_jax.infer_layers(params), x)
+  assert 0 < worst < 3e-2
+  # The same model with a tanh still fails at that tolerance.
+  tanh = nn.Sequential(
+    [
+      nn.Dense(16, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+      nn.tanh,
+      nn.Dense(3, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+    ]
+  )
+  with pytest.raises(ValueError, match=r"layers_0"):
+    gsgd_jax.verify_invariance(
+      tanh.apply,
+      tanh.init(jax.random.key(0), x),
+      [("params", "layers_0"), ("params", "layers_2")],
+      x,
+    )

@@ -63,8 +63,12 @@ def gsgd(
     >>> tx = gsgd_jax.gsgd(0.1, layers=layers)
     >>> state = tx.init(params)
     >>> loss = lambda p: jnp.mean(model.apply(p, jnp.ones((4, 8))) ** 2)
+    >>> print(round(float(loss(params)), 4))
+    45.7411
     >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
     >>> params = optax.apply_updates(params, updates)
+    >>> print(round(float(loss(params)), 4))
+    7.7812
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
@@ -105,11 +109,28 @@ def g_momentum(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, gsgd_jax
-    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
-    >>> tx = gsgd_jax.g_momentum(0.1, 0.9, layers=['l0', 'l1'])
-    >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
+    >>> import flax.linen as nn
+    >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(16), nn.relu, nn.Dense(3)])
+    >>> x = jax.random.normal(jax.random.key(1), (8, 4))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> layers = gsgd_jax.infer_layers(params)
+    >>> params = gsgd_jax.set_skeleton(params, layers)
+    >>> rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(2))  # same function
+    >>> loss = lambda p: jnp.mean((model.apply(p, x) - 1.0) ** 2)
+    >>> def train(tx, p, steps=5):
+    ...   step = jax.jit(lambda p, state: tx.update(jax.grad(loss)(p), state, p))
+    ...   state = tx.init(p)
+    ...   for _ in range(steps):
+    ...     updates, state = step(p, state)
+    ...     p = optax.apply_updates(p, updates)
+    ...   return p
+    >>> def gap(tx):  # largest output difference after training from the two starts
+    ...   return float(jnp.abs(model.apply(train(tx, params), x)
+    ...                        - model.apply(train(tx, rescaled), x)).max())
+    >>> print(gap(gsgd_jax.g_momentum(0.01, 0.9, layers=layers)) < 1e-4,
+    ...       gap(optax.sgd(0.01, 0.9)) < 1e-4)
+    True False
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
@@ -158,11 +179,17 @@ def g_adam(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
     >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
-    >>> tx = gsgd_jax.g_adam(1e-3, layers=['l0', 'l1'])
+    >>> layers = ['l0', 'l1']
+    >>> tx = gsgd_jax.g_adam(1e-3, layers=layers)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
+    >>> print(jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel']).round(6).T)  # first step: lr
+    [[0.001 0.001 0.001 0.001]
+     [0.001 0.001 0.001 0.001]]
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
@@ -213,11 +240,17 @@ def g_adamw(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
     >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
-    >>> tx = gsgd_jax.g_adamw(1e-3, weight_decay=1e-2, layers=['l0', 'l1'])
-    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> layers = ['l0', 'l1']
+    >>> tx = gsgd_jax.g_adamw(0.1, weight_decay=0.5, layers=layers)
+    >>> grads = jax.tree.map(jnp.zeros_like, params)  # decay alone
     >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
+    >>> print((new_v['l1']['kernel'] / v['l1']['kernel']).round(6).T)  # 1 - 0.1 * 0.5
+    [[0.95 0.95 0.95 0.95]
+     [0.95 0.95 0.95 0.95]]
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively
@@ -264,11 +297,17 @@ def g_rmsprop(
     An ``optax.GradientTransformationExtraArgs``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> import jax, jax.numpy as jnp, optax, gsgd_jax
     >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
-    >>> tx = gsgd_jax.g_rmsprop(1e-3, layers=['l0', 'l1'])
+    >>> layers = ['l0', 'l1']
+    >>> tx = gsgd_jax.g_rmsprop(1e-3, layers=layers)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
+    >>> step = jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel'])
+    >>> print(round(float(step.min()) / 1e-3, 2), round(float(step.max()) / 1e-3, 2))
+    3.16 3.16
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsgd_jax._src.structure import ChainStructure, LayerSpec
+from gsgd_jax._src.structure import ChainStructure, LayerSpec, defined
 
 Array = jax.Array
 
@@ -211,16 +211,15 @@ def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -
   specs, depth = struct.layers, struct.depth
   back = [jnp.ones(specs[0].n_in, dtype)]
   for k in range(depth - 1):
-    w_in = incoming_skeleton(kernels[k], specs[k], struct.pi[k]).astype(dtype)
+    w_in = incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])).astype(dtype)
     back.append(periodic(back[k], specs[k].n_out) * w_in)
   back.append(jnp.ones(specs[-1].n_out, dtype))  # outputs: never used as a tail
-  forward = [None] * (depth + 1)
-  forward[depth] = jnp.ones(specs[-1].n_out, dtype)
+  forward = [jnp.ones(specs[-1].n_out, dtype)]  # built from the outputs back
   for k in range(depth - 1, 0, -1):
-    w_out = outgoing_skeleton(kernels[k], specs[k], struct.sigma[k]).astype(dtype)
-    forward[k] = w_out * periodic(forward[k + 1], specs[k].n_in)
-  forward[0] = jnp.ones(specs[0].n_in, dtype)  # inputs: never used as a head
-  return SkeletonProducts(tuple(back), tuple(forward))
+    w_out = outgoing_skeleton(kernels[k], specs[k], defined(struct.sigma[k])).astype(dtype)
+    forward.append(w_out * periodic(forward[-1], specs[k].n_in))
+  forward.append(jnp.ones(specs[0].n_in, dtype))  # inputs: never used as a head
+  return SkeletonProducts(tuple(back), tuple(reversed(forward)))
 
 
 def basis_values(
@@ -266,7 +265,7 @@ def node_sums(
   """
   inputs_and_taps = tuple(range(kernel.ndim - 1))
   total = replicated(jnp.sum(kernel.astype(dtype) * grad.astype(dtype), axis=inputs_and_taps))
-  if bias is not None:
+  if bias is not None and bias_grad is not None:
     total += replicated(bias.astype(dtype) * bias_grad.astype(dtype))
   return total
 
@@ -310,19 +309,20 @@ def inverse_chain_rule(
   products = skeleton_products(struct, kernels, ct)
 
   # P recurrence over hidden levels 1..L-1; one column reduction per layer.
-  carried = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
+  carried: list[Array | None] = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
   p_prev = None
   for k in range(depth - 1):
-    spec, pi = specs[k], struct.pi[k]
-    if probe_sums is not None and probe_sums[k] is not None:
-      p = replicated(probe_sums[k].astype(ct))
+    spec, pi = specs[k], defined(struct.pi[k])
+    probe_sum = None if probe_sums is None else probe_sums[k]
+    if probe_sum is not None:
+      p = replicated(probe_sum.astype(ct))
     else:
       p = node_sums(kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
     p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
       kernel_grads[k], spec, pi
     ).astype(ct)
     if p_prev is not None:
-      p += jnp.where(struct.loops_back[k], periodic(p_prev, spec.n_out), 0)
+      p += jnp.where(defined(struct.loops_back[k]), periodic(p_prev, spec.n_out), 0)
     # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
     carried[k + 1] = p / (_usable(products.back[k + 1]) * _usable(products.forward[k + 1]))
     p_prev = p
@@ -331,9 +331,9 @@ def inverse_chain_rule(
   for k, spec in enumerate(specs):
     inv_back, inv_fwd = reciprocal(products.back[k]), reciprocal(products.forward[k + 1])
     gv = kernel_grads[k].astype(ct) * rows(inv_back, spec) * cols(inv_fwd)
-    out = outgoing_mask(spec, struct.sigma[k])
-    if out is not None:
-      gv -= jnp.where(out, rows(carried[k], spec), 0)
+    out, carried_in = outgoing_mask(spec, struct.sigma[k]), carried[k]
+    if out is not None and carried_in is not None:  # both exist from level 1 on
+      gv -= jnp.where(out, rows(carried_in, spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
@@ -379,12 +379,11 @@ def weight_allocation(
   """
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
-  q = [None] * (depth + 1)
-  q[depth] = jnp.ones(specs[-1].n_out, ct)
+  q: dict[int, Array] = {depth: jnp.ones(specs[-1].n_out, ct)}
   num_clipped = jnp.zeros((), jnp.int32)
-  skeleton_steps = [None] * depth  # per level: the outgoing skeleton steps taken
+  skeleton_steps: dict[int, Array] = {}  # per level 1..L-1: the outgoing skeleton steps taken
   for k in range(depth - 1, 0, -1):
-    spec, sigma = specs[k], struct.sigma[k]
+    spec, sigma, out_fixed = specs[k], defined(struct.sigma[k]), defined(struct.out_fixed[k])
     dv_out = outgoing_skeleton(kernel_steps[k], spec, sigma).astype(ct)
     inv_path_value = 1 / (
       _usable(products.back[k]) * _usable(products.forward[k])
@@ -392,32 +391,33 @@ def weight_allocation(
     ratio = 1 + dv_out * inv_path_value
     if ratio_clip is not None:
       clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
-      moved = ~struct.out_fixed[k] & (jnp.isnan(ratio) | (clipped != ratio))
+      moved = ~out_fixed & (jnp.isnan(ratio) | (clipped != ratio))
       num_clipped += jnp.sum(moved, dtype=jnp.int32)
       ratio = clipped
     # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
     # degenerate chain), or the forward chain through it would not be rescaled
     # by exactly Q.
     skeleton_steps[k] = (ratio - 1) / _divisor(inv_path_value)
-    q[k] = jnp.where(struct.out_fixed[k], periodic(q[k + 1], spec.n_in), ratio)
+    q[k] = jnp.where(out_fixed, periodic(q[k + 1], spec.n_in), ratio)
 
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
     shrink = (1 - q[k + 1]) / q[k + 1]  # 1/Q - 1
     w = kernels[k].astype(ct)
     dv = kernel_steps[k].astype(ct)
-    if skeleton_steps[k] is not None:
-      dv = jnp.where(outgoing_mask(spec, struct.sigma[k]), rows(skeleton_steps[k], spec), dv)
+    out = outgoing_mask(spec, struct.sigma[k])
+    if out is not None:
+      dv = jnp.where(out, rows(skeleton_steps[k], spec), dv)
     inv_fwd = 1 / (q[k + 1] * _usable(products.forward[k + 1]))  # 1 / (Q F)
     du = w * cols(shrink) + dv * rows(reciprocal(products.back[k]), spec) * cols(inv_fwd)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
     updates.append(du.astype(kernels[k].dtype))
-    b = biases[k]
-    if b is None:
+    b, bias_step = biases[k], bias_steps[k]
+    if b is None or bias_step is None:
       bias_updates.append(None)
     else:
-      db = b.astype(ct) * shrink + bias_steps[k].astype(ct) * inv_fwd
+      db = b.astype(ct) * shrink + bias_step.astype(ct) * inv_fwd
       bias_updates.append(db.astype(b.dtype))
   return updates, bias_updates, num_clipped

@@ -123,15 +123,20 @@ class Declaration:
             "together, so a declared layer's kernel and bias must go to the same "
             "transformation; build the mask or labels with gsgd_jax.block_labels."
           )
-      if len(block) == 1:
-        warnings.warn(
-          f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
-          "hidden nodes, so path space gives it the inner transformation on its "
-          "weights as they are. To declare one chain, list its paths in one flat "
-          f"sequence. Accepted forms: {FORMS}",
-          stacklevel=5,
-        )
     return blocks
+
+
+def warn_one_layer_blocks(blocks: Blocks) -> None:
+  """Warns for each block of one layer: it has no hidden nodes, so no symmetry to use."""
+  for block in blocks:
+    if len(block) == 1:
+      warnings.warn(
+        f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
+        "hidden nodes, so path space gives it the inner transformation on its "
+        "weights as they are. To declare one chain, list its paths in one flat "
+        f"sequence. Accepted forms: {FORMS}",
+        stacklevel=4,
+      )
 
 
 # What the public functions take as ``layers``: one chain of paths or several blocks.
@@ -156,7 +161,9 @@ def as_declaration(layers: Any) -> Declaration:
   text = repr(entries)
   if not entries:
     raise ValueError("`layers` is empty: declare at least one layer")
-  key_lists = [isinstance(e, list) and all(map(_is_key, e)) for e in entries]
+  # A list of plain keys is a path or a block of paths: the tree decides. (A tuple of
+  # keys is always a path.)
+  key_lists = [isinstance(e, list) and bool(e) and all(map(_is_key, e)) for e in entries]
   readings: list[Blocks] = []
   if all(_is_path(e) or is_keys for e, is_keys in zip(entries, key_lists, strict=True)):
     if not any(key_lists):
@@ -164,7 +171,7 @@ def as_declaration(layers: Any) -> Declaration:
     elif all(key_lists):  # blocks of paths, or one chain of paths written as lists
       readings.append(tuple(_block(e) for e in entries))
       readings.append((tuple(_path(e) for e in entries),))
-    else:  # some paths are written as lists: one chain
+    else:  # paths beside paths written as lists: one chain
       readings.append((tuple(_path(e) for e in entries),))
   elif all(
     (isinstance(e, (list, tuple)) and not _is_path(e)) or is_keys

@@ -6,13 +6,14 @@ import re
 from typing import Any
 
 import numpy as np
+import optax
 
 from gsgd_jax._src import pytree, structure
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
 
 
-def infer_layers(params: Any) -> list[tuple[str | int, ...]]:
+def infer_layers(params: optax.Params) -> list[tuple[str | int, ...]]:
   """Infers the ordered layer paths of a Flax MLP or plain CNN from its names.
 
   Recognises layers numbered in their last key: Linen's ``Dense_0, Dense_1,

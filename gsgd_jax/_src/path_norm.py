@@ -67,6 +67,14 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
 
   Returns:
     A pytree shaped like ``params`` in the params' dtypes.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
+    ...           'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> scales = gsgd_jax.path_norm_scales(params, ['l0', 'l1'])
+    >>> print(scales['l0']['kernel'][0], scales['l1']['kernel'][:, 0], scales['l0']['bias'])
+    [2. 2. 2. 2.] [3. 3. 3. 3.] [2. 2. 2. 2.]
   """
   blocks = structure.build_structure(params, layers)
 
@@ -109,6 +117,15 @@ def scale_by_path_norm(
 
   Returns:
     An ``optax.GradientTransformation`` that needs ``params``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((3, 4))}, 'l1': {'kernel': jnp.ones((4, 2))}}
+    >>> tx = gsgd_jax.scale_by_path_norm(['l0', 'l1'])
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> scaled, _ = tx.update(grads, tx.init(params), params)
+    >>> print(scaled['l0']['kernel'][0], scaled['l1']['kernel'][:, 0].round(4))  # 1/2, 1/3
+    [0.5 0.5 0.5 0.5] [0.3333 0.3333 0.3333 0.3333]
   """
 
   decl = declaration.as_declaration(layers)  # read once
@@ -174,6 +191,8 @@ def path_sgd(
     >>> tx = gsgd_jax.path_sgd(0.1, layers=['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(updates['l0']['kernel'][0].round(4), updates['l1']['kernel'][:, 0].round(4))
+    [-0.05 -0.05 -0.05 -0.05] [-0.0333 -0.0333 -0.0333 -0.0333]
 
   References:
     Neyshabur, Salakhutdinov and Srebro, `Path-SGD: Path-Normalized

@@ -29,6 +29,14 @@ def rescale(
   Returns:
     ``params`` with every node ``j`` of a rescaled level multiplied on its
     incoming weights and bias, and divided on its outgoing weights.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((2, 3))}, 'l1': {'kernel': jnp.ones((3, 1))}}
+    >>> factors = [[None, jnp.array([2.0, 4.0, 0.5]), None]]  # one block: levels 0, 1, 2
+    >>> params = gsgd_jax.rescale(params, ['l0', 'l1'], factors)
+    >>> params['l0']['kernel'].tolist(), params['l1']['kernel'].tolist()
+    ([[2.0, 4.0, 0.5], [2.0, 4.0, 0.5]], [[0.5], [0.25], [2.0]])
   """
   blocks = structure.build_structure(params, layers)
 
@@ -75,6 +83,19 @@ def random_rescale(
 
   Returns:
     The rescaled params.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> layers = gsgd_jax.infer_layers(params)
+    >>> rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(1))
+    >>> bool(jnp.allclose(model.apply(rescaled, x), model.apply(params, x), atol=1e-5))
+    True
+    >>> bool(jnp.allclose(rescaled['params']['layers_0']['kernel'],
+    ...                   params['params']['layers_0']['kernel']))
+    False
   """
   blocks = structure.build_structure(params, layers)
   factors = []

@@ -35,6 +35,13 @@ def skeleton_mask(params: optax.Params, layers: LayerPaths, which: str = "fixed"
 
   Returns:
     A pytree of boolean arrays; biases and leaves outside ``layers`` are False.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.ones((2, 3))}, 'l1': {'kernel': jnp.ones((3, 2))}}
+    >>> fixed = gsgd_jax.skeleton_mask(params, ['l0', 'l1'])
+    >>> fixed['l0']['kernel'].tolist(), fixed['l1']['kernel'].any().item()
+    ([[True, False, True], [False, True, False]], False)
   """
   if which not in ("fixed", "all"):
     raise ValueError(f"`which` must be 'fixed' or 'all', got {which!r}")
@@ -69,6 +76,15 @@ def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -
 
   Returns:
     ``params`` with the skeleton weights replaced.
+
+  Example:
+    >>> import jax.numpy as jnp, gsgd_jax
+    >>> params = {'l0': {'kernel': jnp.full((2, 3), 0.5)}, 'l1': {'kernel': jnp.full((3, 2), 0.5)}}
+    >>> params = gsgd_jax.set_skeleton(params, ['l0', 'l1'])
+    >>> params['l0']['kernel'].tolist()  # incoming skeleton edges j mod 2 -> j
+    [[1.0, 0.5, 1.0], [0.5, 1.0, 0.5]]
+    >>> params['l1']['kernel'].tolist()  # outgoing skeleton edges a -> a mod 2
+    [[1.0, 0.5], [0.5, 1.0], [1.0, 0.5]]
   """
   if value == 0:
     raise ValueError(

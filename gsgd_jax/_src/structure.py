@@ -128,6 +128,13 @@ class ChainStructure:
     return self.num_weights - self.num_hidden
 
 
+def defined(table: np.ndarray | None) -> np.ndarray:
+  """An index table at a level where it exists (the ends of a chain have None)."""
+  if table is None:
+    raise ValueError("internal: skeleton table used at a chain's input or output level")
+  return table
+
+
 def _layer_spec(
   path: Path, kernel_shape: tuple[int, ...], has_bias: bool, prev: LayerSpec | None
 ) -> LayerSpec:
@@ -189,13 +196,13 @@ def chain_structure(signature: Signature) -> ChainStructure:
   out_fixed = tuple(
     None
     if k == 0
-    else (pi[k][sigma[k]] == np.arange(s.n_in))
+    else (defined(pi[k])[defined(sigma[k])] == np.arange(s.n_in))
     if k < depth - 1
     else np.zeros(s.n_in, bool)
     for k, s in enumerate(specs)
   )
   loops_back = tuple(
-    (sigma[k][pi[k]] == np.arange(s.n_out)) if 1 <= k < depth - 1 else None
+    (defined(sigma[k])[defined(pi[k])] == np.arange(s.n_out)) if 1 <= k < depth - 1 else None
     for k, s in enumerate(specs)
   )
   for table in (*pi, *sigma, *out_fixed, *loops_back):
@@ -268,4 +275,6 @@ def build_structure(
         for name, k, b in zip(block, slots.kernel, slots.bias, strict=True)
       )
     )
-  return _build(tuple(signatures))
+  built = _build(tuple(signatures))  # raises on layers that do not chain, before warning
+  declaration.warn_one_layer_blocks(blocks)
+  return built

@@ -221,11 +221,18 @@ def path_space(
     >>> params = {'l0': {'kernel': jnp.ones((3, 4))},
     ...           'l1': {'kernel': jnp.ones((4, 2)), 'bias': jnp.zeros(2)},
     ...           'scale': jnp.ones(2)}
-    >>> tx = gsgd_jax.path_space(optax.adam(1e-2), layers=['l0', 'l1'])
+    >>> layers = ['l0', 'l1']
+    >>> tx = gsgd_jax.path_space(optax.adam(1e-2), layers=layers)
     >>> state = tx.init(params)
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
+    >>> new_params = optax.apply_updates(params, updates)
+    >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
+    >>> step = jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel'])
+    >>> print(step.min().round(6), step.max().round(6))  # Adam's first step: lr on every path
+    0.01 0.01
+    >>> print(new_params['scale'].round(6), int(state.clipped_ratios))  # 'scale': Adam on weights
+    [0.99 0.99] 0
 
   References:
     Meng et al., `G-SGD: Optimizing ReLU Neural Networks in its Positively

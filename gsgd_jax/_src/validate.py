@@ -34,23 +34,25 @@ def _default_rtol(dtype: Any) -> float:
 def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
   """Every floating leaf times ``exp(U(-log_range, log_range))`` elementwise plus
   Gaussian noise of half its RMS (0.1 for an all-zero leaf); leaves named
-  ``var`` (BatchNorm's running variance) only multiplied, so they stay positive."""
+  ``var`` (BatchNorm's running variance) only multiplied, so they stay positive.
+
+  The draws come from NumPy, seeded from ``key``: a check that runs once needs no
+  compiled random-number program per leaf shape.
+  """
   paths, leaves, treedef = pytree.leaf_paths(params)
-  keys = jax.random.split(key, 2 * max(len(leaves), 1))
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key) if typed else key).ravel())
   out = []
-  for i, (path, leaf) in enumerate(zip(paths, leaves, strict=True)):
+  for path, leaf in zip(paths, leaves, strict=True):
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       out.append(leaf)
       continue
-    x = jnp.asarray(leaf)
-    wide = x.astype(jnp.float32)
-    factor = jnp.exp(jax.random.uniform(keys[2 * i], x.shape, jnp.float32, -log_range, log_range))
-    moved = wide * factor
+    wide = np.asarray(leaf, np.float64)
+    moved = wide * np.exp(rng.uniform(-log_range, log_range, wide.shape))
     if not (path and path[-1] == "var"):
-      rms = jnp.sqrt(jnp.mean(jnp.square(wide))) if x.size else 0.0
-      noise_scale = jnp.where(rms > 0, 0.5 * rms, 0.1)
-      moved = moved + noise_scale * jax.random.normal(keys[2 * i + 1], x.shape, jnp.float32)
-    out.append(moved.astype(x.dtype))
+      rms = float(np.sqrt(np.mean(np.square(wide)))) if wide.size else 0.0
+      moved = moved + (0.5 * rms if rms > 0 else 0.1) * rng.standard_normal(wide.shape)
+    out.append(jnp.asarray(moved, jnp.result_type(leaf)))
   return treedef.unflatten(out)
 
 
@@ -197,14 +199,11 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
     kernels = [jnp.asarray(w) for w in kernels]
     for k, spec in enumerate(block.layers):
       entries = []
-      if block.pi[k] is not None:
-        entries.append(
-          ("incoming", "output", basis.incoming_skeleton(kernels[k], spec, block.pi[k]))
-        )
-      if block.sigma[k] is not None:
-        entries.append(
-          ("outgoing", "input", basis.outgoing_skeleton(kernels[k], spec, block.sigma[k]))
-        )
+      pi, sigma = block.pi[k], block.sigma[k]
+      if pi is not None:
+        entries.append(("incoming", "output", basis.incoming_skeleton(kernels[k], spec, pi)))
+      if sigma is not None:
+        entries.append(("outgoing", "input", basis.outgoing_skeleton(kernels[k], spec, sigma)))
       tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
       for kind, side, values in entries:
         magnitude = np.abs(np.asarray(values, np.float64))
@@ -275,6 +274,16 @@ def verify_probes(
   Raises:
     ValueError: when no declared layer has a probe, or naming the first layer
       whose probe gradient does not match.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
+    >>> from gsgd_jax import probes
+    >>> model = nn.Sequential([probes.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x = jnp.ones((4, 3))
+    >>> params = model.init(jax.random.key(0), x)
+    >>> loss = lambda p: jnp.sum(model.apply(p, x) ** 2)
+    >>> gsgd_jax.verify_probes(loss, params, gsgd_jax.infer_layers(params)) < 1e-4
+    True
   """
   key = jax.random.key(0) if key is None else key
   blocks = structure.build_structure(params, layers)

@@ -1,0 +1,447 @@
+"""The set-ups several test files build: networks with data and a loss, Flax models, optimizers.
+
+``reference.py`` is the independent float64 oracle and stays free of set-up code; this module
+builds the problems the tests run the library and the oracle on:
+
+* ``make_mlp`` and ``mlp``: dense ReLU chains of given widths, with or without biases, with
+  regression data (random targets or a teacher network's) and a squared-error loss;
+* ``CNNS`` and ``cnn``: plain ReLU convolutional networks (convolutions, pooling, flatten or
+  global pooling, dense read-out) written with ``jax.lax``, with their reference views;
+* ``LinenMLP``, ``NNXMLP``, ``LinenCNN`` and ``NNXCNN``: the Flax models, and ``linen``: a
+  Linen model's problem in float64;
+* ``two_blocks``: two independent chains with leaves outside both, for blocks and fallbacks;
+* ``OPTIMIZERS`` and ``make_optimizer``: the public optimizers and the hyperparameters the
+  invariance, conformance, sharding and memory tests run them with.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference as ref
+from flax import nnx
+
+import gsgd_jax
+
+
+class Problem(NamedTuple):
+  """A network with its data; ``loss(params)`` is the squared error of
+  ``forward(params, x)`` against ``y``."""
+
+  params: dict
+  layers: list  # [(name,), ...] in forward order
+  loss: Callable[[Any], jax.Array]
+  forward: Callable[[Any, jax.Array], jax.Array]
+  x: jax.Array
+  y: jax.Array
+  widths: tuple[int, ...] = ()  # nodes per level: units, or channels
+  # Per layer (taps, skeleton tap, n_in, n_out): the (taps, n_in, n_out) view of its kernel
+  # that reference.py computes on; (1, 0, n_in, n_out) for a dense layer.
+  taps: Sequence[tuple[int, int, int, int]] = ()
+
+
+def squared_error(forward, x, y, reduce=jnp.mean):
+  """``reduce((forward(p, x) - y) ** 2)``, in float32 at least (float16 and bfloat16
+  networks)."""
+
+  def loss(p):
+    out = forward(p, x)
+    dtype = jnp.promote_types(out.dtype, jnp.float32)
+    return reduce((out.astype(dtype) - y.astype(dtype)) ** 2)
+
+  return loss
+
+
+# ----------------------------------------------------------------------------
+# Dense chains.
+
+
+def make_mlp(key, widths, bias=True, dtype=jnp.float64, layer_names=None):
+  """Random params ``{'Dense_k': {'kernel', 'bias'}}`` (random signs, scale
+  ``1/sqrt(fan-in)``, biases 0.1 N(0, 1)) and the layers ``[('Dense_k',), ...]``."""
+  params = {}
+  names = layer_names or [f"Dense_{k}" for k in range(len(widths) - 1)]
+  for k, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+    key, k1, k2 = jax.random.split(key, 3)
+    layer = {"kernel": (jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
+    if bias:
+      layer["bias"] = (0.1 * jax.random.normal(k2, (n_out,))).astype(dtype)
+    params[names[k]] = layer
+  return params, [(n,) for n in names]
+
+
+def mlp(
+  widths,
+  *,
+  bias=True,
+  seed=0,
+  dtype=jnp.float64,
+  skeleton=False,
+  batch=32,
+  reduce=jnp.mean,
+  teacher=False,
+  output_scale=False,
+):
+  """A ReLU MLP of ``widths`` (``make_mlp(key(seed))``) on ``batch`` inputs N(0, 1).
+
+  ``skeleton``: skeleton weights set to 1 (``gsgd_jax.set_skeleton``), as the authors
+  train. Targets are N(0, 1), or with ``teacher`` the outputs of another random MLP of
+  the same widths (a function the network can fit). ``output_scale`` adds a leaf
+  ``'scale'`` (ones) outside the layers that multiplies the outputs: something for a
+  fallback, a mask or a partition to handle.
+  """
+  params, layers = make_mlp(jax.random.key(seed), widths, bias, dtype)
+  if skeleton:
+    params = gsgd_jax.set_skeleton(params, layers)
+  x = jax.random.normal(jax.random.key(seed + 1), (batch, widths[0]))
+  if teacher:
+    y = ref.forward(make_mlp(jax.random.key(seed + 9), widths)[0], layers, x)
+  else:
+    y = jax.random.normal(jax.random.key(seed + 2), (batch, widths[-1]))
+  x, y = x.astype(dtype), y.astype(dtype)
+  if output_scale:
+    params["scale"] = jnp.ones(widths[-1], dtype)
+    forward = lambda p, x: ref.forward(p, layers, x) * p["scale"]
+  else:
+    forward = lambda p, x: ref.forward(p, layers, x)
+  taps = [(1, 0, a, b) for a, b in itertools.pairwise(widths)]
+  loss = squared_error(forward, x, y, reduce)
+  return Problem(params, layers, loss, forward, x, y, tuple(widths), taps)
+
+
+# Equal, expanding, narrowing, width 1 and depths 1-6.
+WIDTHS = [
+  (5, 3),
+  (3, 4, 2),
+  (4, 4, 4, 4),
+  (3, 8, 8, 2),
+  (8, 5, 3, 2),
+  (2, 3, 7, 12, 4),
+  (3, 2, 7, 1, 4),
+  (1, 1, 1, 1),
+  (2, 1, 5, 1),
+  (4, 6, 6, 6, 6, 6, 3),
+  (7, 3, 9, 2, 6, 4, 5),
+]
+
+
+# ----------------------------------------------------------------------------
+# Plain ReLU CNNs written with jax.lax.
+#
+# Each net: input shape (H, W, C), biases or not, then ops. ('conv', kh, kw, c_out, stride,
+# padding), ('pool', kind, window, stride, padding), ('flatten',), ('gap',), ('dense', n_out).
+CNNS = {
+  # 3x3 SAME, max pool, 3x3 VALID into unequal channels, flatten (S = 4) into dense.
+  "same-max-valid-flatten": (
+    (8, 8, 3),
+    True,
+    [
+      ("conv", 3, 3, 4, 1, "SAME"),
+      ("pool", "max", 2, 2, "VALID"),
+      ("conv", 3, 3, 6, 1, "VALID"),
+      ("flatten",),
+      ("dense", 5),
+      ("dense", 3),
+    ],
+  ),
+  # 1x1, 3x3 stride 2, avg pool, 5x5 SAME, flatten (S = 16) into dense; no biases.
+  "1x1-stride2-avg-5x5": (
+    (9, 9, 2),
+    False,
+    [
+      ("conv", 1, 1, 5, 1, "SAME"),
+      ("conv", 3, 3, 3, 2, "SAME"),
+      ("pool", "avg", 2, 1, "VALID"),
+      ("conv", 5, 5, 4, 1, "SAME"),
+      ("flatten",),
+      ("dense", 2),
+    ],
+  ),
+  # 5x5 stride 2 VALID, 1x1, global average pool, dense (no flatten taps).
+  "5x5-stride2-gap": (
+    (7, 7, 3),
+    True,
+    [("conv", 5, 5, 6, 2, "VALID"), ("conv", 1, 1, 6, 1, "SAME"), ("gap",), ("dense", 4)],
+  ),
+  # Rectangular 3x1 window and a 1-D flatten of S = 3 positions.
+  "3x1-flatten": (
+    (5, 3, 2),
+    True,
+    [("conv", 3, 1, 3, 1, "SAME"), ("conv", 3, 1, 2, (2, 1), "VALID"), ("flatten",), ("dense", 2)],
+  ),
+}
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class _Level(NamedTuple):
+  """The shape of the activations between two ops."""
+
+  h: int
+  w: int
+  c: int  # channels, or units after a flatten or a dense layer
+  conv_channels: int | None  # channels of the last convolution, until a dense layer
+
+
+def _conv(op, level):
+  """A convolution: (kernel shape, taps entry, step, next level)."""
+  _, kh, kw, c_out, stride, padding = op
+  strides = (stride, stride) if isinstance(stride, int) else stride
+  step = lambda x, layer: (
+    jax.lax.conv_general_dilated(x, layer["kernel"], strides, padding, dimension_numbers=NHWC)
+    + layer.get("bias", 0.0)
+  )
+  kernel = (kh, kw, level.c, c_out)
+  out = jax.eval_shape(
+    step, jnp.zeros((1, level.h, level.w, level.c)), {"kernel": jnp.zeros(kernel)}
+  )
+  taps = (kh * kw, (kh // 2) * kw + kw // 2, level.c, c_out)
+  return kernel, taps, step, _Level(*out.shape[1:3], c_out, c_out)
+
+
+def _dense(op, level):
+  """A dense layer: (kernel shape, taps entry, step, next level). After a flatten its
+  rows are positions x channels: one tap per position."""
+  n_out, c, channels = op[1], level.c, level.conv_channels
+  if channels is not None and c != channels:
+    positions = c // channels
+    taps = (positions, positions // 2, channels, n_out)
+  else:
+    taps = (1, 0, c, n_out)
+  step = lambda x, layer: x @ layer["kernel"] + layer.get("bias", 0.0)
+  return (c, n_out), taps, step, level._replace(c=n_out, conv_channels=None)
+
+
+def _pool(op, level):
+  """A max or average pool (VALID): (step, next level)."""
+  _, kind, window, stride, padding = op
+  dims, steps = (1, window, window, 1), (1, stride, stride, 1)
+  if kind == "max":
+    step = lambda x, _: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims, steps, padding)
+  else:
+    step = lambda x, _: jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, steps, padding) / window**2
+  size = lambda n: (n - window) // stride + 1
+  return step, level._replace(h=size(level.h), w=size(level.w))
+
+
+def _flatten(_op, level):
+  return lambda x, _: x.reshape(x.shape[0], -1), level._replace(c=level.h * level.w * level.c)
+
+
+def _global_average_pool(_op, level):
+  return lambda x, _: x.mean(axis=(1, 2)), level
+
+
+LAYER_OPS = {"conv": ("Conv", _conv), "dense": ("Dense", _dense)}
+SHAPE_OPS = {"pool": _pool, "flatten": _flatten, "gap": _global_average_pool}
+
+
+def _layer_params(key, kernel_shape, bias):
+  """Kernel N(0, 1/fan-in), bias 0.1 N(0, 1); returns the next key too."""
+  key, k1, k2 = jax.random.split(key, 3)
+  layer = {"kernel": jax.random.normal(k1, kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1]))}
+  if bias:
+    layer["bias"] = 0.1 * jax.random.normal(k2, kernel_shape[-1:])
+  return key, layer
+
+
+def cnn(name, seed=0, batch=6):
+  """The CNN ``CNNS[name]`` with random weights, ``batch`` random images and targets."""
+  shape, bias, ops = CNNS[name]
+  key = jax.random.key(seed)
+  level = _Level(*shape, conv_channels=None)
+  params, layers, taps, plan = {}, [], [], []
+  for op in ops:
+    if op[0] in LAYER_OPS:
+      prefix, make = LAYER_OPS[op[0]]
+      layer_name = f"{prefix}_{sum(n.startswith(prefix) for n in params)}"
+      kernel_shape, tap, step, level = make(op, level)
+      key, params[layer_name] = _layer_params(key, kernel_shape, bias)
+      layers.append((layer_name,))
+      taps.append(tap)
+    else:
+      layer_name = None
+      step, level = SHAPE_OPS[op[0]](op, level)
+    plan.append((step, layer_name))
+  last = max(i for i, (_, layer_name) in enumerate(plan) if layer_name is not None)
+
+  def forward(p, x):
+    for i, (step, layer_name) in enumerate(plan):
+      x = step(x, None if layer_name is None else p[layer_name])
+      if layer_name is not None and i < last:
+        x = jax.nn.relu(x)
+    return x
+
+  widths = (taps[0][2], *(t[3] for t in taps))
+  x = jax.random.normal(jax.random.key(seed + 10), (batch, *shape))
+  y = jax.random.normal(jax.random.key(seed + 11), (batch, widths[-1]))
+  return Problem(params, layers, squared_error(forward, x, y), forward, x, y, widths, taps)
+
+
+def views(tree, problem):
+  """The kernels of ``tree`` as reference views ``(taps, n_in, n_out)`` and its biases
+  (None where a layer has none)."""
+  kernels = [
+    jnp.asarray(tree[n]["kernel"]).reshape(t, a, b)
+    for (n,), (t, _, a, b) in zip(problem.layers, problem.taps, strict=True)
+  ]
+  return kernels, [tree[n].get("bias") for (n,) in problem.layers]
+
+
+# ----------------------------------------------------------------------------
+# Two blocks and leaves outside them.
+
+BLOCKS = [["a0", "a1"], ["b0", "b1", "b2"]]
+
+
+def two_blocks(seed=0):
+  """Two independent chains, ``a`` (5 -> 7 -> 6) and ``b`` (6 -> 8 -> 4 -> 3), joined by a
+  ReLU and a per-unit ``'scale'``, then a ``'shift'`` of the outputs: leaves outside
+  both blocks. Skeletons set, batch of 16."""
+  a, _ = make_mlp(jax.random.key(seed), (5, 7, 6), layer_names=["a0", "a1"])
+  b, _ = make_mlp(jax.random.key(seed + 1), (6, 8, 4, 3), layer_names=["b0", "b1", "b2"])
+  params = {**a, **b, "scale": jnp.linspace(0.5, 1.5, 6), "shift": jnp.zeros(3)}
+  params = gsgd_jax.set_skeleton(params, BLOCKS)
+  x = jax.random.normal(jax.random.key(seed + 2), (16, 5))
+  y = jax.random.normal(jax.random.key(seed + 3), (16, 3))
+
+  def forward(p, x):
+    h = ref.forward(p, [("a0",), ("a1",)], x)
+    h = jax.nn.relu(h) * p["scale"]  # between blocks: outside both, like a norm scale
+    return ref.forward(p, [("b0",), ("b1",), ("b2",)], h) + p["shift"]
+
+  return Problem(params, BLOCKS, squared_error(forward, x, y), forward, x, y)
+
+
+# ----------------------------------------------------------------------------
+# Flax models.
+
+
+def linen(model, x_shape, seed=0):
+  """A Linen ``model`` in float64 on ``x_shape`` inputs N(0, 1) and targets N(0, 1):
+  layers inferred, skeleton set, and every bias shifted by 0.1 (non-zero biases)."""
+  x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(seed + 1), x))
+  layers = gsgd_jax.infer_layers(params)
+  params = gsgd_jax.set_skeleton(params, layers)
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params
+  )
+  out = jax.eval_shape(model.apply, params, x)
+  y = jax.random.normal(jax.random.key(seed + 2), out.shape, jnp.float64)
+  return Problem(params, layers, squared_error(model.apply, x, y), model.apply, x, y)
+
+
+class LinenMLP(nn.Module):
+  """ReLU MLP with hidden widths ``widths[:-1]`` and ``widths[-1]`` outputs."""
+
+  widths: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for w in self.widths[:-1]:
+      x = nn.relu(nn.Dense(w)(x))
+    return nn.Dense(self.widths[-1])(x)
+
+
+class NNXMLP(nnx.Module):
+  """ReLU MLP of ``widths`` (inputs first) in an ``nnx.List`` named ``layers``."""
+
+  def __init__(self, widths, rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = nnx.relu(layer(x))
+    return self.layers[-1](x)
+
+
+class LinenCNN(nn.Module):
+  """Two 3x3 convolutions (a max pool, a stride), a flatten of 4 positions, two dense
+  layers; for 8x8 images of one channel."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(3)(x)
+
+
+class NNXCNN(nnx.Module):
+  """Two 3x3 convolutions (the second with stride 2) and a flatten into a dense head; for
+  8x8 images of one channel."""
+
+  def __init__(self, rngs):
+    self.convs = nnx.List(
+      [nnx.Conv(1, 6, (3, 3), rngs=rngs), nnx.Conv(6, 4, (3, 3), strides=2, rngs=rngs)]
+    )
+    self.head = nnx.List([nnx.Linear(64, 3, rngs=rngs)])
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.relu(conv(x))
+    return self.head[0](x.reshape(x.shape[0], -1))
+
+
+# ----------------------------------------------------------------------------
+# The optimizers.
+
+
+class Optimizer(NamedTuple):
+  factory: Callable[..., Any]  # factory(**hyper, layers=...)
+  hyper: dict[str, Any]
+  # How many trees shaped like the params its state keeps (momentum, Adam's two moments):
+  # what optax.tree_map_params maps.
+  param_trees: int
+
+
+OPTIMIZERS = {
+  "gsgd": Optimizer(gsgd_jax.gsgd, {"learning_rate": 0.05}, 0),
+  "g_momentum": Optimizer(gsgd_jax.g_momentum, {"learning_rate": 0.01, "momentum": 0.9}, 1),
+  "g_nesterov": Optimizer(
+    functools.partial(gsgd_jax.g_momentum, nesterov=True),
+    {"learning_rate": 0.01, "momentum": 0.9},
+    1,
+  ),
+  "g_adam": Optimizer(gsgd_jax.g_adam, {"learning_rate": 3e-3}, 2),
+  "g_adamw": Optimizer(gsgd_jax.g_adamw, {"learning_rate": 3e-3, "weight_decay": 0.1}, 2),
+  "g_rmsprop": Optimizer(gsgd_jax.g_rmsprop, {"learning_rate": 1e-3}, 1),
+  "path_sgd": Optimizer(gsgd_jax.path_sgd, {"learning_rate": 0.05}, 0),
+}
+
+
+def make_optimizer(name, layers, **overrides):
+  """``OPTIMIZERS[name]`` for ``layers``, hyperparameters overridden by ``overrides``."""
+  factory, hyper, _ = OPTIMIZERS[name]
+  return factory(**{**hyper, **overrides}, layers=layers)
+
+
+# ----------------------------------------------------------------------------
+# Library warnings some tests provoke on purpose; each test that allows one says why.
+
+# A chain of one layer has no hidden nodes; the library warns that the declaration is
+# probably a mistake (a flat chain written as blocks).
+ALLOW_ONE_LAYER = pytest.mark.filterwarnings("ignore:a block of `layers` has one layer:UserWarning")
+# Skeleton weights left at a random init: the chain products B*F of the hidden nodes are far
+# from 1, and init warns that training may diverge.
+ALLOW_CHAIN_RANGE = pytest.mark.filterwarnings(
+  "ignore:G-SGD. skeleton-chain products B.F of the hidden nodes:UserWarning"
+)
+
+
+def widths_cases(widths_list):
+  """``widths_list`` as parameters named by their widths; depth-1 chains (one layer, no
+  hidden node: the edge case of every formula) allow the one-layer warning."""
+  return [
+    pytest.param(w, id=str(w), marks=[ALLOW_ONE_LAYER] if len(w) == 2 else []) for w in widths_list
+  ]

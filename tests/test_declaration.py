@@ -1,0 +1,257 @@
+"""What `layers` may say, and the declarations that are refused with a message naming the layer.
+
+Each refusal here used to train silently wrong (a masked-out bias, a stacked kernel read
+as a convolution, a list of one-layer blocks) or fail with an unrelated error.
+"""
+
+import itertools
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import gsgd_jax
+
+
+def _mlp(key=0, widths=(3, 5, 4, 2), bias=True):
+  """Params of a chain ``l0 -> l1 -> ...`` with skeleton weights 1."""
+  keys = jax.random.split(jax.random.key(key), len(widths))
+  params = {}
+  for k, (a, b) in enumerate(itertools.pairwise(widths)):
+    params[f"l{k}"] = {"kernel": jax.random.normal(keys[k], (a, b)) / np.sqrt(a)}
+    if bias:
+      params[f"l{k}"]["bias"] = 0.1 * jax.random.normal(keys[-1], (b,))
+  layers = [f"l{k}" for k in range(len(widths) - 1)]
+  return gsgd_jax.set_skeleton(params, layers), layers
+
+
+def _step(tx, params):
+  grads = jax.tree.map(lambda p: jnp.cos(3.0 * p), params)
+  return tx.update(grads, tx.init(params), params)[0]
+
+
+def test_import_under_python_OO():
+  """-OO strips docstrings; the package must not build its own from them."""
+  code = "import gsgd_jax; print(gsgd_jax.g_adam.__doc__)"
+  out = subprocess.run(
+    [sys.executable, "-OO", "-c", code], capture_output=True, text=True, check=False
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "None"
+
+
+def test_layers_are_read_once():
+  params, layers = _mlp()
+  want = _step(gsgd_jax.gsgd(0.1, layers=layers), params)
+  # A generator is consumed when the transformation is built, not at each call.
+  got = _step(gsgd_jax.gsgd(0.1, layers=(name for name in layers)), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+  # Changing the list afterwards changes nothing.
+  mutable = list(layers)
+  tx = gsgd_jax.gsgd(0.1, layers=mutable)
+  mutable.reverse()
+  chex.assert_trees_all_close(_step(tx, params), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+  "spelling",
+  [
+    [("l0",), ("l1",), ("l2",)],
+    ("l0", "l1", "l2"),
+    [["l0", "l1", "l2"]],  # one block written as a list
+    [(("l0",), ("l1",), ("l2",))],  # one block written as a tuple of paths
+    [[("l0",), ("l1",), ("l2",)]],
+    [[["l0"], ["l1"], ["l2"]]],  # paths written as lists inside a block
+  ],
+  ids=["tuples", "tuple-of-strings", "block-list", "block-tuple", "block-of-tuples", "list-paths"],
+)
+def test_unambiguous_spellings_of_one_chain_agree(spelling):
+  params, layers = _mlp()
+  want = _step(gsgd_jax.gsgd(0.1, layers=layers), params)
+  chex.assert_trees_all_close(_step(gsgd_jax.gsgd(0.1, layers=spelling), params), want, rtol=1e-12)
+
+
+def test_nested_paths_written_as_lists_read_as_one_chain():
+  """``[['params', 'l0'], ...]`` cannot be blocks (no layer is called 'params')."""
+  params, layers = _mlp()
+  nested = {"params": params}
+  want = _step(gsgd_jax.gsgd(0.1, layers=[("params", n) for n in layers]), nested)
+  got = _step(gsgd_jax.gsgd(0.1, layers=[["params", n] for n in layers]), nested)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+
+
+def test_lists_of_names_read_as_blocks_when_the_tree_says_so():
+  params = {**_mlp(0, (3, 4, 2))[0], **{f"m{k}": v for k, v in _mlp(1, (3, 4, 2))[0].items()}}
+  blocks = [[("l0",), ("l1",)], [("ml0",), ("ml1",)]]
+  want = _step(gsgd_jax.gsgd(0.1, layers=blocks), params)
+  got = _step(gsgd_jax.gsgd(0.1, layers=[["l0", "l1"], ["ml0", "ml1"]]), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+
+
+def test_list_of_one_name_lists_is_ambiguous():
+  """Three one-layer blocks (plain SGD) or one chain: refused, showing both readings."""
+  params, _ = _mlp()
+  with pytest.raises(ValueError, match=r"reads two ways.*as blocks.*as one chain.*one chain:"):
+    gsgd_jax.gsgd(0.1, layers=[["l0"], ["l1"], ["l2"]]).init(params)
+
+
+def test_one_layer_block_warns():
+  params, _ = _mlp()
+  with pytest.warns(UserWarning, match=r"block of `layers` has one layer, 'l2'"):
+    gsgd_jax.gsgd(0.1, layers=[[("l0",), ("l1",)], [("l2",)]]).init(params)
+
+
+@pytest.mark.parametrize(
+  "layers, error, match",
+  [
+    ("l0", TypeError, r"got the string 'l0'.*Accepted forms"),
+    (3, TypeError, r"sequence of layer paths.*Accepted forms"),
+    (["l0", [["l1"]]], TypeError, r"mixes paths and blocks"),
+    ([["l0", {"a": 1}]], TypeError, r"a layer path must be.*Accepted forms"),
+    ([], ValueError, r"`layers` is empty"),
+  ],
+)
+def test_malformed_layers_show_the_accepted_forms(layers, error, match):
+  with pytest.raises(error, match=match):
+    gsgd_jax.gsgd(0.1, layers=layers)
+
+
+def test_masked_bias_of_a_declared_layer_is_refused():
+  """Weight allocation rescales a node's incoming weights and bias together."""
+  params, layers = _mlp()
+  mask = jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key != "bias", params)
+  with pytest.raises(ValueError, match=r"layer 'l0': its bias is masked out"):
+    optax.masked(gsgd_jax.gsgd(0.1, layers=layers), mask).init(params)
+  labels = jax.tree.map(lambda m: "g" if m else "other", mask)
+  partitioned = optax.partition(
+    {"g": gsgd_jax.gsgd(0.1, layers=layers), "other": optax.sgd(0.1)}, labels
+  )
+  with pytest.raises(ValueError, match=r"layer 'l0': its bias is masked out"):
+    partitioned.init(params)
+
+
+def test_masked_out_layer_is_refused_and_block_labels_masks_work():
+  params, layers = _mlp()
+  outside_l2 = {n: jax.tree.map(lambda _, keep=(n != "l2"): keep, v) for n, v in params.items()}
+  with pytest.raises(ValueError, match=r"layer 'l2' is masked out"):
+    optax.masked(gsgd_jax.gsgd(0.1, layers=layers), outside_l2).init(params)
+  # The labels the library writes keep each layer whole, and the masked run is the plain one.
+  params["norm"] = {"scale": jnp.ones(2)}
+  labels = gsgd_jax.block_labels(params, layers, inside="g", outside="adam")
+  tx = optax.partition({"g": gsgd_jax.gsgd(0.1, layers=layers), "adam": optax.adam(1e-3)}, labels)
+  got = _step(tx, params)
+  want = _step(gsgd_jax.gsgd(0.1, layers=layers, fallback=optax.adam(1e-3)), params)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+
+
+def test_gradients_without_a_declared_bias_are_a_structure_error():
+  params, layers = _mlp()
+  tx = gsgd_jax.gsgd(0.1, layers=layers)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  del grads["l1"]["bias"]
+  with pytest.raises(ValueError, match=r"layer 'l1': the params have a bias and the gradients"):
+    tx.update(grads, state, params)
+
+
+class _ScannedMLP(nn.Module):
+  bias: bool
+
+  @nn.compact
+  def __call__(self, x):
+    def body(layer, h, _):
+      return nn.relu(layer(h)), None
+
+    stack = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    h, _ = stack(nn.Dense(8, use_bias=self.bias, name="hidden"), x, None)
+    return h
+
+
+@pytest.mark.parametrize(
+  "bias, match",
+  [
+    (False, r"'params/hidden': a rank-3 kernel \(3, 8, 8\) is either a stacked dense layer"),
+    (True, r"'params/hidden': kernel \(3, 8, 8\) and bias \(3, 8\) carry a stack axis of length 3"),
+  ],
+)
+def test_linen_scan_stack_is_not_read_as_a_convolution(bias, match):
+  model = _ScannedMLP(bias)
+  params = model.init(jax.random.key(0), jnp.ones((2, 8)))
+  layers = [("params", "hidden")]
+  with pytest.raises(ValueError, match=match):
+    gsgd_jax.gsgd(0.1, layers=layers).init(params)
+  with pytest.raises(ValueError, match=match):
+    gsgd_jax.verify_invariance(model.apply, params, layers, jnp.ones((2, 8)))
+
+
+class _VmappedLinear(nnx.Module):
+  """Three copies of one ``nnx.Linear`` made by ``nnx.vmap``, as a scanned NNX model holds."""
+
+  def __init__(self, bias):
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(key):
+      return nnx.Linear(8, 8, use_bias=bias, rngs=nnx.Rngs(key))
+
+    self.hidden = make(jax.random.split(jax.random.key(0), 3))
+
+
+@pytest.mark.parametrize(
+  "bias, match",
+  [
+    (False, r"'hidden': a rank-3 kernel \(3, 8, 8\) is either a stacked dense layer"),
+    (True, r"'hidden': kernel \(3, 8, 8\) and bias \(3, 8\) carry a stack axis"),
+  ],
+)
+def test_nnx_vmap_stack_is_not_read_as_a_convolution(bias, match):
+  params = nnx.state(_VmappedLinear(bias), nnx.Param)
+  with pytest.raises(ValueError, match=match):
+    gsgd_jax.gsgd(0.1, layers=["hidden"]).init(params)
+
+
+def test_depthwise_convolution_is_an_unsupported_kind():
+  model = nn.Sequential(
+    [
+      nn.Conv(4, (3, 3)),
+      nn.relu,
+      nn.Conv(4, (3, 3), feature_group_count=4),
+      nn.relu,
+      lambda x: x.mean(axis=(1, 2)),
+      nn.Dense(2),
+    ]
+  )
+  params = model.init(jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+  with pytest.raises(ValueError, match=r"'params/layers_2'.*grouped or depthwise convolution"):
+    gsgd_jax.gsgd(0.1, layers=[("params", n) for n in ("layers_0", "layers_2", "layers_5")]).init(
+      params
+    )
+  with pytest.raises(ValueError, match=r"infer_layers: unsupported layer kind.*depthwise"):
+    gsgd_jax.infer_layers(params)
+
+
+def test_infer_layers_reads_a_sequential_conv_flatten_dense_stack():
+  model = nn.Sequential(
+    [
+      nn.Conv(4, (3, 3)),
+      nn.relu,
+      lambda x: x.reshape(x.shape[0], -1),
+      nn.Dense(8),
+      nn.relu,
+      nn.Dense(2),
+    ]
+  )
+  params = model.init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
+  layers = gsgd_jax.infer_layers(params)
+  assert layers == [("params", "layers_0"), ("params", "layers_3"), ("params", "layers_5")]
+  gsgd_jax.verify_invariance(
+    model.apply,
+    gsgd_jax.set_skeleton(params, layers),
+    layers,
+    jax.random.normal(jax.random.key(1), (4, 5, 5, 1)),
+  )
