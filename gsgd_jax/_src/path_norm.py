@@ -91,7 +91,7 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
       ],
     )
 
-  return pytree.map_layers(params, [block.paths for block in blocks], scales, outside=jnp.ones_like)
+  return pytree.map_layers(params, structure.block_paths(blocks), scales, outside=jnp.ones_like)
 
 
 def scale_by_path_norm(
@@ -139,7 +139,7 @@ def scale_by_path_norm(
     if params is None:
       raise ValueError(NO_PARAMS_MSG.format("gsgd_jax.scale_by_path_norm"))
     blocks = structure.build_structure(params, decl)
-    paths = [block.paths for block in blocks]
+    paths = structure.block_paths(blocks)
     located = pytree.locate_blocks(params, paths, "params")
 
     def divide(b: int, grads: LayerArrays):

@@ -61,7 +61,7 @@ def rescale(
       biases.append(bias)
     return kernels, biases
 
-  return map_layers(params, [block.paths for block in blocks], rescaled)
+  return map_layers(params, structure.block_paths(blocks), rescaled)
 
 
 def random_rescale(

@@ -55,7 +55,7 @@ def skeleton_mask(params: optax.Params, layers: LayerPaths, which: str = "fixed"
 
   return map_layers(
     params,
-    [block.paths for block in blocks],
+    structure.block_paths(blocks),
     masks,
     outside=lambda leaf: jnp.zeros(jnp.shape(leaf), bool),
   )
@@ -100,4 +100,4 @@ def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -
     ]
     return kernels, arrays.biases
 
-  return map_layers(params, [block.paths for block in blocks], with_skeleton)
+  return map_layers(params, structure.block_paths(blocks), with_skeleton)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -214,6 +215,11 @@ def chain_structure(signature: Signature) -> ChainStructure:
 @functools.lru_cache(maxsize=256)
 def _build(signatures: tuple[Signature, ...]) -> tuple[ChainStructure, ...]:
   return tuple(chain_structure(signature) for signature in signatures)
+
+
+def block_paths(blocks: Sequence[ChainStructure]) -> list[tuple[Path, ...]]:
+  """The layer paths of each block, for ``pytree.locate_blocks`` and ``pytree.map_layers``."""
+  return [block.paths for block in blocks]
 
 
 def _masked_paths(tree: Any) -> set[Path]:

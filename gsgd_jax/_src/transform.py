@@ -33,10 +33,6 @@ class PathSpaceState(NamedTuple):
   total_clipped_ratios: jax.Array
 
 
-def _block_paths(blocks: tuple[structure.ChainStructure, ...]) -> list[tuple[pytree.Path, ...]]:
-  return [block.paths for block in blocks]
-
-
 def _inner_params(
   params: optax.Params,
   blocks: tuple[structure.ChainStructure, ...],
@@ -52,7 +48,7 @@ def _inner_params(
     )
 
   return pytree.zero_probes(
-    pytree.map_layers(params, _block_paths(blocks), values, outside=outside)
+    pytree.map_layers(params, structure.block_paths(blocks), values, outside=outside)
   )
 
 
@@ -114,7 +110,7 @@ def block_labels(
   if pytree.is_placeholder(tree):
     return inside
   blocks = structure.build_structure(tree, layers)
-  leaves, treedef, slots = pytree.locate_blocks(tree, _block_paths(blocks), "params")
+  leaves, treedef, slots = pytree.locate_blocks(tree, structure.block_paths(blocks), "params")
   labels = [outside] * len(leaves)
   for block_slots in slots:
     for i in (*block_slots.kernel, *block_slots.bias, *block_slots.probe):
@@ -262,7 +258,7 @@ def path_space(
     if params is None:
       raise ValueError(NO_PARAMS_MSG.format("gsgd_jax.path_space"))
     blocks = structure.build_structure(params, decl)
-    paths = _block_paths(blocks)
+    paths = structure.block_paths(blocks)
     located: Located = pytree.locate_blocks(params, paths, "params")
     block_params = [slots.take(located.leaves) for slots in located.slots]
 

@@ -125,7 +125,7 @@ def verify_invariance(
   """
   key = jax.random.key(0) if key is None else key
   blocks = structure.build_structure(params, layers)
-  located = pytree.locate_blocks(params, [block.paths for block in blocks], "params")
+  located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
   kernels = [located.leaves[i] for slots in located.slots for i in slots.kernel]
   points = [("at the params given", params, x)]
   if perturb:
@@ -191,7 +191,7 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
   stays without zeros. Skipped when ``params`` are traced (``init`` under jit).
   Warns when a hidden node's skeleton-chain product is extreme.
   """
-  leaves, _, slots = pytree.locate_blocks(params, [block.paths for block in blocks], "params")
+  leaves, _, slots = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
   for block, block_slots in zip(blocks, slots, strict=True):
     kernels = block_slots.take(leaves).kernels
     if any(isinstance(w, jax.core.Tracer) for w in kernels):
@@ -287,7 +287,7 @@ def verify_probes(
   """
   key = jax.random.key(0) if key is None else key
   blocks = structure.build_structure(params, layers)
-  paths = [block.paths for block in blocks]
+  paths = structure.block_paths(blocks)
   bias_keys = iter(jax.random.split(key, sum(block.depth for block in blocks)))
 
   def shift_biases(_: int, arrays: LayerArrays):
