@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: run test lint format docs speed fmnist-data clean
+.PHONY: run test lint format docs speed depth fmnist-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ docs: $(STAMP)
 
 speed: $(STAMP)
 	$(PY) -m benchmarks.speed $(ARGS)
+
+depth: $(STAMP)
+	$(PY) -m benchmarks.depth $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info site

@@ -89,16 +89,22 @@ def mlp(
   reduce=jnp.mean,
   teacher=False,
   output_scale=False,
+  kernel_scale=1.0,
 ):
   """A ReLU MLP of ``widths`` (``make_mlp(key(seed))``) on ``batch`` inputs N(0, 1).
 
   ``skeleton``: skeleton weights set to 1 (``gsgd_jax.set_skeleton``), as the authors
   train. Targets are N(0, 1), or with ``teacher`` the outputs of another random MLP of
-  the same widths (a function the network can fit). ``output_scale`` adds a leaf
+  the same widths (a function the network can fit). ``kernel_scale`` multiplies the
+  kernels before the skeleton is set: small, with ``skeleton``, every layer nearly
+  passes its inputs on, and a deep chain neither explodes nor dies. ``output_scale`` adds a leaf
   ``'scale'`` (ones) outside the layers that multiplies the outputs: something for a
   fallback, a mask or a partition to handle.
   """
   params, layers = make_mlp(jax.random.key(seed), widths, bias, dtype)
+  params = {
+    name: {**layer, "kernel": kernel_scale * layer["kernel"]} for name, layer in params.items()
+  }
   if skeleton:
     params = gsgd_jax.set_skeleton(params, layers)
   x = jax.random.normal(jax.random.key(seed + 1), (batch, widths[0]))

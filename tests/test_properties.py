@@ -332,8 +332,12 @@ def _max_abs(arrays):
   )
 
 
+CHECKS = {}  # every property, by name: test_depth.py runs them on a deep chain too
+
+
 def _given(check):
   """A test running ``check(net)`` on hypothesis-drawn chains and conv nets."""
+  CHECKS[check.__name__] = check
 
   def test(kind, data):
     check(build(data.draw(SPECS[kind], label="spec")))

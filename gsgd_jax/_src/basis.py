@@ -9,7 +9,12 @@ Everything is O(m): per layer, one reduction over the taps and inputs and
 elementwise work with per-node vectors broadcast along the kernel's axes. Masks
 of skeleton edges are built from iotas and per-node index vectors inside the
 fused elementwise code, so no dense mask or structure matrix is ever stored.
-The only gathers take one entry per node (the skeleton edges).
+The only gathers take one entry per node (the skeleton edges, and each level's
+row of a stacked per-node array).
+
+Per-node vectors of all levels are held stacked, and recurrences from level to
+level run as one ``lax.scan`` (see ``propagate`` and ``level``): the compiled
+update is linear in depth.
 
 Kernels are used in their own shape, ``(*window, rows, n_out)``: dense
 ``(n_in, n_out)``, convolution ``(*window, n_in, n_out)``, flatten ``(taps * n_in,
@@ -191,35 +196,131 @@ def cols(x: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------
+# Per-node vectors of all levels, held stacked.
+#
+# Per-node vectors (chain products, P, the ratios Q and what is derived from
+# them) live in one (L + 1, W) array per quantity: row k holds level k, padded
+# to the widest level W (structure.LevelTables). Each is computed once, by a few
+# whole-array operations, and the pass over layer k's kernel reads its rows. A
+# recurrence from level to level runs as one lax.scan (see `propagate`).
+
+
+def level(stacked: Array, struct: ChainStructure, k: int) -> Array:
+  """Level ``k``'s per-node vector: row ``k`` of a stacked array, unpadded.
+
+  Read by a gather whose indices are a constant operand, not by a slice: XLA
+  folds a slice's offset into the fused pass that reads it, so every layer's
+  pass would differ and be compiled anew, while a gather stays a small fusion of
+  its own (its result is broadcast over a kernel) and the passes of layers of
+  equal shape stay identical. XLA compiles identical fused computations once,
+  which keeps compile time nearly flat in depth, as SGD's is. A chain of at
+  most ``UNROLLED_LEVELS`` layers has few passes to compile and uses a slice.
+  """
+  n = struct.levels.widths[k]
+  if struct.depth <= UNROLLED_LEVELS:
+    return stacked[k, :n]
+  index = k * stacked.shape[-1] + np.arange(n, dtype=np.int32)
+  return stacked.reshape(-1)[index]
+
+
+def stack_rows(
+  struct: ChainStructure, vectors: Sequence[Array | None], fill: float, dtype
+) -> Array:
+  """Per-layer vectors (``None``: all ``fill``) as a ``(len(vectors), W)`` array."""
+  width = struct.levels.width
+
+  def row(x: Array | None) -> Array:
+    if x is None:
+      return jnp.full(width, fill, dtype)
+    return jnp.pad(x.astype(dtype), (0, width - x.shape[0]), constant_values=fill)
+
+  return jnp.stack([row(x) for x in vectors])
+
+
+def _step(y: Array, row: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
+  """One level of ``propagate`` (a module-level function, so that JAX traces and
+  compiles the scan once per shape, also outside ``jit``)."""
+  source, scale, shift, keep = row
+  y = jnp.where(keep, scale * y[source], 0) + shift
+  return y, y
+
+
+# Recurrences of at most this many levels are unrolled: a loop costs more to
+# compile than a few unrolled levels, and so short a recurrence cannot grow much.
+UNROLLED_LEVELS = 8
+
+
+def propagate(
+  start: Array,
+  sources: np.ndarray,
+  scales: Array | None = None,
+  shifts: Array | None = None,
+  keeps: np.ndarray | None = None,
+  *,
+  reverse: bool = False,
+) -> Array:
+  """Every level of a per-node recurrence along the chain, stacked ``(L + 1, W)``.
+
+  Row ``k`` of the ``(L, W)`` tables maps level ``k`` to level ``k + 1`` (level
+  ``k + 1`` to level ``k`` when ``reverse``)::
+
+      y_next[j] = (scales[k][j] * y[sources[k][j]] if keeps[k][j] else 0) + shifts[k][j]
+
+  from ``start`` (level 0, or level ``L`` when ``reverse``), padded to ``W``.
+  ``None`` means a scale of 1, a shift of 0 or keeping every node.
+
+  Why a loop: each step is cheap elementwise work on a tiny vector, and XLA
+  fuses such producers into every consumer, recomputing them there. Written
+  out level by level, the pass over each layer's kernel would recompute the
+  whole recurrence up to its level: a compiled program, and a compile time,
+  quadratic in depth. The scan's body is compiled once and its output is one
+  buffer that every consumer reads, whatever the fusion heuristics do. A
+  chain of at most ``UNROLLED_LEVELS`` layers has its scan unrolled: its levels
+  still land in one buffer, each written once.
+  """
+  steps, width = sources.shape
+  dtype = start.dtype
+  scales = jnp.ones((steps, width), dtype) if scales is None else scales
+  shifts = jnp.zeros((steps, width), dtype) if shifts is None else shifts
+  keeps = np.ones((steps, width), bool) if keeps is None else keeps
+
+  rows = (jnp.asarray(sources), scales, shifts, jnp.asarray(keeps))
+  _, ys = jax.lax.scan(_step, start, rows, reverse=reverse, unroll=steps <= UNROLLED_LEVELS)
+  return jnp.concatenate([ys, start[None]] if reverse else [start[None], ys])
+
+
+# ----------------------------------------------------------------------------
 # Chain products and basis-path values.
 
 
 class SkeletonProducts(NamedTuple):
-  """Skeleton-chain products per node level (``L + 1`` vectors each).
+  """Skeleton-chain products of every node level, stacked ``(L + 1, W)``.
 
-  ``back[k][j]``: product of incoming skeleton weights from an input to node j
-  of level k (1 at level 0). ``forward[k][a]``: product of outgoing skeleton
-  weights from node a of level k to an output (1 at level L).
+  ``back[k, j]``: product of incoming skeleton weights from an input to node j
+  of level k (1 at level 0). ``forward[k, a]``: product of outgoing skeleton
+  weights from node a of level k to an output (1 at level L). Level L of
+  ``back`` and level 0 of ``forward`` are never used.
   """
 
-  back: tuple[Array, ...]
-  forward: tuple[Array, ...]
+  back: Array
+  forward: Array
 
 
 def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -> SkeletonProducts:
   """Back and forward skeleton-chain products, O(sum of widths) after the gathers."""
-  specs, depth = struct.layers, struct.depth
-  back = [jnp.ones(specs[0].n_in, dtype)]
-  for k in range(depth - 1):
-    w_in = incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])).astype(dtype)
-    back.append(periodic(back[k], specs[k].n_out) * w_in)
-  back.append(jnp.ones(specs[-1].n_out, dtype))  # outputs: never used as a tail
-  forward = [jnp.ones(specs[-1].n_out, dtype)]  # built from the outputs back
-  for k in range(depth - 1, 0, -1):
-    w_out = outgoing_skeleton(kernels[k], specs[k], defined(struct.sigma[k])).astype(dtype)
-    forward.append(w_out * periodic(forward[-1], specs[k].n_in))
-  forward.append(jnp.ones(specs[0].n_in, dtype))  # inputs: never used as a head
-  return SkeletonProducts(tuple(back), tuple(reversed(forward)))
+  specs, depth, tables = struct.layers, struct.depth, struct.levels
+  incoming = [
+    incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])) for k in range(depth - 1)
+  ]
+  outgoing = [
+    outgoing_skeleton(kernels[k], specs[k], defined(struct.sigma[k])) for k in range(1, depth)
+  ]
+  ones = jnp.ones(tables.width, dtype)
+  back = propagate(ones, tables.down, stack_rows(struct, [*incoming, None], 1, dtype))
+  forward = propagate(
+    ones, tables.up, stack_rows(struct, [None, *outgoing], 1, dtype), reverse=True
+  )
+  return SkeletonProducts(back, forward)
 
 
 def basis_values(
@@ -238,15 +339,14 @@ def basis_values(
   products = skeleton_products(struct, kernels, ct) if products is None else products
   values, bias_values = [], []
   for k, spec in enumerate(struct.layers):
-    v = rows(products.back[k], spec) * kernels[k].astype(ct) * cols(products.forward[k + 1])
+    back, forward = level(products.back, struct, k), level(products.forward, struct, k + 1)
+    v = rows(back, spec) * kernels[k].astype(ct) * cols(forward)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       v = jnp.where(fixed, 0, v)
     values.append(v.astype(kernels[k].dtype))
     b = biases[k]
-    bias_values.append(
-      None if b is None else (b.astype(ct) * products.forward[k + 1]).astype(b.dtype)
-    )
+    bias_values.append(None if b is None else (b.astype(ct) * forward).astype(b.dtype))
   return values, bias_values
 
 
@@ -304,13 +404,12 @@ def inverse_chain_rule(
   elsewhere (a scale probe's ``s * dL/ds``, see ``gsgd_jax.probes``); it
   replaces the only full reduction of layer ``k``.
   """
-  specs, depth = struct.layers, struct.depth
+  specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   products = skeleton_products(struct, kernels, ct)
 
-  # P recurrence over hidden levels 1..L-1; one column reduction per layer.
-  carried: list[Array | None] = [None] * depth  # carried[k][a] = P[k][a] / (B[k][a] F[k][a])
-  p_prev = None
+  # Each hidden node's own term of P: its node sum less its incoming skeleton edge's w g.
+  own = []
   for k in range(depth - 1):
     spec, pi = specs[k], defined(struct.pi[k])
     probe_sum = None if probe_sums is None else probe_sums[k]
@@ -321,25 +420,31 @@ def inverse_chain_rule(
     p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
       kernel_grads[k], spec, pi
     ).astype(ct)
-    if p_prev is not None:
-      p += jnp.where(defined(struct.loops_back[k]), periodic(p_prev, spec.n_out), 0)
-    # p / (B F), 0 where either chain is degenerate, as in the kernel's factors below.
-    carried[k + 1] = p / (_usable(products.back[k + 1]) * _usable(products.forward[k + 1]))
-    p_prev = p
+    own.append(p)
+  p_levels = propagate(
+    jnp.zeros(tables.width, ct),
+    tables.down,
+    shifts=stack_rows(struct, [*own, None], 0, ct),
+    keeps=tables.loops_back,
+  )
+  # carried[k][a] = P[k][a] / (B[k][a] F[k][a]), 0 where either chain is degenerate,
+  # as in the kernel's factors below.
+  carried = p_levels / (_usable(products.back) * _usable(products.forward))
+  inv_back, inv_fwd = reciprocal(products.back), reciprocal(products.forward)
 
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
-    inv_back, inv_fwd = reciprocal(products.back[k]), reciprocal(products.forward[k + 1])
-    gv = kernel_grads[k].astype(ct) * rows(inv_back, spec) * cols(inv_fwd)
-    out, carried_in = outgoing_mask(spec, struct.sigma[k]), carried[k]
-    if out is not None and carried_in is not None:  # both exist from level 1 on
-      gv -= jnp.where(out, rows(carried_in, spec), 0)
+    inv_back_k, inv_fwd_k = level(inv_back, struct, k), level(inv_fwd, struct, k + 1)
+    gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k)
+    out = outgoing_mask(spec, struct.sigma[k])
+    if out is not None:  # from level 1 on
+      gv -= jnp.where(out, rows(level(carried, struct, k), spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
     gb = bias_grads[k]
-    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd).astype(gb.dtype))
+    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd_k).astype(gb.dtype))
   return PathGradients(grads, bias_grads_v, products, ct)
 
 
@@ -377,39 +482,47 @@ def weight_allocation(
   Returns:
     ``(kernel_updates, bias_updates, num_clipped)``.
   """
-  specs, depth = struct.layers, struct.depth
+  specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
-  q: dict[int, Array] = {depth: jnp.ones(specs[-1].n_out, ct)}
+  outgoing_steps = [
+    outgoing_skeleton(kernel_steps[k], specs[k], defined(struct.sigma[k])) for k in range(1, depth)
+  ]
+  # Per level 0..L-1 (level 0 has no skeleton paths out: R = 1 there).
+  dv_out = stack_rows(struct, [None, *outgoing_steps], 0, ct)
+  inv_path_value = 1 / (_usable(products.back) * _usable(products.forward))[:-1]  # 0: degenerate
+  ratio = 1 + dv_out * inv_path_value
   num_clipped = jnp.zeros((), jnp.int32)
-  skeleton_steps: dict[int, Array] = {}  # per level 1..L-1: the outgoing skeleton steps taken
-  for k in range(depth - 1, 0, -1):
-    spec, sigma, out_fixed = specs[k], defined(struct.sigma[k]), defined(struct.out_fixed[k])
-    dv_out = outgoing_skeleton(kernel_steps[k], spec, sigma).astype(ct)
-    inv_path_value = 1 / (
-      _usable(products.back[k]) * _usable(products.forward[k])
-    )  # 0 if degenerate
-    ratio = 1 + dv_out * inv_path_value
-    if ratio_clip is not None:
-      clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
-      moved = ~out_fixed & (jnp.isnan(ratio) | (clipped != ratio))
-      num_clipped += jnp.sum(moved, dtype=jnp.int32)
-      ratio = clipped
-    # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
-    # degenerate chain), or the forward chain through it would not be rescaled
-    # by exactly Q.
-    skeleton_steps[k] = (ratio - 1) / _divisor(inv_path_value)
-    q[k] = jnp.where(out_fixed, periodic(q[k + 1], spec.n_in), ratio)
+  if ratio_clip is not None:
+    clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
+    moved = tables.hidden & ~tables.out_fixed & (jnp.isnan(ratio) | (clipped != ratio))
+    num_clipped = jnp.sum(moved, dtype=jnp.int32)
+    ratio = clipped
+  # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
+  # degenerate chain), or the forward chain through it would not be rescaled
+  # by exactly Q.
+  skeleton_steps = (ratio - 1) / _divisor(inv_path_value)
+  # Q[k][a] = R(a -> sigma(a)), or Q[k+1][sigma(a)] where that edge is in F;
+  # level 0 gets R = 1 and is never used.
+  q = propagate(
+    jnp.ones(tables.width, ct),
+    tables.up,
+    shifts=jnp.where(tables.out_fixed, 0, ratio),
+    keeps=tables.out_fixed,
+    reverse=True,
+  )
+  shrink = (1 - q) / q  # 1/Q - 1
+  inv_fwd = 1 / (q * _usable(products.forward))  # 1 / (Q F)
+  inv_back = reciprocal(products.back)
 
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
-    shrink = (1 - q[k + 1]) / q[k + 1]  # 1/Q - 1
+    shrink_k, inv_fwd_k = level(shrink, struct, k + 1), level(inv_fwd, struct, k + 1)
     w = kernels[k].astype(ct)
     dv = kernel_steps[k].astype(ct)
     out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:
-      dv = jnp.where(out, rows(skeleton_steps[k], spec), dv)
-    inv_fwd = 1 / (q[k + 1] * _usable(products.forward[k + 1]))  # 1 / (Q F)
-    du = w * cols(shrink) + dv * rows(reciprocal(products.back[k]), spec) * cols(inv_fwd)
+      dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
+    du = w * cols(shrink_k) + dv * rows(level(inv_back, struct, k), spec) * cols(inv_fwd_k)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
@@ -418,6 +531,6 @@ def weight_allocation(
     if b is None or bias_step is None:
       bias_updates.append(None)
     else:
-      db = b.astype(ct) * shrink + bias_step.astype(ct) * inv_fwd
+      db = b.astype(ct) * shrink_k + bias_step.astype(ct) * inv_fwd_k
       bias_updates.append(db.astype(b.dtype))
   return updates, bias_updates, num_clipped

@@ -83,6 +83,60 @@ class LayerSpec:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class LevelTables:
+  """The chain's index tables padded to one width ``W``, one row per layer.
+
+  Per-node vectors of all ``L + 1`` node levels are held stacked, as an
+  ``(L + 1, W)`` array whose row ``k`` starts with level ``k``'s ``widths[k]``
+  entries (see ``basis.propagate``). Row ``k`` of a table below belongs to layer
+  ``k``; entries past a level's width, and where a table is undefined (the ends
+  of the chain), hold index 0 and ``False``.
+
+  Attributes:
+    widths: ``n_0, ..., n_L``, the width of every node level.
+    down: ``pi[k]``: for each node of level ``k + 1``, its skeleton source.
+    up: ``sigma[k]``: for each node of level ``k``, its skeleton target.
+    loops_back: ``loops_back[k]``, on level ``k + 1``.
+    out_fixed: ``out_fixed[k]``, on level ``k``.
+    hidden: on level ``k``: the hidden nodes (levels ``1..L-1``).
+  """
+
+  widths: tuple[int, ...]
+  down: np.ndarray
+  up: np.ndarray
+  loops_back: np.ndarray
+  out_fixed: np.ndarray
+  hidden: np.ndarray
+
+  @property
+  def width(self) -> int:
+    return self.down.shape[1]
+
+
+def _level_tables(
+  specs: Sequence[LayerSpec],
+  out_fixed: Sequence[np.ndarray | None],
+  loops_back: Sequence[np.ndarray | None],
+) -> LevelTables:
+  widths = (specs[0].n_in, *(s.n_out for s in specs))
+  depth, width = len(specs), max(widths)
+  down, up = np.zeros((depth, width), np.int32), np.zeros((depth, width), np.int32)
+  loops, fixed = np.zeros((depth, width), bool), np.zeros((depth, width), bool)
+  hidden = np.zeros((depth, width), bool)
+  for k, spec in enumerate(specs):
+    down[k, : spec.n_out] = np.arange(spec.n_out) % spec.n_in
+    up[k, : spec.n_in] = np.arange(spec.n_in) % spec.n_out
+    for table, row in ((loops, loops_back[k]), (fixed, out_fixed[k])):
+      if row is not None:
+        table[k, : len(row)] = row
+    if k >= 1:
+      hidden[k, : spec.n_in] = True
+  for table in (down, up, loops, fixed, hidden):
+    table.setflags(write=False)
+  return LevelTables(widths, down, up, loops, fixed, hidden)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class ChainStructure:
   """Skeleton and index tables of one chain of layers (see module docstring).
 
@@ -97,6 +151,8 @@ class ChainStructure:
     loops_back: ``loops_back[k][j]`` (for ``1 <= k < L-1``): the incoming
       skeleton edge of node ``j`` of level ``k + 1`` is also the outgoing
       skeleton edge of its source, i.e. ``sigma[k][pi[k][j]] == j``.
+    levels: the same tables padded to one width, for per-node vectors of all
+      levels held stacked.
   """
 
   layers: tuple[LayerSpec, ...]
@@ -104,6 +160,7 @@ class ChainStructure:
   sigma: tuple[np.ndarray | None, ...]
   out_fixed: tuple[np.ndarray | None, ...]
   loops_back: tuple[np.ndarray | None, ...]
+  levels: LevelTables
 
   @property
   def depth(self) -> int:
@@ -209,7 +266,8 @@ def chain_structure(signature: Signature) -> ChainStructure:
   for table in (*pi, *sigma, *out_fixed, *loops_back):
     if table is not None:
       table.setflags(write=False)
-  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back)
+  levels = _level_tables(specs, out_fixed, loops_back)
+  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels)
 
 
 @functools.lru_cache(maxsize=256)

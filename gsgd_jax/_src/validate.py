@@ -224,12 +224,9 @@ def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Ar
   products = basis.skeleton_products(
     block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   )
-  node_products = np.concatenate(
-    [
-      np.abs(np.asarray(products.back[k] * products.forward[k], np.float64))
-      for k in range(1, block.depth)
-    ]
-  )
+  node_products = np.abs(np.asarray(products.back * products.forward, np.float64))[:-1][
+    block.levels.hidden
+  ]
   low, high = float(node_products.min()), float(node_products.max())
   if low < PRODUCT_RANGE[0] or high > PRODUCT_RANGE[1]:
     warnings.warn(

@@ -1,0 +1,123 @@
+"""Deep chains: the compiled update grows linearly with depth (no per-node recurrence is
+recomputed by every level), and a 100-layer chain keeps the mathematics and the invariance."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import train_scan
+from problems import mlp
+from test_properties import CHECKS, NetSpec, build
+
+import gsgd_jax
+from benchmarks import depth
+from gsgd_jax._src.structure import build_structure
+
+DEEP = 100
+# Hidden widths cycling through equal, expanding and narrowing levels, so that every
+# kind of skeleton map (identity, wrap-around, fixed outgoing edges) recurs along the chain.
+DEEP_WIDTHS = (3, *((4, 4, 6, 3, 5) * (DEEP // 5))[: DEEP - 1], 2)
+# For training: with skeleton weights 1 every narrowing level sums two skeleton paths per
+# node, so the widths change only near the ends and the chain's outputs stay O(1).
+TRAIN_WIDTHS = (3, 5, 4, *(4,) * (DEEP - 6), 6, 3, 2)
+
+UPDATES = {
+  "gsgd": lambda layers: gsgd_jax.gsgd(1e-3, layers=layers),
+  "g_adam": lambda layers: gsgd_jax.g_adam(1e-3, layers=layers),
+  "path_sgd": lambda layers: gsgd_jax.path_sgd(1e-3, layers=layers),
+}
+
+
+def _compiled_size(name, depth):
+  """Lines of the optimized HLO of one jitted update of a width-8 chain of ``depth`` layers."""
+  params, layers, *_ = mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)
+  tx = UPDATES[name](layers)
+  update = jax.jit(tx.update)
+  compiled = update.lower(params, tx.init(params), params).compile()
+  return compiled.as_text().count("\n")
+
+
+@pytest.mark.parametrize("name", sorted(UPDATES))
+def test_compiled_update_grows_linearly_with_depth(name):
+  # Per-node vectors written level by level let XLA fuse the whole recurrence up to
+  # each level into that level's kernel pass: the program then grows with the square
+  # of depth and each doubling of depth adds about twice as much as the one before.
+  # (All three deeper than basis.UNROLLED_LEVELS: one way of compiling.)
+  small, medium, large = (_compiled_size(name, depth) for depth in (10, 20, 40))
+  per_layer_before, per_layer_after = (medium - small) / 10, (large - medium) / 20
+  assert per_layer_after <= 1.2 * per_layer_before, (small, medium, large)
+
+
+def _deep_spec(seed):
+  return NetSpec(
+    image=None,
+    in_width=DEEP_WIDTHS[0],
+    ops=tuple(("dense", n) for n in DEEP_WIDTHS[1:]),
+    bias=tuple(k % 3 != 1 for k in range(DEEP)),
+    signs=("mixed",) * DEEP,
+    weights="bounded",
+    skeleton=1.0,
+    seed=seed,
+  )
+
+
+def test_icr_equals_autodiff_on_a_100_layer_chain():
+  CHECKS["test_icr_equals_autodiff"](build(_deep_spec(seed=11)))
+
+
+@pytest.mark.parametrize(
+  "name, make",
+  [
+    ("gsgd", lambda layers: gsgd_jax.gsgd(1e-3, layers=layers)),
+    ("g_adam", lambda layers: gsgd_jax.g_adam(1e-4, layers=layers)),
+    ("sgd", lambda _layers: optax.sgd(1e-3)),
+  ],
+)
+def test_100_layer_training_is_invariant_and_sgd_is_not(name, make):
+  """G-SGD and G-Adam train the same function from a randomly rescaled start of a
+  100-layer chain; plain SGD does not."""
+  params, layers, loss, forward, x, *_ = mlp(TRAIN_WIDTHS, skeleton=True, kernel_scale=0.1)
+  rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(3))
+  outputs = lambda p: forward(p, x)
+  start = outputs(params)
+  assert 0.1 < float(jnp.std(start)) < 10  # the chain neither explodes nor dies
+  np.testing.assert_allclose(outputs(rescaled), start, rtol=1e-10, atol=1e-12)
+  tx = make(layers)
+
+  def run(p):
+    (_, state), trace = train_scan(tx, p, loss, 10, outputs)
+    return trace, getattr(state, "total_clipped_ratios", 0)
+
+  # lax.map runs both starts through one compiled loop.
+  stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, rescaled)
+  (out_a, out_b), clipped = jax.lax.map(run, stacked)
+  assert float(jnp.max(jnp.abs(out_a[-1] - start))) > 1e-3  # training moved the function,
+  assert float(jnp.max(jnp.std(out_a[-1], axis=0))) > 0.1  # which still depends on its inputs
+  if name == "sgd":
+    assert float(jnp.max(jnp.abs(out_a - out_b))) > 1e-2
+  else:
+    assert np.all(np.asarray(clipped) == 0)
+    np.testing.assert_allclose(out_b, out_a, rtol=1e-9, atol=1e-10)
+
+
+def test_depth_benchmark_writes_ratios_and_slopes(tmp_path):
+  args = "--depths 2,3 --widths 4 --cnn-depths= --rounds 1 --min-seconds 0 --out"
+  depth.main([*args.split(), str(tmp_path)])
+  results = json.loads((tmp_path / "depth.json").read_text())
+  assert [(r["model"], r["depth"]) for r in results["rows"]] == [("mlp", 2), ("mlp", 3)]
+  for row in results["rows"]:
+    for name in depth.BASELINE:
+      assert np.isfinite(row["step_ratio"][name]) and row["compile_ratio"][name] > 0
+  (summary,) = results["summary"]
+  assert set(summary["compile_slope"]) == set(depth.OPTIMIZERS)
+  assert "log-log slope" in (tmp_path / "depth.md").read_text()
+
+
+def test_depth_benchmark_cnn_is_one_chain_of_convolutions():
+  params, layers, forward, x, y = depth.model("cnn", 4, 5)
+  (block,) = build_structure(params, layers)
+  assert [spec.kind for spec in block.layers] == ["conv"] * 3 + ["dense"]
+  assert forward(params, layers, x).shape == (len(y), 10)
