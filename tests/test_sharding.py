@@ -99,6 +99,39 @@ def test_sharded_training_matches_single_device(name, axis_type):
   _assert_sharded_as(got, SPECS, mesh)
 
 
+# A chain deeper than basis.UNROLLED_LEVELS (its recurrences run as loops and its levels are
+# read by gathers), hidden units sharded into and out of every hidden level.
+DEEP_WIDTHS = (6, *(16,) * 11, 3)
+
+
+def _deep_specs():
+  last = len(DEEP_WIDTHS) - 2
+  specs = {}
+  for k in range(last + 1):
+    into_hidden = k < last and k % 2 == 0  # columns into a hidden level, else rows out of one
+    specs[f"Dense_{k}"] = {
+      "kernel": P(None, "x") if into_hidden else P("x", None),
+      "bias": P("x") if into_hidden else P(),
+    }
+  return specs
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_deep_chain_matches_single_device(axis_type):
+  params, layers, _, _, x, y, *_ = mlp(DEEP_WIDTHS, skeleton=True, kernel_scale=0.5)
+  loss = _sharding_aware_loss(layers, x, y)
+  tx = make_optimizer("g_momentum", layers)
+  want, _, _ = _train(tx, params, loss)
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    specs = _deep_specs()
+    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+    got, _, _ = _train(tx, sharded, loss)
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+  if axis_type == AxisType.Explicit:  # (Auto lets XLA choose the outputs' shardings)
+    _assert_sharded_as(got, specs, mesh)
+
+
 CONV_SPECS = {
   "Conv_0": {"kernel": P(None, None, None, "x"), "bias": P("x"), PROBE: P("x")},
   "Conv_1": {"kernel": P(None, None, "x", None), "bias": P(), PROBE: P()},
