@@ -74,24 +74,13 @@ def bench(kind: str, depth: int, width: int, *, rounds: int, min_seconds: float)
       u, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, u), s
 
-    lowered = jax.jit(train_step).lower(params, tx.init(params))
+    state = tx.init(params)
+    lowered = jax.jit(train_step).lower(params, state)
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s[name] = time.perf_counter() - start
-    programs[name] = (compiled, (params, tx.init(params)))
-
-  iters = {}
-  for name, (fn, start) in programs.items():  # warm up, size the inner loop
-    once, warm = speed._time(fn, fn(*start), 1)
-    iters[name] = max(1, int(min_seconds / max(once, 1e-6)))
-    programs[name] = (fn, warm)
-  n = max(iters.values())
-  step_s = {name: [] for name in OPTIMIZERS}
-  for _ in range(rounds):
-    for name, (fn, now) in programs.items():
-      seconds, later = speed._time(fn, now, n)
-      step_s[name].append(seconds)
-      programs[name] = (fn, later)
+    programs[name] = (compiled, (params, state))
+  step_s, _ = speed.interleaved_times(programs, rounds=rounds, min_seconds=min_seconds)
 
   row: dict[str, Any] = {
     "model": kind,

@@ -130,6 +130,29 @@ def _time(fn, args, iters):
   return (time.perf_counter() - start) / iters, args
 
 
+def interleaved_times(programs, *, rounds, min_seconds):
+  """Seconds per call of every program of ``programs`` (``{name: (fn, args)}``, ``fn``
+  returning its next ``args``), one list per name over ``rounds`` rounds, and the
+  calls per round.
+
+  Each program starts on copies of its ``args`` and is warmed up once; in every round
+  each runs in turn the same number of calls, enough for the slowest to take about
+  ``min_seconds``, so all see the same machine state.
+  """
+  current, iters = {}, {}
+  for name, (fn, args) in programs.items():  # warm up, size the inner loop
+    copies = tuple(jax.tree.map(jnp.copy, a) for a in args)
+    once, current[name] = _time(fn, fn(*copies), 1)
+    iters[name] = max(1, int(min_seconds / max(once, 1e-6)))
+  n = max(iters.values())
+  times = {name: [] for name in programs}
+  for _ in range(rounds):
+    for name, (fn, _) in programs.items():
+      seconds, current[name] = _time(fn, current[name], n)
+      times[name].append(seconds)
+  return times, n
+
+
 def model_and_data(name, batch):
   """Params, layers, forward function and one batch for a named model."""
   if name in MLPS:
@@ -184,21 +207,9 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
   results: dict[str, Any] = {"model": name, "parameters": int(n_params), "batch": batch}
   kinds = ("update", "step") if n_params <= step_max_params else ("update",)
   for kind in kinds:
-    times = {opt: [] for opt in programs}
-    iters = {}
-    for opt, prog in programs.items():  # compile, warm up, size the inner loop
-      fn, args = prog[kind]
-      args = tuple(jax.tree.map(jnp.copy, a) for a in args)
-      once, args = _time(fn, fn(*args), 1)
-      iters[opt] = max(1, int(min_seconds / max(once, 1e-6)))
-      prog[kind] = (fn, args)
-    n = max(iters.values())
-    for _ in range(rounds):
-      for opt, prog in programs.items():
-        fn, args = prog[kind]
-        seconds, args = _time(fn, args, n)
-        times[opt].append(seconds)
-        prog[kind] = (fn, args)
+    times, n = interleaved_times(
+      {opt: prog[kind] for opt, prog in programs.items()}, rounds=rounds, min_seconds=min_seconds
+    )
     results[kind] = {"iters_per_round": n}
     for opt in OPTIMIZERS:
       ratios = [t / base for t, base in zip(times[opt], times["SGD"], strict=True)]

@@ -115,6 +115,8 @@ class LevelTables:
 
 def _level_tables(
   specs: Sequence[LayerSpec],
+  pi: Sequence[np.ndarray | None],
+  sigma: Sequence[np.ndarray | None],
   out_fixed: Sequence[np.ndarray | None],
   loops_back: Sequence[np.ndarray | None],
 ) -> LevelTables:
@@ -124,9 +126,8 @@ def _level_tables(
   loops, fixed = np.zeros((depth, width), bool), np.zeros((depth, width), bool)
   hidden = np.zeros((depth, width), bool)
   for k, spec in enumerate(specs):
-    down[k, : spec.n_out] = np.arange(spec.n_out) % spec.n_in
-    up[k, : spec.n_in] = np.arange(spec.n_in) % spec.n_out
-    for table, row in ((loops, loops_back[k]), (fixed, out_fixed[k])):
+    rows = ((down, pi[k]), (up, sigma[k]), (loops, loops_back[k]), (fixed, out_fixed[k]))
+    for table, row in rows:
       if row is not None:
         table[k, : len(row)] = row
     if k >= 1:
@@ -266,7 +267,7 @@ def chain_structure(signature: Signature) -> ChainStructure:
   for table in (*pi, *sigma, *out_fixed, *loops_back):
     if table is not None:
       table.setflags(write=False)
-  levels = _level_tables(specs, out_fixed, loops_back)
+  levels = _level_tables(specs, pi, sigma, out_fixed, loops_back)
   return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels)
 
 
