@@ -47,7 +47,11 @@ MLPS = {
 # name -> (image side, input channels, conv layers, channels, classes, dense width after a
 # flatten or None for global average pooling)
 CNNS = {"plainnet-7": (16, 3, 7, 64, 10, None), "convflat-8M": (16, 3, 1, 64, 10, 512)}
-MODELS = (*MLPS, *CNNS)
+# The same PlainNet with BatchNorm (training mode) after every convolution, declared as
+# docs/math.md says: the first convolution and each [norm, next convolution] normalized
+# blocks, the last norm with the head. Path-SGD does not take norms.
+BN_CNNS = {"plainnet-bn-7": (16, 3, 7, 64, 10)}
+MODELS = (*MLPS, *CNNS, *BN_CNNS)
 CNN_BATCH = 32
 
 
@@ -74,16 +78,64 @@ def cnn_params(key, side, c_in, depth, channels, n_out, flatten_width):
   return gsgd_jax.set_skeleton(params, layers), layers
 
 
+def bn_cnn_params(key, side, c_in, depth, channels, n_out):
+  """``depth`` 3x3 convolutions without bias, each followed by a BatchNorm's affine
+  layer, and a dense head; the blocks of docs/math.md (normalization layers)."""
+  del side  # (the model's input size)
+  params, c = {}, c_in
+  for k in range(depth):
+    key, sub = jax.random.split(key)
+    params[f"Conv_{k}"] = {
+      "kernel": jax.random.normal(sub, (3, 3, c, channels)) * np.sqrt(2 / (9 * c))
+    }
+    params[f"BN_{k}"] = {"scale": jnp.ones(channels), "bias": jnp.zeros(channels)}
+    c = channels
+  params["Dense_0"] = {
+    "kernel": jax.random.normal(key, (c, n_out)) / np.sqrt(c),
+    "bias": jnp.zeros(n_out),
+  }
+  block = gsgd_jax.Block
+  layers = [
+    block(["Conv_0"], normalized=True),
+    *(block([f"BN_{k}", f"Conv_{k + 1}"], normalized=True) for k in range(depth - 1)),
+    block([f"BN_{depth - 1}", "Dense_0"]),
+  ]
+  return gsgd_jax.set_skeleton(params, layers), layers
+
+
+def bn_cnn_forward(params, layers, x):
+  """Convolution, BatchNorm with the batch's statistics, ReLU; pool; dense."""
+  del layers
+  k = 0
+  while f"Conv_{k}" in params:
+    conv = params[f"Conv_{k}"]
+    x = jax.lax.conv_general_dilated(
+      x, conv["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    x = _probe(conv, x)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    norm = params[f"BN_{k}"]
+    x = jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * norm["scale"] + norm["bias"])
+    k += 1
+  head = params["Dense_0"]
+  return x.mean(axis=(1, 2)) @ head["kernel"] + head["bias"]
+
+
 def _probe(layer, z):
   """The layer's scale probe, where it has one (see gsgd_jax.probes)."""
   return gsgd_jax.probes.scale_probe(z, layer[PROBE]) if PROBE in layer else z
 
 
 def with_probes(params, layers):
-  """Params with a scale probe on every hidden layer."""
+  """Params with a scale probe on every hidden layer (every convolution of a BatchNorm
+  model)."""
   params = dict(params)
-  for (name,) in layers[:-1]:
-    params[name] = {**params[name], PROBE: jnp.ones(params[name]["bias"].shape)}
+  if isinstance(layers[0], gsgd_jax.Block):
+    names = [name for name in params if name.startswith("Conv_")]
+  else:
+    names = [name for (name,) in layers[:-1]]
+  for name in names:
+    params[name] = {**params[name], PROBE: jnp.ones(params[name]["kernel"].shape[-1])}
   return params
 
 
@@ -160,6 +212,11 @@ def model_and_data(name, batch):
     params, layers = mlp_params(jax.random.key(0), *spec)
     x = jax.random.normal(jax.random.key(1), (batch, spec[0]))
     return params, layers, forward, x, spec[-1], batch
+  if name in BN_CNNS:
+    side, c_in, _, _, n_out = spec = BN_CNNS[name]
+    params, layers = bn_cnn_params(jax.random.key(0), *spec)
+    x = jax.random.normal(jax.random.key(1), (CNN_BATCH, side, side, c_in))
+    return params, layers, bn_cnn_forward, x, n_out, CNN_BATCH
   side, c_in, _, _, n_out, _ = spec = CNNS[name]
   params, layers = cnn_params(jax.random.key(0), *spec)
   x = jax.random.normal(jax.random.key(1), (CNN_BATCH, side, side, c_in))
@@ -179,6 +236,8 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
     "G-SGD+probes": gsgd_jax.gsgd(1e-3, layers=layers),
     "Path-SGD": gsgd_jax.path_sgd(1e-3, layers=layers),
   }
+  if name in BN_CNNS:  # Path-SGD has no term for norms
+    del optimizers["Path-SGD"]
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
@@ -211,7 +270,7 @@ def bench_model(name, *, rounds, batch, min_seconds, donate, step_max_params):
       {opt: prog[kind] for opt, prog in programs.items()}, rounds=rounds, min_seconds=min_seconds
     )
     results[kind] = {"iters_per_round": n}
-    for opt in OPTIMIZERS:
+    for opt in optimizers:
       ratios = [t / base for t, base in zip(times[opt], times["SGD"], strict=True)]
       results[kind][opt] = {
         "ms": 1e3 * float(np.median(times[opt])),
@@ -257,13 +316,13 @@ def table(rows) -> str:
       r["model"],
       f"{r['parameters'] / 1e6:.1f}M",
       f"{u['SGD']['ms']:.2f}",
-      *(f"{u[opt]['ratio']:.2f}" for opt in ratios),
+      *(f"{u[opt]['ratio']:.2f}" if opt in u else "–" for opt in ratios),
     ]
     if "step" in r:
       st = r["step"]
       cells += [
         f"({r['batch']}) {st['SGD']['ms']:.2f}",
-        *(f"{st[opt]['ratio']:.2f}" for opt in ratios),
+        *(f"{st[opt]['ratio']:.2f}" if opt in st else "–" for opt in ratios),
       ]
     else:
       cells += ["not timed"] + [""] * len(ratios)

@@ -4,8 +4,9 @@ import importlib.metadata
 
 from gsgd_jax import probes
 from gsgd_jax._src.alias import g_adam, g_adamw, g_momentum, g_rmsprop, gsgd
-from gsgd_jax._src.declaration import LayerPaths
+from gsgd_jax._src.declaration import Block, LayerPaths
 from gsgd_jax._src.infer import infer_layers
+from gsgd_jax._src.layouts import infer_blocks
 from gsgd_jax._src.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
 from gsgd_jax._src.rescaling import random_rescale, rescale
 from gsgd_jax._src.skeleton import set_skeleton, skeleton_mask
@@ -15,6 +16,7 @@ from gsgd_jax._src.validate import verify_invariance, verify_probes
 __version__ = importlib.metadata.version("gsgd_jax")
 
 __all__ = [
+  "Block",
   "LayerPaths",
   "PathSpaceState",
   "basis_path_values",
@@ -24,6 +26,7 @@ __all__ = [
   "g_momentum",
   "g_rmsprop",
   "gsgd",
+  "infer_blocks",
   "infer_layers",
   "path_norm_scales",
   "path_sgd",

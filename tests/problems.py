@@ -400,6 +400,215 @@ class NNXCNN(nnx.Module):
 
 
 # ----------------------------------------------------------------------------
+# Models with normalization layers (docs/math.md, normalization layers), in training mode.
+#
+# BatchNorm's epsilon makes the output rescaling (S1) approximate; the exactness tests
+# use NORM_EPSILON, negligible against the variances here.
+
+NORM_EPSILON = 1e-14
+
+
+class PlainNetBN(nn.Module):
+  """``conv_i -> BN_i -> ReLU`` for each of ``channels`` (3x3, no bias), global average
+  pool, dense head."""
+
+  channels: tuple[int, ...]
+  classes: int = 3
+  conv: Any = nn.Conv  # or gsgd_jax.probes.Conv
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for i, c in enumerate(self.channels):
+      x = self.conv(c, (3, 3), use_bias=False, name=f"conv{i}")(x)
+      x = nn.BatchNorm(not train, epsilon=NORM_EPSILON, name=f"bn{i}")(x)
+      x = nn.relu(x)
+    return nn.Dense(self.classes, name="head")(x.mean(axis=(1, 2)))
+
+
+class NNXPlainNetBN(nnx.Module):
+  """:class:`PlainNetBN` in NNX (float64; BatchNorm in training mode): ``convs``, ``norms``
+  and ``head``."""
+
+  def __init__(self, in_channels, channels, rngs, classes=3):
+    f64 = {"param_dtype": jnp.float64, "rngs": rngs}
+    pairs = itertools.pairwise((in_channels, *channels))
+    self.convs = nnx.List([nnx.Conv(a, b, (3, 3), use_bias=False, **f64) for a, b in pairs])
+    self.norms = nnx.List([nnx.BatchNorm(c, epsilon=NORM_EPSILON, **f64) for c in channels])
+    self.head = nnx.Linear(channels[-1], classes, **f64)
+
+  def __call__(self, x):
+    for conv, norm in zip(self.convs, self.norms, strict=True):
+      x = nnx.relu(norm(conv(x)))
+    return self.head(x.mean(axis=(1, 2)))
+
+  def blocks(self):
+    n = len(self.convs)
+    return [
+      gsgd_jax.Block([("convs", 0)], normalized=True),
+      *(gsgd_jax.Block([("norms", i), ("convs", i + 1)], normalized=True) for i in range(n - 1)),
+      gsgd_jax.Block([("norms", n - 1), ("head",)]),
+    ]
+
+
+def nnx_norm(model, x_shape, seed=0):
+  """An NNX model with BatchNorm as a :class:`NormProblem` over its ``nnx.Param`` state:
+  skeleton set; the other variables (batch statistics) held fixed, BatchNorm in training
+  mode."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = jax.tree.map(lambda a: a.astype(jnp.float64), rest)  # (batch statistics)
+  layers = model.blocks()
+  params = gsgd_jax.set_skeleton(params, layers)
+  x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
+
+  def forward(p, inputs):
+    # A copy: the BatchNorms update their statistics, which may not leak out of a trace.
+    return nnx.merge(graphdef, p, rest, copy=True)(inputs)
+
+  y = jax.random.normal(jax.random.key(seed + 2), jax.eval_shape(forward, params, x).shape)
+  return NormProblem(params, layers, squared_error(forward, x, y), forward, x, y)
+
+
+def plainnet_bn_blocks(depth, normalized=True):
+  """PlainNet-with-BN blocks (paths in params): ``[conv0]`` and ``[BN_i affine,
+  conv_{i+1}]`` normalized, and
+  ``[BN_last affine, head]``. ``normalized=False`` declares the same blocks without the
+  ``N^2`` scaling (not invariant under the output rescaling)."""
+  block = gsgd_jax.Block
+  return [
+    block(["conv0"], normalized=normalized),
+    *(block([f"bn{i}", f"conv{i + 1}"], normalized=normalized) for i in range(depth - 1)),
+    block([f"bn{depth - 1}", "head"]),
+  ]
+
+
+class BasicBlockBN(nn.Module):
+  """ResNet basic block: ``conv_a -> BN_a -> ReLU -> conv_b -> BN_b``, plus the input
+  (through a 1x1 projection and BN when the width or stride changes), then ReLU."""
+
+  channels: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    norm = functools.partial(nn.BatchNorm, not train, epsilon=NORM_EPSILON)
+    y = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False, name="conv_a")(x)
+    y = nn.relu(norm(name="bn_a")(y))
+    y = nn.Conv(self.channels, (3, 3), use_bias=False, name="conv_b")(y)
+    y = norm(name="bn_b")(y)
+    if x.shape[-1] != self.channels or self.stride != 1:
+      x = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False, name="proj")(x)
+      x = norm(name="bn_proj")(x)
+    return nn.relu(x + y)
+
+
+class ResNetBN(nn.Module):
+  """Stem ``conv -> BN -> ReLU``, basic blocks of ``channels`` (stride 2 where the width
+  changes), global average pool, dense head."""
+
+  stem: int
+  channels: tuple[int, ...]
+  classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.stem, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(not train, epsilon=NORM_EPSILON, name="stem_bn")(x))
+    width = self.stem
+    for i, c in enumerate(self.channels):
+      x = BasicBlockBN(c, 1 if c == width else 2, name=f"block{i}")(x, train)
+      width = c
+    return nn.Dense(self.classes, name="head")(x.mean(axis=(1, 2)))
+
+
+def resnet_bn_blocks(model: ResNetBN, normalized=True):
+  """The ResNet-with-BN declaration (paths in params): the stem, each block's ``conv_a``
+  and projection
+  alone, and ``[BN_a affine, conv_b]``, all normalized; the stem's norm, ``BN_b``, the
+  projections' norms and the head take the fallback."""
+  blocks = [gsgd_jax.Block(["stem"], normalized=normalized)]
+  width = model.stem
+  for i, c in enumerate(model.channels):
+    b = f"block{i}"
+    blocks.append(gsgd_jax.Block([f"{b}/conv_a"], normalized=normalized))
+    blocks.append(gsgd_jax.Block([f"{b}/bn_a", f"{b}/conv_b"], normalized=normalized))
+    if c != width:
+      blocks.append(gsgd_jax.Block([f"{b}/proj"], normalized=normalized))
+    width = c
+  return blocks
+
+
+class PreLNFeedForward(nn.Module):
+  """Tokens ``(batch, seq, d)``: ``x + fc2(relu(fc1(LN(x))))`` twice (pre-LN feed-forward
+  blocks with residual connections), a final LN and a dense read-out."""
+
+  d: int = 4
+  hidden: int = 6
+  blocks: int = 2
+  dense: Any = nn.Dense  # of fc1 (the hidden layer): or gsgd_jax.probes.Dense
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.blocks):
+      y = nn.LayerNorm(epsilon=NORM_EPSILON, name=f"ln{i}")(x)
+      y = self.dense(self.hidden, name=f"fc1_{i}")(y)
+      x = x + nn.Dense(self.d, name=f"fc2_{i}")(nn.relu(y))
+    return nn.Dense(2, name="out")(nn.LayerNorm(epsilon=NORM_EPSILON, name="ln_out")(x))
+
+
+def preln_blocks(model: PreLNFeedForward):
+  """One block ``[LN affine, fc1, fc2]`` per feed-forward block."""
+  return [gsgd_jax.Block([f"ln{i}", f"fc1_{i}", f"fc2_{i}"]) for i in range(model.blocks)]
+
+
+class NormProblem(NamedTuple):
+  """A model with normalization layers in float64: ``forward(params, x)`` runs it in
+  training mode (batch statistics), ``loss(params)`` is its squared error on ``(x, y)``."""
+
+  params: dict
+  layers: list
+  loss: Callable[[Any], jax.Array]
+  forward: Callable[[Any, jax.Array], jax.Array]
+  x: jax.Array
+  y: jax.Array
+
+
+def _shift_biases(params, shift=0.1):
+  """Every ``bias`` shifted (non-zero biases, so that their paths count)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, a: a + shift if pytree_key(path[-1]) == "bias" else a, params
+  )
+
+
+def pytree_key(entry):
+  return getattr(entry, "key", getattr(entry, "name", entry))
+
+
+def linen_norm(model, layers, x_shape, seed=0):
+  """A Linen model with BatchNorm or LayerNorm as a :class:`NormProblem`: float64, skeleton
+  set, biases shifted by 0.1, scales drawn in [0.5, 1.5]; BatchNorm in training mode."""
+  x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
+  variables = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(seed + 1), x))
+  params = gsgd_jax.set_skeleton(variables["params"], layers)
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, a: (
+      a * np.random.default_rng(seed).uniform(0.5, 1.5, a.shape)
+      if pytree_key(path[-1]) == "scale"
+      else a
+    ),
+    _shift_biases(params),
+  )
+  state = {k: v for k, v in variables.items() if k != "params"}
+
+  def forward(p, inputs):
+    if not state:
+      return model.apply({"params": p}, inputs)
+    return model.apply({"params": p, **state}, inputs, mutable=list(state))[0]
+
+  y = jax.random.normal(jax.random.key(seed + 2), jax.eval_shape(forward, params, x).shape)
+  return NormProblem(params, layers, squared_error(forward, x, y), forward, x, y)
+
+
+# ----------------------------------------------------------------------------
 # The optimizers.
 
 

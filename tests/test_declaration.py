@@ -95,6 +95,38 @@ def test_lists_of_names_read_as_blocks_when_the_tree_says_so():
   chex.assert_trees_all_close(got, want, rtol=1e-12)
 
 
+def test_blocks_mix_with_lists_and_a_single_block_is_one_chain():
+  params = {**_mlp(0, (3, 4, 2))[0], **{f"m{k}": v for k, v in _mlp(1, (3, 4, 2))[0].items()}}
+  want = _step(gsgd_jax.gsgd(0.1, layers=[["l0", "l1"], ["ml0", "ml1"]]), params)
+  mixed = [gsgd_jax.Block(["l0", "l1"]), [("ml0",), ("ml1",)]]
+  chex.assert_trees_all_close(_step(gsgd_jax.gsgd(0.1, layers=mixed), params), want, rtol=1e-12)
+  chain, layers = _mlp()
+  want = _step(gsgd_jax.gsgd(0.1, layers=layers), chain)
+  got = _step(gsgd_jax.gsgd(0.1, layers=gsgd_jax.Block(layers)), chain)
+  chex.assert_trees_all_close(got, want, rtol=1e-12)
+
+
+def test_a_normalized_block_of_one_layer_does_not_warn():
+  """Its output rescaling is the symmetry it uses: no 'one layer' warning."""
+  params, _ = _mlp()
+  gsgd_jax.gsgd(0.1, layers=[[("l0",), ("l1",)], gsgd_jax.Block(["l2"], normalized=True)]).init(
+    params
+  )
+
+
+@pytest.mark.parametrize(
+  "layers, match",
+  [
+    ("l0/l1", r"takes a list of layer paths, got 'l0/l1'"),
+    (3, r"takes a list of layer paths, got 3"),
+    ([], r"a block of `layers` is empty"),
+  ],
+)
+def test_malformed_blocks_show_the_accepted_forms(layers, match):
+  with pytest.raises((TypeError, ValueError), match=match):
+    gsgd_jax.Block(layers)
+
+
 def test_list_of_one_name_lists_is_ambiguous():
   """Three one-layer blocks (plain SGD) or one chain: refused, showing both readings."""
   params, _ = _mlp()
@@ -114,6 +146,7 @@ def test_one_layer_block_warns():
     ("l0", TypeError, r"got the string 'l0'.*Accepted forms"),
     (3, TypeError, r"sequence of layer paths.*Accepted forms"),
     (["l0", [["l1"]]], TypeError, r"mixes paths and blocks"),
+    (["l0", gsgd_jax.Block(["l1"])], TypeError, r"mixes paths and blocks"),
     ([["l0", {"a": 1}]], TypeError, r"a layer path must be.*Accepted forms"),
     ([], ValueError, r"`layers` is empty"),
   ],

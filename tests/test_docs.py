@@ -20,7 +20,17 @@ import pytest
 
 import gsgd_jax
 from gsgd_jax import probes
-from gsgd_jax._src import alias, infer, path_norm, rescaling, skeleton, transform, validate
+from gsgd_jax._src import (
+  alias,
+  declaration,
+  infer,
+  layouts,
+  path_norm,
+  rescaling,
+  skeleton,
+  transform,
+  validate,
+)
 
 ROOT = Path(__file__).parent.parent
 
@@ -28,7 +38,7 @@ ROOT = Path(__file__).parent.parent
 PAGES = {
   "README.md": 1,
   "docs/index.md": 0,
-  "docs/guide.md": 11,
+  "docs/guide.md": 14,
   "docs/probes.md": 1,
   "docs/math.md": 0,
   "docs/troubleshooting.md": 0,
@@ -80,6 +90,8 @@ def _max_abs_diff(a, b) -> float:
     (path_norm, 16),
     (probes, 25),
     (infer, 4),
+    (layouts, 7),
+    (declaration, 4),
     (validate, 15),
     (skeleton, 9),
     (rescaling, 13),

@@ -195,6 +195,69 @@ def test_sharded_cnn_matches_single_device(probes, axis_type):
   _assert_sharded_as(got, specs, mesh)
 
 
+# A dense net with batch normalization: fc0 -> BN0 -> ReLU -> fc1 -> BN1 -> ReLU -> head, its
+# hidden units and the norms' channels sharded.
+BN_SPECS = {
+  "fc0": {"kernel": P(None, "x")},
+  "bn0": {"scale": P("x"), "bias": P("x")},
+  "fc1": {"kernel": P("x", None)},
+  "bn1": {"scale": P(), "bias": P()},
+  "head": {"kernel": P(), "bias": P()},
+}
+BN_BLOCKS = [
+  gsgd_jax.Block(["fc0"], normalized=True),
+  gsgd_jax.Block(["bn0", "fc1"], normalized=True),
+  gsgd_jax.Block(["bn1", "head"]),
+]
+
+
+def _bn_problem():
+  ks = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "fc0": {"kernel": jax.random.normal(ks[0], (6, 16)) / 3},
+    "bn0": {"scale": 1 + 0.1 * jax.random.normal(ks[1], (16,)), "bias": jnp.full(16, 0.1)},
+    "fc1": {"kernel": jax.random.normal(ks[2], (16, 8)) / 4},
+    "bn1": {"scale": jnp.ones(8), "bias": jnp.full(8, -0.1)},
+    "head": {"kernel": jax.random.normal(ks[3], (8, 3)) / 3, "bias": jnp.zeros(3)},
+  }
+  x = jax.random.normal(jax.random.key(1), (12, 6))
+  y = jax.random.normal(jax.random.key(2), (12, 3))
+
+  def norm(h, layer):  # training mode: the batch's statistics
+    h = (h - h.mean(axis=0)) / jnp.sqrt(h.var(axis=0) + 1e-14)
+    return h * layer["scale"] + layer["bias"]
+
+  def loss(p):
+    out = P() if jax.sharding.get_abstract_mesh().explicit_axes else None
+    h = jax.nn.relu(norm(x @ p["fc0"]["kernel"], p["bn0"]))
+    h = jax.nn.relu(norm(jnp.matmul(h, p["fc1"]["kernel"], out_sharding=out), p["bn1"]))
+    return jnp.mean((h @ p["head"]["kernel"] + p["head"]["bias"] - y) ** 2)
+
+  return gsgd_jax.set_skeleton(params, BN_BLOCKS), loss
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_normalized_blocks_match_single_device(axis_type):
+  """Affine layers and normalized blocks (N^2, renormalization) sharded along channels."""
+  params, loss = _bn_problem()
+  tx = gsgd_jax.gsgd(0.1, layers=BN_BLOCKS, momentum=0.9)
+  want, _, want_state = _train(tx, params, loss, steps=3)
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
+  with jax.set_mesh(mesh):
+    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, BN_SPECS)
+    param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
+    pin = (
+      None
+      if axis_type == AxisType.Explicit
+      else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
+    )
+    got, init_state, state = _train(tx, sharded, loss, out_shardings=pin, steps=3)
+  chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
+  chex.assert_trees_all_close(state, want_state, rtol=1e-10, atol=1e-12)
+  _assert_same_shardings(init_state, state)
+  _assert_sharded_as(got, BN_SPECS, mesh)
+
+
 def test_explicit_sharded_params_outside_a_mesh_context():
   """init and a jitted update read Explicit shardings from the arrays, as optax does,
   whether or not a mesh context is set."""

@@ -77,8 +77,14 @@ def replicated(vector: Array) -> Array:
 
 def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.ndarray) -> Array:
   """The skeleton-tap entries ``(nodes_in[p], nodes_out[p])``: one per node
-  (replicated when the kernel is sharded over Explicit axes)."""
-  index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
+  (replicated when the kernel is sharded over Explicit axes). An affine layer's
+  only edges are ``o -> o``, its ``scale`` entries."""
+  if spec.kind == "affine":
+    if not np.array_equal(nodes_in, nodes_out):
+      raise ValueError(f"internal: an edge off the diagonal of affine layer {spec.name!r}")
+    index: tuple = (nodes_in,)
+  else:
+    index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
   mesh = _explicit_mesh(kernel)
   if mesh is not None:
     return kernel.at[index].get(out_sharding=_replicated_sharding(mesh))
@@ -339,15 +345,75 @@ def basis_values(
   products = skeleton_products(struct, kernels, ct) if products is None else products
   values, bias_values = [], []
   for k, spec in enumerate(struct.layers):
-    back, forward = level(products.back, struct, k), level(products.forward, struct, k + 1)
-    v = rows(back, spec) * kernels[k].astype(ct) * cols(forward)
-    fixed = fixed_mask(spec, struct.pi[k])
-    if fixed is not None:
-      v = jnp.where(fixed, 0, v)
-    values.append(v.astype(kernels[k].dtype))
+    forward = level(products.forward, struct, k + 1)
+    if spec.kind == "affine":  # every scale entry is in F
+      values.append(jnp.zeros_like(kernels[k]))
+    else:
+      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward)
+      fixed = fixed_mask(spec, struct.pi[k])
+      if fixed is not None:
+        v = jnp.where(fixed, 0, v)
+      values.append(v.astype(kernels[k].dtype))
     b = biases[k]
     bias_values.append(None if b is None else (b.astype(ct) * forward).astype(b.dtype))
   return values, bias_values
+
+
+# ----------------------------------------------------------------------------
+# Normalized outputs: N^2 per output node.
+
+
+def _gather_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, None]:
+  """One level of ``output_norms``' sum: every node adds ``y`` into its skeleton
+  target (module level, so that the scan compiles once per shape)."""
+  target, keep, own = row
+  y = jnp.zeros_like(y).at[target].add(jnp.where(keep, y, 0)) + own
+  return y, None
+
+
+def output_norms(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  products: SkeletonProducts,
+) -> Array:
+  """``N^2`` of the output node each node's forward skeleton chain ends at, stacked.
+
+  ``N_k^2`` sums the squared values of the owned paths ending at output node
+  ``k`` (docs/math.md, normalized outputs): a node's own paths (its incoming
+  edges outside F and its bias, each ``v = B w F``) end where its forward chain
+  ends, so the per-node sums are carried forward along the skeleton targets
+  like ``P`` in the inverse chain rule, and ``N^2`` is read back along the same
+  chains. One extra reduction per kernel (of ``(B w)^2``).
+
+  Returns:
+    A ``(L + 1, W)`` array: row ``k`` holds, for each node of level ``k``, the
+    ``N^2`` of its forward chain's output node (row ``L``: ``N^2`` itself).
+  """
+  ct = products.back.dtype
+  tables = struct.levels
+  own = []  # per layer k, on level k + 1: sum of v^2 of the paths owned by its edges
+  for k, spec in enumerate(struct.layers):
+    b = biases[k]
+    if spec.kind == "affine":  # every scale entry is in F: only biases own paths
+      total = jnp.zeros(spec.n_out, ct)
+    else:
+      weighted = jnp.square(rows(level(products.back, struct, k), spec) * kernels[k].astype(ct))
+      fixed = fixed_mask(spec, struct.pi[k])
+      if fixed is not None:
+        weighted = jnp.where(fixed, 0, weighted)
+      total = replicated(jnp.sum(weighted, axis=tuple(range(kernels[k].ndim - 1))))
+    if b is not None:
+      total = total + replicated(jnp.square(b.astype(ct)))
+    own.append(total * jnp.square(level(products.forward, struct, k + 1)))
+  rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, ct))
+  at_outputs, _ = jax.lax.scan(
+    _gather_step,
+    jnp.zeros(tables.width, ct),
+    rows_,
+    unroll=struct.depth <= UNROLLED_LEVELS,
+  )
+  return propagate(at_outputs, tables.up, reverse=True)
 
 
 # ----------------------------------------------------------------------------
@@ -373,10 +439,11 @@ def node_sums(
 class PathGradients(NamedTuple):
   """Output of ``inverse_chain_rule``: path-space gradients and what WA reuses."""
 
-  kernels: list[Array]  # dL/dv, shaped like each kernel, 0 on F
+  kernels: list[Array]  # dL/dv, shaped like each kernel, 0 on F (times N^2 if normalized)
   biases: list[Array | None]
   products: SkeletonProducts
   compute_dtype: jnp.dtype
+  output_norms: Array | None = None  # a normalized chain's N^2 per output node
 
 
 def inverse_chain_rule(
@@ -432,9 +499,21 @@ def inverse_chain_rule(
   carried = p_levels / (_usable(products.back) * _usable(products.forward))
   inv_back, inv_fwd = reciprocal(products.back), reciprocal(products.forward)
 
+  norms = None
+  if struct.normalized:
+    # Every path's gradient times N^2 of the output node its forward chain ends at.
+    ends = output_norms(struct, kernels, biases, products)
+    inv_fwd, carried = inv_fwd * ends, carried * ends
+    norms = level(ends, struct, depth)
+
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
     inv_back_k, inv_fwd_k = level(inv_back, struct, k), level(inv_fwd, struct, k + 1)
+    gb = bias_grads[k]
+    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd_k).astype(gb.dtype))
+    if spec.kind == "affine":  # every scale entry is in F
+      grads.append(jnp.zeros_like(kernel_grads[k]))
+      continue
     gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k)
     out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:  # from level 1 on
@@ -443,9 +522,7 @@ def inverse_chain_rule(
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
-    gb = bias_grads[k]
-    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd_k).astype(gb.dtype))
-  return PathGradients(grads, bias_grads_v, products, ct)
+  return PathGradients(grads, bias_grads_v, products, ct, norms)
 
 
 # ----------------------------------------------------------------------------
@@ -464,6 +541,7 @@ def weight_allocation(
   bias_steps: Sequence[Array | None],
   products: SkeletonProducts,
   ratio_clip: tuple[float, float] | None,
+  output_scales: Array | None = None,
 ) -> tuple[list[Array], list[Array | None], Array]:
   """Weight updates that move every basis path from ``v`` to ``v + dv`` (docs/math.md).
 
@@ -478,6 +556,10 @@ def weight_allocation(
   ``ratio_clip`` (NaN becomes 1), so a step that would shrink a skeleton path to
   zero or flip its sign cannot produce infinite weights; only the clipped
   paths then miss ``v + dv`` (every other path still lands on it).
+
+  ``output_scales``, where given, multiplies the incoming weights and bias of
+  each output node after the step (a normalized chain's renormalization: an
+  element of the output rescaling its BatchNorm absorbs), in the same pass.
 
   Returns:
     ``(kernel_updates, bias_updates, num_clipped)``.
@@ -517,6 +599,19 @@ def weight_allocation(
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
     shrink_k, inv_fwd_k = level(shrink, struct, k + 1), level(inv_fwd, struct, k + 1)
+    # The last layer's outputs rescaled: new = (w + du) * a, i.e. du * a + w * (a - 1).
+    rescale = output_scales if k == depth - 1 else None
+    b, bias_step = biases[k], bias_steps[k]
+    if b is None or bias_step is None:
+      bias_updates.append(None)
+    else:
+      db = b.astype(ct) * shrink_k + bias_step.astype(ct) * inv_fwd_k
+      if rescale is not None:
+        db = db * rescale + b.astype(ct) * (rescale - 1)
+      bias_updates.append(db.astype(b.dtype))
+    if spec.kind == "affine":  # every scale entry is in F
+      updates.append(jnp.zeros_like(kernels[k]))
+      continue
     w = kernels[k].astype(ct)
     dv = kernel_steps[k].astype(ct)
     out = outgoing_mask(spec, struct.sigma[k])
@@ -526,11 +621,7 @@ def weight_allocation(
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
+    if rescale is not None:
+      du = du * cols(rescale) + w * cols(rescale - 1)
     updates.append(du.astype(kernels[k].dtype))
-    b, bias_step = biases[k], bias_steps[k]
-    if b is None or bias_step is None:
-      bias_updates.append(None)
-    else:
-      db = b.astype(ct) * shrink_k + bias_step.astype(ct) * inv_fwd_k
-      bias_updates.append(db.astype(b.dtype))
   return updates, bias_updates, num_clipped

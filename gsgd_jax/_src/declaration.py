@@ -6,7 +6,8 @@ Accepted forms (shown in every error about them):
     ``[('params', 'Dense_0'), ('params', 'Dense_1')]``;
   * several blocks: a sequence of sequences of paths, e.g.
     ``[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]`` (blocks may be
-    lists or tuples of paths);
+    lists or tuples of paths, or :class:`Block` declarations, mixed freely);
+  * one :class:`Block`;
   * a path: a ``'a/b/c'`` string, or a tuple of keys (strings, integers or JAX
     key entries); inside a block, a list of keys is a path too.
 
@@ -29,13 +30,12 @@ from gsgd_jax._src.pytree import KeyPath, Path
 
 LayerPath: TypeAlias = KeyPath | str
 
-Blocks = tuple[tuple[Path, ...], ...]
 
 FORMS = (
   "one chain: a sequence of paths, e.g. ['fc1', 'fc2'] or [('params', 'Dense_0'), "
   "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
-  "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]]; a path: an 'a/b' string or "
-  "a tuple of keys"
+  "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]], each block a list of paths or a "
+  "gsgd_jax.Block([...], normalized=...); a path: an 'a/b' string or a tuple of keys"
 )
 
 
@@ -74,6 +74,64 @@ def _block(entry: Any) -> tuple[Path, ...]:
   return tuple(_path(p) for p in entry)
 
 
+@dataclasses.dataclass(frozen=True, init=False)
+class Block:
+  """One block of a model, declared explicitly: an independent chain of layers.
+
+  Each layer is a key path to a sub-tree holding a ``kernel`` (dense or
+  convolution, optional ``bias``) or, first in the block only, a norm's
+  per-channel ``scale`` and optional ``bias`` (an *affine layer*: Flax
+  ``BatchNorm``, ``LayerNorm``; docs/math.md). Between the block's layers only
+  positively homogeneous operations may stand (ReLU, pooling, flatten, and the
+  identity after an affine layer).
+
+  Args:
+    layers: the layers' key paths in forward order (``'a/b'`` strings or tuples
+      of keys).
+    normalized: the block's outputs feed a per-channel normalization
+      (BatchNorm, in training mode): each output node may then be rescaled on
+      its own, and the path gradients of the paths ending at output node ``k``
+      are multiplied by ``N_k^2``, the sum of their squared values, so that the
+      step is equivariant under that rescaling too. A one-layer normalized
+      block (a stem convolution, a residual branch's first convolution, a
+      projection shortcut before a BatchNorm) scales its gradients per output
+      column by the column's squared norm.
+
+  Example:
+    >>> import gsgd_jax
+    >>> block = gsgd_jax.Block(['params/bn_a', 'params/conv_b'], normalized=True)
+    >>> block
+    Block(['params/bn_a', 'params/conv_b'], normalized=True)
+    >>> block.layers
+    (('params', 'bn_a'), ('params', 'conv_b'))
+  """
+
+  layers: tuple[Path, ...]
+  normalized: bool
+
+  def __init__(self, layers: Iterable[LayerPath], *, normalized: bool = False):
+    if isinstance(layers, (str, Block)) or not isinstance(layers, Iterable):
+      raise TypeError(
+        f"gsgd_jax.Block takes a list of layer paths, got {layers!r}. Accepted "
+        f"forms of `layers`: {FORMS}"
+      )
+    if not isinstance(normalized, bool):
+      raise TypeError(f"gsgd_jax.Block: `normalized` must be True or False, got {normalized!r}")
+    object.__setattr__(self, "layers", _block(list(layers)))
+    object.__setattr__(self, "normalized", normalized)
+
+  def __repr__(self) -> str:
+    names = [("/".join(p)) for p in self.layers]
+    return f"Block({names!r}{', normalized=True' if self.normalized else ''})"
+
+
+Blocks = tuple[Block, ...]
+
+
+def _as_block(entry: Any) -> Block:
+  return entry if isinstance(entry, Block) else Block(_block(entry))
+
+
 @dataclasses.dataclass(frozen=True)
 class Declaration:
   """``layers`` as read once: its possible readings as blocks of paths.
@@ -94,7 +152,9 @@ class Declaration:
     when both do, the declaration is ambiguous and refused. Raises, naming the
     layer, when a declared layer's kernel or bias is an ``optax.MaskedNode``.
     """
-    resolves = lambda blocks: all((*p, "kernel") in leaf_paths for b in blocks for p in b)
+    resolves = lambda blocks: all(
+      (*p, "kernel") in leaf_paths or (*p, "scale") in leaf_paths for b in blocks for p in b.layers
+    )
     fitting = [blocks for blocks in self.readings if resolves(blocks)]
     if len(fitting) > 1:
       raise ValueError(
@@ -107,9 +167,9 @@ class Declaration:
     if twice is not None:
       raise ValueError(f"layer {'/'.join(twice)!r} is declared twice in `layers`")
     for block in blocks:
-      for path in block:
+      for path in block.layers:
         name = "/".join(path)
-        if (*path, "kernel") in masked:
+        if (*path, "kernel") in masked or (*path, "scale") in masked:
           raise ValueError(
             f"layer {name!r} is masked out (optax.masked or optax.partition hands it "
             "to another transformation) but declared in `layers`: declare only the "
@@ -127,11 +187,12 @@ class Declaration:
 
 
 def warn_one_layer_blocks(blocks: Blocks) -> None:
-  """Warns for each block of one layer: it has no hidden nodes, so no symmetry to use."""
+  """Warns for each block of one layer that is not normalized: it has no hidden
+  nodes, so no symmetry to use."""
   for block in blocks:
-    if len(block) == 1:
+    if len(block.layers) == 1 and not block.normalized:
       warnings.warn(
-        f"a block of `layers` has one layer, {'/'.join(block[0])!r}: it has no "
+        f"a block of `layers` has one layer, {'/'.join(block.layers[0])!r}: it has no "
         "hidden nodes, so path space gives it the inner transformation on its "
         "weights as they are. To declare one chain, list its paths in one flat "
         f"sequence. Accepted forms: {FORMS}",
@@ -140,17 +201,21 @@ def warn_one_layer_blocks(blocks: Blocks) -> None:
 
 
 # What the public functions take as ``layers``: one chain of paths or several blocks.
-LayerPaths: TypeAlias = Sequence[LayerPath] | Sequence[Sequence[LayerPath]] | Declaration
+LayerPaths: TypeAlias = (
+  Sequence[LayerPath] | Sequence[Sequence[LayerPath] | Block] | Block | Declaration
+)
 
 
 def _show(blocks: Blocks) -> str:
-  return repr([["/".join(p) for p in block] for block in blocks])
+  return repr([["/".join(p) for p in block.layers] for block in blocks])
 
 
 def as_declaration(layers: Any) -> Declaration:
   """Reads ``layers`` once (see the module docstring); a Declaration passes through."""
   if isinstance(layers, Declaration):
     return layers
+  if isinstance(layers, Block):
+    return Declaration(((layers,),), repr(layers))
   if isinstance(layers, str) or not isinstance(layers, Iterable) or isinstance(layers, dict):
     what = "the string " if isinstance(layers, str) else ""
     raise TypeError(
@@ -166,18 +231,19 @@ def as_declaration(layers: Any) -> Declaration:
   key_lists = [isinstance(e, list) and bool(e) and all(map(_is_key, e)) for e in entries]
   readings: list[Blocks] = []
   if all(_is_path(e) or is_keys for e, is_keys in zip(entries, key_lists, strict=True)):
+    chain = (Block(tuple(_path(e) for e in entries)),)
     if not any(key_lists):
-      readings.append((tuple(_path(e) for e in entries),))
+      readings.append(chain)
     elif all(key_lists):  # blocks of paths, or one chain of paths written as lists
-      readings.append(tuple(_block(e) for e in entries))
-      readings.append((tuple(_path(e) for e in entries),))
+      readings.append(tuple(_as_block(e) for e in entries))
+      readings.append(chain)
     else:  # paths beside paths written as lists: one chain
-      readings.append((tuple(_path(e) for e in entries),))
+      readings.append(chain)
   elif all(
-    (isinstance(e, (list, tuple)) and not _is_path(e)) or is_keys
+    isinstance(e, Block) or (isinstance(e, (list, tuple)) and not _is_path(e)) or is_keys
     for e, is_keys in zip(entries, key_lists, strict=True)
   ):
-    readings.append(tuple(_block(e) for e in entries))
+    readings.append(tuple(_as_block(e) for e in entries))
   else:
     raise TypeError(f"`layers` mixes paths and blocks: {text}. Accepted forms: {FORMS}")
   return Declaration(tuple(readings), text)
@@ -187,7 +253,7 @@ def _twice(blocks: Blocks) -> Path | None:
   """The first path declared twice in ``blocks``, if any."""
   seen: set[Path] = set()
   for block in blocks:
-    for path in block:
+    for path in block.layers:
       if path in seen:
         return path
       seen.add(path)

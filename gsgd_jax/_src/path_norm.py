@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,22 @@ def _chain_gammas(struct, kernels, biases):
   return gamma_in, gamma_out
 
 
+def _path_sgd_blocks(params: Any, layers: Any) -> tuple[structure.ChainStructure, ...]:
+  """The declared blocks; raises for the norms' blocks, which Path-SGD does not model."""
+  blocks = structure.build_structure(params, layers)
+  for block in blocks:
+    affine = [spec.name for spec in block.layers if spec.kind == "affine"]
+    if affine or block.normalized:
+      what = f"affine layer {affine[0]!r}" if affine else "a normalized block"
+      raise structure.UnsupportedLayerError(
+        f"Path-SGD does not support {what} (block starting at "
+        f"{block.layers[0].name!r}): its path norm has no term for a norm's scale or "
+        "a normalization after the block. Declare such blocks for path_space or gsgd "
+        "only, or leave these layers to the fallback."
+      )
+  return blocks
+
+
 def _layer_scales(
   block: structure.ChainStructure, kernels: Sequence[jax.Array], biases: Sequence[jax.Array | None]
 ) -> list[tuple[jax.Array, jax.Array]]:
@@ -76,7 +93,7 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
     >>> print(scales['l0']['kernel'][0], scales['l1']['kernel'][:, 0], scales['l0']['bias'])
     [2. 2. 2. 2.] [3. 3. 3. 3.] [2. 2. 2. 2.]
   """
-  blocks = structure.build_structure(params, layers)
+  blocks = _path_sgd_blocks(params, layers)
 
   def scales(b: int, arrays: LayerArrays):
     layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
@@ -132,13 +149,13 @@ def scale_by_path_norm(
 
   def init_fn(params):
     if not pytree.is_placeholder(params):  # (optax.tree_map_params passes a placeholder)
-      structure.build_structure(params, decl)  # raise structural errors at init
+      _path_sgd_blocks(params, decl)  # raise structural errors at init
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(NO_PARAMS_MSG.format("gsgd_jax.scale_by_path_norm"))
-    blocks = structure.build_structure(params, decl)
+    blocks = _path_sgd_blocks(params, decl)
     paths = structure.block_paths(blocks)
     located = pytree.locate_blocks(params, paths, "params")
 

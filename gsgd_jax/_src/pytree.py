@@ -70,7 +70,11 @@ def zero_probes(tree: Any) -> Any:
 
 
 class LayerArrays(NamedTuple):
-  """One block's per-layer arrays, in forward order (``None`` where absent)."""
+  """One block's per-layer arrays, in forward order (``None`` where absent).
+
+  An affine layer (a norm's ``scale`` and ``bias``) has its ``scale`` where other
+  layers have their kernel.
+  """
 
   kernels: list[Any]
   biases: list[Any | None]
@@ -102,16 +106,25 @@ class LayerSlots:
 def locate_layers(
   paths: Sequence[Path], layers: Sequence[Path], what: str = "params"
 ) -> LayerSlots:
-  """Finds each layer's ``kernel`` (required), ``bias`` and probe (optional) leaf."""
+  """Finds each layer's ``kernel`` (or, for an affine layer, ``scale``; required),
+  ``bias`` and probe (optional) leaf."""
   index = {p: i for i, p in enumerate(paths)}
   kernels, biases, probes = [], [], []
   for layer in layers:
-    k = index.get((*layer, "kernel"))
+    k = index.get((*layer, "kernel"), index.get((*layer, "scale")))
     if k is None:
-      candidates = sorted("/".join(p[:-1]) for p in paths if p and p[-1] == "kernel")
+      name = "/".join(layer)
+      if (*layer, "bias") in index:
+        raise ValueError(
+          f"layer {name!r} has a 'bias' but neither a 'kernel' nor a 'scale' leaf in "
+          f"{what}: a norm without a scale (BatchNorm(use_scale=False))? Its bias "
+          "alone owns no basis path G-SGD can use; keep use_scale=True, or leave "
+          "the layer out of `layers` (it then takes the fallback)."
+        )
+      candidates = sorted("/".join(p[:-1]) for p in paths if p and p[-1] in ("kernel", "scale"))
       raise ValueError(
-        f"layer {'/'.join(layer)!r} has no 'kernel' leaf in {what}. Layers with "
-        f"a kernel: {candidates or 'none'}. Pass `layers` as key paths to "
+        f"layer {name!r} has no 'kernel' (or norm 'scale') leaf in {what}. Layers "
+        f"with one: {candidates or 'none'}. Pass `layers` as key paths to "
         "sub-trees holding 'kernel' (e.g. ('params', 'Dense_0')), or use "
         "gsgd_jax.infer_layers(params)."
       )

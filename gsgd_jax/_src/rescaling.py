@@ -24,7 +24,8 @@ def rescale(
     factors: ``factors[block][level]``: a vector of positive factors for the
       nodes of that level, or None to leave the level alone; levels run from 0
       (block inputs) to the block's depth (outputs), and only hidden levels
-      ``1..depth-1`` may be rescaled without changing the function.
+      ``1..depth-1`` may be rescaled without changing the function (and the
+      outputs of a normalized block, whose BatchNorm absorbs their scale).
 
   Returns:
     ``params`` with every node ``j`` of a rescaled level multiplied on its
@@ -51,10 +52,11 @@ def rescale(
       dtype = basis.compute_dtype(w.dtype)
       incoming, outgoing = as_factor(b, k + 1, dtype), as_factor(b, k, dtype)
       scaled = w.astype(dtype)
+      diagonal = spec.kind == "affine"  # a norm's scale: the edges o -> o
       if incoming is not None:
-        scaled = scaled * basis.cols(incoming)
+        scaled = scaled * (incoming if diagonal else basis.cols(incoming))
       if outgoing is not None:
-        scaled = scaled / basis.rows(outgoing, spec)
+        scaled = scaled / (outgoing if diagonal else basis.rows(outgoing, spec))
       kernels.append(scaled.astype(w.dtype))
       if bias is not None and incoming is not None:
         bias = (bias * incoming).astype(bias.dtype)
@@ -73,7 +75,11 @@ def random_rescale(
   its incoming weights and bias are multiplied by ``c_j`` and its outgoing
   weights divided by it (an element of the group G, docs/math.md; for a
   convolution every tap, after a flatten every position). Basis-path values are
-  unchanged. Inputs and outputs of each block are not rescaled.
+  unchanged. Inputs and outputs of each block are not rescaled, except the
+  outputs of a normalized block (``gsgd_jax.Block(..., normalized=True)``):
+  their incoming weights and bias are multiplied by random factors too, which
+  the BatchNorm after them absorbs in training mode (their basis-path values
+  then change by the same factors).
 
   Args:
     params: parameter pytree.
@@ -100,13 +106,14 @@ def random_rescale(
   blocks = structure.build_structure(params, layers)
   factors = []
   for block, block_key in zip(blocks, jax.random.split(key, len(blocks)), strict=True):
-    keys = jax.random.split(block_key, max(block.depth - 1, 1))
+    rescaled = block.layers if block.normalized else block.layers[:-1]
+    keys = jax.random.split(block_key, max(len(rescaled), 1))
     factors.append(
       [None]
       + [
         jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32, -log_range, log_range))
-        for k, spec in enumerate(block.layers[:-1])
+        for k, spec in enumerate(rescaled)
       ]
-      + [None]
+      + ([] if block.normalized else [None])
     )
   return rescale(params, layers, factors)

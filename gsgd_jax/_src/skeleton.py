@@ -14,6 +14,8 @@ from gsgd_jax._src.pytree import LayerArrays, map_layers
 def _skeleton(block: structure.ChainStructure, k: int, which: str) -> jax.Array:
   """Boolean mask of layer ``k``'s skeleton edges, in the kernel's shape."""
   spec = block.layers[k]
+  if spec.kind == "affine":  # a norm's scale: every entry is its node's incoming skeleton edge
+    return jnp.full(spec.kernel_shape, block.pi[k] is not None)
   fixed = basis.fixed_mask(spec, block.pi[k])
   mask = jnp.zeros(spec.kernel_shape, bool) if fixed is None else fixed
   if which == "all":

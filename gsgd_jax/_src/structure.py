@@ -14,7 +14,12 @@ layer kinds (kernels are used in their own shape, see ``basis.py``):
     tap per window position, the centre ``(k // 2, ...)`` is the skeleton tap;
   * dense after a flatten of ``(S positions, C channels)`` (NHWC order, row
     ``s * C + c``): recognised when a dense kernel with ``S * C`` rows follows a
-    convolution with ``C`` output channels; S taps, skeleton position ``S // 2``.
+    convolution (or an affine layer) with ``C`` output channels; S taps,
+    skeleton position ``S // 2``;
+  * affine ``(C,)``: a norm's per-channel ``scale`` (and ``bias``), the diagonal
+    edges ``o -> o``. Only first in a block of at least two layers: the norm
+    before it cuts every path, and its outputs are hidden nodes whose incoming
+    skeleton edge is their own ``scale`` entry, so the whole layer is in F.
 
 A rank-3 kernel is refused: a stacked dense layer (``nn.scan``) and a 1-D
 convolution have that shape and different symmetry groups.
@@ -49,7 +54,8 @@ class UnsupportedLayerError(ValueError):
   """A declared layer is of a kind whose symmetry G-SGD does not model."""
 
 
-Signature = tuple[tuple[Path, tuple[int, ...], bool], ...]  # (path, kernel shape, has bias)
+# Per layer (path, kernel or scale shape, has bias, is an affine layer).
+Signature = tuple[tuple[Path, tuple[int, ...], bool, bool], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +63,8 @@ class LayerSpec:
   """One layer of a chain, as seen by the path-space algorithm."""
 
   path: Path  # normalised key path of the layer's sub-tree
-  kind: str  # 'dense', 'conv' or 'flatten' (a dense layer after a flatten)
+  kind: str  # 'dense', 'conv', 'flatten' (a dense layer after a flatten) or 'affine'
+  # (kernel_shape is then the scale's (C,))
   kernel_shape: tuple[int, ...]
   has_bias: bool
   taps: int  # parallel edges per (input node, output node) pair
@@ -154,6 +161,8 @@ class ChainStructure:
       skeleton edge of its source, i.e. ``sigma[k][pi[k][j]] == j``.
     levels: the same tables padded to one width, for per-node vectors of all
       levels held stacked.
+    normalized: the chain's outputs feed a per-channel normalization
+      (``gsgd_jax.Block(..., normalized=True)``).
   """
 
   layers: tuple[LayerSpec, ...]
@@ -162,6 +171,7 @@ class ChainStructure:
   out_fixed: tuple[np.ndarray | None, ...]
   loops_back: tuple[np.ndarray | None, ...]
   levels: LevelTables
+  normalized: bool = False
 
   @property
   def depth(self) -> int:
@@ -195,9 +205,21 @@ def defined(table: np.ndarray | None) -> np.ndarray:
 
 
 def _layer_spec(
-  path: Path, kernel_shape: tuple[int, ...], has_bias: bool, prev: LayerSpec | None
+  path: Path,
+  kernel_shape: tuple[int, ...],
+  has_bias: bool,
+  affine: bool,
+  prev: LayerSpec | None,
 ) -> LayerSpec:
   name = "/".join(path)
+  if affine:
+    if len(kernel_shape) != 1:
+      raise ValueError(
+        f"layer {name!r}: a norm's 'scale' of shape {kernel_shape} is not per "
+        "channel; an affine layer needs scale (and bias) of shape (C,)"
+      )
+    (c,) = kernel_shape
+    return LayerSpec(path, "affine", tuple(kernel_shape), has_bias, 1, 0, c, c)
   if len(kernel_shape) < 2 or min(kernel_shape) < 1:
     raise ValueError(
       f"layer {name!r}: kernel of shape {kernel_shape} is neither a dense "
@@ -217,7 +239,8 @@ def _layer_spec(
     return LayerSpec(
       path, "conv", tuple(kernel_shape), has_bias, int(np.prod(window)), centre, n_in, n_out
     )
-  if prev is not None and prev.kind == "conv" and n_in != prev.n_out and n_in % prev.n_out == 0:
+  after_channels = prev is not None and prev.kind in ("conv", "affine")
+  if prev is not None and after_channels and n_in != prev.n_out and n_in % prev.n_out == 0:
     positions = n_in // prev.n_out  # flatten of (positions, channels), NHWC order
     return LayerSpec(
       path, "flatten", tuple(kernel_shape), has_bias, positions, positions // 2, prev.n_out, n_out
@@ -225,13 +248,34 @@ def _layer_spec(
   return LayerSpec(path, "dense", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out)
 
 
-def chain_structure(signature: Signature) -> ChainStructure:
+def _check_affine(spec: LayerSpec, k: int, depth: int) -> None:
+  """An affine layer may only start a block of at least two layers."""
+  if k > 0:
+    raise UnsupportedLayerError(
+      f"layer {spec.name!r}: a norm's affine layer (scale, bias) inside a block. The "
+      "normalization before it breaks the rescaling symmetry of the layers before it, "
+      "so a block cannot run through a norm: start a block at it, "
+      "gsgd_jax.Block([norm, next_layer, ...]), and if the layer before it feeds the "
+      "norm, end that block there and declare it normalized=True."
+    )
+  if depth == 1:
+    raise UnsupportedLayerError(
+      f"layer {spec.name!r}: a norm's affine layer alone is no block (it has no "
+      "hidden nodes): declare it with the layers after it, "
+      "gsgd_jax.Block([norm, next_layer, ...]), or leave it out of `layers` (it then "
+      "takes the fallback)."
+    )
+
+
+def chain_structure(signature: Signature, normalized: bool = False) -> ChainStructure:
   """Specs and skeleton index tables of one chain of layers."""
   if not signature:
     raise ValueError("a block of `layers` is empty: declare at least one layer per block")
   specs: list[LayerSpec] = []
   for entry in signature:
     spec = _layer_spec(*entry, prev=specs[-1] if specs else None)
+    if spec.kind == "affine":
+      _check_affine(spec, len(specs), len(signature))
     if specs and spec.n_in != specs[-1].n_out:
       prev = specs[-1]
       if spec.kind == "conv" and prev.n_out % spec.n_in == 0:
@@ -268,12 +312,12 @@ def chain_structure(signature: Signature) -> ChainStructure:
     if table is not None:
       table.setflags(write=False)
   levels = _level_tables(specs, pi, sigma, out_fixed, loops_back)
-  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels)
+  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels, normalized)
 
 
 @functools.lru_cache(maxsize=256)
-def _build(signatures: tuple[Signature, ...]) -> tuple[ChainStructure, ...]:
-  return tuple(chain_structure(signature) for signature in signatures)
+def _build(signatures: tuple[tuple[Signature, bool], ...]) -> tuple[ChainStructure, ...]:
+  return tuple(chain_structure(*entry) for entry in signatures)
 
 
 def block_paths(blocks: Sequence[ChainStructure]) -> list[tuple[Path, ...]]:
@@ -290,10 +334,21 @@ def _masked_paths(tree: Any) -> set[Path]:
 
 
 def _check_layer(
-  name: str, leaves: list[Any], slot_kernel: int, slot_bias: int | None, slot_probe: int | None
+  name: str,
+  leaves: list[Any],
+  slot_kernel: int,
+  slot_bias: int | None,
+  slot_probe: int | None,
+  affine: bool,
 ) -> None:
   kernel_shape = np.shape(leaves[slot_kernel])
-  for i, what in ((slot_kernel, "kernel"), (slot_bias, "bias"), (slot_probe, PROBE)):
+  if affine and slot_probe is not None:
+    raise ValueError(
+      f"layer {name!r}: a norm's affine layer has a {PROBE!r} leaf; probes stand "
+      "for a reduction over a kernel, and an affine layer has none. Remove it."
+    )
+  kernel = "scale" if affine else "kernel"
+  for i, what in ((slot_kernel, kernel), (slot_bias, "bias"), (slot_probe, PROBE)):
     if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
       raise ValueError(
         f"layer {name!r}: {what} has dtype {jnp.result_type(leaves[i])}; "
@@ -313,7 +368,7 @@ def _check_layer(
     if shape != (kernel_shape[-1],):
       raise ValueError(
         f"layer {name!r}: {what} of shape {shape} does not match the "
-        f"kernel's {kernel_shape[-1]} outputs"
+        f"{kernel}'s {kernel_shape[-1]} outputs"
       )
 
 
@@ -331,15 +386,17 @@ def build_structure(
   blocks = decl.resolve(set(paths), masked)
   signatures = []
   for block in blocks:
-    slots = pytree.locate_layers(paths, block, what=what)
-    for name, k, b, s in zip(block, slots.kernel, slots.bias, slots.probe, strict=True):
-      _check_layer("/".join(name), leaves, k, b, s)
-    signatures.append(
-      tuple(
-        (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None)
-        for name, k, b in zip(block, slots.kernel, slots.bias, strict=True)
-      )
+    slots = pytree.locate_layers(paths, block.layers, what=what)
+    affine = [paths[k][-1] == "scale" for k in slots.kernel]
+    for name, k, b, s, a in zip(
+      block.layers, slots.kernel, slots.bias, slots.probe, affine, strict=True
+    ):
+      _check_layer("/".join(name), leaves, k, b, s, a)
+    signature = tuple(
+      (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None, a)
+      for name, k, b, a in zip(block.layers, slots.kernel, slots.bias, affine, strict=True)
     )
+    signatures.append((signature, block.normalized))
   built = _build(tuple(signatures))  # raises on layers that do not chain, before warning
   declaration.warn_one_layer_blocks(blocks)
   return built

@@ -26,11 +26,15 @@ class PathSpaceState(NamedTuple):
     clipped_ratios: number of skeleton path ratios clipped in the last update
       (``int32``, shape ``()``).
     total_clipped_ratios: the same, summed over all updates so far.
+    output_norms: per block declared ``normalized=True``, in order, its ``N^2``
+      per output node at ``init``: the norms that renormalization restores
+      (empty without normalized blocks or with ``renormalize=False``).
   """
 
   inner_state: optax.OptState
   clipped_ratios: jax.Array
   total_clipped_ratios: jax.Array
+  output_norms: tuple[jax.Array, ...] = ()
 
 
 def _inner_params(
@@ -119,6 +123,27 @@ def block_labels(
   return treedef.unflatten(labels)
 
 
+def _output_norms(
+  blocks: tuple[structure.ChainStructure, ...], block_params: list[LayerArrays]
+) -> tuple[jax.Array, ...]:
+  """``N^2`` per output node of every normalized block, in order."""
+  norms = []
+  for block, arrays in zip(blocks, block_params, strict=True):
+    if block.normalized:
+      ct = basis.compute_dtype(arrays.kernels[0].dtype)
+      products = basis.skeleton_products(block, arrays.kernels, ct)
+      ends = basis.output_norms(block, arrays.kernels, arrays.biases, products)
+      norms.append(basis.level(ends, block, block.depth))
+  return tuple(norms)
+
+
+def _renormalizing_scales(target: jax.Array, now: jax.Array) -> jax.Array:
+  """``sqrt(target / now)`` per output node: the rescaling that brings ``N^2`` back to
+  ``target``; 1 where either is zero or not finite."""
+  ok = (target > 0) & (now > 0) & jnp.isfinite(target) & jnp.isfinite(now)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, now, 1)), 1)
+
+
 def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
   """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
 
@@ -158,6 +183,7 @@ def path_space(
   layers: LayerPaths,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
@@ -180,10 +206,13 @@ def path_space(
   same trajectory from any positively rescaled initialisation.
 
   ``layers`` declares dense layers, convolutions (channels are nodes, the
-  centre tap is the skeleton edge) and dense layers after a flatten. It is one
-  chain, or several independent blocks (e.g. one per residual block); nothing
-  crosses a block boundary. Every parameter outside the blocks (BatchNorm
-  scales, shortcuts, embeddings, ...) is updated by ``fallback``.
+  centre tap is the skeleton edge), dense layers after a flatten and, first in
+  a block, a norm's affine layer (its ``scale`` and ``bias``). It is one chain,
+  or several independent blocks (e.g. one per residual branch, see
+  :class:`gsgd_jax.Block`; ``normalized=True`` for a block whose outputs feed a
+  BatchNorm); nothing crosses a block boundary. Every parameter outside the
+  blocks (the norms at the residual stream, embeddings, ...) is updated by
+  ``fallback``.
 
   A layer may carry a ``scale_probe`` leaf (:mod:`gsgd_jax.probes`): its
   gradient then stands in for the one reduction over the kernel that the
@@ -198,7 +227,8 @@ def path_space(
       or ``'a/b'`` strings) to each layer's sub-tree holding ``kernel`` and
       optional ``bias``, input layer first, e.g. ``[('params', 'Dense_0'),
       ('params', 'Dense_1')]``; or several blocks: a sequence of lists of such
-      paths. See :func:`gsgd_jax.infer_layers`.
+      paths or of :class:`gsgd_jax.Block` declarations. See
+      :func:`gsgd_jax.infer_layers`.
     fallback: the transformation for parameters outside the blocks, applied to
       their ordinary gradients. ``None`` (default) applies ``inner`` itself to
       them, in the same state (so ``gsgd(lr)`` gives them plain SGD at ``lr``);
@@ -207,6 +237,14 @@ def path_space(
       skeleton paths, the only ratios used as divisors. A step asking for a
       ratio outside them (``R <= 0`` included) is clipped, NaN becomes 1, and
       the count is kept in the state. ``None`` disables the guard.
+    renormalize: for blocks declared ``normalized=True``: after every step,
+      rescale each output node's incoming weights and bias so that its
+      ``N^2`` (the squared norm of the basis paths ending there) returns to
+      its value at ``init``. The BatchNorm after the block absorbs this
+      rescaling, so no output changes in training mode; without it the norms
+      grow by ``1 + (lr G)^2`` every step and long runs at large learning
+      rates overflow (docs/math.md, normalization layers). The inner state
+      (a momentum buffer) is not rescaled with the weights.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -248,11 +286,16 @@ def path_space(
 
   def init_fn(params):
     zero = jnp.zeros((), jnp.int32)
-    if pytree.is_placeholder(params):  # optax.tree_map_params: the inner state's layout suffices
-      return PathSpaceState(inner.init(params), zero, zero)
+    if pytree.is_placeholder(params):  # optax.tree_map_params: the state's layout suffices
+      normalized = sum(block.normalized for block in decl.readings[0]) if renormalize else 0
+      return PathSpaceState(inner.init(params), zero, zero, (zero,) * normalized)
     blocks = structure.build_structure(params, decl)
     validate.check_skeleton(params, blocks)
-    return PathSpaceState(inner.init(_inner_params(params, blocks)), zero, zero)
+    norms = ()
+    if renormalize:
+      located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
+      norms = _output_norms(blocks, [slots.take(located.leaves) for slots in located.slots])
+    return PathSpaceState(inner.init(_inner_params(params, blocks)), zero, zero, norms)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -263,7 +306,8 @@ def path_space(
     block_params = [slots.take(located.leaves) for slots in located.slots]
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
-    products = []
+    products, output_scales = [], []
+    targets = iter(state.output_norms)
 
     def icr(b: int, grads: LayerArrays):
       _check_gradients(blocks[b], block_params[b], grads)
@@ -276,6 +320,9 @@ def path_space(
         _probe_sums(block_params[b], grads),
       )
       products.append(path_grads.products)
+      norms = path_grads.output_norms
+      renormalizes = renormalize and norms is not None
+      output_scales.append(_renormalizing_scales(next(targets), norms) if renormalizes else None)
       return path_grads.kernels, path_grads.biases
 
     path_grads = pytree.map_layers(updates, paths, icr, what="updates")
@@ -298,6 +345,7 @@ def path_space(
         steps.biases,
         products[b],
         ratio_clip,
+        output_scales[b],
       )
       clipped.append(num_clipped)
       return kernels, biases
@@ -307,7 +355,7 @@ def path_space(
     )
     clipped_now = sum(clipped, jnp.zeros((), jnp.int32))
     return new_updates, PathSpaceState(
-      inner_state, clipped_now, state.total_clipped_ratios + clipped_now
+      inner_state, clipped_now, state.total_clipped_ratios + clipped_now, state.output_norms
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

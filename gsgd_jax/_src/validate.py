@@ -72,11 +72,16 @@ def verify_invariance(
 
   G-SGD is exact only if every hidden node of every declared block can be
   rescaled by a positive factor (incoming weights and bias times ``c``, outgoing
-  weights divided by ``c``) without changing the function. This rescales one
-  hidden level at a time by random factors ``exp(U(-log_range, log_range))``
-  and compares ``apply_fn(params, x)``, so a failure names the first layer whose
+  weights divided by ``c``) without changing the function, and, in a block
+  declared ``normalized=True``, every output node too (incoming weights and
+  bias times ``c``: the BatchNorm after it absorbs ``c``). This rescales one
+  level at a time by random factors ``exp(U(-log_range, log_range))`` and
+  compares ``apply_fn(params, x)``, so a failure names the first layer whose
   outputs may not be rescaled: a tanh or sigmoid after it, a normalisation or a
-  residual addition inside a block, or layers declared out of order.
+  residual addition inside a block, a block declared normalized whose outputs
+  feed no BatchNorm, or layers declared out of order. For models with
+  BatchNorm, pass an ``apply_fn`` in training mode (batch statistics): that is
+  the function G-SGD trains.
 
   A model can be invariant at its initial params and stop being so once
   trained (``relu6`` below 6, a zero-initialised bias or gate, BatchNorm in
@@ -152,7 +157,8 @@ def verify_invariance(
     floor = atol if atol is not None else tol * float(np.sqrt(np.finfo(np.float32).tiny))
     scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r in reference) or 1.0
     for b, block in enumerate(blocks):
-      for level in range(1, block.depth):
+      # Hidden levels, and a normalized block's outputs (S1).
+      for level in range(1, block.depth + block.normalized):
         key, sub = jax.random.split(key)
         n = block.layers[level - 1].n_out
         factors: list[list[Any]] = [[None] * (other.depth + 1) for other in blocks]
@@ -168,17 +174,43 @@ def verify_invariance(
         )
         worst = max(worst, diff / scale)
         if not np.isfinite(diff) or diff > floor + tol * scale:
-          block_name = f" of block {b}" if len(blocks) > 1 else ""
-          raise ValueError(
-            f"rescaling the output nodes of layer {block.layers[level - 1].name!r}"
-            f"{block_name} by positive factors changed the model's outputs {where} (max "
-            f"difference {diff:.3g}, output scale {scale:.3g}). G-SGD needs every "
-            "declared hidden node to be positively rescalable: check for a non-ReLU "
-            "activation (tanh, sigmoid, relu6), a normalisation, a bias or a residual "
-            "addition after this layer inside the block, and that `layers` are in "
-            "forward order."
-          )
+          raise ValueError(_symmetry_failure(blocks, b, level, where, diff, scale))
   return worst
+
+
+def _symmetry_failure(
+  blocks: tuple[structure.ChainStructure, ...],
+  b: int,
+  level: int,
+  where: str,
+  diff: float,
+  scale: float,
+) -> str:
+  """The message of a failed rescaling of level ``level`` of block ``b``."""
+  block = blocks[b]
+  spec = block.layers[level - 1]
+  block_name = f" of block {b}" if len(blocks) > 1 else ""
+  what = "affine layer" if spec.kind == "affine" else "layer"
+  head = (
+    f"rescaling the output nodes of {what} {spec.name!r}{block_name} by positive factors "
+    f"changed the model's outputs {where} (max difference {diff:.3g}, output scale "
+    f"{scale:.3g})."
+  )
+  if level == block.depth:  # the outputs of a normalized block
+    return (
+      f"{head} The block is declared normalized=True, so its outputs must feed a "
+      "per-channel normalization (BatchNorm) that absorbs their scale: check that a "
+      "BatchNorm follows this layer, that apply_fn runs it in training mode (batch "
+      "statistics), and that its epsilon is small against the outputs' variance "
+      "(epsilon makes the symmetry approximate: pass a larger rtol, or declare the "
+      "block without normalized=True)."
+    )
+  return (
+    f"{head} G-SGD needs every declared hidden node to be positively rescalable: "
+    "check for a non-ReLU activation (tanh, sigmoid, relu6), a normalisation, a bias "
+    "or a residual addition after this layer inside the block, and that `layers` are "
+    "in forward order."
+  )
 
 
 def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure, ...]) -> None:
