@@ -1,19 +1,46 @@
 """Experiment runner: optimizers x seeds (x a swept model setting) from a TOML config.
 
     python -m benchmarks.train --config configs/NAME.toml [--out DIR] [--seeds 0 1 2]
-                               [--epochs N] [--data-dir DIR] [--no-progress]
+                               [--epochs N] [--train-subset N] [--data-dir DIR]
+                               [--no-progress]
 
 Writes ``DIR/results.json`` (every run: settings, seed, learning rate, per-epoch
 train loss, test accuracy, seconds and clipped path ratios), ``DIR/summary.md``
 (mean +- std over seeds) and PNG plots. Runs already in ``results.json`` with the
 same settings are skipped, so an interrupted sweep resumes where it stopped.
-Everything is deterministic per seed (initialisation and batch order).
+Everything is deterministic per seed (initialisation, batch order, augmentation).
+
+Config keys beyond the obvious ones:
+
+- ``[model] kind``: ``mlp`` (``widths``, ``bias``), ``cnn`` (``stages`` of channel
+  lists), ``resnet`` (``stages`` of ``[channels, blocks]``), ``plainnet_bn`` (``stages``
+  of ``[channels, convs]``: conv -> BatchNorm -> ReLU) or ``resnet_bn`` (``stages`` of
+  ``[channels, basic blocks]`` with BatchNorm). BatchNorm models train on batch
+  statistics and are evaluated on their running averages; the optimizer sees
+  ``variables['params']``.
+- ``[sweep]``: one key, ``width`` (every hidden width of an MLP) or ``depth`` (the
+  number of convolutions of a ``plainnet_bn``, spread over its stages as evenly as
+  possible, earlier stages taking the remainder). Learning rates from ``lr_grid`` are
+  chosen once, at the first swept value.
+- ``train_subset``, ``test_subset``: train (test) on the first N examples only.
+- ``skeleton_init`` (default true, also per optimizer): set every skeleton weight to 1
+  before training, as the authors did; G-SGD barely trains the BatchNorm models without
+  it (their tiny skeleton weights make its weight steps huge).
+- ``augment = "crop_flip"``: random crop from the images zero-padded by 4 and random
+  horizontal flip, per image, inside the jitted training step, with keys that depend on
+  the seed and the epoch only (deterministic per seed; also used in the grid runs).
+- Per optimizer: ``lr_decay`` (``lr * exp(-decay * epoch)``), ``lr_boundaries`` (epochs
+  at which the learning rate is multiplied by ``lr_factor``, default 0.1, as
+  PyTorch's ``MultiStepLR``: the factor applies from the first step of that epoch,
+  counted from 0), ``momentum`` (default 0.9) and ``normalized`` (default true; false
+  declares the BatchNorm models' blocks without the ``N^2`` scaling, an ablation).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -27,7 +54,20 @@ import optax
 
 import gsgd_jax
 from benchmarks import data as datasets
-from benchmarks.loop import MLP, PlainCNN, ResNet, gsgd_layers, seconds_per_epoch, train
+from benchmarks.loop import (
+  AUGMENTATIONS,
+  BN_MODELS,
+  MLP,
+  PlainCNN,
+  PlainNetBN,
+  ResNet,
+  ResNetBN,
+  gsgd_layers,
+  init_variables,
+  seconds_per_epoch,
+  split_variables,
+  train,
+)
 
 TOP_KEYS = {
   "description",
@@ -37,16 +77,34 @@ TOP_KEYS = {
   "batch_size",
   "seeds",
   "skeleton_init",
+  "augment",
   "train_subset",
+  "test_subset",
   "model",
   "sweep",
   "optimizers",
   "grid",
 }
-OPTIMIZER_KEYS = {"name", "kind", "lr", "lr_decay", "lr_grid", "momentum", "skeleton_init"}
+OPTIMIZER_KEYS = {
+  "name",
+  "kind",
+  "lr",
+  "lr_decay",
+  "lr_boundaries",
+  "lr_factor",
+  "lr_grid",
+  "momentum",
+  "normalized",
+  "skeleton_init",
+}
 MODEL_KEYS = {"kind", "widths", "bias", "stages"}
 GRID_KEYS = {"validation", "epochs", "seed"}
 KINDS = ("sgd", "momentum", "adam", "gsgd", "g_momentum", "g_adam", "path_sgd")
+MODEL_KINDS = ("mlp", "cnn", "resnet", "plainnet_bn", "resnet_bn")
+BN_KINDS = ("plainnet_bn", "resnet_bn")
+IMAGE_KINDS = ("cnn", "resnet", *BN_KINDS)
+SWEEPS = {"width": ("mlp",), "depth": ("plainnet_bn",)}
+"""Swept keys and the model kinds they apply to."""
 
 
 # ----------------------------------------------------------------------------
@@ -62,21 +120,48 @@ def load_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
   _check_keys(config, TOP_KEYS | {"name"}, path)
   _check_keys(config.get("model", {}), MODEL_KEYS, f"{path} [model]")
   _check_keys(config.get("grid", {}), GRID_KEYS, f"{path} [grid]")
+  kind = config.get("model", {}).get("kind", "mlp")
+  if kind not in MODEL_KINDS:
+    raise ValueError(f"{path}: unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+  augment = config.get("augment")
+  if augment is not None and augment not in AUGMENTATIONS:
+    raise ValueError(f"{path}: unknown augment {augment!r}; use one of {sorted(AUGMENTATIONS)}")
   if not config.get("optimizers"):
     raise ValueError(f"{path}: no [[optimizers]] declared")
   for opt in config["optimizers"]:
-    _check_keys(opt, OPTIMIZER_KEYS, f"{path} [[optimizers]] {opt.get('name', '?')}")
-    if opt.get("kind") not in KINDS:
-      raise ValueError(
-        f"{path}: optimizer {opt.get('name')!r} has kind {opt.get('kind')!r}; "
-        f"use one of {', '.join(KINDS)}"
-      )
-    if "lr" not in opt and "lr_grid" not in opt:
-      raise ValueError(f"{path}: optimizer {opt['name']!r} needs lr or lr_grid")
+    _check_optimizer(opt, kind, path)
   sweep = config.get("sweep", {})
-  if len(sweep) > 1 or any(k != "width" for k in sweep):
-    raise ValueError(f"{path}: [sweep] supports one key, 'width' (every hidden width)")
+  if len(sweep) > 1 or any(k not in SWEEPS for k in sweep):
+    raise ValueError(
+      f"{path}: [sweep] supports one key, 'width' (every hidden width of an MLP) or "
+      "'depth' (the number of convolutions of a plainnet_bn)"
+    )
+  for key in sweep:
+    if kind not in SWEEPS[key]:
+      raise ValueError(f"{path}: a {key} sweep needs model kind {' or '.join(SWEEPS[key])}")
   return config
+
+
+def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
+  """Raises ValueError for an optimizer entry the runner cannot run."""
+  _check_keys(opt, OPTIMIZER_KEYS, f"{path} [[optimizers]] {opt.get('name', '?')}")
+  if opt.get("kind") not in KINDS:
+    raise ValueError(
+      f"{path}: optimizer {opt.get('name')!r} has kind {opt.get('kind')!r}; "
+      f"use one of {', '.join(KINDS)}"
+    )
+  if "lr" not in opt and "lr_grid" not in opt:
+    raise ValueError(f"{path}: optimizer {opt['name']!r} needs lr or lr_grid")
+  if not opt.get("normalized", True) and model_kind not in BN_KINDS:
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: normalized = false needs a BatchNorm model "
+      f"({', '.join(BN_KINDS)})"
+    )
+  boundaries = opt.get("lr_boundaries", [])
+  if list(boundaries) != sorted(boundaries) or any(b <= 0 for b in boundaries):
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: lr_boundaries must be increasing epochs > 0"
+    )
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -86,8 +171,24 @@ def _check_keys(table: dict, allowed: set, where: str) -> None:
 
 
 def sweep_points(config) -> list[dict[str, Any]]:
-  """The model settings to run: one per swept value, or one empty setting."""
-  return [{"width": w} for w in config.get("sweep", {}).get("width", [])] or [{}]
+  """The model settings to run: one per swept value (``{"width": 64}``,
+  ``{"depth": 20}``), or one empty setting."""
+  return [{key: v} for key, values in config.get("sweep", {}).items() for v in values] or [{}]
+
+
+def swept_key(config) -> str | None:
+  """The swept setting's name, or None without a sweep."""
+  return next(iter(config.get("sweep", {})), None)
+
+
+def spread_depth(depth: int, stages) -> tuple[tuple[int, int], ...]:
+  """Spreads ``depth`` convolutions over ``stages`` (``(channels, convs)`` pairs, whose
+  conv counts are replaced) as evenly as possible, earlier stages taking the remainder:
+  8 over 3 stages gives 3, 3, 2."""
+  if depth < len(stages):
+    raise ValueError(f"depth {depth} is less than the {len(stages)} stages")
+  base, extra = divmod(depth, len(stages))
+  return tuple((channels, base + (s < extra)) for s, (channels, _) in enumerate(stages))
 
 
 # ----------------------------------------------------------------------------
@@ -106,16 +207,18 @@ def load_data(config) -> datasets.Dataset:
     ds = datasets.load_dataset(data_dir)
   else:
     raise ValueError(f"unknown dataset {name!r}: use fashion-mnist, digits, cifar10, cifar100")
-  subset = config.get("train_subset", 0)
-  if subset:
+  subset, test_subset = config.get("train_subset", 0), config.get("test_subset", 0)
+  if subset or test_subset:
     ds = datasets.Dataset(
       ds.name,
-      ds.x_train[:subset],
-      ds.y_train[:subset],
-      ds.x_test,
-      ds.y_test,
+      ds.x_train[: subset or None],
+      ds.y_train[: subset or None],
+      ds.x_test[: test_subset or None],
+      ds.y_test[: test_subset or None],
       ds.num_classes,
-      ds.source + f" (first {subset} train)",
+      ds.source
+      + (f" (first {subset} train)" if subset else "")
+      + (f" (first {test_subset} test)" if test_subset else ""),
     )
   return ds
 
@@ -131,24 +234,60 @@ def as_images(x: np.ndarray) -> np.ndarray:
 
 
 def make_model(config, point, num_classes):
+  """The Flax module of ``config['model']`` at the sweep ``point``."""
   spec = dict(config.get("model", {"kind": "mlp", "widths": [256, 256]}))
-  if spec.get("kind", "mlp") == "mlp":
+  kind = spec.get("kind", "mlp")
+  if kind == "mlp":
     widths = spec.get("widths", [256, 256])
     if "width" in point:
       widths = [point["width"]] * len(widths)
     return MLP(tuple(widths), num_classes, spec.get("bias", True))
-  if spec["kind"] == "cnn":
+  if kind == "cnn":
     stages = tuple(tuple(s) for s in spec.get("stages", [[32, 32], [64, 64]]))
     return PlainCNN(stages, num_classes, spec.get("bias", True))
-  if spec["kind"] == "resnet":  # stages of [channels, residual blocks]
-    stages = tuple(tuple(s) for s in spec.get("stages", [[16, 3], [32, 3], [64, 3]]))
+  # The others take stages of [channels, residual blocks or convolutions].
+  stages = tuple((int(c), int(n)) for c, n in spec.get("stages", [[16, 3], [32, 3], [64, 3]]))
+  if kind == "resnet":
     return ResNet(stages, num_classes)
-  raise ValueError(f"unknown model kind {spec['kind']!r}: use mlp, cnn or resnet")
+  if kind == "plainnet_bn":
+    if "depth" in point:
+      stages = spread_depth(point["depth"], stages)
+    return PlainNetBN(stages, num_classes)
+  if kind == "resnet_bn":
+    return ResNetBN(stages, num_classes)
+  raise ValueError(f"unknown model kind {kind!r}: use one of {', '.join(MODEL_KINDS)}")
+
+
+def make_schedule(opt, lr: float, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+  """The learning rate of optimizer entry ``opt``: ``lr``, times ``exp(-lr_decay * epoch)``
+  and ``lr_factor`` per boundary of ``lr_boundaries`` reached (epochs counted from 0;
+  step ``count`` is in epoch ``count // steps_per_epoch``).
+
+  Args:
+    opt: the optimizer's config entry.
+    lr: the base learning rate.
+    steps_per_epoch: optimizer steps per epoch.
+
+  Returns:
+    ``lr`` itself when neither option is set, else a schedule of the step count.
+  """
+  decay = opt.get("lr_decay", 0.0)
+  boundaries = np.asarray(opt.get("lr_boundaries", []), np.int32)
+  factor = opt.get("lr_factor", 0.1)
+  if not decay and not len(boundaries):
+    return lr
+
+  def schedule(count):
+    epoch = count // steps_per_epoch
+    reached = jnp.sum(epoch >= boundaries) if len(boundaries) else 0
+    return lr * jnp.exp(-decay * epoch) * factor**reached
+
+  return schedule
 
 
 def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransformation:
-  decay = opt.get("lr_decay", 0.0)
-  schedule = lr if not decay else (lambda count: lr * jnp.exp(-decay * (count // steps_per_epoch)))
+  """The optax optimizer of config entry ``opt`` with base learning rate ``lr``."""
+  schedule = make_schedule(opt, lr, steps_per_epoch)
   momentum = opt.get("momentum", 0.9)
   return {
     "sgd": lambda: optax.sgd(schedule),
@@ -168,13 +307,19 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
 def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, progress):
   """One training run; returns its per-epoch history."""
   model = make_model(config, point, ds.num_classes)
-  params = model.init(jax.random.key(seed), train_xy[0][:1])
-  layers = gsgd_layers(model, params)
+  # The BatchNorm models (new, often deep) initialise in one compiled program: op by op,
+  # each of their many initialisers compiles on its own (seconds per run). The others keep
+  # the eager init their published results came from.
+  compiled = isinstance(model, BN_MODELS)
+  init = functools.partial(init_variables, model) if compiled else model.init
+  params, model_state = split_variables(init(jax.random.key(seed), train_xy[0][:1]))
+  layers = gsgd_layers(model, params, normalized=opt.get("normalized", True))
   if opt.get("skeleton_init", config.get("skeleton_init", True)):
-    params = gsgd_jax.set_skeleton(params, layers, 1.0)
+    skeleton = functools.partial(gsgd_jax.set_skeleton, layers=layers, value=1.0)
+    params = (jax.jit(skeleton) if compiled else skeleton)(params)
   batch = config.get("batch_size", 64)
   tx = make_optimizer(opt, lr, layers, len(train_xy[0]) // batch)
-  label = opt["name"] + (f" H={point['width']}" if "width" in point else "")
+  label = opt["name"] + "".join(f" {_short(k)}={v}" for k, v in point.items())
   history, _ = train(
     label,
     tx,
@@ -186,8 +331,14 @@ def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, prog
     batch_size=batch,
     seed=seed,
     progress=progress,
+    model_state=model_state,
+    augment=config.get("augment"),
   )
   return history
+
+
+def _short(key: str) -> str:
+  return {"width": "H", "depth": "D"}.get(key, key)
 
 
 def choose_lr(config, opt, ds, xy, progress) -> dict[str, Any]:
@@ -229,7 +380,7 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
       results["lr_choices"], results["runs"] = previous["lr_choices"], previous["runs"]
   done = {(r["optimizer"], _point_key(r["point"]), r["seed"]) for r in results["runs"]}
   ds = load_data(config)
-  cnn = config.get("model", {}).get("kind", "mlp") in ("cnn", "resnet")
+  cnn = config.get("model", {}).get("kind", "mlp") in IMAGE_KINDS
   prepare = as_images if cnn else (lambda x: x.reshape(len(x), -1))
   train_xy = (prepare(ds.x_train), ds.y_train)
   test_xy = (prepare(ds.x_test), ds.y_test)
@@ -329,12 +480,12 @@ def summarize(results) -> str:
       "",
       f"Gap {second} minus {first}, paired by seed (mean ± std):",
       "",
-      "| width | test accuracy gap | train loss gap |",
+      f"| {swept_key(config)} | test accuracy gap | train loss gap |",
       "|---|---|---|",
     ]
     lines += [
-      f"| {width} | {acc:+.4f} ± {acc_std:.4f} | {loss:+.4f} ± {loss_std:.4f} |"
-      for width, acc, acc_std, loss, loss_std in gaps
+      f"| {value} | {acc:+.4f} ± {acc_std:.4f} | {loss:+.4f} ± {loss_std:.4f} |"
+      for value, acc, acc_std, loss, loss_std in gaps
     ]
   return "\n".join(lines) + "\n"
 
@@ -356,10 +507,12 @@ def _point_label(point) -> str:
 
 
 def gap_table(results):
-  """Per width: the second optimizer minus the first, paired by seed (same
-  initialisation and batches): (width, accuracy gap mean, std, loss gap mean, std)."""
+  """Per swept value (width or depth): the second optimizer minus the first, paired by
+  seed (same initialisation and batches): (value, accuracy gap mean, std, loss gap mean,
+  std)."""
   config = results["config"]
-  if "width" not in config.get("sweep", {}) or len(config["optimizers"]) < 2:
+  key = swept_key(config)
+  if key is None or len(config["optimizers"]) < 2:
     return []
   first, second = [o["name"] for o in config["optimizers"][:2]]
   groups = _groups(results)
@@ -373,7 +526,7 @@ def gap_table(results):
       loss = [b[s]["train_loss"] - a[s]["train_loss"] for s in seeds]
       rows.append(
         (
-          point["width"],
+          point[key],
           float(np.mean(acc)),
           float(np.std(acc)),
           float(np.mean(loss)),
@@ -384,7 +537,7 @@ def gap_table(results):
 
 
 def plot(results, out_dir) -> list[str]:
-  """Learning curves (mean over seeds) and, for a width sweep, the gap against width."""
+  """Learning curves (mean over seeds) and, for a sweep, the gap against the swept value."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -413,15 +566,17 @@ def plot(results, out_dir) -> list[str]:
   plt.close(fig)
   gaps = gap_table(results)
   if gaps:
-    widths, acc, acc_std, loss, loss_std = zip(*gaps, strict=True)
+    values, acc, acc_std, loss, loss_std = zip(*gaps, strict=True)
+    key = swept_key(results["config"]) or ""  # set: gaps exist only with a sweep
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, values, errors, title in zip(
+    for ax, gap, errors, title in zip(
       axes, (acc, loss), (acc_std, loss_std), ("test accuracy gap", "train loss gap"), strict=True
     ):
-      ax.errorbar(widths, values, yerr=errors, marker="o", capsize=3)
+      ax.errorbar(values, gap, yerr=errors, marker="o", capsize=3)
       ax.axhline(0, color="grey", lw=0.8)
-      ax.set_xscale("log", base=2)
-      ax.set_xlabel("hidden width H")
+      if key == "width":
+        ax.set_xscale("log", base=2)
+      ax.set_xlabel({"width": "hidden width H", "depth": "convolutions"}.get(key, key))
       first, second = [o["name"] for o in results["config"]["optimizers"][:2]]
       ax.set_title(f"{title} ({second} minus {first})")
       ax.grid(alpha=0.3)
@@ -438,11 +593,20 @@ def main(argv=None):
   parser.add_argument("--out", help="output directory (default runs/NAME)")
   parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
   parser.add_argument("--epochs", type=int, help="override the config's epochs")
+  parser.add_argument(
+    "--train-subset", type=int, help="override the config's train_subset (first N examples)"
+  )
   parser.add_argument("--data-dir", help="override the config's data_dir")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   config = load_config(
-    args.config, {"seeds": args.seeds, "epochs": args.epochs, "data_dir": args.data_dir}
+    args.config,
+    {
+      "seeds": args.seeds,
+      "epochs": args.epochs,
+      "train_subset": args.train_subset,
+      "data_dir": args.data_dir,
+    },
   )
   out_dir = args.out or os.path.join("runs", config["name"])
   results = run_experiment(config, out_dir, progress=not args.no_progress)

@@ -3,11 +3,14 @@
 import json
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gsgd_jax
 from benchmarks import data as datasets
-from benchmarks import train
+from benchmarks import loop, train
 
 SMALL = """
 description = "test"
@@ -165,7 +168,14 @@ def test_every_config_loads():
   from pathlib import Path
 
   configs = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
-  assert len(configs) >= 6
+  assert len(configs) >= 11
+  assert {
+    "fmnist_plainnet_bn.toml",
+    "fmnist_resnet_bn.toml",
+    "fmnist_plainnet_bn_depth.toml",
+    "cifar10_plainnet34_bn.toml",
+    "cifar10_resnet34_bn.toml",
+  } <= {p.name for p in configs}
   for path in configs:
     if path.name == "fmnist_mlp.toml":  # `make run`'s flags, read by benchmarks.fmnist
       continue
@@ -196,3 +206,289 @@ def test_resnet_config_runs_with_blocks(tmp_path):
     ("params", "stage1_block0", "conv_a"),
     ("params", "stage1_block0", "conv_b"),
   ]
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm models, depth sweep, augmentation, piecewise schedule.
+
+BN_SMALL = """
+description = "test"
+dataset = "digits"
+epochs = 1
+batch_size = 64
+seeds = [0]
+train_subset = 384
+
+[model]
+kind = "KIND"
+stages = [[4, 1], [6, 1]]
+
+[[optimizers]]
+name = "SGD"
+kind = "sgd"
+lr = 0.1
+
+[[optimizers]]
+name = "G-SGD"
+kind = "gsgd"
+lr = 0.1
+"""
+
+
+def _bn_config(tmp_path, kind, top="", tables="", **overrides):
+  """BN_SMALL for model ``kind``, with top-level keys and tables added."""
+  return _config(tmp_path, top + BN_SMALL.replace("KIND", kind) + tables, **overrides)
+
+
+def _conv_kernels(tree) -> int:
+  return sum(
+    1
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if jax.tree_util.keystr(path).endswith("['kernel']") and len(leaf.shape) == 4
+  )
+
+
+ABLATION = """
+[[optimizers]]
+name = "G-SGD (not normalized)"
+kind = "gsgd"
+lr = 0.1
+normalized = false
+"""
+
+
+@pytest.mark.parametrize("kind", ["plainnet_bn", "resnet_bn"])
+def test_bn_config_runs_and_writes_results(tmp_path, kind):
+  out = tmp_path / "out"
+  # SGD and G-SGD here; the ablation in the other test of the pair (compilation is the cost).
+  text = BN_SMALL.replace("KIND", kind)
+  if kind == "resnet_bn":
+    text = (
+      text[: text.index("[[optimizers]]")] + text[text.index('[[optimizers]]\nname = "G-SGD"') :]
+    )
+    text += ABLATION
+  (tmp_path / "c.toml").write_text(text)
+  train.main(["--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"])
+  results = json.loads((out / "results.json").read_text())
+  names = ["SGD", "G-SGD"] if kind == "plainnet_bn" else ["G-SGD", "G-SGD (not normalized)"]
+  assert [r["optimizer"] for r in results["runs"]] == names
+  for run in results["runs"]:
+    assert np.isfinite(run["history"][-1]["train_loss"])
+    assert 0 <= run["history"][-1]["test_accuracy"] <= 1
+    assert ("clipped_ratios" in run["history"][-1]) == (run["kind"] == "gsgd")
+  assert f"| {names[1]} | - |" in (out / "summary.md").read_text()
+  assert (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize("kind", ["plainnet_bn", "resnet_bn"])
+def test_not_normalized_blocks_are_the_ablation(kind):
+  model = train.make_model({"model": {"kind": kind, "stages": [[4, 2], [6, 1]]}}, {}, 10)
+  normalized, plain = model.gsgd_blocks(), model.gsgd_blocks(normalized=False)
+  # The same chains without the N^2 scaling; one-layer blocks exist only when normalized.
+  assert [b.layers for b in plain] == [b.layers for b in normalized if len(b.layers) > 1]
+  assert not any(b.normalized for b in plain)
+
+
+@pytest.mark.parametrize(
+  "old, new, message",
+  [
+    ("width = [8, 16]", "depth = [2, 3]", "a depth sweep needs model kind plainnet_bn"),
+    ("lr = 0.1\n", "lr = 0.1\nnormalized = false\n", "normalized = false needs a BatchNorm"),
+    ("lr = 0.1\n", "lr = 0.1\nlr_boundaries = [4, 2]\n", "lr_boundaries must be increasing"),
+    ("seeds = [0]", 'seeds = [0]\naugment = "mixup"', "unknown augment 'mixup'"),
+    ('kind = "mlp"', 'kind = "vgg"', "unknown model kind 'vgg'"),
+  ],
+)
+def test_new_config_errors(tmp_path, old, new, message):
+  with pytest.raises(ValueError, match=message):
+    _config(tmp_path, SMALL.replace(old, new, 1))
+
+
+def test_plainnet_bn_blocks_and_names():
+  model = loop.PlainNetBN(((4, 2), (6, 1)), 10)
+  variables = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+  assert set(variables) == {"params", "batch_stats"}
+  assert list(variables["params"]) == ["conv0", "bn0", "conv1", "bn1", "conv2", "bn2", "head"]
+  assert "bias" not in variables["params"]["conv1"]
+  # Stride 2 entering the second stage only: 8x8 -> 4x4.
+  _, captured = model.apply(
+    variables,
+    np.zeros((2, 8, 8, 1), np.float32),
+    train=False,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+  )
+  outputs = captured["intermediates"]
+  assert outputs["conv1"]["__call__"][0].shape == (2, 8, 8, 4)
+  assert outputs["conv2"]["__call__"][0].shape == (2, 4, 4, 6)
+  blocks = model.gsgd_blocks()
+  assert [b.layers for b in blocks] == [
+    (("conv0",),),
+    (("bn0",), ("conv1",)),
+    (("bn1",), ("conv2",)),
+    (("bn2",), ("head",)),
+  ]
+  assert [b.normalized for b in blocks] == [True, True, True, False]
+
+
+def test_resnet_bn_blocks():
+  model = loop.ResNetBN(((4, 2), (6, 1)), 10)
+  params = model.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))["params"]
+  # A projection only where the stride or the width changes.
+  assert "proj" not in params["stage0_block0"] and "proj" in params["stage1_block0"]
+  assert [b.layers for b in model.gsgd_blocks()] == [
+    (("stem",),),
+    (("stage0_block0", "conv_a"),),
+    (("stage0_block0", "bn_a"), ("stage0_block0", "conv_b")),
+    (("stage0_block1", "conv_a"),),
+    (("stage0_block1", "bn_a"), ("stage0_block1", "conv_b")),
+    (("stage1_block0", "conv_a"),),
+    (("stage1_block0", "bn_a"), ("stage1_block0", "conv_b")),
+    (("stage1_block0", "proj"),),
+  ]
+  assert all(b.normalized for b in model.gsgd_blocks())
+
+
+def test_batch_stats_train_and_evaluate():
+  ds = datasets.load_digits()
+  x, y = train.as_images(ds.x_train[:256]), ds.y_train[:256]
+  model = loop.PlainNetBN(((4, 1), (6, 1)), ds.num_classes)
+  params, state = loop.split_variables(model.init(jax.random.key(0), x[:1]))
+  assert set(state) == {"batch_stats"}
+  blocks = loop.gsgd_layers(model, params)
+  params = gsgd_jax.set_skeleton(params, blocks)
+  tx = gsgd_jax.gsgd(0.1, layers=blocks)
+  history, variables = loop.train(
+    "G-SGD",
+    tx,
+    model,
+    params,
+    (x, y),
+    (x, y),
+    epochs=2,
+    batch_size=64,
+    seed=0,
+    progress=False,
+    model_state=state,
+  )
+  assert set(variables) == {"params", "batch_stats"}
+  # Every running mean and variance moved away from its initial value.
+  moved = jax.tree.map(
+    lambda a, b: not np.allclose(a, b), variables["batch_stats"], state["batch_stats"]
+  )
+  assert all(jax.tree.leaves(moved))
+  # The reported accuracy is the evaluation-mode one (running averages), not batch statistics.
+  logits = model.apply(variables, x, train=False)
+  assert history[-1]["test_accuracy"] == float(np.mean(np.argmax(logits, -1) == y))
+  stale = {"params": variables["params"], "batch_stats": state["batch_stats"]}
+  assert not np.allclose(model.apply(stale, x, train=False), logits)
+
+
+def test_depth_sweep_gives_one_result_per_depth(tmp_path):
+  config = _bn_config(tmp_path, "plainnet_bn", tables="\n[sweep]\ndepth = [2, 3]\n")
+  results = train.run_experiment(config, tmp_path / "out", progress=False)
+  assert [(r["optimizer"], r["point"]) for r in results["runs"]] == [
+    ("SGD", {"depth": 2}),
+    ("SGD", {"depth": 3}),
+    ("G-SGD", {"depth": 2}),
+    ("G-SGD", {"depth": 3}),
+  ]
+  assert [row[0] for row in train.gap_table(results)] == [2, 3]
+  summary = train.summarize(results)
+  assert "| depth | test accuracy gap | train loss gap |" in summary and "| 3 | " in summary
+  assert train.make_model(config, {"depth": 3}, 10).stages == ((4, 2), (6, 1))
+  assert len(train.plot(results, str(tmp_path / "out"))) == 2
+
+
+def test_spread_depth():
+  stages = ((16, 2), (32, 2), (64, 2))
+  assert train.spread_depth(8, stages) == ((16, 3), (32, 3), (64, 2))
+  assert train.spread_depth(20, stages) == ((16, 7), (32, 7), (64, 6))
+  assert train.spread_depth(32, stages) == ((16, 11), (32, 11), (64, 10))
+  with pytest.raises(ValueError, match="less than the 3 stages"):
+    train.spread_depth(2, stages)
+
+
+def test_crop_flip_is_deterministic_and_changes_images():
+  x = jax.random.uniform(jax.random.key(1), (16, 8, 8, 3))
+  key = jax.random.key(0)
+  a, b = loop.crop_flip(key, x), loop.crop_flip(key, x)
+  assert a.shape == x.shape and a.dtype == x.dtype
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, x) and not np.allclose(a, loop.crop_flip(jax.random.key(2), x))
+  # Every output is a shifted, maybe mirrored crop of the zero-padded input.
+  padded = np.pad(np.asarray(x), ((0, 0), (4, 4), (4, 4), (0, 0)))
+  for image, out in zip(padded, np.asarray(a), strict=True):
+    crops = [
+      c[:, ::-1] if flip else c
+      for i in range(9)
+      for j in range(9)
+      for c in [image[i : i + 8, j : j + 8]]
+      for flip in (False, True)
+    ]
+    assert any(np.array_equal(out, c) for c in crops)
+  # Keys depend on (seed, epoch) alone.
+  keys = jax.random.key_data(loop.augmentation_keys(0, 1, 5))
+  np.testing.assert_array_equal(keys, jax.random.key_data(loop.augmentation_keys(0, 1, 5)))
+  assert not np.array_equal(keys, jax.random.key_data(loop.augmentation_keys(1, 1, 5)))
+
+
+def test_augmented_training_is_deterministic_per_seed(tmp_path):
+  config = _bn_config(tmp_path, "plainnet_bn", top='augment = "crop_flip"\n')
+  config["optimizers"] = config["optimizers"][:1]
+  a = train.run_experiment(config, tmp_path / "a", progress=False)
+  b = train.run_experiment(config, tmp_path / "b", progress=False)
+  config.pop("augment")
+  plain = train.run_experiment(config, tmp_path / "c", progress=False)
+  a, b, plain = (r["runs"][0]["history"][-1]["train_loss"] for r in (a, b, plain))
+  assert a == b != plain
+
+
+def test_piecewise_schedule():
+  opt = {"lr_boundaries": [2, 4], "lr_factor": 0.1}
+  schedule = train.make_schedule(opt, 1.0, steps_per_epoch=10)
+  lrs = [float(schedule(np.int32(count))) for count in (0, 19, 20, 39, 40, 100)]
+  np.testing.assert_allclose(lrs, [1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+  both = train.make_schedule({**opt, "lr_decay": 0.5}, 1.0, steps_per_epoch=10)
+  np.testing.assert_allclose(float(both(np.int32(25))), 0.1 * np.exp(-1.0), rtol=1e-6)
+  assert train.make_schedule({}, 0.3, 10) == 0.3
+  # The optimizer follows it: SGD's update is -lr * gradient.
+  tx = train.make_optimizer({"kind": "sgd", **opt}, 1.0, [], steps_per_epoch=1)
+  state, grads = tx.init({"w": np.ones(1)}), {"w": np.ones(1)}
+  steps = []
+  for _ in range(5):
+    updates, state = tx.update(grads, state)
+    steps.append(float(-updates["w"][0]))
+  np.testing.assert_allclose(steps, [1.0, 1.0, 0.1, 0.1, 0.01], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "name, convs, blocks",
+  [
+    # PlainNet-34: 33 convolutions and the head; one block per BN-conv pair plus [conv0].
+    ("cifar10_plainnet34_bn.toml", 33, 34),
+    # ResNet-34: stem + 16 basic blocks of 2 convolutions + 3 projections; blocks: the stem,
+    # conv_a and [BN_a, conv_b] per basic block, the projections.
+    ("cifar10_resnet34_bn.toml", 36, 1 + 2 * 16 + 3),
+  ],
+)
+def test_cifar_bn_configs_build_the_authors_models(name, convs, blocks):
+  from pathlib import Path
+
+  config = train.load_config(str(Path(__file__).parent.parent / "configs" / name), {})
+  assert config["dataset"] == "cifar10" and config["augment"] == "crop_flip"
+  assert (config["epochs"], config["batch_size"]) == (160, 128)
+  for opt in config["optimizers"]:
+    assert opt["lr"] == 1.0 and opt["lr_boundaries"] == [80, 120] and "momentum" not in opt
+  model = train.make_model(config, {}, 10)
+  variables = jax.eval_shape(
+    model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  )
+  assert _conv_kernels(variables["params"]) == convs
+  assert len(model.gsgd_blocks()) == blocks
+  if isinstance(model, loop.ResNetBN):
+    assert len([k for k in variables["params"] if k.startswith("stage")]) == 16
+  assert variables["params"]["head"]["kernel"].shape == (512, 10)
+  # The declared blocks fit the parameters (checked when the optimizer state is built).
+  state = jax.eval_shape(gsgd_jax.gsgd(1.0, layers=model.gsgd_blocks()).init, variables["params"])
+  assert jax.tree.leaves(state)
