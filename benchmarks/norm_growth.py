@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -54,7 +54,16 @@ class BNMLP(nn.Module):
     return nn.Dense(10, name="head")(x)
 
 
-LAYERS = [gsgd_jax.Block(["fc0"], normalized=True), gsgd_jax.Block(["fc1"], normalized=True)]
+# --blocks: the hidden dense layers as normalized one-layer blocks ("columns"), or the
+# paper's PlainNet-style chain declaration ("chain", skeleton weights set to 1).
+BLOCKS = {
+  "columns": [gsgd_jax.Block(["fc0"], normalized=True), gsgd_jax.Block(["fc1"], normalized=True)],
+  "chain": [
+    gsgd_jax.Block(["fc0"], normalized=True),
+    gsgd_jax.Block(["bn0", "fc1"], normalized=True),
+    gsgd_jax.Block(["bn1", "head"]),
+  ],
+}
 
 
 def _column_norms(params) -> jax.Array:
@@ -63,13 +72,13 @@ def _column_norms(params) -> jax.Array:
   return jnp.concatenate([jnp.sum(params[n]["kernel"] ** 2, axis=0) for n in ("fc0", "fc1")])
 
 
-def _trainer(model, x, y, lr, batch, steps):
+def _trainer(model, layers, x, y, lr, batch, steps):
   """A jitted function running ``steps`` G-SGD steps from ``(params, batch_stats)``;
   returns the trajectory of training-mode outputs on a probe batch and of the norms."""
   probe = x[:256]
 
   def run(params, batch_stats, start, renormalize):
-    tx = gsgd_jax.path_space(optax.sgd(lr), layers=LAYERS, renormalize=renormalize)
+    tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, renormalize=renormalize)
 
     def loss(p, bs, xb, yb):
       logits, new = model.apply({"params": p, "batch_stats": bs}, xb, mutable=["batch_stats"])
@@ -107,10 +116,14 @@ def run(args) -> dict[str, Any]:
   y = jnp.asarray(ds.y_train[: args.train])
   model = BNMLP()
   variables = model.init(jax.random.key(args.seed), x[:2])
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  params: dict[str, Any] = dict(variables["params"])
+  batch_stats = variables["batch_stats"]
+  layers = BLOCKS[args.blocks]
+  if args.blocks == "chain":
+    params = cast(dict[str, Any], gsgd_jax.set_skeleton(params, layers))
   fc0 = jnp.asarray(params["fc0"]["kernel"])
   perturbed = {**params, "fc0": {"kernel": fc0 * (1 + 2.0**-20)}}
-  full = _trainer(model, x, y, args.lr, args.batch, args.steps)
+  full = _trainer(model, layers, x, y, args.lr, args.batch, args.steps)
   start = time.perf_counter()
   _, _, (kept, kept_norms) = full(params, batch_stats, 0, True)
   _, _, (grown, grown_norms) = full(params, batch_stats, 0, False)
@@ -124,8 +137,8 @@ def run(args) -> dict[str, Any]:
   }
 
   # Shadowing: both variants restarted from the renormalized run's params.
-  short = _trainer(model, x, y, args.lr, args.batch, args.shadow_steps)
-  window = _trainer(model, x, y, args.lr, args.batch, args.shadow_every)
+  short = _trainer(model, layers, x, y, args.lr, args.batch, args.shadow_steps)
+  window = _trainer(model, layers, x, y, args.lr, args.batch, args.shadow_every)
   shadow, p, bs = [], params, batch_stats
   for first in range(0, args.steps, args.shadow_every):
     _, _, (a, _) = short(p, bs, first, True)
@@ -140,6 +153,7 @@ def run(args) -> dict[str, Any]:
     "seconds": seconds,
     "overflow_step_without": overflow,
     "renormalized_finite": _first_non_finite(np.asarray(kept)) is None,
+    "renormalized_non_finite_step": _first_non_finite(np.asarray(kept)),
     "max_norm_with": float(np.max(np.asarray(kept_norms))),
     "max_norm_without": float(np.nanmax(np.asarray(grown_norms)[:finite_until])),
     "initial_norm": float(np.max(np.asarray(_column_norms(params)))),
@@ -156,14 +170,19 @@ def report(result: dict[str, Any]) -> str:
   s = result["settings"]
   overflow = result["overflow_step_without"]
   lines = [
-    f"float32 G-SGD, lr {s['lr']}, batch {s['batch']}, {s['steps']} steps on the first "
+    f"float32 G-SGD ({s['blocks']} blocks), lr {s['lr']}, batch {s['batch']}, {s['steps']} "
+    "steps on the first "
     f"{s['train']} Fashion-MNIST training images ({result['device']}, {result['seconds']:.0f} s)",
     "",
     f"- without renormalization: largest N^2 {result['max_norm_without']:.3g} (from "
     f"{result['initial_norm']:.3g}); "
     + (f"outputs not finite from step {overflow + 1}" if overflow is not None else "finite"),
     f"- with renormalization: largest N^2 {result['max_norm_with']:.3g}; outputs "
-    + ("finite at every step" if result["renormalized_finite"] else "NOT finite"),
+    + (
+      "finite at every step"
+      if result["renormalized_finite"]
+      else f"not finite from step {result['renormalized_non_finite_step'] + 1}"
+    ),
     f"- shadowing: restarted every {s['shadow_every']} steps from the renormalized run, the "
     f"two variants' training-mode outputs differ by at most {result['shadow_max_gap']:.2g} "
     f"(relative) over {s['shadow_steps']} steps",
@@ -186,6 +205,7 @@ def main(argv=None):
   parser.add_argument("--train", type=int, default=4096, help="training images used")
   parser.add_argument("--shadow-every", type=int, default=500)
   parser.add_argument("--shadow-steps", type=int, default=10)
+  parser.add_argument("--blocks", choices=sorted(BLOCKS), default="columns")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data-dir", help="directory with the Fashion-MNIST idx files")
   parser.add_argument("--out", help="write result.json and result.md here")

@@ -5,6 +5,7 @@ path gradients scaled by N^2), their invariance in training mode, and the errors
 from __future__ import annotations
 
 import itertools
+import json
 
 import chex
 import flax.linen as nn
@@ -481,3 +482,14 @@ def test_inject_hyperparams_and_orbax_resume_with_normalized_blocks(tmp_path):
 def _apply_step(tx, loss, params, state):
   updates, state = tx.update(jax.grad(loss)(params), state, params)
   return optax.apply_updates(params, updates), state
+
+
+def test_norm_growth_benchmark_writes_its_report(tmp_path):
+  from benchmarks import norm_growth
+
+  argv = ["--steps", "40", "--lr", "3.0", "--train", "512", "--shadow-every", "20"]
+  norm_growth.main([*argv, "--shadow-steps", "5", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["renormalized_finite"] and result["max_norm_with"] < result["max_norm_without"]
+  assert result["shadow_max_gap"] < 1e-3
+  assert "| 10 |" in (tmp_path / "result.md").read_text()

@@ -74,16 +74,12 @@ def _train(tx, params, loss, out_shardings=None, steps=5):
   return params, init_state, state
 
 
-@pytest.mark.parametrize("name", SHARDED)
-@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
-def test_sharded_training_matches_single_device(name, axis_type):
-  params, layers, _, _, x, y, *_ = mlp(WIDTHS, skeleton=True)
-  loss = _sharding_aware_loss(layers, x, y)
-  tx = make_optimizer(name, layers)
-  want, _, want_state = _train(tx, params, loss)
+def _train_sharded(tx, params, specs, loss, axis_type, steps=5):
+  """``_train`` on ``params`` placed as ``specs`` says on an 8-device mesh of ``axis_type``;
+  returns ``(params, init_state, state, mesh)``."""
   mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
   with jax.set_mesh(mesh):
-    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, SPECS)
+    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
     param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
     # Auto: XLA picks output shardings unless told; pin the state to init's layout.
     pin = (
@@ -91,7 +87,17 @@ def test_sharded_training_matches_single_device(name, axis_type):
       if axis_type == AxisType.Explicit
       else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
     )
-    got, init_state, state = _train(tx, sharded, loss, out_shardings=pin)
+    return (*_train(tx, sharded, loss, out_shardings=pin, steps=steps), mesh)
+
+
+@pytest.mark.parametrize("name", SHARDED)
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_training_matches_single_device(name, axis_type):
+  params, layers, _, _, x, y, *_ = mlp(WIDTHS, skeleton=True)
+  loss = _sharding_aware_loss(layers, x, y)
+  tx = make_optimizer(name, layers)
+  want, _, want_state = _train(tx, params, loss)
+  got, init_state, state, mesh = _train_sharded(tx, params, SPECS, loss, axis_type)
   chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
   chex.assert_trees_all_close(state, want_state, rtol=1e-12, atol=1e-14)
   _assert_same_shardings(init_state, state)
@@ -180,17 +186,8 @@ def test_sharded_cnn_matches_single_device(probes, axis_type):
   params, layers, loss = _conv_problem(probes)
   tx = gsgd_jax.gsgd(0.05, layers=layers, momentum=0.9)
   want, _, _ = _train(tx, params, loss, steps=3)
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
-  with jax.set_mesh(mesh):
-    specs = {n: {k: CONV_SPECS[n][k] for k in layer} for n, layer in params.items()}
-    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
-    param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
-    pin = (
-      None
-      if axis_type == AxisType.Explicit
-      else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
-    )
-    got, _, _ = _train(tx, sharded, loss, out_shardings=pin, steps=3)
+  specs = {n: {k: CONV_SPECS[n][k] for k in layer} for n, layer in params.items()}
+  got, _, _, mesh = _train_sharded(tx, params, specs, loss, axis_type, steps=3)
   chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
   _assert_sharded_as(got, specs, mesh)
 
@@ -242,16 +239,7 @@ def test_sharded_normalized_blocks_match_single_device(axis_type):
   params, loss = _bn_problem()
   tx = gsgd_jax.gsgd(0.1, layers=BN_BLOCKS, momentum=0.9)
   want, _, want_state = _train(tx, params, loss, steps=3)
-  mesh = jax.make_mesh((8,), ("x",), axis_types=(axis_type,))
-  with jax.set_mesh(mesh):
-    sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, BN_SPECS)
-    param_shardings = jax.tree.map(lambda a: a.sharding, sharded)
-    pin = (
-      None
-      if axis_type == AxisType.Explicit
-      else (lambda state: (param_shardings, jax.tree.map(lambda a: a.sharding, state)))
-    )
-    got, init_state, state = _train(tx, sharded, loss, out_shardings=pin, steps=3)
+  got, init_state, state, mesh = _train_sharded(tx, params, BN_SPECS, loss, axis_type, steps=3)
   chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)
   chex.assert_trees_all_close(state, want_state, rtol=1e-10, atol=1e-12)
   _assert_same_shardings(init_state, state)

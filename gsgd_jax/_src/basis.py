@@ -10,7 +10,8 @@ elementwise work with per-node vectors broadcast along the kernel's axes. Masks
 of skeleton edges are built from iotas and per-node index vectors inside the
 fused elementwise code, so no dense mask or structure matrix is ever stored.
 The only gathers take one entry per node (the skeleton edges, and each level's
-row of a stacked per-node array).
+row of a stacked per-node array); the only scatter adds per-node vectors (the
+``N^2`` of normalized chains).
 
 Per-node vectors of all levels are held stacked, and recurrences from level to
 level run as one ``lax.scan`` (see ``propagate`` and ``level``): the compiled
@@ -363,7 +364,7 @@ def basis_values(
 # Normalized outputs: N^2 per output node.
 
 
-def _gather_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, None]:
+def _scatter_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, None]:
   """One level of ``output_norms``' sum: every node adds ``y`` into its skeleton
   target (module level, so that the scan compiles once per shape)."""
   target, keep, own = row
@@ -408,7 +409,7 @@ def output_norms(
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
   rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, ct))
   at_outputs, _ = jax.lax.scan(
-    _gather_step,
+    _scatter_step,
     jnp.zeros(tables.width, ct),
     rows_,
     unroll=struct.depth <= UNROLLED_LEVELS,
