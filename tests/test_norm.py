@@ -4,6 +4,7 @@ path gradients scaled by N^2), their invariance in training mode, and the errors
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -161,7 +162,7 @@ def test_affine_chain_icr_equals_autodiff(next_kind, bias, act, normalized):
   values, bias_values = ref.basis_values_taps(views, biases, widths, centres)
   kernel_shape = params["next"]["kernel"].shape
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def program(params, values, bias_values):
     def loss_of_values(v, vb):
       rebuilt = ref.reconstruct_taps(v, vb, views, widths, centres)
@@ -205,7 +206,7 @@ def test_affine_chain_weight_allocation_lands_and_scale_never_moves(normalized):
   lr = 1e-3
   tx = gsgd_jax.path_space(optax.sgd(lr), layers=[block], ratio_clip=None)
   grads = jax.grad(loss)(params)
-  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update, compiler_options=FAST_COMPILE)(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   pg = _library_icr(struct, params, grads)
   np.testing.assert_array_equal(new["norm"]["scale"], params["norm"]["scale"])
@@ -290,8 +291,10 @@ def test_bn_training_is_invariant_under_g_and_output_rescaling(model, name):
 
 
 @ALLOW_ONE_LAYER  # the one-layer blocks declared without normalized=True
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("baseline", ["sgd", "gsgd_without_n2"])
+@pytest.mark.parametrize(
+  "model, baseline",
+  [("plainnet", "sgd"), ("plainnet", "gsgd_without_n2"), ("resnet", "gsgd_without_n2")],
+)
 def test_bn_training_without_the_n2_scaling_is_not_invariant(model, baseline):
   """The same rescaled start: plain SGD, and G-SGD on the same blocks declared without
   ``normalized=True``, follow another trajectory."""
