@@ -30,6 +30,7 @@ import reference as ref
 from flax import nnx
 
 import gsgd_jax
+from gsgd_jax._src.pytree import key_name
 
 
 class Problem(NamedTuple):
@@ -336,10 +337,7 @@ def linen(model, x_shape, seed=0):
   x = jax.random.normal(jax.random.key(seed), x_shape, jnp.float64)
   params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(seed + 1), x))
   layers = gsgd_jax.infer_layers(params)
-  params = gsgd_jax.set_skeleton(params, layers)
-  params = jax.tree_util.tree_map_with_path(
-    lambda path, a: a + 0.1 if path[-1].key == "bias" else a, params
-  )
+  params = shift_biases(gsgd_jax.set_skeleton(params, layers))
   out = jax.eval_shape(model.apply, params, x)
   y = jax.random.normal(jax.random.key(seed + 2), out.shape, jnp.float64)
   return Problem(params, layers, squared_error(model.apply, x, y), model.apply, x, y)
@@ -572,15 +570,11 @@ class NormProblem(NamedTuple):
   y: jax.Array
 
 
-def _shift_biases(params, shift=0.1):
+def shift_biases(params, shift=0.1):
   """Every ``bias`` shifted (non-zero biases, so that their paths count)."""
   return jax.tree_util.tree_map_with_path(
-    lambda path, a: a + shift if pytree_key(path[-1]) == "bias" else a, params
+    lambda path, a: a + shift if key_name(path[-1]) == "bias" else a, params
   )
-
-
-def pytree_key(entry):
-  return getattr(entry, "key", getattr(entry, "name", entry))
 
 
 def linen_norm(model, layers, x_shape, seed=0):
@@ -592,10 +586,10 @@ def linen_norm(model, layers, x_shape, seed=0):
   params = jax.tree_util.tree_map_with_path(
     lambda path, a: (
       a * np.random.default_rng(seed).uniform(0.5, 1.5, a.shape)
-      if pytree_key(path[-1]) == "scale"
+      if key_name(path[-1]) == "scale"
       else a
     ),
-    _shift_biases(params),
+    shift_biases(params),
   )
   state = {k: v for k, v in variables.items() if k != "params"}
 

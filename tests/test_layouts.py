@@ -23,12 +23,12 @@ from problems import (
   ResNetBN,
   plainnet_bn_blocks,
   preln_blocks,
-  pytree_key,
   resnet_bn_blocks,
 )
 
 import gsgd_jax
 from gsgd_jax._src.layouts import infer_blocks
+from gsgd_jax._src.pytree import key_name
 
 Block = gsgd_jax.Block
 
@@ -446,7 +446,7 @@ def _training_mode(module, x_shape, seed=0):
   shapes = jax.eval_shape(module.init, jax.random.key(seed), x)
 
   def draw(path, leaf):
-    if pytree_key(path[-1]) in ("scale", "var"):
+    if key_name(path[-1]) in ("scale", "var"):
       return rng.uniform(0.5, 1.5, leaf.shape)
     return rng.normal(0.0, 0.5, leaf.shape)
 

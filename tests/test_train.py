@@ -12,7 +12,21 @@ import gsgd_jax
 from benchmarks import data as datasets
 from benchmarks import loop, train
 
-SMALL = """
+# SGD and G-SGD at lr 0.1: the optimizers of the small configs below.
+SGD_AND_GSGD = """
+[[optimizers]]
+name = "SGD"
+kind = "sgd"
+lr = 0.1
+
+[[optimizers]]
+name = "G-SGD"
+kind = "gsgd"
+lr = 0.1
+"""
+
+SMALL = (
+  """
 description = "test"
 dataset = "digits"
 epochs = 2
@@ -26,17 +40,9 @@ widths = [16, 16]
 
 [sweep]
 width = [8, 16]
-
-[[optimizers]]
-name = "SGD"
-kind = "sgd"
-lr = 0.1
-
-[[optimizers]]
-name = "G-SGD"
-kind = "gsgd"
-lr = 0.1
 """
+  + SGD_AND_GSGD
+)
 
 
 def _config(tmp_path, text=SMALL, **overrides):
@@ -211,7 +217,8 @@ def test_resnet_config_runs_with_blocks(tmp_path):
 # ----------------------------------------------------------------------------
 # BatchNorm models, depth sweep, augmentation, piecewise schedule.
 
-BN_SMALL = """
+BN_SMALL = (
+  """
 description = "test"
 dataset = "digits"
 epochs = 1
@@ -222,17 +229,9 @@ train_subset = 384
 [model]
 kind = "KIND"
 stages = [[4, 1], [6, 1]]
-
-[[optimizers]]
-name = "SGD"
-kind = "sgd"
-lr = 0.1
-
-[[optimizers]]
-name = "G-SGD"
-kind = "gsgd"
-lr = 0.1
 """
+  + SGD_AND_GSGD
+)
 
 
 def _bn_config(tmp_path, kind, top="", tables="", **overrides):
