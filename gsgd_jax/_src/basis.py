@@ -17,6 +17,9 @@ Per-node vectors of all levels are held stacked, and recurrences from level to
 level run as one ``lax.scan`` (see ``propagate`` and ``level``): the compiled
 update is linear in depth.
 
+A stacked block's chain functions below (those taking a ``ChainStructure``) run
+on each copy through ``stacking.per_copy``; the rest of this module sees one copy.
+
 Kernels are used in their own shape, ``(*window, rows, n_out)``: dense
 ``(n_in, n_out)``, convolution ``(*window, n_in, n_out)``, flatten ``(taps * n_in,
 n_out)`` with row ``s * n_in + c`` fed by node ``c``. Per-node vectors broadcast
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.structure import ChainStructure, LayerSpec, defined
 
 Array = jax.Array
@@ -315,6 +319,9 @@ class SkeletonProducts(NamedTuple):
 
 def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -> SkeletonProducts:
   """Back and forward skeleton-chain products, O(sum of widths) after the gathers."""
+  if struct.stack is not None:
+    one = lambda s, kernels: skeleton_products(s, kernels, dtype)
+    return per_copy(struct, one, (STACK,), 0)(kernels)
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   incoming = [
     incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])) for k in range(depth - 1)
@@ -342,6 +349,10 @@ def basis_values(
   ``v_b = b_j * F[k+1][j]`` for a bias. ``products`` may be passed when
   already computed for these kernels.
   """
+  if struct.stack is not None:
+    return per_copy(struct, basis_values, (STACK, STACK, 0), (STACK, STACK))(
+      kernels, biases, products
+    )
   ct = compute_dtype(kernels[0].dtype)
   products = skeleton_products(struct, kernels, ct) if products is None else products
   values, bias_values = [], []
@@ -370,6 +381,16 @@ def _scatter_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, Non
   target, keep, own = row
   y = jnp.zeros_like(y).at[target].add(jnp.where(keep, y, 0)) + own
   return y, None
+
+
+def normalized_norms(
+  struct: ChainStructure, kernels: Sequence[Array], biases: Sequence[Array | None]
+) -> Array:
+  """``N^2`` of every output node of a normalized chain (``(S, n_out)`` for a stack)."""
+  if struct.stack is not None:
+    return per_copy(struct, normalized_norms, (STACK, STACK), 0)(kernels, biases)
+  products = skeleton_products(struct, kernels, compute_dtype(kernels[0].dtype))
+  return level(output_norms(struct, kernels, biases, products), struct, struct.depth)
 
 
 def output_norms(
@@ -443,7 +464,6 @@ class PathGradients(NamedTuple):
   kernels: list[Array]  # dL/dv, shaped like each kernel, 0 on F (times N^2 if normalized)
   biases: list[Array | None]
   products: SkeletonProducts
-  compute_dtype: jnp.dtype
   output_norms: Array | None = None  # a normalized chain's N^2 per output node
 
 
@@ -472,6 +492,13 @@ def inverse_chain_rule(
   elsewhere (a scale probe's ``s * dL/ds``, see ``gsgd_jax.probes``); it
   replaces the only full reduction of layer ``k``.
   """
+  if struct.stack is not None:
+    out = (STACK, STACK, 0, 0)
+    return PathGradients(
+      *per_copy(struct, lambda *a: tuple(inverse_chain_rule(*a)), (STACK,) * 5, out)(
+        kernels, biases, kernel_grads, bias_grads, probe_sums
+      )
+    )
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   products = skeleton_products(struct, kernels, ct)
@@ -523,7 +550,7 @@ def inverse_chain_rule(
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
-  return PathGradients(grads, bias_grads_v, products, ct, norms)
+  return PathGradients(grads, bias_grads_v, products, norms)
 
 
 # ----------------------------------------------------------------------------
@@ -565,6 +592,18 @@ def weight_allocation(
   Returns:
     ``(kernel_updates, bias_updates, num_clipped)``.
   """
+  if struct.stack is not None:
+
+    def one(s, kernels, biases, kernel_steps, bias_steps, products, output_scales):
+      return weight_allocation(
+        s, kernels, biases, kernel_steps, bias_steps, products, ratio_clip, output_scales
+      )
+
+    in_axes = (STACK, STACK, STACK, STACK, 0, 0)
+    updates, bias_updates, clipped = per_copy(struct, one, in_axes, (STACK, STACK, 0))(
+      kernels, biases, kernel_steps, bias_steps, products, output_scales
+    )
+    return updates, bias_updates, jnp.sum(clipped)
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   outgoing_steps = [

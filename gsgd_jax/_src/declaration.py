@@ -35,7 +35,8 @@ FORMS = (
   "one chain: a sequence of paths, e.g. ['fc1', 'fc2'] or [('params', 'Dense_0'), "
   "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
   "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]], each block a list of paths or a "
-  "gsgd_jax.Block([...], normalized=...); a path: an 'a/b' string or a tuple of keys"
+  "gsgd_jax.Block([...], normalized=..., stack_axis=...); a path: an 'a/b' string or a "
+  "tuple of keys"
 )
 
 
@@ -96,6 +97,13 @@ class Block:
       block (a stem convolution, a residual branch's first convolution, a
       projection shortcut before a BatchNorm) scales its gradients per output
       column by the column's squared norm.
+    stack_axis: the block is stacked (Flax ``nn.scan`` or ``nnx.vmap`` over
+      layers): every kernel, scale, bias and scale probe of its layers holds
+      ``S`` copies on this axis, as ``nn.scan``'s ``variable_axes`` puts them
+      (0: kernels ``(S, in, out)``, biases ``(S, out)``; 1: kernels ``(in, S,
+      out)``, biases ``(out, S)``). The block is then ``S`` independent chains,
+      each updated as if declared on its own, in one vectorised update.
+      ``None`` (default): not stacked.
 
   Example:
     >>> import gsgd_jax
@@ -104,12 +112,21 @@ class Block:
     Block(['params/bn_a', 'params/conv_b'], normalized=True)
     >>> block.layers
     (('params', 'bn_a'), ('params', 'conv_b'))
+    >>> gsgd_jax.Block(['params/layers/fc1', 'params/layers/fc2'], stack_axis=0)
+    Block(['params/layers/fc1', 'params/layers/fc2'], stack_axis=0)
   """
 
   layers: tuple[Path, ...]
   normalized: bool
+  stack_axis: int | None
 
-  def __init__(self, layers: Iterable[LayerPath], *, normalized: bool = False):
+  def __init__(
+    self,
+    layers: Iterable[LayerPath],
+    *,
+    normalized: bool = False,
+    stack_axis: int | None = None,
+  ):
     if isinstance(layers, (str, Block)) or not isinstance(layers, Iterable):
       raise TypeError(
         f"gsgd_jax.Block takes a list of layer paths, got {layers!r}. Accepted "
@@ -117,12 +134,21 @@ class Block:
       )
     if not isinstance(normalized, bool):
       raise TypeError(f"gsgd_jax.Block: `normalized` must be True or False, got {normalized!r}")
+    if stack_axis is not None and (
+      isinstance(stack_axis, bool) or not isinstance(stack_axis, int) or stack_axis < 0
+    ):
+      raise TypeError(
+        f"gsgd_jax.Block: `stack_axis` must be None or an axis >= 0, got {stack_axis!r}"
+      )
     object.__setattr__(self, "layers", _block(list(layers)))
     object.__setattr__(self, "normalized", normalized)
+    object.__setattr__(self, "stack_axis", stack_axis)
 
   def __repr__(self) -> str:
     names = [("/".join(p)) for p in self.layers]
-    return f"Block({names!r}{', normalized=True' if self.normalized else ''})"
+    normalized = ", normalized=True" if self.normalized else ""
+    stacked = "" if self.stack_axis is None else f", stack_axis={self.stack_axis}"
+    return f"Block({names!r}{normalized}{stacked})"
 
 
 Blocks = tuple[Block, ...]

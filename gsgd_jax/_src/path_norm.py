@@ -12,6 +12,7 @@ import optax
 from gsgd_jax._src import basis, declaration, pytree, structure
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays
+from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.transform import NO_PARAMS_MSG
 
 
@@ -60,17 +61,18 @@ def _path_sgd_blocks(params: Any, layers: Any) -> tuple[structure.ChainStructure
 
 def _layer_scales(
   block: structure.ChainStructure, kernels: Sequence[jax.Array], biases: Sequence[jax.Array | None]
-) -> list[tuple[jax.Array, jax.Array]]:
-  """Per layer, ``(kernel gamma, bias gamma)``.
-
-  The kernel's gamma is the broadcastable product ``gamma_in[i] * gamma_out[j]``
-  of shape ``(rows, n_out)``, which broadcasts against the kernel.
-  """
+) -> tuple[list[jax.Array], list[jax.Array | None]]:
+  """Per layer, the kernel's gammas ``gamma_in[i] * gamma_out[j]`` in its shape, and
+  the bias's ``gamma_out`` (None without a bias); per copy of a stacked block."""
+  if block.stack is not None:
+    return per_copy(block, _layer_scales, (STACK, STACK), (STACK, STACK))(kernels, biases)
   gamma_in, gamma_out = _chain_gammas(block, kernels, biases)
-  return [
-    (basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), gamma_out[k + 1])
-    for k, spec in enumerate(block.layers)
+  kernel_gammas = [
+    jnp.broadcast_to(basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), w.shape)
+    for k, (spec, w) in enumerate(zip(block.layers, kernels, strict=True))
   ]
+  bias_gammas = [None if b is None else gamma_out[k + 1] for k, b in enumerate(biases)]
+  return kernel_gammas, bias_gammas
 
 
 def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
@@ -96,17 +98,11 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
   blocks = _path_sgd_blocks(params, layers)
 
   def scales(b: int, arrays: LayerArrays):
-    layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
-    return (
-      [
-        jnp.broadcast_to(kernel_gamma, w.shape).astype(w.dtype)
-        for (kernel_gamma, _), w in zip(layer_scales, arrays.kernels, strict=True)
-      ],
-      [
-        None if bias is None else bias_gamma.astype(bias.dtype)
-        for (_, bias_gamma), bias in zip(layer_scales, arrays.biases, strict=True)
-      ],
-    )
+    cast = lambda gammas, like: [
+      None if x is None else gamma.astype(x.dtype) for gamma, x in zip(gammas, like, strict=True)
+    ]
+    kernel_gammas, bias_gammas = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
+    return cast(kernel_gammas, arrays.kernels), cast(bias_gammas, arrays.biases)
 
   return pytree.map_layers(params, structure.block_paths(blocks), scales, outside=jnp.ones_like)
 
@@ -161,14 +157,12 @@ def scale_by_path_norm(
 
     def divide(b: int, grads: LayerArrays):
       arrays = located.slots[b].take(located.leaves)
-      layer_scales = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
-      scaled = lambda g, gamma: (
+      kernel_gammas, bias_gammas = _layer_scales(blocks[b], arrays.kernels, arrays.biases)
+      scaled = lambda grads, gammas: [
         None if g is None else (g / jnp.maximum(gamma, min_scale)).astype(g.dtype)
-      )
-      return (
-        [scaled(g, gamma) for g, (gamma, _) in zip(grads.kernels, layer_scales, strict=True)],
-        [scaled(g, gamma) for g, (_, gamma) in zip(grads.biases, layer_scales, strict=True)],
-      )
+        for g, gamma in zip(grads, gammas, strict=True)
+      ]
+      return scaled(grads.kernels, kernel_gammas), scaled(grads.biases, bias_gammas)
 
     return pytree.zero_probes(pytree.map_layers(updates, paths, divide, what="updates")), state
 

@@ -11,6 +11,7 @@ import optax
 from gsgd_jax._src import basis, structure
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays, map_layers
+from gsgd_jax._src.stacking import STACK, per_copy
 
 
 def rescale(
@@ -25,7 +26,9 @@ def rescale(
       nodes of that level, or None to leave the level alone; levels run from 0
       (block inputs) to the block's depth (outputs), and only hidden levels
       ``1..depth-1`` may be rescaled without changing the function (and the
-      outputs of a normalized block, whose BatchNorm absorbs their scale).
+      outputs of a normalized block, whose BatchNorm absorbs their scale). For
+      a stacked block, an ``(S, n)`` array rescales each copy by its own row
+      (a vector: every copy alike).
 
   Returns:
     ``params`` with every node ``j`` of a rescaled level multiplied on its
@@ -41,29 +44,50 @@ def rescale(
   """
   blocks = structure.build_structure(params, layers)
 
-  def as_factor(b: int, level: int, dtype) -> jax.Array | None:
+  def as_factor(b: int, level: int) -> jax.Array | None:
     f = factors[b][level]
-    return None if f is None else jnp.asarray(f).astype(dtype)
+    if f is None:
+      return None
+    block = blocks[b]
+    n = block.layers[level - 1].n_out if level else block.layers[0].n_in
+    f = jnp.asarray(f)
+    # A stacked block: one row of factors per copy (one vector: the same for all).
+    return f if block.stack is None else jnp.broadcast_to(f, (block.copies, n))
 
   def rescaled(b: int, arrays: LayerArrays):
-    kernels, biases = [], []
-    for k, spec in enumerate(blocks[b].layers):
-      w, bias = jnp.asarray(arrays.kernels[k]), arrays.biases[k]
-      dtype = basis.compute_dtype(w.dtype)
-      incoming, outgoing = as_factor(b, k + 1, dtype), as_factor(b, k, dtype)
-      scaled = w.astype(dtype)
-      diagonal = spec.kind == "affine"  # a norm's scale: the edges o -> o
-      if incoming is not None:
-        scaled = scaled * (incoming if diagonal else basis.cols(incoming))
-      if outgoing is not None:
-        scaled = scaled / (outgoing if diagonal else basis.rows(outgoing, spec))
-      kernels.append(scaled.astype(w.dtype))
-      if bias is not None and incoming is not None:
-        bias = (bias * incoming).astype(bias.dtype)
-      biases.append(bias)
-    return kernels, biases
+    block_factors = [as_factor(b, level) for level in range(blocks[b].depth + 1)]
+    return per_copy(blocks[b], _rescale_chain, (STACK, STACK, 0), (STACK, STACK))(
+      arrays.kernels, arrays.biases, block_factors
+    )
 
   return map_layers(params, structure.block_paths(blocks), rescaled)
+
+
+def _rescale_chain(
+  struct: structure.ChainStructure,
+  kernels: Sequence[jax.Array],
+  biases: Sequence[jax.Array | None],
+  factors: Sequence[jax.Array | None],
+) -> tuple[list[jax.Array], list[jax.Array | None]]:
+  """One chain's kernels and biases with its levels rescaled by ``factors[level]``."""
+  new_kernels, new_biases = [], []
+  for k, spec in enumerate(struct.layers):
+    w, bias = jnp.asarray(kernels[k]), biases[k]
+    dtype = basis.compute_dtype(w.dtype)
+    incoming, outgoing = (
+      None if f is None else f.astype(dtype) for f in (factors[k + 1], factors[k])
+    )
+    scaled = w.astype(dtype)
+    diagonal = spec.kind == "affine"  # a norm's scale: the edges o -> o
+    if incoming is not None:
+      scaled = scaled * (incoming if diagonal else basis.cols(incoming))
+    if outgoing is not None:
+      scaled = scaled / (outgoing if diagonal else basis.rows(outgoing, spec))
+    new_kernels.append(scaled.astype(w.dtype))
+    if bias is not None and incoming is not None:
+      bias = (bias * incoming).astype(bias.dtype)
+    new_biases.append(bias)
+  return new_kernels, new_biases
 
 
 def random_rescale(
@@ -74,7 +98,8 @@ def random_rescale(
   Node ``j`` of each hidden level gets ``c_j = exp(U(-log_range, log_range))``:
   its incoming weights and bias are multiplied by ``c_j`` and its outgoing
   weights divided by it (an element of the group G, docs/math.md; for a
-  convolution every tap, after a flatten every position). Basis-path values are
+  convolution every tap, after a flatten every position; every copy of a
+  stacked block by its own factors). Basis-path values are
   unchanged. Inputs and outputs of each block are not rescaled, except the
   outputs of a normalized block (``gsgd_jax.Block(..., normalized=True)``):
   their incoming weights and bias are multiplied by random factors too, which
@@ -111,8 +136,9 @@ def random_rescale(
     factors.append(
       [None]
       + [
-        jnp.exp(jax.random.uniform(keys[k], (spec.n_out,), jnp.float32, -log_range, log_range))
+        jnp.exp(jax.random.uniform(keys[k], shape, jnp.float32, -log_range, log_range))
         for k, spec in enumerate(rescaled)
+        for shape in [(spec.n_out,) if block.stack is None else (block.copies, spec.n_out)]
       ]
       + ([] if block.normalized else [None])
     )

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gsgd_jax._src import basis, structure
+from gsgd_jax._src import basis, stacking, structure
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays, map_layers
 
 
 def _skeleton(block: structure.ChainStructure, k: int, which: str) -> jax.Array:
-  """Boolean mask of layer ``k``'s skeleton edges, in the kernel's shape."""
+  """Boolean mask of layer ``k``'s skeleton edges, in the kernel's shape (of one copy)."""
   spec = block.layers[k]
   if spec.kind == "affine":  # a norm's scale: every entry is its node's incoming skeleton edge
     return jnp.full(spec.kernel_shape, block.pi[k] is not None)
@@ -51,7 +51,10 @@ def skeleton_mask(params: optax.Params, layers: LayerPaths, which: str = "fixed"
 
   def masks(b: int, arrays: LayerArrays):
     return (
-      [_skeleton(blocks[b], k, which) for k in range(blocks[b].depth)],
+      [
+        jnp.broadcast_to(stacking.expand(blocks[b], _skeleton(blocks[b], k, which)), jnp.shape(w))
+        for k, w in enumerate(arrays.kernels)
+      ],
       [None if bias is None else jnp.zeros(jnp.shape(bias), bool) for bias in arrays.biases],
     )
 
@@ -97,7 +100,9 @@ def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -
 
   def with_skeleton(b: int, arrays: LayerArrays):
     kernels = [
-      jnp.where(_skeleton(blocks[b], k, "all"), jnp.asarray(value, w.dtype), w)
+      jnp.where(
+        stacking.expand(blocks[b], _skeleton(blocks[b], k, "all")), jnp.asarray(value, w.dtype), w
+      )
       for k, w in enumerate(map(jnp.asarray, arrays.kernels))
     ]
     return kernels, arrays.biases

@@ -21,8 +21,12 @@ layer kinds (kernels are used in their own shape, see ``basis.py``):
     before it cuts every path, and its outputs are hidden nodes whose incoming
     skeleton edge is their own ``scale`` entry, so the whole layer is in F.
 
-A rank-3 kernel is refused: a stacked dense layer (``nn.scan``) and a 1-D
-convolution have that shape and different symmetry groups.
+A stacked block (``gsgd_jax.Block(..., stack_axis=A)``: Flax ``nn.scan``,
+``nnx.vmap``) holds ``S`` copies of one chain, every leaf of its layers carrying
+them on axis ``A``; the structure here describes one copy (``ChainStructure.stack``
+says where the copies are) and ``stacking.per_copy`` runs the per-chain code once
+per copy. An undeclared rank-3 kernel is refused: a stacked dense layer and a
+1-D convolution have that shape and different symmetry groups.
 
 Several independent chains (blocks) may be declared; nothing crosses a block
 boundary, so the inputs and outputs of each block are not hidden nodes.
@@ -52,6 +56,12 @@ from gsgd_jax._src.pytree import PROBE, Path
 
 class UnsupportedLayerError(ValueError):
   """A declared layer is of a kind whose symmetry G-SGD does not model."""
+
+
+UNDECLARED_STACK = (
+  "stack_axis=0 for Flax nn.scan / nnx.vmap stacks, 1 for the (in, stack, out) "
+  "layout; gsgd_jax.infer_layers(params) finds Flax stacks"
+)
 
 
 # Per layer (path, kernel or scale shape, has bias, is an affine layer).
@@ -144,6 +154,15 @@ def _level_tables(
   return LevelTables(widths, down, up, loops, fixed, hidden)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """Where a stacked block keeps its copies: axis ``axis`` of every leaf of its
+  layers (kernels, scales, biases, probes), of length ``length``."""
+
+  axis: int
+  length: int
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ChainStructure:
   """Skeleton and index tables of one chain of layers (see module docstring).
@@ -163,6 +182,8 @@ class ChainStructure:
       levels held stacked.
     normalized: the chain's outputs feed a per-channel normalization
       (``gsgd_jax.Block(..., normalized=True)``).
+    stack: for a stacked block, where its copies are (everything else here
+      describes one copy); None otherwise.
   """
 
   layers: tuple[LayerSpec, ...]
@@ -172,6 +193,12 @@ class ChainStructure:
   loops_back: tuple[np.ndarray | None, ...]
   levels: LevelTables
   normalized: bool = False
+  stack: Stack | None = None
+
+  @functools.cached_property
+  def one_copy(self) -> ChainStructure:
+    """The structure of one copy of a stacked chain (the chain itself otherwise)."""
+    return self if self.stack is None else dataclasses.replace(self, stack=None)
 
   @property
   def depth(self) -> int:
@@ -182,14 +209,22 @@ class ChainStructure:
     return tuple(spec.path for spec in self.layers)
 
   @property
+  def copies(self) -> int:
+    """The number of copies of the chain: a stacked block's length, else 1."""
+    return 1 if self.stack is None else self.stack.length
+
+  @property
   def num_hidden(self) -> int:
     """H: the number of hidden nodes, i.e. the dimension of the group G."""
-    return sum(spec.n_out for spec in self.layers[:-1])
+    return self.copies * sum(spec.n_out for spec in self.layers[:-1])
 
   @property
   def num_weights(self) -> int:
     """m: weights plus biases (biases count as edges from a constant node)."""
-    return sum(int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers)
+    per_copy = sum(
+      int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers
+    )
+    return self.copies * per_copy
 
   @property
   def num_basis_paths(self) -> int:
@@ -216,7 +251,8 @@ def _layer_spec(
     if len(kernel_shape) != 1:
       raise ValueError(
         f"layer {name!r}: a norm's 'scale' of shape {kernel_shape} is not per "
-        "channel; an affine layer needs scale (and bias) of shape (C,)"
+        "channel; an affine layer needs scale (and bias) of shape (C,) per copy. A "
+        f"stacked norm's block needs stack_axis ({UNDECLARED_STACK})."
       )
     (c,) = kernel_shape
     return LayerSpec(path, "affine", tuple(kernel_shape), has_bias, 1, 0, c, c)
@@ -228,10 +264,11 @@ def _layer_spec(
   if len(kernel_shape) == 3:
     raise UnsupportedLayerError(
       f"layer {name!r}: a rank-3 kernel {kernel_shape} is either a stacked dense layer "
-      "(nn.scan / nnx.vmap: one (in, out) kernel per copy on axis 0) or a 1-D "
-      "convolution (width, in, out); the two have different symmetry groups and "
-      "gsgd_jax supports neither yet. Leave the layer out of `layers` (it then takes "
-      "the fallback), or unroll the stack and declare one block per copy."
+      "(nn.scan / nnx.vmap: one (in, out) kernel per copy) or a 1-D convolution "
+      "(width, in, out), and the two have different symmetry groups. For a stack, "
+      f"declare its block as gsgd_jax.Block([...], stack_axis=0) ({UNDECLARED_STACK}). "
+      "1-D convolutions are not supported: leave the layer out of `layers` (it then "
+      "takes the fallback)."
     )
   *window, n_in, n_out = kernel_shape
   if window:  # convolution: one tap per window position, the centre is the skeleton
@@ -267,8 +304,11 @@ def _check_affine(spec: LayerSpec, k: int, depth: int) -> None:
     )
 
 
-def chain_structure(signature: Signature, normalized: bool = False) -> ChainStructure:
-  """Specs and skeleton index tables of one chain of layers."""
+def chain_structure(
+  signature: Signature, normalized: bool = False, stack: Stack | None = None
+) -> ChainStructure:
+  """Specs and skeleton index tables of one chain of layers (of one copy of a stacked
+  chain, whose copies ``stack`` places)."""
   if not signature:
     raise ValueError("a block of `layers` is empty: declare at least one layer per block")
   specs: list[LayerSpec] = []
@@ -312,11 +352,13 @@ def chain_structure(signature: Signature, normalized: bool = False) -> ChainStru
     if table is not None:
       table.setflags(write=False)
   levels = _level_tables(specs, pi, sigma, out_fixed, loops_back)
-  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels, normalized)
+  return ChainStructure(tuple(specs), pi, sigma, out_fixed, loops_back, levels, normalized, stack)
 
 
 @functools.lru_cache(maxsize=256)
-def _build(signatures: tuple[tuple[Signature, bool], ...]) -> tuple[ChainStructure, ...]:
+def _build(
+  signatures: tuple[tuple[Signature, bool, Stack | None], ...],
+) -> tuple[ChainStructure, ...]:
   return tuple(chain_structure(*entry) for entry in signatures)
 
 
@@ -333,21 +375,60 @@ def _masked_paths(tree: Any) -> set[Path]:
   return {tuple(pytree.key_name(k) for k in path) for path, leaf in with_path if is_masked(leaf)}
 
 
+def _copy_shape(name: str, what: str, shape: tuple[int, ...], stack: Stack | None):
+  """The shape of one copy of a leaf of a stacked layer (the shape itself otherwise)."""
+  if stack is None:
+    return shape
+  if len(shape) <= stack.axis or shape[stack.axis] != stack.length:
+    raise ValueError(
+      f"layer {name!r}: {what} of shape {shape} has no stack of length {stack.length} "
+      f"on axis {stack.axis}, as its block declares (stack_axis={stack.axis}); every "
+      "kernel, scale, bias and probe of a stacked block carries its copies on that "
+      "axis, where nn.scan's variable_axes puts them. Is this layer stacked?"
+    )
+  return shape[: stack.axis] + shape[stack.axis + 1 :]
+
+
+def _block_stack(block: declaration.Block, leaves: list[Any], slots: pytree.LayerSlots):
+  """Where a block declared with ``stack_axis`` keeps its copies (read off its
+  first kernel or scale); None for a block without."""
+  if block.stack_axis is None:
+    return None
+  shape = np.shape(leaves[slots.kernel[0]])
+  if len(shape) <= block.stack_axis:
+    raise ValueError(
+      f"layer {'/'.join(block.layers[0])!r}: shape {shape} has no axis "
+      f"{block.stack_axis}, but its block declares stack_axis={block.stack_axis}"
+    )
+  return Stack(block.stack_axis, int(shape[block.stack_axis]))
+
+
+def _looks_stacked(shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
+  """A bias (or probe) ``shape`` that a stack of the kernel's layer would give:
+  ``(S, n_out)`` beside an ``(S, ..., n_out)`` kernel, or ``(n_out, S)`` beside
+  ``(in, S, ..., n_out)``."""
+  if len(shape) != 2 or len(kernel_shape) < 3:
+    return False
+  return shape in ((kernel_shape[0], kernel_shape[-1]), (kernel_shape[-1], kernel_shape[1]))
+
+
 def _check_layer(
   name: str,
   leaves: list[Any],
-  slot_kernel: int,
-  slot_bias: int | None,
-  slot_probe: int | None,
+  slots: tuple[int, int | None, int | None],
   affine: bool,
-) -> None:
-  kernel_shape = np.shape(leaves[slot_kernel])
+  stack: Stack | None,
+) -> tuple[int, ...]:
+  """Checks one layer's leaves; returns its kernel's (or scale's) shape per copy."""
+  slot_kernel, slot_bias, slot_probe = slots
+  kernel = "scale" if affine else "kernel"
+  full_kernel_shape = tuple(int(d) for d in np.shape(leaves[slot_kernel]))
+  kernel_shape = _copy_shape(name, kernel, full_kernel_shape, stack)
   if affine and slot_probe is not None:
     raise ValueError(
       f"layer {name!r}: a norm's affine layer has a {PROBE!r} leaf; probes stand "
       "for a reduction over a kernel, and an affine layer has none. Remove it."
     )
-  kernel = "scale" if affine else "kernel"
   for i, what in ((slot_kernel, kernel), (slot_bias, "bias"), (slot_probe, PROBE)):
     if i is not None and not jnp.issubdtype(jnp.result_type(leaves[i]), jnp.inexact):
       raise ValueError(
@@ -357,19 +438,21 @@ def _check_layer(
   for i, what in ((slot_bias, "bias"), (slot_probe, PROBE)):
     if i is None:
       continue
-    shape = np.shape(leaves[i])
-    if len(shape) == 2 and len(kernel_shape) == 3 and shape[0] == kernel_shape[0]:
-      raise ValueError(
-        f"layer {name!r}: kernel {kernel_shape} and {what} {shape} carry a stack axis "
-        f"of length {shape[0]} (nn.scan / nnx.vmap): stacked layers are not supported "
-        "yet. Leave the layer out of `layers` (it then takes the fallback), or unroll "
-        "the stack and declare one block per copy."
+    full_shape = tuple(int(d) for d in np.shape(leaves[i]))
+    if stack is None and _looks_stacked(full_shape, full_kernel_shape):
+      raise UnsupportedLayerError(
+        f"layer {name!r}: kernel {full_kernel_shape} and {what} {full_shape} carry a "
+        "stack axis (nn.scan / nnx.vmap): read without it, the stack would train as "
+        "one layer of another kind. Declare its block as gsgd_jax.Block([...], "
+        f"stack_axis=...) ({UNDECLARED_STACK})."
       )
+    shape = _copy_shape(name, what, full_shape, stack)
     if shape != (kernel_shape[-1],):
       raise ValueError(
         f"layer {name!r}: {what} of shape {shape} does not match the "
         f"{kernel}'s {kernel_shape[-1]} outputs"
       )
+  return kernel_shape
 
 
 def build_structure(
@@ -378,7 +461,9 @@ def build_structure(
   """The (cached) chain structure of every block of ``layers`` in ``tree``.
 
   Raises, naming the layer, when a declared layer is missing, masked out, not
-  floating point, of an unsupported kind, or does not chain with its neighbour.
+  floating point, of an unsupported kind (an undeclared stack among them), or
+  does not chain with its neighbour, or when a stacked block's leaves do not
+  carry their copies where it says.
   """
   decl = declaration.as_declaration(layers)
   paths, leaves, _ = pytree.leaf_paths(tree)
@@ -387,16 +472,13 @@ def build_structure(
   signatures = []
   for block in blocks:
     slots = pytree.locate_layers(paths, block.layers, what=what)
-    affine = [paths[k][-1] == "scale" for k in slots.kernel]
-    for name, k, b, s, a in zip(
-      block.layers, slots.kernel, slots.bias, slots.probe, affine, strict=True
-    ):
-      _check_layer("/".join(name), leaves, k, b, s, a)
-    signature = tuple(
-      (name, tuple(int(d) for d in np.shape(leaves[k])), b is not None, a)
-      for name, k, b, a in zip(block.layers, slots.kernel, slots.bias, affine, strict=True)
-    )
-    signatures.append((signature, block.normalized))
+    stack = _block_stack(block, leaves, slots)
+    signature = []
+    for name, k, b, s in zip(block.layers, slots.kernel, slots.bias, slots.probe, strict=True):
+      affine = paths[k][-1] == "scale"
+      shape = _check_layer("/".join(name), leaves, (k, b, s), affine, stack)
+      signature.append((name, shape, b is not None, affine))
+    signatures.append((tuple(signature), block.normalized, stack))
   built = _build(tuple(signatures))  # raises on layers that do not chain, before warning
   declaration.warn_one_layer_blocks(blocks)
   return built

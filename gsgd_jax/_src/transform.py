@@ -126,15 +126,12 @@ def block_labels(
 def _output_norms(
   blocks: tuple[structure.ChainStructure, ...], block_params: list[LayerArrays]
 ) -> tuple[jax.Array, ...]:
-  """``N^2`` per output node of every normalized block, in order."""
-  norms = []
-  for block, arrays in zip(blocks, block_params, strict=True):
-    if block.normalized:
-      ct = basis.compute_dtype(arrays.kernels[0].dtype)
-      products = basis.skeleton_products(block, arrays.kernels, ct)
-      ends = basis.output_norms(block, arrays.kernels, arrays.biases, products)
-      norms.append(basis.level(ends, block, block.depth))
-  return tuple(norms)
+  """``N^2`` per output node (per copy of a stack) of every normalized block, in order."""
+  return tuple(
+    basis.normalized_norms(block, arrays.kernels, arrays.biases)
+    for block, arrays in zip(blocks, block_params, strict=True)
+    if block.normalized
+  )
 
 
 def _renormalizing_scales(target: jax.Array, now: jax.Array) -> jax.Array:

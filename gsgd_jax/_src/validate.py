@@ -14,6 +14,7 @@ import optax
 from gsgd_jax._src import basis, pytree, rescaling, structure
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays
+from gsgd_jax._src.stacking import STACK, per_copy
 
 # Skeleton-chain products outside this range make G-SGD's weight steps, which
 # scale as 1/(B F)^2, explode or vanish.
@@ -160,10 +161,12 @@ def verify_invariance(
       # Hidden levels, and a normalized block's outputs (S1).
       for level in range(1, block.depth + block.normalized):
         key, sub = jax.random.split(key)
-        n = block.layers[level - 1].n_out
+        shape = (block.layers[level - 1].n_out,)
+        if block.stack is not None:  # every copy by its own factors
+          shape = (block.copies, *shape)
         factors: list[list[Any]] = [[None] * (other.depth + 1) for other in blocks]
         factors[b][level] = jnp.exp(
-          jax.random.uniform(sub, (n,), jnp.float32, -log_range, log_range)
+          jax.random.uniform(sub, shape, jnp.float32, -log_range, log_range)
         )
         outputs = jax.tree.leaves(
           apply_fn(rescaling.rescale(point_params, layers, factors), point_x)
@@ -230,23 +233,36 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
       return
     kernels = [jnp.asarray(w) for w in kernels]
     for k, spec in enumerate(block.layers):
-      entries = []
-      pi, sigma = block.pi[k], block.sigma[k]
-      if pi is not None:
-        entries.append(("incoming", "output", basis.incoming_skeleton(kernels[k], spec, pi)))
-      if sigma is not None:
-        entries.append(("outgoing", "input", basis.outgoing_skeleton(kernels[k], spec, sigma)))
+      entries = _skeleton_weights(block, k, kernels[k])
       tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
       for kind, side, values in entries:
         magnitude = np.abs(np.asarray(values, np.float64))
-        bad = np.flatnonzero(~np.isfinite(magnitude) | (magnitude < tiny))
+        bad = np.argwhere(~np.isfinite(magnitude) | (magnitude < tiny))
         if bad.size:
+          *copy, node = (int(i) for i in bad[0])
+          of_copy = f" of copy {copy[0]} of the stack" if copy else ""
           raise ValueError(
-            f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {int(bad[0])} "
-            f"is {float(values[bad[0]])} ({bad.size} such); basis paths divide by "
-            "skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first."
+            f"layer {spec.name!r}: the {kind} skeleton weight of {side} node {node}"
+            f"{of_copy} is {float(values[tuple(bad[0])])} ({len(bad)} such); basis paths "
+            "divide by skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first."
           )
     _warn_extreme_products(block, kernels)
+
+
+def _skeleton_weights(
+  block: structure.ChainStructure, k: int, kernel: jax.Array
+) -> list[tuple[str, str, jax.Array]]:
+  """Layer ``k``'s incoming skeleton weights (per output node) and outgoing ones (per
+  input node), where the chain has them: ``(kind, side, values)``, per copy of a stack."""
+  spec, pi, sigma = block.layers[k], block.pi[k], block.sigma[k]
+  entries = []
+  if pi is not None:
+    take = lambda _, w: basis.incoming_skeleton(w, spec, pi)
+    entries.append(("incoming", "output", per_copy(block, take, STACK, 0)(kernel)))
+  if sigma is not None:
+    take = lambda _, w: basis.outgoing_skeleton(w, spec, sigma)
+    entries.append(("outgoing", "input", per_copy(block, take, STACK, 0)(kernel)))
+  return entries
 
 
 def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Array]) -> None:
@@ -256,9 +272,9 @@ def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Ar
   products = basis.skeleton_products(
     block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   )
-  node_products = np.abs(np.asarray(products.back * products.forward, np.float64))[:-1][
-    block.levels.hidden
-  ]
+  # (copies..., L + 1, W): the hidden nodes of every copy.
+  node_products = np.abs(np.asarray(products.back * products.forward, np.float64))
+  node_products = node_products[..., :-1, :][..., block.levels.hidden]
   low, high = float(node_products.min()), float(node_products.max())
   if low < PRODUCT_RANGE[0] or high > PRODUCT_RANGE[1]:
     warnings.warn(
@@ -341,10 +357,13 @@ def verify_probes(
       if p.probes[k] is None or g.probes[k] is None:
         continue
       tol = rtol if rtol is not None else _default_rtol(jnp.result_type(p.kernels[k]))
-      expected = basis.node_sums(
-        jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]), p.biases[k], g.biases[k], wide
+      sums = lambda _, w, g, b, gb: basis.node_sums(w, g, b, gb, wide)
+      expected = per_copy(block, sums, STACK, 0)(
+        jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]), p.biases[k], g.biases[k]
       )
       probed = jnp.asarray(p.probes[k], wide) * jnp.asarray(g.probes[k], wide)
+      if block.stack is not None:  # per copy, as `expected`
+        probed = jnp.moveaxis(probed, block.stack.axis, 0)
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1
