@@ -1,7 +1,9 @@
 """Shared test utilities."""
 
 import jax
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 import gsgd_jax
@@ -45,3 +47,12 @@ def nnx_layers_at_skeleton(model):
   layers = gsgd_jax.infer_layers(state)
   nnx.update(model, gsgd_jax.set_skeleton(state, layers))
   return layers
+
+
+def orbax_roundtrip(directory, tree):
+  """``tree`` saved by orbax's ``StandardCheckpointer`` into ``directory / 'ckpt'`` and
+  restored into zeros of its layout, as a resumed run reads it."""
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / "ckpt", tree)
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(directory / "ckpt", jax.tree.map(np.zeros_like, tree))

@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import reference as ref
 from flax import nnx
-from helpers import train_scan
+from helpers import orbax_roundtrip, train_scan
 from problems import (
   ALLOW_ONE_LAYER,
   NNXPlainNetBN,
@@ -470,11 +469,7 @@ def test_inject_hyperparams_and_orbax_resume_with_normalized_blocks(tmp_path):
 
   step = jax.jit(lambda p, s: _apply_step(injected, problem.loss, p, s))
   params, state = runs[1]
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "ckpt", {"params": params, "state": state})
-  with ocp.StandardCheckpointer() as checkpointer:
-    zeros = jax.tree.map(np.zeros_like, {"params": params, "state": state})
-    restored = checkpointer.restore(tmp_path / "ckpt", zeros)
+  restored = orbax_roundtrip(tmp_path, {"params": params, "state": state})
   assert jax.tree.structure(restored["state"]) == jax.tree.structure(state)
   straight, resumed = (params, state), (restored["params"], restored["state"])
   for _ in range(3):

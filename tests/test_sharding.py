@@ -290,3 +290,58 @@ def test_explicit_sharded_params_outside_a_mesh_context():
     jax.tree.leaves(got), jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)), strict=True
   ):
     assert a.sharding.is_equivalent_to(NamedSharding(mesh, s), a.ndim)
+
+
+# A stacked block (8 copies of a two-layer chain on axis 0, each on its own inputs), sharded
+# along the stack axis or along its hidden units.
+STACK_COPIES, STACK_HIDDEN = 8, 16
+STACK_SPECS = {
+  "stack": {
+    "fc1": {"kernel": P("x"), "bias": P("x")},
+    "fc2": {"kernel": P("x"), "bias": P("x")},
+  },
+  "hidden": {
+    "fc1": {"kernel": P(None, None, "x"), "bias": P(None, "x")},
+    "fc2": {"kernel": P(None, "x", None), "bias": P()},
+  },
+}
+
+
+def _stacked_problem():
+  keys = iter(jax.random.split(jax.random.key(4), 6))
+  normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float64)
+  params = {
+    "fc1": {
+      "kernel": normal(STACK_COPIES, 3, STACK_HIDDEN),
+      "bias": normal(STACK_COPIES, STACK_HIDDEN),
+    },
+    "fc2": {"kernel": normal(STACK_COPIES, STACK_HIDDEN, 2), "bias": normal(STACK_COPIES, 2)},
+  }
+  layers = [gsgd_jax.Block(["fc1", "fc2"], stack_axis=0)]
+  x, y = normal(STACK_COPIES, 5, 3), normal(STACK_COPIES, 5, 2)
+
+  def loss(p):
+    explicit = bool(jax.sharding.get_abstract_mesh().explicit_axes)
+    out = P() if explicit else None
+    h = jax.nn.relu(jnp.einsum("sbi,sih->sbh", x, p["fc1"]["kernel"]) + p["fc1"]["bias"][:, None])
+    h = jnp.einsum("sbh,sho->sbo", h, p["fc2"]["kernel"], out_sharding=out)
+    return jnp.mean((h + p["fc2"]["bias"][:, None] - y) ** 2)
+
+  return gsgd_jax.set_skeleton(params, layers), layers, loss
+
+
+@pytest.mark.parametrize(
+  "along, axis_type",
+  [("stack", AxisType.Explicit), ("hidden", AxisType.Explicit), ("stack", AxisType.Auto)],
+  ids=["stack-explicit", "hidden-explicit", "stack-auto"],
+)
+def test_sharded_stack_matches_single_device(along, axis_type):
+  params, layers, loss = _stacked_problem()
+  tx = gsgd_jax.g_adam(1e-2, layers=layers)
+  want, _, want_state = _train(tx, params, loss, steps=3)
+  specs = STACK_SPECS[along]
+  got, init_state, state, mesh = _train_sharded(tx, params, specs, loss, axis_type, steps=3)
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(state, want_state, rtol=1e-12, atol=1e-14)
+  _assert_same_shardings(init_state, state)
+  _assert_sharded_as(got, specs, mesh)

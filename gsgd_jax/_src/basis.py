@@ -245,7 +245,10 @@ def stack_rows(
       return jnp.full(width, fill, dtype)
     return jnp.pad(x.astype(dtype), (0, width - x.shape[0]), constant_values=fill)
 
-  return jnp.stack([row(x) for x in vectors])
+  # Concatenated, not jnp.stack-ed: under jax.vmap over a stack axis sharded on an
+  # Explicit mesh, stacking a copy's gathered row with a constant one is refused (their
+  # shardings differ), concatenating them is not.
+  return jnp.concatenate([row(x)[None] for x in vectors])
 
 
 def _step(y: Array, row: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
@@ -603,7 +606,7 @@ def weight_allocation(
     updates, bias_updates, clipped = per_copy(struct, one, in_axes, (STACK, STACK, 0))(
       kernels, biases, kernel_steps, bias_steps, products, output_scales
     )
-    return updates, bias_updates, jnp.sum(clipped)
+    return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32)
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   outgoing_steps = [

@@ -22,7 +22,7 @@ import optax
 
 from gsgd_jax._src import pytree, structure
 from gsgd_jax._src.declaration import Block
-from gsgd_jax._src.pytree import Path
+from gsgd_jax._src.pytree import PROBE, Path
 
 LAYOUTS = ("plainnet", "resnet", "preln")
 
@@ -46,25 +46,43 @@ _LISTED = 40  # layers named in a message before it says how many more there are
 
 @dataclasses.dataclass(frozen=True)
 class _Layer:
-  """A layer found in the tree: a ``kernel`` sub-tree, or a norm's ``scale`` (no kernel)."""
+  """A layer found in the tree: a ``kernel`` sub-tree, or a norm's ``scale`` (no kernel).
+
+  A stacked layer (Flax ``nn.scan`` / ``nnx.vmap``) holds ``stack`` copies on axis 0 of
+  its leaves; its kind and widths are those of one copy. A norm's ``(S, C)`` scale is
+  stacked as found; a kernel is read as a stack only where the layout asks (``_as_stack``).
+  """
 
   path: Path
-  shape: tuple[int, ...]  # the kernel's shape, or ``(C,)`` for a norm
+  shape: tuple[int, ...]  # the kernel's shape, or ``(C,)`` for a norm (``(S, ...)`` stacked)
   norm: bool
+  stack: int | None = None
+  beside: tuple[tuple[int, ...], ...] = ()  # the shapes of its bias and scale probe, if any
 
   @property
   def name(self) -> str:
     return "/".join(self.path)
 
   @property
+  def copy_shape(self) -> tuple[int, ...]:
+    return self.shape if self.stack is None else self.shape[1:]
+
+  @property
   def kind(self) -> str:
     if self.norm:
-      return "norm"
-    return "dense" if len(self.shape) == 2 else "conv"
+      kind = "norm"
+    else:
+      kind = "dense" if len(self.copy_shape) == 2 else "conv"
+    return kind if self.stack is None else f"stacked {kind}"
+
+  @property
+  def stacked_bias(self) -> bool:
+    """A bias or probe of shape ``(S, n_out)``: the kernel's first axis is a stack."""
+    return len(self.shape) >= 3 and (self.shape[0], self.shape[-1]) in self.beside
 
   @property
   def n_in(self) -> int:
-    return self.shape[0] if self.norm else self.shape[-2]
+    return self.copy_shape[0] if self.norm else self.copy_shape[-2]
 
   @property
   def n_out(self) -> int:
@@ -103,11 +121,14 @@ def _collect(params: Any) -> list[_Layer]:
     if not path:
       continue
     if path[-1] == "kernel":
-      layers.append(_Layer(path[:-1], shape, norm=False))
-    # A norm's scale is per channel; a kernel beside a 'scale' makes the sub-tree a layer
-    # with an extra leaf, not a norm.
-    elif path[-1] == "scale" and len(shape) == 1 and (*path[:-1], "kernel") not in shapes:
-      layers.append(_Layer(path[:-1], shape, norm=True))
+      beside = tuple(shapes[(*path[:-1], x)] for x in ("bias", PROBE) if (*path[:-1], x) in shapes)
+      layers.append(_Layer(path[:-1], shape, norm=False, beside=beside))
+    # A norm's scale is per channel, (C,), or (S, C) for a stack of S norms; a kernel beside
+    # a 'scale' makes the sub-tree a layer with an extra leaf, not a norm.
+    elif path[-1] == "scale" and len(shape) in (1, 2) and (*path[:-1], "kernel") not in shapes:
+      layers.append(
+        _Layer(path[:-1], shape, norm=True, stack=shape[0] if len(shape) == 2 else None)
+      )
   return sorted(layers, key=lambda layer: _natural(layer.path))
 
 
@@ -252,7 +273,7 @@ def _residual(where: Path, members: Sequence[_Layer]) -> list[Block]:
 
 
 def _resnet(layers: Sequence[_Layer]) -> list[Block]:
-  convs_norms = [x for x in layers if x.kind != "dense"]
+  convs_norms = [x for x in layers if x.kind in ("conv", "norm")]
   children: dict[Path, list[_Layer]] = {}
   for layer in convs_norms:
     children.setdefault(layer.path[:-1], []).append(layer)
@@ -322,7 +343,8 @@ def _common_prefix(a: str, b: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class _FeedForward:
   """Two dense layers forming ``d -> h -> d``: a sub-tree's only kernels (``number`` None)
-  or, in a flat scope, the pair sharing the ``number`` that ends their names."""
+  or, in a flat scope, the pair sharing the ``number`` that ends their names; both stacked
+  alike, or neither."""
 
   scope: Path
   number: int | None
@@ -332,6 +354,42 @@ class _FeedForward:
   def name(self) -> str:
     suffix = "" if self.number is None else f" (number {self.number})"
     return "/".join(self.scope) + suffix
+
+  @property
+  def stack(self) -> int | None:
+    return self.pair[0].stack
+
+
+def _as_stack(layer: _Layer) -> _Layer:
+  """A rank-3 kernel read as ``S`` stacked dense layers (Flax ``nn.scan`` / ``nnx.vmap``,
+  copies on axis 0), unless a bias of shape ``(n_out,)`` makes it a 1-D convolution; other
+  layers as they are."""
+  if layer.norm or len(layer.shape) != 3 or (layer.shape[-1],) in layer.beside:
+    return layer
+  return dataclasses.replace(layer, stack=layer.shape[0])
+
+
+def _pairs(scope: Path, members: Sequence[_Layer], stacked: bool) -> list[_FeedForward]:
+  """The feed-forward pairs among a scope's kernels, of unstacked or of stacked layers."""
+  dense = [x for x in members if len(x.copy_shape) == 2 and (x.stack is not None) == stacked]
+  if len(dense) < 2:
+    return []
+  if len(members) == 2 and len(dense) == 2:
+    candidates = [(None, dense)]
+  else:
+    # A flat scope holding several blocks' layers (fc1_0, fc2_0, fc1_1, ...): the pairs
+    # that share the number ending their names.
+    by_number: dict[int, list[_Layer]] = {}
+    for layer in dense:
+      match = _NUMBERED.match(layer.path[-1])
+      if match is not None:
+        by_number.setdefault(int(match.group(2)), []).append(layer)
+    candidates = [(n, pair) for n, pair in by_number.items() if len(pair) == 2]
+  return [
+    _FeedForward(scope, number, (a, b))
+    for number, (a, b) in candidates
+    if a.n_out == b.n_in and b.n_out == a.n_in and a.stack == b.stack
+  ]
 
 
 def _feed_forwards(layers: Sequence[_Layer]) -> list[_FeedForward]:
@@ -344,23 +402,15 @@ def _feed_forwards(layers: Sequence[_Layer]) -> list[_FeedForward]:
     attention = any(x.path[-1].lower() in _ATTENTION for x in members) or bool(
       scope and re.search("attn|attention", scope[-1], re.IGNORECASE)
     )
-    dense = [x for x in members if x.kind == "dense"]
-    if attention or len(dense) < 2:
+    if attention:
       continue
-    if len(members) == 2 and len(dense) == 2:
-      candidates = [(None, dense)]
-    else:
-      # A flat scope holding several blocks' layers (fc1_0, fc2_0, fc1_1, ...): the pairs
-      # that share the number ending their names.
-      by_number: dict[int, list[_Layer]] = {}
-      for layer in dense:
-        match = _NUMBERED.match(layer.path[-1])
-        if match is not None:
-          by_number.setdefault(int(match.group(2)), []).append(layer)
-      candidates = [(n, pair) for n, pair in by_number.items() if len(pair) == 2]
-    for number, (a, b) in candidates:
-      if a.n_out == b.n_in and b.n_out == a.n_in:
-        found.append(_FeedForward(scope, number, (a, b)))
+    # Where the kernels make no pair of rank 2, a scanned transformer's make one of rank 3:
+    # in a feed-forward block the names say dense, so a rank 3 kernel is a stack of them.
+    # (_preln still asks for a stacked bias or norm beside them: a 1-D convolution's
+    # kernel has that shape too.)
+    found += _pairs(scope, members, stacked=False) or _pairs(
+      scope, [_as_stack(x) for x in members], stacked=True
+    )
   return sorted(found, key=lambda ff: (_natural(ff.scope), ff.number or 0))
 
 
@@ -375,6 +425,8 @@ def _front_norms(ff: _FeedForward, norms: Sequence[_Layer]) -> list[_Layer]:
   """The candidate norms in front of a feed-forward block: those of width ``d`` or ``h`` in
   its own scope, else in the nearest ancestor holding norms."""
   widths = {ff.pair[0].n_in, ff.pair[0].n_out}
+  # A stacked block's norm is stacked alike: S copies, one per copy of the block.
+  norms = [x for x in norms if x.stack == ff.stack]
   here = [x for x in _norms_in(norms, ff.scope, ff.number) if x.n_in in widths]
   if here:
     return here
@@ -408,51 +460,72 @@ def _pick_norm(ff: _FeedForward, candidates: Sequence[_Layer]) -> _Layer:
   )
 
 
+def _ff_block(ff: _FeedForward, candidates: Sequence[_Layer], owners: dict[Path, str]) -> Block:
+  """The block of one feed-forward pair: its layers in forward order, after the norm in front
+  of it (recorded in ``owners``) if any."""
+  a, b = ff.pair
+  order = _ff_order(a, b)
+  if order is None:
+    # The names do not tell; the norm in front has width d, the first layer's input (when
+    # d == h, every norm fits either order).
+    orders = {(a, b) if x.n_in == a.n_in else (b, a) for x in candidates}
+    if len(orders) != 1 or a.n_in == a.n_out:
+      raise _Refusal(
+        f"feed-forward block {ff.name!r}: neither the names {_names(ff.pair)} nor the "
+        f"widths of the norms before it ({_names(candidates) or 'none'}) tell which dense "
+        "layer comes first"
+      )
+    (order,) = orders
+  first, second = order
+  fitting = [x for x in candidates if x.n_in == first.n_in]
+  if candidates and not fitting:
+    raise _Refusal(
+      f"feed-forward block {ff.name!r}: the names put {first.name!r} first, but the norms "
+      f"before it ({_names(candidates)}) have the width of its outputs, not of its inputs: "
+      "do the names follow the forward order? (Linen numbers modules in the order they "
+      "are built, not called)"
+    )
+  chain = [first.path, second.path]
+  if fitting:
+    norm = _pick_norm(ff, fitting)
+    if norm.path in owners:
+      raise _Refusal(
+        f"norm {norm.name!r} would stand in front of two feed-forward blocks, "
+        f"{owners[norm.path]!r} and {ff.name!r}"
+      )
+    owners[norm.path] = ff.name
+    chain.insert(0, norm.path)
+  return Block(chain, stack_axis=None if ff.stack is None else 0)
+
+
 def _preln(layers: Sequence[_Layer]) -> list[Block]:
   norms = [x for x in layers if x.norm]
-  blocks, owners = [], {}
-  feed_forwards = _feed_forwards(layers)
-  if not feed_forwards:
+  blocks: list[Block] = []
+  owners: dict[Path, str] = {}
+  unproven: list[_FeedForward] = []
+  for ff in _feed_forwards(layers):
+    candidates = _front_norms(ff, norms)
+    if ff.stack is not None and not candidates and not any(x.stacked_bias for x in ff.pair):
+      # Rank-3 kernels with neither a stacked bias nor a stacked norm beside them may be
+      # 1-D convolutions: left out, as every rank-3 kernel was before stacks were read.
+      unproven.append(ff)
+      continue
+    blocks.append(_ff_block(ff, candidates, owners))
+  if not blocks:
+    hint = ""
+    if unproven:
+      hint = (
+        f"; the rank-3 kernels {_names(x for ff in unproven for x in ff.pair)} may be "
+        "stacked dense layers (nn.scan / nnx.vmap, copies on axis 0) or 1-D convolutions, "
+        "and with no bias (S, n_out) and no stacked norm (S, d) in front of them their "
+        "shapes do not tell: for a stack, declare gsgd_jax.Block([norm, first, second], "
+        "stack_axis=0)"
+      )
     raise _Refusal(
       "a pre-LN transformer has feed-forward blocks (a sub-tree holding exactly two dense "
-      "kernels of rank 2 forming d -> h -> d); found none"
+      "kernels of rank 2 forming d -> h -> d, or, scanned, of rank 3 forming (S, d, h) -> "
+      f"(S, h, d)); found none{hint}"
     )
-  for ff in feed_forwards:
-    candidates = _front_norms(ff, norms)
-    a, b = ff.pair
-    order = _ff_order(a, b)
-    if order is None:
-      # The names do not tell; the norm in front has width d, the first layer's input (when
-      # d == h, every norm fits either order).
-      orders = {(a, b) if x.n_in == a.n_in else (b, a) for x in candidates}
-      if len(orders) != 1 or a.n_in == a.n_out:
-        raise _Refusal(
-          f"feed-forward block {ff.name!r}: neither the names {_names(ff.pair)} nor the "
-          f"widths of the norms before it ({_names(candidates) or 'none'}) tell which dense "
-          "layer comes first"
-        )
-      (order,) = orders
-    first, second = order
-    fitting = [x for x in candidates if x.n_in == first.n_in]
-    if candidates and not fitting:
-      raise _Refusal(
-        f"feed-forward block {ff.name!r}: the names put {first.name!r} first, but the norms "
-        f"before it ({_names(candidates)}) have the width of its outputs, not of its inputs: "
-        "do the names follow the forward order? (Linen numbers modules in the order they "
-        "are built, not called)"
-      )
-    candidates = fitting
-    chain = [first.path, second.path]
-    if candidates:
-      norm = _pick_norm(ff, candidates)
-      if norm.path in owners:
-        raise _Refusal(
-          f"norm {norm.name!r} would stand in front of two feed-forward blocks, "
-          f"{owners[norm.path]!r} and {ff.name!r}"
-        )
-      owners[norm.path] = ff.name
-      chain.insert(0, norm.path)
-    blocks.append(Block(chain))
   return blocks
 
 
@@ -466,7 +539,8 @@ def infer_blocks(params: optax.Params, layout: str) -> list[Block]:
   declares the blocks of docs/math.md (normalization layers, "Where the blocks
   go"). A layer is a sub-tree with a ``kernel`` (rank 2: dense; rank 3 to 5:
   convolution) or a norm: a sub-tree with a ``scale`` of rank 1 and no kernel
-  (Flax ``BatchNorm``, ``LayerNorm``, ``RMSNorm``). Layers of a kind are
+  (Flax ``BatchNorm``, ``LayerNorm``, ``RMSNorm``; of rank 2, ``(S, C)``, for a
+  stack of ``S`` norms, which ``'preln'`` reads). Layers of a kind are
   ordered by the number or single letter ending their last key (``Conv_0``,
   ``conv1``, ``conv_a``, NNX lists ``convs/0``); Linen numbers modules in the
   order they are built, so build each before calling the next. Layouts:
@@ -499,7 +573,15 @@ def infer_blocks(params: optax.Params, layout: str) -> list[Block]:
     feed-forward block (``Block([fc1, fc2])`` when no norm is found), in the
     numeric order of their paths. Attention projections (``query``, ``key``,
     ``value``, ``q_proj``, ..., rank-3 ``DenseGeneral`` kernels) and sub-trees
-    named for attention are never feed-forward blocks.
+    named for attention are never feed-forward blocks. A scanned transformer
+    (Linen ``nn.scan`` with ``variable_axes={'params': 0}``, NNX ``nnx.vmap``)
+    holds ``S`` copies of each layer on axis 0 of its leaves: where a sub-tree's
+    kernels make no pair of rank 2, two of rank 3 forming ``(S, d, h)``, ``(S,
+    h, d)`` are a stacked pair when biases ``(S, h)``, ``(S, d)`` or a stacked
+    norm ``(S, d)`` in front say so (T5's ``wi``/``wo`` have no biases), and
+    give ``Block([ln, fc1, fc2], stack_axis=0)``, one per feed-forward location,
+    with the stacked norm of the same ``S`` in front. A rank-3 pair with neither,
+    or with a bias ``(h,)`` (1-D convolutions), is no feed-forward block.
 
   Every declaration written is checked against ``params`` as the
   transformations check it at init. Run :func:`gsgd_jax.verify_invariance` on
@@ -551,6 +633,18 @@ def infer_blocks(params: optax.Params, layout: str) -> list[Block]:
     >>> params = jax.eval_shape(FeedForward().init, jax.random.key(0), jnp.ones((1, 3, 4)))
     >>> gsgd_jax.infer_blocks(params['params'], 'preln')
     [Block(['ffn_norm', 'fc1', 'fc2'])]
+
+    Three copies of it scanned, their parameters stacked on axis 0: one
+    stacked block.
+
+    >>> class Layer(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, _):
+    ...     return FeedForward()(x), None
+    >>> Stack = nn.scan(Layer, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    >>> params = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 3, 4)), None)
+    >>> gsgd_jax.infer_blocks(params['params'], 'preln')
+    [Block(['FeedForward_0/ffn_norm', 'FeedForward_0/fc1', 'FeedForward_0/fc2'], stack_axis=0)]
   """
   if not isinstance(layout, str) or layout not in _WRITERS:
     raise ValueError(
