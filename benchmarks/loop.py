@@ -220,6 +220,70 @@ class ResNetBN(nn.Module):
     return blocks
 
 
+class ViTLayer(nn.Module):
+  """One pre-LN transformer layer on ``(batch, tokens, dim)``: ``x + attn(ln_attn(x))``, then
+  ``x + fc2(relu(fc1(ln_ff(x))))``. ``ln_ff -> fc1 -> relu -> fc2`` is a ReLU chain whose
+  hidden units (``ln_ff``'s channels and ``fc1``'s outputs) may be rescaled positively: the
+  G-space block. Called by ``nn.scan`` (``(carry, _) -> (carry, None)``)."""
+
+  heads: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    y = nn.LayerNorm(name="ln_attn")(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(y, y)
+    y = nn.relu(nn.Dense(self.hidden, name="fc1")(nn.LayerNorm(name="ln_ff")(x)))
+    return x + nn.Dense(x.shape[-1], name="fc2")(y), None
+
+
+class ViT(nn.Module):
+  """A small Vision Transformer: non-overlapping ``patch x patch`` patches embedded by one
+  Dense layer, a learned position embedding, ``depth`` pre-LN layers (:class:`ViTLayer`)
+  under ``nn.scan`` (every layer's parameters stacked on axis 0, as models trained at scale
+  store them), a final LayerNorm, the mean over tokens and a Dense head.
+
+  Takes images ``(batch, height, width, channels)`` whose sides ``patch`` divides: 28x28
+  Fashion-MNIST with ``patch=7`` gives 16 tokens, with ``patch=4`` 49.
+  """
+
+  num_classes: int
+  patch: int = 7
+  dim: int = 64
+  hidden: int = 128
+  depth: int = 4
+  heads: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    n, height, width, channels = x.shape
+    p = self.patch
+    if height % p or width % p:
+      raise ValueError(f"patch {p} does not divide the {height}x{width} images")
+    # (n, H, W, C) -> (n, H/p * W/p tokens, p*p*C), tokens in row-major order of the grid.
+    x = x.reshape(n, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    x = nn.Dense(self.dim, name="embed")(x.reshape(n, -1, p * p * channels))
+    x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
+    layers = nn.scan(
+      ViTLayer,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=self.depth,
+      in_axes=nn.broadcast,
+    )
+    x, _ = layers(self.heads, self.hidden, name="layers")(x, None)
+    return nn.Dense(self.num_classes, name="head")(nn.LayerNorm(name="ln_out")(x).mean(axis=1))
+
+  def gsgd_blocks(self) -> list[gsgd_jax.Block]:
+    """The blocks for gsgd_jax (paths relative to the whole variables, which the optimizer
+    of this stateless model sees): every layer's ``ln_ff -> fc1 -> fc2``, declared once for
+    the ``depth`` stacked copies. Attention, the other LayerNorms, the embeddings and the
+    head are left to the fallback (a LayerNorm mixes the residual stream's channels, so they
+    have no per-channel rescaling symmetry)."""
+    scope = ("params", "layers")
+    return [gsgd_jax.Block([(*scope, "ln_ff"), (*scope, "fc1"), (*scope, "fc2")], stack_axis=0)]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_variables(model: nn.Module, key: jax.Array, x: jax.Array):
   """``model.init(key, x)`` as one compiled program, compiled once per model and input

@@ -15,7 +15,9 @@ Config keys beyond the obvious ones:
 - ``[model] kind``: ``mlp`` (``widths``, ``bias``), ``cnn`` (``stages`` of channel
   lists), ``resnet`` (``stages`` of ``[channels, blocks]``), ``plainnet_bn`` (``stages``
   of ``[channels, convs]``: conv -> BatchNorm -> ReLU) or ``resnet_bn`` (``stages`` of
-  ``[channels, basic blocks]`` with BatchNorm). BatchNorm models train on batch
+  ``[channels, basic blocks]`` with BatchNorm) or ``vit`` (``patch``, ``dim``, ``hidden``,
+  ``depth``, ``heads``: a pre-LN Vision Transformer whose ``depth`` layers are scanned, with
+  one stacked G-space block ``ln_ff -> fc1 -> fc2``). BatchNorm models train on batch
   statistics and are evaluated on their running averages; the optimizer sees
   ``variables['params']``.
 - ``[sweep]``: one key, ``width`` (every hidden width of an MLP) or ``depth`` (the
@@ -32,8 +34,13 @@ Config keys beyond the obvious ones:
 - Per optimizer: ``lr_decay`` (``lr * exp(-decay * epoch)``), ``lr_boundaries`` (epochs
   at which the learning rate is multiplied by ``lr_factor``, default 0.1, as
   PyTorch's ``MultiStepLR``: the factor applies from the first step of that epoch,
-  counted from 0), ``momentum`` (default 0.9) and ``normalized`` (default true; false
-  declares the BatchNorm models' blocks without the ``N^2`` scaling, an ablation).
+  counted from 0), ``momentum`` (default 0.9), ``weight_decay`` (``adamw`` and
+  ``path_adamw``, default 1e-4) and ``normalized`` (default true; false declares the
+  BatchNorm models' blocks without the ``N^2`` scaling, an ablation).
+- Optimizer kinds: ``sgd``, ``momentum``, ``adam``, ``adamw`` (optax's), ``gsgd``,
+  ``g_momentum``, ``g_adam``, ``path_sgd`` (gsgd_jax's, with the same optimizer on plain
+  gradients outside the blocks) and ``path_adamw``: ``gsgd_jax.path_space(optax.adamw(...))``
+  on the blocks with ``optax.adamw(...)`` of the same settings on everything else.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from benchmarks.loop import (
   PlainNetBN,
   ResNet,
   ResNetBN,
+  ViT,
   gsgd_layers,
   init_variables,
   seconds_per_epoch,
@@ -96,13 +104,27 @@ OPTIMIZER_KEYS = {
   "momentum",
   "normalized",
   "skeleton_init",
+  "weight_decay",
 }
-MODEL_KEYS = {"kind", "widths", "bias", "stages"}
+VIT_DEFAULTS = {"patch": 7, "dim": 64, "hidden": 128, "depth": 4, "heads": 4}
+"""The ``vit`` model's keys and their defaults (those of :class:`benchmarks.loop.ViT`)."""
+MODEL_KEYS = {"kind", "widths", "bias", "stages", *VIT_DEFAULTS}
 GRID_KEYS = {"validation", "epochs", "seed"}
-KINDS = ("sgd", "momentum", "adam", "gsgd", "g_momentum", "g_adam", "path_sgd")
-MODEL_KINDS = ("mlp", "cnn", "resnet", "plainnet_bn", "resnet_bn")
+KINDS = (
+  "sgd",
+  "momentum",
+  "adam",
+  "adamw",
+  "gsgd",
+  "g_momentum",
+  "g_adam",
+  "path_sgd",
+  "path_adamw",
+)
+WEIGHT_DECAY_KINDS = ("adamw", "path_adamw")
+MODEL_KINDS = ("mlp", "cnn", "resnet", "plainnet_bn", "resnet_bn", "vit")
 BN_KINDS = ("plainnet_bn", "resnet_bn")
-IMAGE_KINDS = ("cnn", "resnet", *BN_KINDS)
+IMAGE_KINDS = ("cnn", "resnet", *BN_KINDS, "vit")
 SWEEPS = {"width": ("mlp",), "depth": ("plainnet_bn",)}
 """Swept keys and the model kinds they apply to."""
 
@@ -123,6 +145,7 @@ def load_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
   kind = config.get("model", {}).get("kind", "mlp")
   if kind not in MODEL_KINDS:
     raise ValueError(f"{path}: unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
+  _check_vit(config.get("model", {}), kind, path)
   augment = config.get("augment")
   if augment is not None and augment not in AUGMENTATIONS:
     raise ValueError(f"{path}: unknown augment {augment!r}; use one of {sorted(AUGMENTATIONS)}")
@@ -152,6 +175,11 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     )
   if "lr" not in opt and "lr_grid" not in opt:
     raise ValueError(f"{path}: optimizer {opt['name']!r} needs lr or lr_grid")
+  if "weight_decay" in opt and opt["kind"] not in WEIGHT_DECAY_KINDS:
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: weight_decay applies to kinds "
+      f"{' and '.join(WEIGHT_DECAY_KINDS)}, not {opt['kind']}"
+    )
   if not opt.get("normalized", True) and model_kind not in BN_KINDS:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: normalized = false needs a BatchNorm model "
@@ -162,6 +190,18 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: lr_boundaries must be increasing epochs > 0"
     )
+
+
+def _check_vit(spec: dict, kind: str, path: str) -> None:
+  """Raises ValueError for ViT keys on another model, or a width the heads do not divide."""
+  vit_keys = sorted(set(spec) & set(VIT_DEFAULTS))
+  if kind != "vit":
+    if vit_keys:
+      raise ValueError(f"{path} [model]: {vit_keys} apply to model kind vit, not {kind}")
+    return
+  dim, heads = (spec.get(k, VIT_DEFAULTS[k]) for k in ("dim", "heads"))
+  if dim % heads:
+    raise ValueError(f"{path} [model]: dim {dim} is not a multiple of heads {heads}")
 
 
 def _check_keys(table: dict, allowed: set, where: str) -> None:
@@ -245,6 +285,9 @@ def make_model(config, point, num_classes):
   if kind == "cnn":
     stages = tuple(tuple(s) for s in spec.get("stages", [[32, 32], [64, 64]]))
     return PlainCNN(stages, num_classes, spec.get("bias", True))
+  if kind == "vit":
+    patch, dim, hidden, depth, heads = (int(spec.get(k, v)) for k, v in VIT_DEFAULTS.items())
+    return ViT(num_classes, patch, dim, hidden, depth, heads)
   # The others take stages of [channels, residual blocks or convolutions].
   stages = tuple((int(c), int(n)) for c, n in spec.get("stages", [[16, 3], [32, 3], [64, 3]]))
   if kind == "resnet":
@@ -289,14 +332,22 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
   """The optax optimizer of config entry ``opt`` with base learning rate ``lr``."""
   schedule = make_schedule(opt, lr, steps_per_epoch)
   momentum = opt.get("momentum", 0.9)
+
+  def adamw():
+    # One AdamW for the path values and another for the weights outside the blocks: the
+    # same settings, separate moments (they see different parameters).
+    return optax.adamw(schedule, weight_decay=opt.get("weight_decay", 1e-4))
+
   return {
     "sgd": lambda: optax.sgd(schedule),
     "momentum": lambda: optax.sgd(schedule, momentum=momentum),
     "adam": lambda: optax.adam(schedule),
+    "adamw": adamw,
     "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers),
     "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers),
     "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
     "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
+    "path_adamw": lambda: gsgd_jax.path_space(adamw(), layers=layers, fallback=adamw()),
   }[opt["kind"]]()
 
 
@@ -307,10 +358,11 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
 def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, progress):
   """One training run; returns its per-epoch history."""
   model = make_model(config, point, ds.num_classes)
-  # The BatchNorm models (new, often deep) initialise in one compiled program: op by op,
-  # each of their many initialisers compiles on its own (seconds per run). The others keep
-  # the eager init their published results came from.
-  compiled = isinstance(model, BN_MODELS)
+  # The BatchNorm models and the ViT (new, often deep) initialise in one compiled program:
+  # op by op, each of their many initialisers compiles on its own (seconds per run; 7.6 s
+  # against 3.8 s for the first ViT init, nothing for the next of the same shape). The others
+  # keep the eager init their published results came from.
+  compiled = isinstance(model, (*BN_MODELS, ViT))
   init = functools.partial(init_variables, model) if compiled else model.init
   params, model_state = split_variables(init(jax.random.key(seed), train_xy[0][:1]))
   layers = gsgd_layers(model, params, normalized=opt.get("normalized", True))

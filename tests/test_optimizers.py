@@ -173,3 +173,15 @@ def test_train_step_holds_no_kernel_sized_temporary(name, net):
   sgd_temp = _step_temp_bytes(optax.sgd(0.1), params, loss)
   temp = _step_temp_bytes(make_optimizer(name, layers), params, loss)
   assert temp < sgd_temp + largest / 2, (temp, sgd_temp, largest)
+
+
+def test_scanned_transformer_step_holds_no_kernel_sized_temporary_beyond_adamw():
+  # path_space(AdamW) on the stacked feed-forward blocks of a scanned transformer: the
+  # vmapped update still reads each stacked kernel once, in its own shape.
+  from benchmarks import transformer_speed as ts
+
+  c = ts.Config(depth=2, dim=64, hidden=256, heads=2, vocab=32, seq=8, batch=2)
+  params, _ = ts.problem(c)
+  largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+  adamw, path = (ts.temp_bytes(ts.compiled_step(name, c)[0]) for name in ts.OPTIMIZERS)
+  assert path < adamw + largest / 2, (path, adamw, largest)

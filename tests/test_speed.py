@@ -47,3 +47,17 @@ def test_main_writes_a_ratio_for_every_optimizer(tmp_path):
     for opt in speed.OPTIMIZERS:
       assert np.isfinite(row[kind][opt]["ratio"]) and row[kind][opt]["ratio"] > 0
   assert "| mlp-0.1M |" in (tmp_path / "speed.md").read_text()
+
+
+def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path):
+  from benchmarks import transformer_speed
+
+  argv = "--depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --depths 2 --compile-repeats 1"
+  transformer_speed.main(
+    [*argv.split(), "--rounds", "1", "--min-seconds", "0", "--out", str(tmp_path)]
+  )
+  result = json.loads((tmp_path / "transformer_speed.json").read_text())
+  assert np.isfinite(result["step_ratio"]) and result["step_ratio"] > 0
+  assert len(result["compile_ratio"]) == 1 and result["compile_ratio"][0] > 0
+  assert set(result["temp_bytes"]) == set(transformer_speed.OPTIMIZERS)
+  assert "| layers | compile AdamW s |" in (tmp_path / "transformer_speed.md").read_text()

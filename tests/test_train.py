@@ -181,6 +181,7 @@ def test_every_config_loads():
     "fmnist_plainnet_bn_depth.toml",
     "cifar10_plainnet34_bn.toml",
     "cifar10_resnet34_bn.toml",
+    "fmnist_vit.toml",
   } <= {p.name for p in configs}
   for path in configs:
     if path.name == "fmnist_mlp.toml":  # `make run`'s flags, read by benchmarks.fmnist

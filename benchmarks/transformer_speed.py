@@ -1,0 +1,250 @@
+"""Speed of path_space(AdamW) on a scanned transformer's feed-forward blocks against AdamW.
+
+A pre-LN decoder in plain JAX whose layers run under ``lax.scan``, so its params
+hold a stack axis, as Flax ``nn.scan`` stores them: per layer causal multi-head
+attention and a ReLU feed-forward block ``LN -> fc1 -> ReLU -> fc2``, declared as
+one stacked block, ``gsgd_jax.Block([ln_ff, fc1, fc2], stack_axis=0)``. AdamW runs
+in path space on it and on the weights of everything else (attention, the other
+norms, embedding, read-out).
+
+It reports, as ratios to AdamW measured in one run:
+
+* the jitted train step's time (forward, backward, update, apply), the two
+  optimizers alternating round by round (``speed.interleaved_times``);
+* the compile time of the train step for several depths, and its growth with
+  depth (the stacked update is vmapped over the layers, so it should not grow);
+* the bytes of temporaries XLA allots to the compiled step.
+
+    python -m benchmarks.transformer_speed [--depths 3,6,12,24] [--rounds 7] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gsgd_jax
+from benchmarks.speed import device_name, interleaved_times
+
+BLOCKS = [gsgd_jax.Block(["layers/ln_ff", "layers/fc1", "layers/fc2"], stack_axis=0)]
+OPTIMIZERS = ("AdamW", "path_space(AdamW)")
+
+
+class Config(NamedTuple):
+  depth: int = 6
+  dim: int = 256
+  hidden: int = 1024
+  heads: int = 4
+  vocab: int = 256
+  seq: int = 64
+  batch: int = 16
+
+
+def init_params(key: jax.Array, c: Config) -> dict[str, Any]:
+  """Scaled-normal kernels, unit norm scales, zero biases; stacked layers on axis 0."""
+  keys = iter(jax.random.split(key, 8))
+  normal = lambda *shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[-2])
+  norm = lambda: {"scale": jnp.ones((c.depth, c.dim)), "bias": jnp.zeros((c.depth, c.dim))}
+  layers = {
+    "ln_attn": norm(),
+    "attn": {
+      "qkv": {"kernel": normal(c.depth, c.dim, 3 * c.dim)},
+      "out": {"kernel": normal(c.depth, c.dim, c.dim)},
+    },
+    "ln_ff": norm(),
+    "fc1": {"kernel": normal(c.depth, c.dim, c.hidden), "bias": jnp.zeros((c.depth, c.hidden))},
+    "fc2": {"kernel": normal(c.depth, c.hidden, c.dim), "bias": jnp.zeros((c.depth, c.dim))},
+  }
+  return {
+    "embed": jax.random.normal(next(keys), (c.vocab, c.dim)),
+    "layers": layers,
+    "ln_out": {"scale": jnp.ones(c.dim), "bias": jnp.zeros(c.dim)},
+    "head": {"kernel": normal(c.dim, c.vocab)},
+  }
+
+
+def _layer_norm(x, p):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def _attention(x, p, heads):
+  batch, seq, dim = x.shape
+  q, k, v = jnp.split(x @ p["qkv"]["kernel"], 3, axis=-1)
+  split = lambda t: t.reshape(batch, seq, heads, dim // heads)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / np.sqrt(dim // heads)
+  causal = jnp.tril(jnp.ones((seq, seq), bool))
+  weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, split(v)).reshape(x.shape) @ p["out"]["kernel"]
+
+
+def forward(params, tokens, heads):
+  """Logits ``(batch, seq, vocab)`` of a pre-LN decoder; the layers run under ``lax.scan``."""
+
+  def layer(x, p):
+    x = x + _attention(_layer_norm(x, p["ln_attn"]), p["attn"], heads)
+    h = jax.nn.relu(_layer_norm(x, p["ln_ff"]) @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    return x + h @ p["fc2"]["kernel"] + p["fc2"]["bias"], None
+
+  x, _ = jax.lax.scan(layer, params["embed"][tokens], params["layers"])
+  return _layer_norm(x, params["ln_out"]) @ params["head"]["kernel"]
+
+
+def loss_fn(params, tokens, heads):
+  logits = forward(params, tokens[:, :-1], heads)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def optimizer(name: str, lr: float = 1e-3) -> optax.GradientTransformation:
+  adamw = optax.adamw(lr, weight_decay=0.01)
+  if name == "AdamW":
+    return adamw
+  return gsgd_jax.path_space(adamw, layers=BLOCKS, fallback=adamw)
+
+
+def problem(c: Config):
+  """Params (skeleton weights set to 1) and one batch of tokens."""
+  params = gsgd_jax.set_skeleton(init_params(jax.random.key(0), c), BLOCKS)
+  tokens = jax.random.randint(jax.random.key(1), (c.batch, c.seq + 1), 0, c.vocab)
+  return params, tokens
+
+
+def train_step(tx, heads):
+  def step(params, state, tokens):
+    grads = jax.grad(loss_fn)(params, tokens, heads)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, tokens
+
+  return step
+
+
+def compiled_step(name: str, c: Config):
+  """The train step of ``name`` on ``c``, compiled; with its seconds to compile."""
+  params, tokens = problem(c)
+  tx = optimizer(name)
+  state = tx.init(params)
+  start = time.perf_counter()
+  compiled = jax.jit(train_step(tx, c.heads)).lower(params, state, tokens).compile()
+  return compiled, time.perf_counter() - start, (params, state, tokens)
+
+
+def temp_bytes(compiled) -> int:
+  """Bytes of temporaries XLA allots to a compiled program."""
+  return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def compile_times(depths, c: Config, repeats: int) -> dict[str, list[float]]:
+  """Best-of-``repeats`` compile seconds per optimizer and depth, variants interleaved."""
+  best = {name: [np.inf] * len(depths) for name in OPTIMIZERS}
+  for _ in range(repeats):
+    for i, depth in enumerate(depths):
+      for name in OPTIMIZERS:
+        jax.clear_caches()
+        _, seconds, _ = compiled_step(name, c._replace(depth=depth))
+        best[name][i] = min(best[name][i], seconds)
+  return best
+
+
+def step_times(c: Config, rounds: int, min_seconds: float):
+  """Seconds per train step of each optimizer over ``rounds`` interleaved rounds, and the
+  bytes of temporaries of each compiled step."""
+  programs = {}
+  for name in OPTIMIZERS:
+    compiled, _, args = compiled_step(name, c)
+    programs[name] = (compiled, args)
+  times, _ = interleaved_times(programs, rounds=rounds, min_seconds=min_seconds)
+  return times, {name: temp_bytes(compiled) for name, (compiled, _) in programs.items()}
+
+
+def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], str]:
+  ratios = np.asarray(steps[OPTIMIZERS[1]]) / np.asarray(steps[OPTIMIZERS[0]])
+  compile_ratio = [
+    p / a for p, a in zip(compiles[OPTIMIZERS[1]], compiles[OPTIMIZERS[0]], strict=True)
+  ]
+  slope = {  # over two depths or more
+    name: float(np.polyfit(np.log(depths), np.log(compiles[name]), 1)[0])
+    for name in OPTIMIZERS
+    if len(depths) > 1
+  }
+  params = sum(x.size for x in jax.tree.leaves(problem(c)[0]))
+  result = {
+    "device": device_name(),
+    "jax": jax.__version__,
+    "config": c._asdict(),
+    "parameters": int(params),
+    "step_ms": {name: float(np.median(t) * 1e3) for name, t in steps.items()},
+    "step_ratio": float(np.median(ratios)),
+    "depths": list(depths),
+    "compile_s": compiles,
+    "compile_ratio": compile_ratio,
+    "compile_loglog_slope": slope,
+    "temp_bytes": temps,
+  }
+  lines = [
+    f"device: {result['device']}; jax {jax.__version__}; scanned pre-LN decoder {c._asdict()}, "
+    f"{params / 1e6:.2f}M parameters; ratio = path_space(AdamW) / AdamW",
+    "",
+    "| train step AdamW ms | path_space(AdamW) ms | ratio (median of rounds) | "
+    "temporaries AdamW MB | path_space(AdamW) MB |",
+    "|---|---|---|---|---|",
+    f"| {result['step_ms']['AdamW']:.1f} | {result['step_ms'][OPTIMIZERS[1]]:.1f} | "
+    f"{result['step_ratio']:.3f} | {temps['AdamW'] / 2**20:.1f} | "
+    f"{temps[OPTIMIZERS[1]] / 2**20:.1f} |",
+    "",
+    "| layers | compile AdamW s | path_space(AdamW) s | ratio |",
+    "|---|---|---|---|",
+    *(
+      f"| {d} | {a:.2f} | {p:.2f} | {r:.2f} |"
+      for d, a, p, r in zip(
+        depths, compiles["AdamW"], compiles[OPTIMIZERS[1]], compile_ratio, strict=True
+      )
+    ),
+  ]
+  if slope:
+    lines += [
+      "",
+      "Log-log slope of compile time against depth: "
+      + ", ".join(f"{name} {s:.2f}" for name, s in slope.items())
+      + " (0 = flat).",
+    ]
+  return result, "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--depth", type=int, default=6, help="layers of the timed step")
+  parser.add_argument("--dim", type=int, default=256)
+  parser.add_argument("--hidden", type=int, default=1024)
+  parser.add_argument("--seq", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--depths", default="3,6,12,24", help="layers of the compile-time sweep")
+  parser.add_argument("--compile-repeats", type=int, default=2)
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--min-seconds", type=float, default=0.5, help="time per variant per round")
+  parser.add_argument("--out", help="directory for transformer_speed.json and .md")
+  args = parser.parse_args(argv)
+  c = Config(args.depth, args.dim, args.hidden, seq=args.seq, batch=args.batch)
+  depths = [int(d) for d in args.depths.split(",")]
+  compiles = compile_times(depths, c, args.compile_repeats)
+  steps, temps = step_times(c, args.rounds, args.min_seconds)
+  result, md = report(c, depths, steps, compiles, temps)
+  print(md)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "transformer_speed.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "transformer_speed.md"), "w") as f:
+      f.write(md + "\n")
+
+
+if __name__ == "__main__":
+  main()
