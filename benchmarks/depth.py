@@ -17,8 +17,6 @@ shallowest to the deepest model.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from typing import Any
 
@@ -200,16 +198,8 @@ def main(argv=None):
     "\n\n" + table(rows, summary)
   )
   print("\n" + md)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "depth.json"), "w") as f:
-      json.dump(
-        {"device": speed.device_name(), "jax": jax.__version__, "rows": rows, "summary": summary},
-        f,
-        indent=1,
-      )
-    with open(os.path.join(args.out, "depth.md"), "w") as f:
-      f.write(md + "\n")
+  result = {"device": speed.device_name(), "jax": jax.__version__, "rows": rows, "summary": summary}
+  speed.write_report(args.out, "depth", result, md)
 
 
 if __name__ == "__main__":

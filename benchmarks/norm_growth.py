@@ -24,8 +24,6 @@ renormalized run's params every ``--shadow-every`` steps and compares them over
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from typing import Any, cast
 
@@ -37,6 +35,7 @@ import optax
 
 import gsgd_jax
 from benchmarks import data as datasets
+from benchmarks.speed import write_report
 
 CHECKPOINTS = (10, 100, 500, 1000, 2000, 3000, 4000, 5000)
 
@@ -213,12 +212,7 @@ def main(argv=None):
   result = run(args)
   text = report(result)
   print(text)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "result.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "result.md"), "w") as f:
-      f.write(text + "\n")
+  write_report(args.out, "result", result, text)
 
 
 if __name__ == "__main__":

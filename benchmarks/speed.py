@@ -296,6 +296,18 @@ def loglog_slopes(rows) -> dict[str, float]:
   }
 
 
+def write_report(out_dir: str | None, stem: str, result: Any, text: str) -> None:
+  """Writes ``result`` to ``out_dir/stem.json`` and ``text`` to ``out_dir/stem.md`` (nothing
+  when ``out_dir`` is None): every benchmark's raw output beside its table."""
+  if out_dir is None:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+    f.write(text + "\n")
+
+
 def device_name() -> str:
   dev = jax.devices()[0]
   if dev.platform == "cpu":
@@ -386,22 +398,14 @@ def main(argv=None):
       + " (1 = linear)."
     )
   print("\n" + md)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "speed.json"), "w") as f:
-      json.dump(
-        {
-          "device": device_name(),
-          "jax": jax.__version__,
-          "donate": args.donate,
-          "rows": rows,
-          "loglog_slopes": slopes,
-        },
-        f,
-        indent=1,
-      )
-    with open(os.path.join(args.out, "speed.md"), "w") as f:
-      f.write(md + "\n")
+  result = {
+    "device": device_name(),
+    "jax": jax.__version__,
+    "donate": args.donate,
+    "rows": rows,
+    "loglog_slopes": slopes,
+  }
+  write_report(args.out, "speed", result, md)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ It reports, as ratios to AdamW measured in one run:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -32,7 +30,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
-from benchmarks.speed import device_name, interleaved_times
+from benchmarks.speed import device_name, interleaved_times, write_report
 
 BLOCKS = [gsgd_jax.Block(["layers/ln_ff", "layers/fc1", "layers/fc2"], stack_axis=0)]
 OPTIMIZERS = ("AdamW", "path_space(AdamW)")
@@ -238,12 +236,7 @@ def main(argv=None):
   steps, temps = step_times(c, args.rounds, args.min_seconds)
   result, md = report(c, depths, steps, compiles, temps)
   print(md)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "transformer_speed.json"), "w") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "transformer_speed.md"), "w") as f:
-      f.write(md + "\n")
+  write_report(args.out, "transformer_speed", result, md)
 
 
 if __name__ == "__main__":
