@@ -125,13 +125,15 @@ def train_step(tx, heads):
   return step
 
 
-def compiled_step(name: str, c: Config):
-  """The train step of ``name`` on ``c``, compiled; with its seconds to compile."""
+def compiled_step(name: str, c: Config, compiler_options: dict | None = None):
+  """The train step of ``name`` on ``c``, compiled (with XLA ``compiler_options``,
+  if any); with its seconds to compile."""
   params, tokens = problem(c)
   tx = optimizer(name)
   state = tx.init(params)
   start = time.perf_counter()
-  compiled = jax.jit(train_step(tx, c.heads)).lower(params, state, tokens).compile()
+  step = jax.jit(train_step(tx, c.heads), compiler_options=compiler_options)
+  compiled = step.lower(params, state, tokens).compile()
   return compiled, time.perf_counter() - start, (params, state, tokens)
 
 

@@ -8,6 +8,12 @@ from flax import nnx
 
 import gsgd_jax
 
+# XLA:CPU's default fusion pipeline. conftest.py turns the fusion emitters off for
+# the whole suite, since that halves compile times, but it also changes which
+# operations XLA fuses; the tests of a compiled program's size and memory compile
+# with this, so that they see the program a user gets.
+USER_PIPELINE = {"xla_cpu_use_fusion_emitters": True}
+
 
 def train_scan(tx, params, loss, steps, observe):
   """``steps`` jitted updates of ``tx`` on ``loss`` inside ``lax.scan``.

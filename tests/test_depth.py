@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import train_scan
+from helpers import USER_PIPELINE, train_scan
 from problems import mlp
 from test_properties import CHECKS, NetSpec, build
 
@@ -35,7 +35,7 @@ def _compiled_size(name, depth):
   """Lines of the optimized HLO of one jitted update of a width-8 chain of ``depth`` layers."""
   params, layers, *_ = mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)
   tx = UPDATES[name](layers)
-  update = jax.jit(tx.update)
+  update = jax.jit(tx.update, compiler_options=USER_PIPELINE)
   compiled = update.lower(params, tx.init(params), params).compile()
   return compiled.as_text().count("\n")
 

@@ -4,7 +4,6 @@ path gradients scaled by N^2), their invariance in training mode, and the errors
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 
@@ -30,7 +29,6 @@ from problems import (
   preln_blocks,
   resnet_bn_blocks,
 )
-from test_properties import FAST_COMPILE
 
 import gsgd_jax
 from gsgd_jax import probes
@@ -161,7 +159,7 @@ def test_affine_chain_icr_equals_autodiff(next_kind, bias, act, normalized):
   values, bias_values = ref.basis_values_taps(views, biases, widths, centres)
   kernel_shape = params["next"]["kernel"].shape
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def program(params, values, bias_values):
     def loss_of_values(v, vb):
       rebuilt = ref.reconstruct_taps(v, vb, views, widths, centres)
@@ -205,7 +203,7 @@ def test_affine_chain_weight_allocation_lands_and_scale_never_moves(normalized):
   lr = 1e-3
   tx = gsgd_jax.path_space(optax.sgd(lr), layers=[block], ratio_clip=None)
   grads = jax.grad(loss)(params)
-  updates, _ = jax.jit(tx.update, compiler_options=FAST_COMPILE)(grads, tx.init(params), params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   pg = _library_icr(struct, params, grads)
   np.testing.assert_array_equal(new["norm"]["scale"], params["norm"]["scale"])
@@ -267,7 +265,7 @@ def _trajectory_gap(problem, layers, make, seed=5):
     return jax.lax.scan(step, (params, tx.init(params)), length=STEPS)[1]
 
   starts = jax.tree.map(lambda a, b: jnp.stack([a, b]), start, rescaled)
-  a, b = jax.jit(jax.vmap(run), compiler_options=FAST_COMPILE)(starts)
+  a, b = jax.jit(jax.vmap(run))(starts)
   moved = float(jnp.max(jnp.abs(a[-1] - problem.forward(start, problem.x))))
   return float(jnp.max(jnp.abs(a - b))) / float(jnp.max(jnp.abs(a))), moved
 

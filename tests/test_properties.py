@@ -137,26 +137,13 @@ SPECS = {"chain": chain_specs(), "conv": conv_specs()}
 # Concrete networks.
 #
 # Every example has new shapes, so compiling is the cost: arrays stay on the
-# host, and each property runs as one jitted program per example, compiled
-# without LLVM's and XLA's fusion optimisations (the programs are tiny).
-
-
-def _fast_compile_options():
-  """Options that halve XLA:CPU compile times here; none where unknown to XLA."""
-  options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-  try:
-    jax.jit(jnp.sin, compiler_options=options).lower(1.0).compile()
-  except Exception:  # an XLA without these flags: compile with the defaults
-    return None
-  return options
-
-
-FAST_COMPILE = _fast_compile_options()
+# host, and each property runs as one jitted program per example (compiled
+# with the suite's fast-compile flags, see conftest.py).
 
 
 def _program(fn):
-  """``fn`` jitted for fast compiles; it returns host (numpy) arrays."""
-  jitted = jax.jit(fn, compiler_options=FAST_COMPILE)
+  """``fn`` jitted; it returns host (numpy) arrays."""
+  jitted = jax.jit(fn)
   return lambda *args: jax.device_get(jitted(*args))
 
 

@@ -17,9 +17,8 @@ import pytest
 import reference as ref
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
-from helpers import orbax_roundtrip, train_nnx, train_scan
+from helpers import USER_PIPELINE, orbax_roundtrip, train_nnx, train_scan
 from problems import NORM_EPSILON, OPTIMIZERS, linen_norm, make_optimizer, shift_biases
-from test_properties import FAST_COMPILE
 
 import gsgd_jax
 from gsgd_jax import probes
@@ -271,7 +270,7 @@ def test_stacked_updates_equal_the_unrolled_model(problem, optimizer):
   tx, unrolled_tx = factory(blocks), factory(unrolled_blocks(params, blocks))
   unrolled_loss = lambda u: loss(restack(u, blocks))
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def program(params, unrolled):
     final = lambda tx, p, loss: train_scan(tx, p, loss, 4, lambda _: 0)[0][0]
     return final(tx, params, loss), final(unrolled_tx, unrolled, unrolled_loss)
@@ -307,7 +306,7 @@ def _rescaled_gap(tx, problem, key):
   params rescaled by random per-copy factors (float64, one program)."""
   rescaled = gsgd_jax.random_rescale(problem.params, problem.layers, key)
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def program(starts):
     run = lambda p: train_scan(tx, p, problem.loss, STEPS, lambda _: 0)[0][0]
     return jax.vmap(lambda p: problem.forward(run(p), problem.x))(starts)
@@ -392,7 +391,7 @@ def test_feed_forward_stack_icr_on_tokens_equals_autodiff():
   copies = [_copy_views(params, i) for i in range(COPIES)]
   values = [ref.basis_values_taps(*copy, WIDTHS, CENTRES) for copy in copies]
 
-  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+  @jax.jit
   def program(params, values):
     def loss_of_values(values):
       rebuilt = [
@@ -463,7 +462,8 @@ def _update_program_size(copies):
     "fc2": {"kernel": jnp.ones((copies, HIDDEN, D)), "bias": jnp.ones((copies, D))},
   }
   tx = gsgd_jax.g_adam(1e-3, layers=[gsgd_jax.Block(["fc1", "fc2"], stack_axis=0)])
-  lowered = jax.jit(tx.update).lower(params, tx.init(params), params)
+  update = jax.jit(tx.update, compiler_options=USER_PIPELINE)
+  lowered = update.lower(params, tx.init(params), params)
   text = lowered.compile().as_text()
   return len([line for line in text.splitlines() if " = " in line])
 
