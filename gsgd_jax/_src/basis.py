@@ -80,6 +80,37 @@ def replicated(vector: Array) -> Array:
   return jax.sharding.reshard(vector, _replicated_sharding(mesh))
 
 
+def entries(x: Array, points: np.ndarray) -> Array:
+  """``x`` at each row of ``points``, an ``(n, x.ndim)`` table of in-bounds
+  indices known when tracing: one gather, replicated when ``x`` is sharded over
+  Explicit axes.
+
+  Written as one ``lax.gather`` of one constant table: NumPy-style indexing
+  would add, per index array, the handling of negative indices and the
+  concatenation of the index arrays, a dozen operations for every layer that
+  XLA then spends compile time removing.
+  """
+  mesh = _explicit_mesh(x)
+  if mesh is not None:
+    return x.at[tuple(points.T)].get(
+      out_sharding=_replicated_sharding(mesh),
+      mode="promise_in_bounds",
+      wrap_negative_indices=False,
+    )
+  axes = tuple(range(x.ndim))
+  numbers = jax.lax.GatherDimensionNumbers(
+    offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
+  )
+  return jax.lax.gather(
+    x,
+    np.asarray(points, np.int32),
+    numbers,
+    (1,) * x.ndim,
+    unique_indices=True,
+    mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+
+
 def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.ndarray) -> Array:
   """The skeleton-tap entries ``(nodes_in[p], nodes_out[p])``: one per node
   (replicated when the kernel is sharded over Explicit axes). An affine layer's
@@ -87,13 +118,11 @@ def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.nd
   if spec.kind == "affine":
     if not np.array_equal(nodes_in, nodes_out):
       raise ValueError(f"internal: an edge off the diagonal of affine layer {spec.name!r}")
-    index: tuple = (nodes_in,)
-  else:
-    index = (*spec.centre_index, spec.centre_row + nodes_in, nodes_out)
-  mesh = _explicit_mesh(kernel)
-  if mesh is not None:
-    return kernel.at[index].get(out_sharding=_replicated_sharding(mesh))
-  return kernel[index]
+    return entries(kernel, np.asarray(nodes_in)[:, None])
+  window = np.broadcast_to(
+    np.asarray(spec.centre_index, np.int64), (len(nodes_in), len(spec.centre_index))
+  )
+  return entries(kernel, np.column_stack([window, spec.centre_row + nodes_in, nodes_out]))
 
 
 def incoming_skeleton(kernel: Array, spec: LayerSpec, pi: np.ndarray) -> Array:
@@ -110,11 +139,9 @@ def _row_iota(spec: LayerSpec) -> Array:
   return jax.lax.broadcasted_iota(jnp.int32, (spec.kernel_shape[-2], 1), 0)
 
 
-def _on_centre_window(spec: LayerSpec) -> Array | bool:
-  """True at a convolution's centre window position (True for other kinds),
-  broadcastable against the kernel."""
+def _on_centre_window(spec: LayerSpec, mask: Array) -> Array:
+  """``mask``, and False off a convolution's centre window position."""
   window = spec.kernel_shape[:-2]
-  mask = True
   for axis, index in enumerate(spec.centre_index):
     mask = mask & (jax.lax.broadcasted_iota(jnp.int32, (*window, 1, 1), axis) == index)
   return mask
@@ -125,8 +152,8 @@ def fixed_mask(spec: LayerSpec, pi: np.ndarray | None) -> Array | None:
   is empty)."""
   if pi is None:
     return None
-  skeleton_row = spec.centre_row + cols(jnp.asarray(pi, jnp.int32))
-  return _on_centre_window(spec) & (_row_iota(spec) == skeleton_row)
+  skeleton_row = cols(jnp.asarray(spec.centre_row + pi, jnp.int32))
+  return _on_centre_window(spec, _row_iota(spec) == skeleton_row)
 
 
 def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
@@ -135,7 +162,7 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   if sigma is None:
     return None
   col = jax.lax.broadcasted_iota(jnp.int32, (1, spec.n_out), 1)
-  mask = _on_centre_window(spec) & (col == rows(jnp.asarray(sigma, jnp.int32), spec))
+  mask = _on_centre_window(spec, col == rows(jnp.asarray(sigma, jnp.int32), spec))
   if spec.kind == "flatten":  # only the skeleton tap's rows
     row = _row_iota(spec)
     mask = mask & (row >= spec.centre_row) & (row < spec.centre_row + spec.n_in)
@@ -230,8 +257,7 @@ def level(stacked: Array, struct: ChainStructure, k: int) -> Array:
   n = struct.levels.widths[k]
   if struct.depth <= UNROLLED_LEVELS:
     return stacked[k, :n]
-  index = k * stacked.shape[-1] + np.arange(n, dtype=np.int32)
-  return stacked.reshape(-1)[index]
+  return entries(stacked, np.column_stack([np.full(n, k), np.arange(n)]))
 
 
 def stack_rows(
@@ -243,7 +269,10 @@ def stack_rows(
   def row(x: Array | None) -> Array:
     if x is None:
       return jnp.full(width, fill, dtype)
-    return jnp.pad(x.astype(dtype), (0, width - x.shape[0]), constant_values=fill)
+    x = x.astype(dtype)
+    if x.shape[0] == width:
+      return x
+    return jax.lax.pad(x, jnp.asarray(fill, dtype), [(0, width - x.shape[0], 0)])
 
   # Concatenated, not jnp.stack-ed: under jax.vmap over a stack axis sharded on an
   # Explicit mesh, stacking a copy's gathered row with a constant one is refused (their
