@@ -169,6 +169,24 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   return mask
 
 
+def free_outgoing_mask(struct: ChainStructure, k: int) -> Array | None:
+  """``outgoing_mask`` of layer ``k`` where some outgoing skeleton edge is
+  outside F, else None.
+
+  The update zeroes every edge of F after the outgoing-edge terms, so an
+  outgoing skeleton edge inside F needs no term of its own. In a layer with as
+  many outputs as inputs (equal widths, equal channel counts) every one is inside
+  F: such a layer's pass over its kernel then has no outgoing mask at all, and
+  reads no per-node vector for those edges. Knowing this when tracing matters
+  because XLA cannot: the two masks are different comparisons of iotas, and
+  every operation left in the pass over each kernel is compiled once per layer.
+  """
+  out_fixed = struct.out_fixed[k]
+  if out_fixed is None or out_fixed.all():
+    return None
+  return outgoing_mask(struct.layers[k], struct.sigma[k])
+
+
 def periodic(x: Array, n: int) -> Array:
   """``x[arange(n) % len(x)]`` by tiling, so that it fuses (no gather).
 
@@ -258,6 +276,31 @@ def level(stacked: Array, struct: ChainStructure, k: int) -> Array:
   if struct.depth <= UNROLLED_LEVELS:
     return stacked[k, :n]
   return entries(stacked, np.column_stack([np.full(n, k), np.arange(n)]))
+
+
+def levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
+  """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
+  quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, unpadded.
+
+  One read (as in ``level``) for all the vectors one pass over a kernel needs.
+  Held in one table, they are also all computed before that pass starts: a
+  pass that writes its result into the buffer of the gradient it reads must
+  come after every other read of that gradient, and the table holds the
+  vectors that depend on those reads (the inverse chain rule's ``P``), even
+  where this layer's pass uses none of them. Left free, XLA's scheduler may put
+  the pass first, and the gradient must then survive it in a kernel-sized
+  temporary (checked by the memory tests). So a short chain reads by a gather
+  too: XLA would turn a slice of the table into a slice of the one quantity
+  read, and the order would be lost.
+  """
+  widths = [struct.levels.widths[k] for _, k in parts]
+  points = np.concatenate(
+    [
+      np.column_stack([np.full(n, k), np.full(n, i), np.arange(n)])
+      for (i, k), n in zip(parts, widths, strict=True)
+    ]
+  )
+  return jnp.split(entries(table, points), np.cumsum(widths)[:-1])
 
 
 def stack_rows(
@@ -566,18 +609,21 @@ def inverse_chain_rule(
     inv_fwd, carried = inv_fwd * ends, carried * ends
     norms = level(ends, struct, depth)
 
+  # One table, so that every layer's pass comes after all node sums (see `levels`).
+  factors = jnp.stack([inv_back, inv_fwd, carried], axis=1)
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
-    inv_back_k, inv_fwd_k = level(inv_back, struct, k), level(inv_fwd, struct, k + 1)
+    out = free_outgoing_mask(struct, k)
+    parts = [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)])
+    inv_back_k, inv_fwd_k, *carried_k = levels(factors, struct, parts)
     gb = bias_grads[k]
     bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd_k).astype(gb.dtype))
     if spec.kind == "affine":  # every scale entry is in F
       grads.append(jnp.zeros_like(kernel_grads[k]))
       continue
     gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k)
-    out = outgoing_mask(spec, struct.sigma[k])
-    if out is not None:  # from level 1 on
-      gv -= jnp.where(out, rows(level(carried, struct, k), spec), 0)
+    if out is not None:
+      gv -= jnp.where(out, rows(carried_k[0], spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
@@ -638,8 +684,12 @@ def weight_allocation(
     return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32)
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
+  # A ratio is used only where its outgoing edge is outside F (see free_outgoing_mask).
   outgoing_steps = [
-    outgoing_skeleton(kernel_steps[k], specs[k], defined(struct.sigma[k])) for k in range(1, depth)
+    None
+    if defined(struct.out_fixed[k]).all()
+    else outgoing_skeleton(kernel_steps[k], specs[k], defined(struct.sigma[k]))
+    for k in range(1, depth)
   ]
   # Per level 0..L-1 (level 0 has no skeleton paths out: R = 1 there).
   dv_out = stack_rows(struct, [None, *outgoing_steps], 0, ct)
@@ -668,9 +718,14 @@ def weight_allocation(
   inv_fwd = 1 / (q * _usable(products.forward))  # 1 / (Q F)
   inv_back = reciprocal(products.back)
 
+  # Row k of the skeleton steps is level k's (row L, never read, pads the table).
+  steps_table = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
+  factors = jnp.stack([shrink, inv_fwd, inv_back, steps_table], axis=1)
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
-    shrink_k, inv_fwd_k = level(shrink, struct, k + 1), level(inv_fwd, struct, k + 1)
+    out = free_outgoing_mask(struct, k)
+    parts = [(0, k + 1), (1, k + 1), (2, k)] + ([] if out is None else [(3, k)])
+    shrink_k, inv_fwd_k, inv_back_k, *skeleton_steps_k = levels(factors, struct, parts)
     # The last layer's outputs rescaled: new = (w + du) * a, i.e. du * a + w * (a - 1).
     rescale = output_scales if k == depth - 1 else None
     b, bias_step = biases[k], bias_steps[k]
@@ -686,10 +741,9 @@ def weight_allocation(
       continue
     w = kernels[k].astype(ct)
     dv = kernel_steps[k].astype(ct)
-    out = outgoing_mask(spec, struct.sigma[k])
     if out is not None:
-      dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
-    du = w * cols(shrink_k) + dv * rows(level(inv_back, struct, k), spec) * cols(inv_fwd_k)
+      dv = jnp.where(out, rows(skeleton_steps_k[0], spec), dv)
+    du = w * cols(shrink_k) + dv * rows(inv_back_k, spec) * cols(inv_fwd_k)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
