@@ -51,6 +51,40 @@ def test_compiled_update_grows_linearly_with_depth(name):
   assert per_layer_after <= 1.2 * per_layer_before, (small, medium, large)
 
 
+def _train_step_fusions_per_layer(tx_of_layers):
+  """Fused computations the compiled train step of a width-8 chain adds per layer
+  (depth 20 to 40), as XLA compiles it for users."""
+
+  def count(depth):
+    params, layers, loss, *_ = mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)
+    tx = tx_of_layers(layers)
+
+    def step(p, s):
+      u, s = tx.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    compiled = jax.jit(step, compiler_options=USER_PIPELINE).lower(params, tx.init(params))
+    text = compiled.compile().as_text()
+    return text[text.index("\nENTRY") :].count(" fusion(")
+
+  return (count(40) - count(20)) / 20
+
+
+@pytest.mark.parametrize(
+  "name, base",
+  [("gsgd", lambda _: optax.sgd(1e-3)), ("g_adam", lambda _: optax.adam(1e-3))],
+)
+def test_train_step_adds_few_fused_passes_per_layer(name, base):
+  # Compile time per layer follows the passes XLA compiles for each layer. Over its
+  # inner optimizer's, G-SGD's step adds per layer the gathers of the skeleton weights,
+  # the node sum, one gather of the per-node vectors for each of the ICR's and WA's
+  # passes and the bias passes: 5 (SGD) and 4 (Adam) here. Reading each per-node
+  # vector by a gather of its own, and the outgoing-edge terms of layers whose
+  # outgoing skeleton edges are all in F, added 10 (the code before this test).
+  added = _train_step_fusions_per_layer(UPDATES[name]) - _train_step_fusions_per_layer(base)
+  assert added <= 6, added
+
+
 def _deep_spec(seed):
   return NetSpec(
     image=None,
@@ -104,7 +138,7 @@ def test_100_layer_training_is_invariant_and_sgd_is_not(name, make):
 
 
 def test_depth_benchmark_writes_ratios_and_slopes(tmp_path):
-  args = "--depths 2,3 --widths 4 --cnn-depths= --rounds 1 --min-seconds 0 --out"
+  args = "--depths 2,3 --widths 4 --cnn-depths= --rounds 1 --compiles 1 --min-seconds 0 --out"
   depth.main([*args.split(), str(tmp_path)])
   results = json.loads((tmp_path / "depth.json").read_text())
   assert [(r["model"], r["depth"]) for r in results["rows"]] == [("mlp", 2), ("mlp", 3)]
