@@ -7,8 +7,9 @@ it compiles the jitted train step (forward, backward, update, apply) of SGD,
 G-SGD, Adam, G-Adam and Path-SGD in turn, ``--compiles`` times (compile time: the
 median), and times the steps over interleaved rounds, so all optimizers see the
 same machine state. Ratios: G-SGD and Path-SGD to SGD, G-Adam to Adam. It prints,
-per width, the log-log slope of compile time against depth (1 is linear) and how
-much each compile-time ratio grows from the shallowest to the deepest model.
+per width, the log-log slope of compile time against depth (1 is linear), the
+compile time each optimizer adds per layer, and how much each ratio grows from
+the shallowest model to each deeper one.
 
     python -m benchmarks.depth [--depths 10,25,50,100,200] [--widths 16,256]
                                [--cnn-depths 34,110] [--rounds 5] [--compiles 3]
@@ -109,9 +110,9 @@ def bench(
 
 
 def depth_summary(rows) -> list[dict[str, Any]]:
-  """Per (model, width) series: log-log slope of compile time against depth, per
-  optimizer, and the growth of each compile-time ratio from the shallowest to the
-  deepest model."""
+  """Per (model, width) series: log-log slope of compile time against depth and
+  compile time added per layer, per optimizer; and each ratio (compile time,
+  step time) at every depth over its value at the shallowest."""
   out = []
   for kind, width in dict.fromkeys((r["model"], r["width"]) for r in rows):
     series = sorted(
@@ -125,16 +126,27 @@ def depth_summary(rows) -> list[dict[str, Any]]:
       for name in OPTIMIZERS
     }
     first, last = series[0], series[-1]
-    growth = {name: last["compile_ratio"][name] / first["compile_ratio"][name] for name in BASELINE}
-    step_growth = {name: last["step_ratio"][name] / first["step_ratio"][name] for name in BASELINE}
+    layers = last["depth"] - first["depth"]
+    per_layer_ms = {
+      name: 1e3 * (last["compile_s"][name] - first["compile_s"][name]) / layers
+      for name in OPTIMIZERS
+    }
+
+    def growth(key: str) -> dict[str, dict[str, float]]:
+      return {
+        name: {str(r["depth"]): r[key][name] / first[key][name] for r in series[1:]}
+        for name in BASELINE
+      }
+
     out.append(
       {
         "model": kind,
         "width": width,
-        "depths": [first["depth"], last["depth"]],
+        "depths": [r["depth"] for r in series],
         "compile_slope": slope,
-        "compile_ratio_growth": growth,
-        "step_ratio_growth": step_growth,
+        "compile_ms_per_layer": per_layer_ms,
+        "compile_ratio_growth": growth("compile_ratio"),
+        "step_ratio_growth": growth("step_ratio"),
       }
     )
   return out
@@ -163,14 +175,23 @@ def table(rows, summary) -> str:
       + " |"
     )
   for s in summary:
+    first, later = s["depths"][0], s["depths"][1:]
+
+    def growth(key: str, s=s) -> str:
+      return ", ".join(
+        f"{n} " + " / ".join(f"{v:.2f}" for v in by_depth.values())
+        for n, by_depth in s[key].items()
+      )
+
     lines.append(
-      f"\n{s['model']} width {s['width']}, depth {s['depths'][0]} to {s['depths'][1]}: "
+      f"\n{s['model']} width {s['width']}, depth {first} to {s['depths'][-1]}: "
       "log-log slope of compile time against depth "
       + ", ".join(f"{n} {v:.2f}" for n, v in s["compile_slope"].items())
-      + "; compile-time ratio at the deepest over the shallowest "
-      + ", ".join(f"{n} {v:.2f}x" for n, v in s["compile_ratio_growth"].items())
-      + "; step-time ratio likewise "
-      + ", ".join(f"{n} {v:.2f}x" for n, v in s["step_ratio_growth"].items())
+      + "; compile time added per layer "
+      + ", ".join(f"{n} {v:.1f} ms" for n, v in s["compile_ms_per_layer"].items())
+      + f"; at depth {' / '.join(map(str, later))}, the compile-time ratio over its value at "
+      f"depth {first}: {growth('compile_ratio_growth')}; the step-time ratio likewise: "
+      + growth("step_ratio_growth")
       + "."
     )
   return "\n".join(lines)
