@@ -268,9 +268,8 @@ def level(stacked: Array, struct: ChainStructure, k: int) -> Array:
   folds a slice's offset into the fused pass that reads it, so every layer's
   pass would differ, while a gather stays a small fusion of its own (its result
   is broadcast over a kernel) and the passes of layers of equal shape stay
-  identical. Distinct passes cost far more to compile: 100 small passes each
-  reading a sliced row compiled in 1.2 s, the same passes reading gathered rows
-  in 0.13 s (XLA:CPU, 16 x 16 kernels). A chain of at most ``UNROLLED_LEVELS``
+  identical; distinct passes cost XLA:CPU far more to compile (about ten times,
+  for small passes over 16 x 16 kernels). A chain of at most ``UNROLLED_LEVELS``
   layers has few passes to compile and uses a slice.
   """
   n = struct.levels.widths[k]
