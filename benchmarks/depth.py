@@ -109,6 +109,15 @@ def bench(
   return row
 
 
+def _growth(series, key: str) -> dict[str, dict[str, float]]:
+  """Per optimizer, ``key``'s ratio at each deeper model over the shallowest's."""
+  first = series[0]
+  return {
+    name: {str(r["depth"]): r[key][name] / first[key][name] for r in series[1:]}
+    for name in BASELINE
+  }
+
+
 def depth_summary(rows) -> list[dict[str, Any]]:
   """Per (model, width) series: log-log slope of compile time against depth and
   compile time added per layer, per optimizer; and each ratio (compile time,
@@ -132,12 +141,6 @@ def depth_summary(rows) -> list[dict[str, Any]]:
       for name in OPTIMIZERS
     }
 
-    def growth(key: str) -> dict[str, dict[str, float]]:
-      return {
-        name: {str(r["depth"]): r[key][name] / first[key][name] for r in series[1:]}
-        for name in BASELINE
-      }
-
     out.append(
       {
         "model": kind,
@@ -145,8 +148,8 @@ def depth_summary(rows) -> list[dict[str, Any]]:
         "depths": [r["depth"] for r in series],
         "compile_slope": slope,
         "compile_ms_per_layer": per_layer_ms,
-        "compile_ratio_growth": growth("compile_ratio"),
-        "step_ratio_growth": growth("step_ratio"),
+        "compile_ratio_growth": _growth(series, "compile_ratio"),
+        "step_ratio_growth": _growth(series, "step_ratio"),
       }
     )
   return out
