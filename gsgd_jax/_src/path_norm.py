@@ -15,6 +15,9 @@ from gsgd_jax._src.pytree import LayerArrays
 from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.transform import NO_PARAMS_MSG
 
+# Rows of the matrices the squared kernels multiply (see _chain_gammas).
+_ROWS = 2
+
 
 def _chain_gammas(struct, kernels, biases):
   """Per layer, ``(gamma_in of the input nodes, gamma_out of the output nodes)``.
@@ -23,22 +26,31 @@ def _chain_gammas(struct, kernels, biases):
   input: ``gamma_in(j) = sum_{edges i -> j} gamma_in(i) w^2`` (a bias is an edge
   from a constant node with ``gamma_in = 1``) and ``gamma_out(a) = sum_{edges
   a -> j} w^2 gamma_out(j)``; every tap of a convolution is an edge.
+
+  Each product of a vector with the squared kernel is taken as a product of the
+  kernel with a matrix of two equal rows (``_ROWS``), and row 0 kept. XLA:CPU
+  emits a matrix-vector product as a computation of its own, compiled for
+  every layer, while a matrix product goes to a library kernel: Path-SGD's
+  train step of a width-16 chain compiled in about 26 ms per layer with the
+  former and 12 ms with the latter. Written as reductions instead, XLA:CPU
+  broadcast each vector to a kernel-sized temporary. The second row costs
+  nothing that matters: the pass reads the kernel once either way.
   """
   ct = basis.compute_dtype(kernels[0].dtype)
   specs = struct.layers
   squares = [jnp.square(w.astype(ct)) for w in kernels]
   gamma_in = [jnp.ones(specs[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    g = basis.replicated(
-      jnp.einsum("...io,i->o", sq, basis.per_row(gamma_in[k], specs[k]), precision="highest")
-    )
+    rows = jnp.broadcast_to(basis.per_row(gamma_in[k], specs[k]), (_ROWS, sq.shape[-2]))
+    g = basis.replicated(jnp.einsum("...io,bi->bo", sq, rows, precision="highest")[0])
     if biases[k] is not None:
       g += basis.replicated(jnp.square(biases[k].astype(ct)))
     gamma_in.append(g)
   gamma_out = [None] * (struct.depth + 1)
   gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
-    row_sums = jnp.einsum("...io,o->i", squares[k], gamma_out[k + 1], precision="highest")
+    cols = jnp.broadcast_to(gamma_out[k + 1], (_ROWS, squares[k].shape[-1]))
+    row_sums = jnp.einsum("...io,bo->bi", squares[k], cols, precision="highest")[0]
     gamma_out[k] = basis.replicated(basis.fold_rows(row_sums, specs[k]))
   return gamma_in, gamma_out
 
