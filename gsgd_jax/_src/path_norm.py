@@ -31,8 +31,8 @@ def _chain_gammas(struct, kernels, biases):
   kernel with a matrix of two equal rows (``_ROWS``), and row 0 kept. XLA:CPU
   emits a matrix-vector product as a computation of its own, compiled for
   every layer, while a matrix product goes to a library kernel: Path-SGD's
-  train step of a width-16 chain compiled in about 26 ms per layer with the
-  former and 12 ms with the latter. Written as reductions instead, XLA:CPU
+  compile time per layer about halved (benchmarks/RESULTS.md, depth). Written
+  as reductions instead, XLA:CPU
   broadcast each vector to a kernel-sized temporary. The second row costs
   nothing that matters: the pass reads the kernel once either way.
   """
