@@ -32,9 +32,9 @@ def _chain_gammas(struct, kernels, biases):
   emits a matrix-vector product as a computation of its own, compiled for
   every layer, while a matrix product goes to a library kernel: Path-SGD's
   compile time per layer about halved (benchmarks/RESULTS.md, depth). Written
-  as reductions instead, XLA:CPU
-  broadcast each vector to a kernel-sized temporary. The second row costs
-  nothing that matters: the pass reads the kernel once either way.
+  as reductions instead, XLA:CPU broadcast each vector to a kernel-sized
+  temporary. The second row costs nothing that matters: the pass reads the
+  kernel once either way.
   """
   ct = basis.compute_dtype(kernels[0].dtype)
   specs = struct.layers
