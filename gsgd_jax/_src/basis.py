@@ -169,6 +169,13 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   return mask
 
 
+def outgoing_all_fixed(struct: ChainStructure, k: int) -> bool:
+  """Every outgoing skeleton edge of layer ``k``'s input nodes is in F (or the
+  layer has none: layer 0)."""
+  out_fixed = struct.out_fixed[k]
+  return out_fixed is None or bool(out_fixed.all())
+
+
 def free_outgoing_mask(struct: ChainStructure, k: int) -> Array | None:
   """``outgoing_mask`` of layer ``k`` where some outgoing skeleton edge is
   outside F, else None.
@@ -181,8 +188,7 @@ def free_outgoing_mask(struct: ChainStructure, k: int) -> Array | None:
   because XLA cannot: the two masks are different comparisons of iotas, and
   every operation left in the pass over each kernel is compiled once per layer.
   """
-  out_fixed = struct.out_fixed[k]
-  if out_fixed is None or out_fixed.all():
+  if outgoing_all_fixed(struct, k):
     return None
   return outgoing_mask(struct.layers[k], struct.sigma[k])
 
@@ -687,7 +693,7 @@ def weight_allocation(
   # A ratio is used only where its outgoing edge is outside F (see free_outgoing_mask).
   outgoing_steps = [
     None
-    if defined(struct.out_fixed[k]).all()
+    if outgoing_all_fixed(struct, k)
     else outgoing_skeleton(kernel_steps[k], specs[k], defined(struct.sigma[k]))
     for k in range(1, depth)
   ]
