@@ -12,7 +12,7 @@ compile time each optimizer adds per layer, and how much each ratio grows from
 the shallowest model to each deeper one.
 
     python -m benchmarks.depth [--depths 10,25,50,100,200] [--widths 16,256]
-                               [--cnn-depths 34,110] [--rounds 5] [--compiles 3]
+                               [--cnn-depths 34,110] [--rounds 9] [--compiles 3]
                                [--out DIR]
 """
 
@@ -209,9 +209,9 @@ def main(argv=None):
   parser.add_argument("--depths", default="10,25,50,100,200", help="MLP depths (layers)")
   parser.add_argument("--widths", default="16,256", help="MLP widths")
   parser.add_argument("--cnn-depths", default="34,110", help="CNN depths (convolutions)")
-  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=9)
   parser.add_argument("--compiles", type=int, default=3, help="compiles per optimizer (median)")
-  parser.add_argument("--min-seconds", type=float, default=0.2, help="time per variant per round")
+  parser.add_argument("--min-seconds", type=float, default=0.3, help="time per variant per round")
   parser.add_argument("--out", help="directory for depth.json and depth.md")
   args = parser.parse_args(argv)
   jobs = [("mlp", d, w) for w in _ints(args.widths) for d in _ints(args.depths)]

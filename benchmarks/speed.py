@@ -174,7 +174,7 @@ def forward(params, layers, x):
 
 def _time(fn, args, iters):
   """Seconds per call of ``fn`` and its last outputs, threaded back as inputs
-  (the inputs are donated, so only the latest outputs are alive)."""
+  (where ``fn`` donates them, only the latest outputs are alive)."""
   start = time.perf_counter()
   for _ in range(iters):
     args = fn(*args)

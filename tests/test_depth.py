@@ -13,7 +13,7 @@ from problems import mlp
 from test_properties import CHECKS, NetSpec, build
 
 import gsgd_jax
-from benchmarks import depth
+from benchmarks import depth, speed
 from gsgd_jax._src.structure import build_structure
 
 DEEP = 100
@@ -31,22 +31,39 @@ UPDATES = {
 }
 
 
-def _compiled_size(name, depth):
-  """Lines of the optimized HLO of one jitted update of a width-8 chain of ``depth`` layers."""
-  params, layers, *_ = mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)
+def _chain(kind, depth):
+  """Params and layers of one width-8 chain of ``depth`` layers: an MLP, convolutions
+  then flatten and two dense layers, or an MLP with a scale probe on every hidden layer."""
+  key = jax.random.key(0)
+  if kind == "mlp":
+    return mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)[:2]
+  if kind == "conv_flatten":
+    return speed.cnn_params(key, 4, 3, depth - 2, 8, 10, 8)
+  params, layers = speed.mlp_params(key, 8, (8,) * (depth - 1), 8)
+  return speed.with_probes(params, layers), layers
+
+
+def _compiled_size(name, kind, depth):
+  """Lines of the optimized HLO of one jitted update of a ``kind`` chain of ``depth`` layers."""
+  params, layers = _chain(kind, depth)
   tx = UPDATES[name](layers)
   update = jax.jit(tx.update, compiler_options=USER_PIPELINE)
   compiled = update.lower(params, tx.init(params), params).compile()
   return compiled.as_text().count("\n")
 
 
-@pytest.mark.parametrize("name", sorted(UPDATES))
-def test_compiled_update_grows_linearly_with_depth(name):
+@pytest.mark.parametrize(
+  "name, kind",
+  [(name, "mlp") for name in sorted(UPDATES)]
+  + [("gsgd", "conv_flatten"), ("path_sgd", "conv_flatten"), ("gsgd", "mlp_probes")],
+)
+def test_compiled_update_grows_linearly_with_depth(name, kind):
   # Per-node vectors written level by level let XLA fuse the whole recurrence up to
   # each level into that level's kernel pass: the program then grows with the square
-  # of depth and each doubling of depth adds about twice as much as the one before.
-  # (All three deeper than basis.UNROLLED_LEVELS: one way of compiling.)
-  small, medium, large = (_compiled_size(name, depth) for depth in (10, 20, 40))
+  # of depth and each doubling of depth adds about twice as much as the one before
+  # (1.66 times for G-SGD on the convolutional chain, before the recurrences became
+  # scans). All three deeper than basis.UNROLLED_LEVELS: one way of compiling.
+  small, medium, large = (_compiled_size(name, kind, depth) for depth in (10, 20, 40))
   per_layer_before, per_layer_after = (medium - small) / 10, (large - medium) / 20
   assert per_layer_after <= 1.2 * per_layer_before, (small, medium, large)
 
