@@ -60,23 +60,28 @@ def model(kind: str, depth: int, width: int):
   return params, layers, forward, x, y
 
 
-def bench(
-  kind: str, depth: int, width: int, *, rounds: int, min_seconds: float, compiles: int
-) -> dict[str, Any]:
-  params, layers, forward, x, y = model(kind, depth, width)
+def lower_train_step(problem, name: str):
+  """The jitted train step (forward, backward, update, apply) of optimizer ``name`` on
+  ``problem`` (what ``model`` returns), lowered, and the optimizer state it starts from."""
+  params, layers, forward, x, y = problem
+  tx = make_optimizer(name, layers)
 
   def loss(p):
     return optax.softmax_cross_entropy_with_integer_labels(forward(p, layers, x), y).mean()
 
-  def lowered(name: str):
-    tx = make_optimizer(name, layers)
+  def train_step(p, s):
+    u, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, u), s
 
-    def train_step(p, s):
-      u, s = tx.update(jax.grad(loss)(p), s, p)
-      return optax.apply_updates(p, u), s
+  state = tx.init(params)
+  return jax.jit(train_step).lower(params, state), state
 
-    state = tx.init(params)
-    return jax.jit(train_step).lower(params, state), state
+
+def bench(
+  kind: str, depth: int, width: int, *, rounds: int, min_seconds: float, compiles: int
+) -> dict[str, Any]:
+  problem = model(kind, depth, width)
+  params = problem[0]
 
   # Each compile starts from a fresh lowering (a compiled program is cached per
   # lowering), the optimizers interleaved, so all see the same machine state.
@@ -84,7 +89,7 @@ def bench(
   programs = {}
   for _ in range(compiles):
     for name in OPTIMIZERS:
-      low, state = lowered(name)
+      low, state = lower_train_step(problem, name)
       start = time.perf_counter()
       compiled = low.compile()
       compile_times[name].append(time.perf_counter() - start)

@@ -13,7 +13,7 @@ from problems import mlp
 from test_properties import CHECKS, NetSpec, build
 
 import gsgd_jax
-from benchmarks import depth, speed
+from benchmarks import compile_profile, depth, speed
 from gsgd_jax._src.structure import build_structure
 
 DEEP = 100
@@ -165,6 +165,26 @@ def test_depth_benchmark_writes_ratios_and_slopes(tmp_path):
   (summary,) = results["summary"]
   assert set(summary["compile_slope"]) == set(depth.OPTIMIZERS)
   assert "log-log slope" in (tmp_path / "depth.md").read_text()
+
+
+def test_compile_profile_reads_the_compiler_phases(tmp_path):
+  args = "--optimizers SGD,G-SGD --depths 2,4 --width 4 --out"
+  compile_profile.main([*args.split(), str(tmp_path)])
+  results = json.loads((tmp_path / "compile_profile.json").read_text())
+  rows = {(r["optimizer"], r["depth"]): r for r in results["rows"]}
+  assert set(rows) == {("SGD", 2), ("SGD", 4), ("G-SGD", 2), ("G-SGD", 4)}
+  for row in rows.values():  # the trace holds XLA:CPU's phases, each within the whole
+    for phase in ("hlo_passes_ms", "backend_ms"):
+      assert 0 < row[phase] < row["compile_ms"], row
+  for name in ("SGD", "G-SGD"):
+    assert rows[name, 4]["hlo_instructions"] > rows[name, 2]["hlo_instructions"]
+  assert rows["G-SGD", 4]["hlo_instructions"] > rows["SGD", 4]["hlo_instructions"]
+  assert set(results["per_layer"]) == {"SGD", "G-SGD"}
+  # With the fusion emitters users get, the backend compiles each distinct fused
+  # computation once: a chain's equal layers share theirs (see RESULTS.md, depth).
+  lowered, _ = depth.lower_train_step(depth.model("mlp", 12, 4), "G-SGD")
+  row = compile_profile.profile(lowered, USER_PIPELINE)
+  assert 0 < row["kernels"] < row["fusions"] / 2, row
 
 
 def test_depth_benchmark_cnn_is_one_chain_of_convolutions():

@@ -1,0 +1,135 @@
+"""Where XLA:CPU spends the compile time of a train step, against depth.
+
+For each optimizer and depth it compiles the jitted train step of one MLP chain (the
+models of ``benchmarks.depth``) under ``jax.profiler.trace`` and sums the compiler's
+own trace events: all of it (``PjRtCpuClient::Compile``), the HLO passes (through
+and after layout assignment) and the backend (code generation), and counts the fused
+kernels the backend compiles (``FusionCompiler::Compile``; identical fused
+computations are compiled once). It also counts the HLO instructions before
+optimization and the fused computations after. The summary gives, per optimizer,
+what each layer adds from the shallowest depth to the deepest.
+
+The event names are XLA:CPU's; on another backend the phases read 0.
+
+    python -m benchmarks.compile_profile [--optimizers SGD,G-SGD,Adam,G-Adam,Path-SGD]
+                                         [--depths 20,80] [--width 16] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+import jax
+
+from benchmarks import depth, speed
+
+# Trace events summed per phase (an event counts when its name starts with one).
+PHASES = {
+  "compile_ms": ("PjRtCpuClient::Compile",),
+  "hlo_passes_ms": ("HLO passes through layout assignment", "HLO passes after layout assignment"),
+  "backend_ms": ("CpuCompiler::RunBackend",),
+}
+KERNEL_EVENT = "FusionCompiler::Compile"
+COLUMNS = (
+  "hlo_instructions",
+  "fusions",
+  "kernels",
+  "compile_ms",
+  "hlo_passes_ms",
+  "backend_ms",
+)
+
+
+def _trace_events(directory: str) -> list[dict[str, Any]]:
+  (path,) = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return [e for e in events if e.get("ph") == "X"]
+
+
+def profile(lowered, compiler_options=None) -> dict[str, float]:
+  """Compile ``lowered`` under the profiler; its phases (ms) and program sizes."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      compiled = lowered.compile(compiler_options)
+    events = _trace_events(directory)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for event in events:
+    for phase, prefixes in PHASES.items():
+      if event["name"].startswith(prefixes):
+        totals[phase] += event.get("dur", 0) / 1e3  # microseconds
+  entry = compiled.as_text()
+  entry = entry[entry.index("\nENTRY") :]
+  return {
+    "hlo_instructions": len(re.findall(r" = \S+ [a-z][\w-]*\(", lowered.as_text(dialect="hlo"))),
+    "fusions": entry.count(" fusion("),
+    "kernels": sum(e["name"] == KERNEL_EVENT for e in events),
+    **{phase: totals[phase] for phase in PHASES},
+  }
+
+
+def per_layer(rows) -> dict[str, dict[str, float]]:
+  """Per optimizer, what each layer adds to every column, from the shallowest to the deepest."""
+  out = {}
+  for name in dict.fromkeys(r["optimizer"] for r in rows):
+    series = sorted((r for r in rows if r["optimizer"] == name), key=lambda r: r["depth"])
+    first, last = series[0], series[-1]
+    layers = last["depth"] - first["depth"]
+    if layers:
+      out[name] = {c: (last[c] - first[c]) / layers for c in COLUMNS}
+  return out
+
+
+def table(rows, added) -> str:
+  lines = [
+    "| optimizer | depth | " + " | ".join(COLUMNS) + " |",
+    "|---|---|" + "---|" * len(COLUMNS),
+  ]
+  for r in rows:
+    lines.append(
+      f"| {r['optimizer']} | {r['depth']} | " + " | ".join(f"{r[c]:.0f}" for c in COLUMNS) + " |"
+    )
+  lines.append("\nAdded per layer, shallowest to deepest:\n")
+  lines.append("| optimizer | " + " | ".join(COLUMNS) + " |")
+  lines.append("|---|" + "---|" * len(COLUMNS))
+  for name, values in added.items():
+    lines.append(f"| {name} | " + " | ".join(f"{values[c]:.1f}" for c in COLUMNS) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--optimizers", default=",".join(depth.OPTIMIZERS))
+  parser.add_argument("--depths", default="20,80", help="MLP depths (layers)")
+  parser.add_argument("--width", type=int, default=16)
+  parser.add_argument("--out", help="directory for compile_profile.json and .md")
+  args = parser.parse_args(argv)
+  problems = {int(d): depth.model("mlp", int(d), args.width) for d in args.depths.split(",")}
+  rows = []
+  for name in args.optimizers.split(","):
+    for d, problem in problems.items():
+      lowered, _ = depth.lower_train_step(problem, name)
+      rows.append({"optimizer": name, "depth": d, **profile(lowered)})
+      print(rows[-1], flush=True)
+  added = per_layer(rows)
+  md = (
+    f"device: {speed.device_name()}; jax {jax.__version__}; MLP of width {args.width}; "
+    "one compile of the jitted train step per row, under jax.profiler.trace"
+    "\n\n" + table(rows, added)
+  )
+  print("\n" + md)
+  result = {"device": speed.device_name(), "jax": jax.__version__, "rows": rows, "per_layer": added}
+  speed.write_report(args.out, "compile_profile", result, md)
+
+
+if __name__ == "__main__":
+  main()
