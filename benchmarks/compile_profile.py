@@ -1,18 +1,21 @@
 """Where XLA:CPU spends the compile time of a train step, against depth.
 
 For each optimizer and depth it compiles the jitted train step of one MLP chain (the
-models of ``benchmarks.depth``) under ``jax.profiler.trace`` and sums the compiler's
-own trace events: all of it (``PjRtCpuClient::Compile``), the HLO passes (through
-and after layout assignment) and the backend (code generation), and counts the fused
-kernels the backend compiles (``FusionCompiler::Compile``; identical fused
-computations are compiled once). It also counts the HLO instructions before
-optimization and the fused computations after. The summary gives, per optimizer,
-what each layer adds from the shallowest depth to the deepest.
+models of ``benchmarks.depth``) under ``jax.profiler.trace`` and reads the compiler's
+own trace events: its whole compile (``PjRtCpuClient::Compile``; ``wall_ms`` is the
+whole ``compile()`` call, JAX's own work included), the HLO passes (through and after
+layout assignment), the backend (code generation), and the fused kernels the backend
+compiles (``FusionCompiler::Compile``: identical fused computations are compiled
+once). It also counts the HLO instructions before optimization and the fused
+computations after. Each program is compiled ``--repeats`` times, interleaved, and
+each column is the median. The summary gives, per optimizer, what each layer adds
+from the shallowest depth to the deepest.
 
 The event names are XLA:CPU's; on another backend the phases read 0.
 
     python -m benchmarks.compile_profile [--optimizers SGD,G-SGD,Adam,G-Adam,Path-SGD]
-                                         [--depths 20,80] [--width 16] [--out DIR]
+                                         [--depths 10,100] [--width 16] [--repeats 3]
+                                         [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import json
 import os
 import re
 import tempfile
+import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from benchmarks import depth, speed
 
@@ -42,6 +47,7 @@ COLUMNS = (
   "hlo_instructions",
   "fusions",
   "kernels",
+  "wall_ms",
   "compile_ms",
   "hlo_passes_ms",
   "backend_ms",
@@ -60,7 +66,9 @@ def profile(lowered, compiler_options=None) -> dict[str, float]:
   """Compile ``lowered`` under the profiler; its phases (ms) and program sizes."""
   with tempfile.TemporaryDirectory() as directory:
     with jax.profiler.trace(directory, create_perfetto_trace=True):
+      start = time.perf_counter()
       compiled = lowered.compile(compiler_options)
+      wall_ms = 1e3 * (time.perf_counter() - start)
     events = _trace_events(directory)
   totals: dict[str, float] = collections.defaultdict(float)
   for event in events:
@@ -73,6 +81,7 @@ def profile(lowered, compiler_options=None) -> dict[str, float]:
     "hlo_instructions": len(re.findall(r" = \S+ [a-z][\w-]*\(", lowered.as_text(dialect="hlo"))),
     "fusions": entry.count(" fusion("),
     "kernels": sum(e["name"] == KERNEL_EVENT for e in events),
+    "wall_ms": wall_ms,
     **{phase: totals[phase] for phase in PHASES},
   }
 
@@ -109,21 +118,35 @@ def table(rows, added) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--optimizers", default=",".join(depth.OPTIMIZERS))
-  parser.add_argument("--depths", default="20,80", help="MLP depths (layers)")
+  parser.add_argument("--depths", default="10,100", help="MLP depths (layers)")
   parser.add_argument("--width", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=3, help="compiles per program (median)")
   parser.add_argument("--out", help="directory for compile_profile.json and .md")
   args = parser.parse_args(argv)
   problems = {int(d): depth.model("mlp", int(d), args.width) for d in args.depths.split(",")}
-  rows = []
-  for name in args.optimizers.split(","):
-    for d, problem in problems.items():
-      lowered, _ = depth.lower_train_step(problem, name)
-      rows.append({"optimizer": name, "depth": d, **profile(lowered)})
-      print(rows[-1], flush=True)
+  names = args.optimizers.split(",")
+  # Every program compiled --repeats times, interleaved (each from a fresh lowering, as
+  # a compiled program is cached per lowering); each column is the median.
+  runs = collections.defaultdict(list)
+  for _ in range(args.repeats):
+    for name in names:
+      for d, problem in problems.items():
+        lowered, _ = depth.lower_train_step(problem, name)
+        runs[name, d].append(profile(lowered))
+  rows = [
+    {
+      "optimizer": name,
+      "depth": d,
+      **{c: float(np.median([r[c] for r in runs[name, d]])) for c in COLUMNS},
+    }
+    for name in names
+    for d in problems
+  ]
   added = per_layer(rows)
   md = (
     f"device: {speed.device_name()}; jax {jax.__version__}; MLP of width {args.width}; "
-    "one compile of the jitted train step per row, under jax.profiler.trace"
+    f"median of {args.repeats} interleaved compiles of the jitted train step, under "
+    "jax.profiler.trace"
     "\n\n" + table(rows, added)
   )
   print("\n" + md)

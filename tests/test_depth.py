@@ -168,7 +168,7 @@ def test_depth_benchmark_writes_ratios_and_slopes(tmp_path):
 
 
 def test_compile_profile_reads_the_compiler_phases(tmp_path):
-  args = "--optimizers SGD,G-SGD --depths 2,4 --width 4 --out"
+  args = "--optimizers SGD,G-SGD --depths 2,4 --width 4 --repeats 1 --out"
   compile_profile.main([*args.split(), str(tmp_path)])
   results = json.loads((tmp_path / "compile_profile.json").read_text())
   rows = {(r["optimizer"], r["depth"]): r for r in results["rows"]}
