@@ -119,6 +119,10 @@ def test_icr_equals_autodiff_on_a_100_layer_chain():
   CHECKS["test_icr_equals_autodiff"](build(_deep_spec(seed=11)))
 
 
+def test_weight_allocation_lands_on_v_plus_dv_on_a_100_layer_chain():
+  CHECKS["test_weight_allocation_lands_on_v_plus_dv"](build(_deep_spec(seed=12)))
+
+
 @pytest.mark.parametrize(
   "name, make",
   [
