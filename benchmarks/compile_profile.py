@@ -143,15 +143,13 @@ def main(argv=None):
     for d in problems
   ]
   added = per_layer(rows)
-  md = (
-    f"device: {speed.device_name()}; jax {jax.__version__}; MLP of width {args.width}; "
-    f"median of {args.repeats} interleaved compiles of the jitted train step, under "
-    "jax.profiler.trace"
-    "\n\n" + table(rows, added)
+  settings = (
+    f"MLP of width {args.width}; median of {args.repeats} interleaved compiles of the jitted "
+    "train step, under jax.profiler.trace"
   )
-  print("\n" + md)
-  result = {"device": speed.device_name(), "jax": jax.__version__, "rows": rows, "per_layer": added}
-  speed.write_report(args.out, "compile_profile", result, md)
+  speed.publish(
+    args.out, "compile_profile", settings, table(rows, added), rows=rows, per_layer=added
+  )
 
 
 if __name__ == "__main__":

@@ -237,15 +237,11 @@ def main(argv=None):
       flush=True,
     )
   summary = depth_summary(rows)
-  md = (
-    f"device: {speed.device_name()}; jax {jax.__version__}; {args.rounds} interleaved rounds; "
-    f"compile: median of {args.compiles} interleaved lower().compile() of the jitted train step; "
-    "step ratio: median over rounds"
-    "\n\n" + table(rows, summary)
+  settings = (
+    f"{args.rounds} interleaved rounds; compile: median of {args.compiles} interleaved "
+    "lower().compile() of the jitted train step; step ratio: median over rounds"
   )
-  print("\n" + md)
-  result = {"device": speed.device_name(), "jax": jax.__version__, "rows": rows, "summary": summary}
-  speed.write_report(args.out, "depth", result, md)
+  speed.publish(args.out, "depth", settings, table(rows, summary), rows=rows, summary=summary)
 
 
 if __name__ == "__main__":

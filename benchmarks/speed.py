@@ -308,6 +308,15 @@ def write_report(out_dir: str | None, stem: str, result: Any, text: str) -> None
     f.write(text + "\n")
 
 
+def publish(out_dir: str | None, stem: str, settings: str, body: str, **fields: Any) -> None:
+  """Prints a benchmark's report, a line naming the device, the jax version and
+  ``settings`` over ``body``, and writes it with ``fields`` (beside the device and the
+  jax version) through ``write_report``."""
+  text = f"device: {device_name()}; jax {jax.__version__}; {settings}\n\n{body}"
+  print("\n" + text)
+  write_report(out_dir, stem, {"device": device_name(), "jax": jax.__version__, **fields}, text)
+
+
 def device_name() -> str:
   dev = jax.devices()[0]
   if dev.platform == "cpu":
@@ -383,13 +392,12 @@ def main(argv=None):
       ),
       flush=True,
     )
-  header = (
-    f"device: {device_name()}; jax {jax.__version__}; "
+  settings = (
     f"{'donated' if args.donate else 'undonated'} buffers; "
     f"{args.rounds} interleaved rounds; ratio = time / SGD time (median over rounds)"
   )
   slopes = loglog_slopes(rows)
-  md = header + "\n\n" + table(rows)
+  md = table(rows)
   if slopes:
     md += (
       "\n\nLog-log slope of update time against parameters over the MLPs of at least "
@@ -397,15 +405,7 @@ def main(argv=None):
       + ", ".join(f"{opt} {slope:.2f}" for opt, slope in slopes.items())
       + " (1 = linear)."
     )
-  print("\n" + md)
-  result = {
-    "device": device_name(),
-    "jax": jax.__version__,
-    "donate": args.donate,
-    "rows": rows,
-    "loglog_slopes": slopes,
-  }
-  write_report(args.out, "speed", result, md)
+  publish(args.out, "speed", settings, md, donate=args.donate, rows=rows, loglog_slopes=slopes)
 
 
 if __name__ == "__main__":
