@@ -62,6 +62,13 @@ def _trace_events(directory: str) -> list[dict[str, Any]]:
   return [e for e in events if e.get("ph") == "X"]
 
 
+def entry_fusions(compiled) -> int:
+  """Fused computations the entry computation of a compiled program calls (those
+  inside loop bodies not counted)."""
+  text = compiled.as_text()
+  return text[text.index("\nENTRY") :].count(" fusion(")
+
+
 def profile(lowered, compiler_options=None) -> dict[str, float]:
   """Compile ``lowered`` under the profiler; its phases (ms) and program sizes."""
   with tempfile.TemporaryDirectory() as directory:
@@ -75,11 +82,9 @@ def profile(lowered, compiler_options=None) -> dict[str, float]:
     for phase, prefixes in PHASES.items():
       if event["name"].startswith(prefixes):
         totals[phase] += event.get("dur", 0) / 1e3  # microseconds
-  entry = compiled.as_text()
-  entry = entry[entry.index("\nENTRY") :]
   return {
     "hlo_instructions": len(re.findall(r" = \S+ [a-z][\w-]*\(", lowered.as_text(dialect="hlo"))),
-    "fusions": entry.count(" fusion("),
+    "fusions": entry_fusions(compiled),
     "kernels": sum(e["name"] == KERNEL_EVENT for e in events),
     "wall_ms": wall_ms,
     **{phase: totals[phase] for phase in PHASES},

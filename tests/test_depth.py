@@ -39,6 +39,7 @@ def _chain(kind, depth):
     return mlp((8,) * (depth + 1), dtype=jnp.float32, skeleton=True)[:2]
   if kind == "conv_flatten":
     return speed.cnn_params(key, 4, 3, depth - 2, 8, 10, 8)
+  assert kind == "mlp_probes", kind
   params, layers = speed.mlp_params(key, 8, (8,) * (depth - 1), 8)
   return speed.with_probes(params, layers), layers
 
@@ -80,9 +81,8 @@ def _train_step_fusions_per_layer(tx_of_layers):
       u, s = tx.update(jax.grad(loss)(p), s, p)
       return optax.apply_updates(p, u), s
 
-    compiled = jax.jit(step, compiler_options=USER_PIPELINE).lower(params, tx.init(params))
-    text = compiled.compile().as_text()
-    return text[text.index("\nENTRY") :].count(" fusion(")
+    lowered = jax.jit(step, compiler_options=USER_PIPELINE).lower(params, tx.init(params))
+    return compile_profile.entry_fusions(lowered.compile())
 
   return (count(40) - count(20)) / 20
 
