@@ -44,7 +44,7 @@ format: $(STAMP)
 
 # Warnings are errors (-W) and every cross-reference must resolve (-n).
 docs: $(STAMP)
-	$(VENV)/bin/sphinx-build -W -n --keep-going -q -b html docs site
+	$(VENV)/bin/sphinx-build -E -W -n --keep-going -q -b html docs site
 
 speed: $(STAMP)
 	$(PY) -m benchmarks.speed $(ARGS)
