@@ -128,7 +128,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3, help="compiles per program (median)")
   parser.add_argument("--out", help="directory for compile_profile.json and .md")
   args = parser.parse_args(argv)
-  problems = {int(d): depth.model("mlp", int(d), args.width) for d in args.depths.split(",")}
+  problems = {d: depth.model("mlp", d, args.width) for d in depth.ints(args.depths)}
   names = args.optimizers.split(",")
   # Every program compiled --repeats times, interleaved (each from a fresh lowering, as
   # a compiled program is cached per lowering); each column is the median.

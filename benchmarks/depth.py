@@ -205,7 +205,8 @@ def table(rows, summary) -> str:
   return "\n".join(lines)
 
 
-def _ints(text: str) -> list[int]:
+def ints(text: str) -> list[int]:
+  """The integers of a comma-separated command-line list (empty: none)."""
   return [int(v) for v in text.split(",") if v]
 
 
@@ -219,8 +220,8 @@ def main(argv=None):
   parser.add_argument("--min-seconds", type=float, default=0.3, help="time per variant per round")
   parser.add_argument("--out", help="directory for depth.json and depth.md")
   args = parser.parse_args(argv)
-  jobs = [("mlp", d, w) for w in _ints(args.widths) for d in _ints(args.depths)]
-  jobs += [("cnn", d + 1, CNN_CHANNELS) for d in _ints(args.cnn_depths)]
+  jobs = [("mlp", d, w) for w in ints(args.widths) for d in ints(args.depths)]
+  jobs += [("cnn", d + 1, CNN_CHANNELS) for d in ints(args.cnn_depths)]
   rows = []
   for kind, depth, width in jobs:
     rows.append(
