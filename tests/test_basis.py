@@ -184,19 +184,32 @@ def test_huge_learning_rate_leaves_params_finite(lr):
   assert int(state.clipped_ratios) > 0
 
 
-def test_nan_ratio_becomes_one_and_is_counted():
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize(
+  "where",
+  # Dense_1's outgoing skeleton edge of node 1 (1 -> 1 % 2), and Dense_0's incoming
+  # skeleton edge of node 1 (0 -> 1 would be pi(1) = 1 % 3 = 1: row 1, column 1), in F.
+  [("Dense_1", (1, 1)), ("Dense_0", (1, 1))],
+  ids=["outgoing-skeleton", "fixed"],
+)
+def test_a_non_finite_gradient_on_a_skeleton_edge_gives_a_non_finite_update(bad, where):
+  """The ratio guard clips finite ratios only: a NaN or infinite gradient where it
+  reaches a skeleton ratio must not become a finite update that silently skips
+  the path (NaN -> 1) or takes the clip bound (inf)."""
   widths = (3, 4, 2)
   params, layers, loss, *_ = _mlp(widths, bias=False)
   params = gsgd_jax.set_skeleton(params, layers)
   grads = jax.grad(loss)(params)
-  # A NaN gradient on one outgoing skeleton edge (node 1 -> 1 % 2) only.
-  grads["Dense_1"]["kernel"] = grads["Dense_1"]["kernel"].at[1, 1].set(jnp.nan)
+  layer, index = where
+  grads[layer]["kernel"] = grads[layer]["kernel"].at[index].set(bad)
   tx = gsgd_jax.gsgd(0.01, layers=layers)
-  updates, state = tx.update(grads, tx.init(params), params)
-  assert int(state.clipped_ratios) == 1
-  # Node 1's incoming weights are not divided by NaN: its ratio was set to 1.
-  assert np.all(np.isfinite(updates["Dense_0"]["kernel"][:, 1]))
-  assert float(updates["Dense_1"]["kernel"][1, 1]) == 0.0
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  assert int(state.clipped_ratios) == 0  # not counted as clipped: not clipped
+  # With the guard's bounds wide open the same holds: it was never the clip.
+  tx = gsgd_jax.gsgd(0.01, layers=layers, ratio_clip=None)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
 @pytest.mark.parametrize("ratio_clip", [basis.DEFAULT_RATIO_CLIP, None], ids=["clip", "no_clip"])

@@ -664,10 +664,11 @@ def weight_allocation(
       w_new = w R_e / Q[k+1][j] = (w + dv_e / (B[k][i] F[k+1][j])) / Q[k+1][j]
 
   The additive form needs no division by ``v``, so zero weights and biases move
-  exactly. The ratios ``R`` that become divisors ``Q`` are clipped to
-  ``ratio_clip`` (NaN becomes 1), so a step that would shrink a skeleton path to
-  zero or flip its sign cannot produce infinite weights; only the clipped
-  paths then miss ``v + dv`` (every other path still lands on it).
+  exactly. The finite ratios ``R`` that become divisors ``Q`` are clipped to
+  ``ratio_clip``, so a step that would shrink a skeleton path to zero or flip its
+  sign cannot produce infinite weights; only the clipped paths then miss ``v +
+  dv`` (every other path still lands on it). A NaN or infinite ratio (from a
+  non-finite gradient or step) is not clipped: the update is not finite either.
 
   ``output_scales``, where given, multiplies the incoming weights and bias of
   each output node after the step (a normalized chain's renormalization: an
@@ -703,8 +704,12 @@ def weight_allocation(
   ratio = 1 + dv_out * inv_path_value
   num_clipped = jnp.zeros((), jnp.int32)
   if ratio_clip is not None:
-    clipped = jnp.where(jnp.isnan(ratio), 1, jnp.clip(ratio, *ratio_clip))
-    moved = tables.hidden & ~tables.out_fixed & (jnp.isnan(ratio) | (clipped != ratio))
+    # A non-finite ratio comes from a non-finite gradient or step: it stays as it is, so
+    # that the update is not finite either (optax.apply_if_finite then skips it) rather
+    # than a finite step that silently leaves that path where it was.
+    finite = jnp.isfinite(ratio)
+    clipped = jnp.where(finite, jnp.clip(ratio, *ratio_clip), ratio)
+    moved = tables.hidden & ~tables.out_fixed & finite & (clipped != ratio)
     num_clipped = jnp.sum(moved, dtype=jnp.int32)
     ratio = clipped
   # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a

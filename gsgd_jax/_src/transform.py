@@ -232,8 +232,9 @@ def path_space(
       ``optax.set_to_zero()`` freezes them.
     ratio_clip: ``(low, high)`` bounds for the ratios ``R`` of the outgoing
       skeleton paths, the only ratios used as divisors. A step asking for a
-      ratio outside them (``R <= 0`` included) is clipped, NaN becomes 1, and
-      the count is kept in the state. ``None`` disables the guard.
+      ratio outside them (``R <= 0`` included) is clipped and the count is
+      kept in the state; a NaN or infinite ratio (a non-finite gradient) is
+      not, so the update is not finite either. ``None`` disables the guard.
     renormalize: for blocks declared ``normalized=True``: after every step,
       rescale each output node's incoming weights and bias so that its
       ``N^2`` (the squared norm of the basis paths ending there) returns to

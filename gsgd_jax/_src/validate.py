@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,14 +22,26 @@ PRODUCT_RANGE = (1e-3, 1e3)
 
 # Where verify_invariance checks: the params as given, then params moved at
 # random (multiplicative and additive noise, so zero-initialised biases and
-# gates move) with inputs scaled up, so activations leave the range where
-# relu6, tanh or a norm's statistics look homogeneous.
+# gates move) with floating inputs scaled up, so activations leave the range
+# where relu6, tanh or a norm's statistics look homogeneous.
 _INPUT_SCALE = 10.0
+
+# The outputs of a normalized block are checked from a common scale of 2**20
+# (2**4 in float16, whose range is small): a BatchNorm's sqrt(a^2 var + eps)
+# equals a sqrt(var + eps) only up to eps / (2 var), which at the real scale can
+# exceed float32's and float64's tolerances; lifted by 2**20, eps is below the
+# rounding of a^2 var, and what is left is the symmetry itself.
+_NORMALIZED_LIFT = 2.0**20
+_NORMALIZED_LIFT_FLOAT16 = 2.0**4
 
 
 def _default_rtol(dtype: Any) -> float:
   bits = jnp.finfo(dtype).bits
   return 1e-8 if bits == 64 else 1e-4 if bits == 32 else 3e-2
+
+
+def _floating(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.inexact)
 
 
 def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
@@ -41,11 +53,10 @@ def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
   compiled random-number program per leaf shape.
   """
   paths, leaves, treedef = pytree.leaf_paths(params)
-  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key) if typed else key).ravel())
+  rng = _numpy_rng(key)
   out = []
   for path, leaf in zip(paths, leaves, strict=True):
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+    if not _floating(jnp.result_type(leaf)):
       out.append(leaf)
       continue
     wide = np.asarray(leaf, np.float64)
@@ -57,6 +68,96 @@ def _perturbed(params: Any, key: jax.Array, log_range: float) -> Any:
   return treedef.unflatten(out)
 
 
+def _numpy_rng(key: jax.Array) -> np.random.Generator:
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return np.random.default_rng(np.asarray(jax.random.key_data(key) if typed else key).ravel())
+
+
+def _scaled_inputs(x: Any, input_scale: Any) -> Any:
+  """``x`` with its floating leaves times ``input_scale`` (a number, or a pytree prefix
+  of ``x`` of numbers); integer and boolean leaves (token ids, masks) as they are."""
+
+  def scale(factor: Any, sub: Any) -> Any:
+    def leaf(a: Any) -> Any:
+      if factor is None or not _floating(jnp.result_type(a)):
+        return a
+      return a * jnp.asarray(factor, jnp.result_type(a))
+
+    return jax.tree.map(leaf, sub)
+
+  if input_scale is None or isinstance(input_scale, (int, float)):
+    return scale(input_scale, x)
+  return jax.tree.map(scale, input_scale, x, is_leaf=lambda f: f is None)
+
+
+def _power_of_two_factors(rng: np.random.Generator, shape: tuple[int, ...], max_exponent: int):
+  """Factors ``2**n``, ``n`` drawn uniformly from the nonzero integers in
+  ``[-max_exponent, max_exponent]``: rescaling by them is exact in every binary
+  floating-point format, so a model that has the symmetry reproduces its outputs
+  to the last bit, and only a broken symmetry (or a norm's epsilon) shows."""
+  magnitude = rng.integers(1, max_exponent + 1, shape)
+  sign = rng.choice(np.array([-1, 1]), shape)
+  return jnp.asarray(np.exp2(sign * magnitude), jnp.float32)
+
+
+class _Outputs(NamedTuple):
+  """A model's outputs as float64 NumPy arrays (compared in a precision at least the
+  model's own), and their dtypes."""
+
+  arrays: list[np.ndarray]
+  dtypes: list[np.dtype]
+
+
+def _outputs(apply_fn: Callable[[Any, Any], Any], params: Any, x: Any) -> _Outputs:
+  leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(apply_fn(params, x))]
+  return _Outputs([np.asarray(a, np.float64) for a in leaves], [a.dtype for a in leaves])
+
+
+def _lift(dtypes: Sequence[Any]) -> float:
+  """The common factor a normalized block's outputs are checked from (see
+  ``_NORMALIZED_LIFT``)."""
+  if any(np.dtype(d) == np.float16 for d in dtypes):
+    return _NORMALIZED_LIFT_FLOAT16
+  return _NORMALIZED_LIFT
+
+
+def _describe_scale(input_scale: Any) -> str:
+  if input_scale is None or isinstance(input_scale, (int, float)):
+    return f"{1 if input_scale is None else input_scale:g}"
+  return "input_scale"
+
+
+def _non_finite_outputs(where: str, given: bool) -> str:
+  """The message when ``apply_fn`` returns NaN or inf before anything is rescaled."""
+  if given:
+    return (
+      "verify_invariance: apply_fn returned NaN or infinite outputs at the params given, "
+      "before any rescaling: check the model and its inputs first."
+    )
+  return (
+    "verify_invariance: apply_fn returned NaN or infinite outputs "
+    f"{where}, before any rescaling; this is not a failure of the "
+    "symmetry. Integer inputs are never scaled; if floating inputs hold indices, "
+    "positions or masks, pass input_scale as a pytree prefix of x with None (or 1) "
+    "there, e.g. input_scale=(10.0, None) for x=(features, positions), or "
+    "perturb=False."
+  )
+
+
+def _rescaled(
+  params: Any,
+  layers: LayerPaths,
+  blocks: Sequence[structure.ChainStructure],
+  b: int,
+  level: int,
+  factors: jax.Array,
+) -> Any:
+  """``params`` with level ``level`` of block ``b`` rescaled by ``factors``."""
+  per_block: list[list[Any]] = [[None] * (block.depth + 1) for block in blocks]
+  per_block[b][level] = factors
+  return rescaling.rescale(params, layers, per_block)
+
+
 def verify_invariance(
   apply_fn: Callable[[Any, Any], Any],
   params: Any,
@@ -66,8 +167,9 @@ def verify_invariance(
   key: jax.Array | None = None,
   rtol: float | None = None,
   atol: float | None = None,
-  log_range: float = 1.0,
+  max_exponent: int = 2,
   perturb: bool = True,
+  input_scale: Any = _INPUT_SCALE,
 ) -> float:
   """Checks that rescaling the declared hidden nodes leaves the model's outputs unchanged.
 
@@ -76,44 +178,63 @@ def verify_invariance(
   weights divided by ``c``) without changing the function, and, in a block
   declared ``normalized=True``, every output node too (incoming weights and
   bias times ``c``: the BatchNorm after it absorbs ``c``). This rescales one
-  level at a time by random factors ``exp(U(-log_range, log_range))`` and
-  compares ``apply_fn(params, x)``, so a failure names the first layer whose
-  outputs may not be rescaled: a tanh or sigmoid after it, a normalisation or a
-  residual addition inside a block, a block declared normalized whose outputs
-  feed no BatchNorm, or layers declared out of order. For models with
-  BatchNorm, pass an ``apply_fn`` in training mode (batch statistics): that is
-  the function G-SGD trains.
+  level at a time by random powers of two and compares ``apply_fn(params,
+  x)``, so a failure names the first layer whose outputs may not be rescaled:
+  a tanh, GELU or sigmoid after it, a normalisation or a residual addition
+  inside a block, a block declared normalized whose outputs feed no BatchNorm
+  (or a LayerNorm, GroupNorm or RMSNorm, which mix channels), or layers
+  declared out of order. For models with BatchNorm, pass an ``apply_fn`` in
+  training mode (batch statistics): that is the function G-SGD trains.
+
+  Powers of two rescale exactly in every floating-point format, so a correct
+  declaration reproduces the outputs to the last bit and the tolerance only
+  has to absorb what a model computes differently for other reasons. A
+  BatchNorm's epsilon makes its symmetry approximate (``sqrt(a^2 var + eps)``
+  is ``a sqrt(var + eps)`` up to ``eps / (2 var)``); the outputs of a
+  normalized block are therefore compared between two rescalings from a common
+  factor of ``2**20`` (``2**4`` in float16), where epsilon is below rounding.
+  Outputs are compared in float64, whatever the model's dtype.
 
   A model can be invariant at its initial params and stop being so once
   trained (``relu6`` below 6, a zero-initialised bias or gate, BatchNorm in
   evaluation mode with fresh statistics). With ``perturb`` the check also runs
   at params moved at random (every floating leaf of ``params`` multiplied by
   ``exp(U(-1, 1))`` and given Gaussian noise; leaves named ``var`` only
-  multiplied) on inputs scaled by 10. To check running statistics too, pass
-  the whole variables (``{'params': ..., 'batch_stats': ...}``) as ``params``
-  and an ``apply_fn`` that takes them. Run it once on a new model before
-  training with G-SGD.
+  multiplied) on floating inputs scaled by ``input_scale``. Integer and
+  boolean inputs (token ids, masks) are never scaled. To check running
+  statistics too, pass the whole variables (``{'params': ..., 'batch_stats':
+  ...}``) as ``params`` and an ``apply_fn`` that takes them. Run it once on a
+  new model before training with G-SGD, and again after changing its
+  architecture or its declaration.
 
   Args:
     apply_fn: ``apply_fn(params, x)`` returns the model's outputs (any pytree).
     params: the model's parameters (or all its variables).
     layers: the layers' key paths, one chain or several blocks.
-    x: a batch of inputs.
-    key: PRNG key of the factors (default ``jax.random.key(0)``).
+    x: a batch of inputs (any pytree).
+    key: PRNG key of the factors and perturbations (default
+      ``jax.random.key(0)``).
     rtol: tolerance relative to the largest output magnitude; default by the
       least precise dtype of the outputs and the declared kernels: 1e-8
       (float64), 1e-4 (float32), 3e-2 (16-bit).
     atol: absolute tolerance; default ``rtol`` times the smallest normal
-      number's square root, i.e. negligible.
-    log_range: half-width of the distribution of ``log c``.
+      float32 number's square root, i.e. negligible.
+    max_exponent: factors are ``2**n`` with ``n`` drawn from the nonzero
+      integers in ``[-max_exponent, max_exponent]``.
     perturb: also check at randomly perturbed params and scaled inputs.
+    input_scale: the factor of the floating inputs at the perturbed params: a
+      number, or a pytree prefix of ``x`` giving one per part (``None`` or 1
+      where floating inputs hold indices, positions or masks that must not
+      change).
 
   Returns:
     The largest difference seen, relative to the largest output magnitude.
 
   Raises:
     ValueError: naming the layer (and block) whose output rescaling changed the
-      outputs, by how much, and whether at the given or the perturbed params.
+      outputs, by how much, and whether at the given or the perturbed params;
+      or, when ``apply_fn`` itself returns NaN or infinite outputs before any
+      rescaling, saying so.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
@@ -121,63 +242,73 @@ def verify_invariance(
     >>> relu = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
     >>> params = relu.init(jax.random.key(0), x)
     >>> layers = gsgd_jax.infer_layers(params)
-    >>> gsgd_jax.verify_invariance(relu.apply, params, layers, x) < 1e-4
-    True
-    >>> tanh = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(2)])
-    >>> gsgd_jax.verify_invariance(tanh.apply, tanh.init(jax.random.key(0), x), layers, x)
+    >>> gsgd_jax.verify_invariance(relu.apply, params, layers, x)  # bit for bit
+    0.0
+    >>> gelu = nn.Sequential([nn.Dense(8), nn.gelu, nn.Dense(2)])
+    >>> gsgd_jax.verify_invariance(gelu.apply, gelu.init(jax.random.key(0), x), layers, x)
     Traceback (most recent call last):
     ...
     ValueError: rescaling the output nodes of layer 'params/layers_0' ...
   """
+  if isinstance(max_exponent, bool) or not isinstance(max_exponent, int) or max_exponent < 1:
+    raise ValueError(
+      f"verify_invariance: max_exponent must be an integer >= 1, got {max_exponent!r}"
+    )
   key = jax.random.key(0) if key is None else key
   blocks = structure.build_structure(params, layers)
   located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
   kernels = [located.leaves[i] for slots in located.slots for i in slots.kernel]
-  points = [("at the params given", params, x)]
+  # (where, what a failure there suggests, params, inputs)
+  points = [("at the params given", "", params, x)]
   if perturb:
     key, sub = jax.random.split(key)
-    scaled_x = jax.tree.map(lambda a: a * jnp.asarray(_INPUT_SCALE, jnp.result_type(a)), x)
     points.append(
       (
-        "at randomly perturbed params on inputs scaled by "
-        f"{_INPUT_SCALE:g} (the symmetry holds at the given params only: "
-        "relu6 or another clipped activation, a zero-initialised bias or "
-        "gate, or fixed normalisation statistics?)",
+        f"at randomly perturbed params on floating inputs scaled by {_describe_scale(input_scale)}",
+        " (the symmetry holds at the given params only: relu6 or another clipped "
+        "activation, a zero-initialised bias or gate, or fixed normalisation "
+        "statistics?)",
         _perturbed(params, sub, 1.0),
-        scaled_x,
+        _scaled_inputs(x, input_scale),
       )
     )
+  rng = _numpy_rng(key)
+  kernel_dtypes = [jnp.result_type(w) for w in kernels]
   worst = 0.0
-  for where, point_params, point_x in points:
-    reference = jax.tree.leaves(apply_fn(point_params, point_x))
-    tol = (
-      rtol
-      if rtol is not None
-      else max(_default_rtol(jnp.result_type(a)) for a in (*reference, *kernels))
-    )
+  for where, hint, point_params, point_x in points:
+    reference = _outputs(apply_fn, point_params, point_x)
+    if not all(np.all(np.isfinite(r)) for r in reference.arrays):
+      raise ValueError(_non_finite_outputs(where, point_params is params))
+    floating = [d for d in (*reference.dtypes, *kernel_dtypes) if _floating(d)]
+    tol = rtol if rtol is not None else max(map(_default_rtol, floating), default=1e-8)
     floor = atol if atol is not None else tol * float(np.sqrt(np.finfo(np.float32).tiny))
-    scale = max(float(jnp.max(jnp.abs(r.astype(jnp.float32)))) for r in reference) or 1.0
+    scale = max((float(np.max(np.abs(r))) for r in reference.arrays if r.size), default=0.0)
+    scale = scale or 1.0
+    lift = _lift([*reference.dtypes, *kernel_dtypes])
     for b, block in enumerate(blocks):
       # Hidden levels, and a normalized block's outputs (S1).
       for level in range(1, block.depth + block.normalized):
-        key, sub = jax.random.split(key)
         shape = (block.layers[level - 1].n_out,)
         if block.stack is not None:  # every copy by its own factors
           shape = (block.copies, *shape)
-        factors: list[list[Any]] = [[None] * (other.depth + 1) for other in blocks]
-        factors[b][level] = jnp.exp(
-          jax.random.uniform(sub, shape, jnp.float32, -log_range, log_range)
-        )
-        outputs = jax.tree.leaves(
-          apply_fn(rescaling.rescale(point_params, layers, factors), point_x)
-        )
+        factors = _power_of_two_factors(rng, shape, max_exponent)
+        compared = reference.arrays
+        if level == block.depth:  # a normalized block's outputs, from a common lift
+          lifted = _rescaled(point_params, layers, blocks, b, level, jnp.full(shape, lift))
+          compared = _outputs(apply_fn, lifted, point_x).arrays
+          factors = factors * lift
+        rescaled = _rescaled(point_params, layers, blocks, b, level, factors)
+        outputs = _outputs(apply_fn, rescaled, point_x).arrays
         diff = max(
-          float(jnp.max(jnp.abs(o.astype(jnp.float32) - r.astype(jnp.float32))))
-          for o, r in zip(outputs, reference, strict=True)
+          (
+            float(np.max(np.abs(o - r), initial=0.0))
+            for o, r in zip(outputs, compared, strict=True)
+          ),
+          default=0.0,
         )
         worst = max(worst, diff / scale)
         if not np.isfinite(diff) or diff > floor + tol * scale:
-          raise ValueError(_symmetry_failure(blocks, b, level, where, diff, scale))
+          raise ValueError(_symmetry_failure(blocks, b, level, where + hint, diff, scale))
   return worst
 
 
@@ -202,17 +333,18 @@ def _symmetry_failure(
   if level == block.depth:  # the outputs of a normalized block
     return (
       f"{head} The block is declared normalized=True, so its outputs must feed a "
-      "per-channel normalization (BatchNorm) that absorbs their scale: check that a "
-      "BatchNorm follows this layer, that apply_fn runs it in training mode (batch "
-      "statistics), and that its epsilon is small against the outputs' variance "
-      "(epsilon makes the symmetry approximate: pass a larger rtol, or declare the "
-      "block without normalized=True)."
+      "per-channel normalization (BatchNorm, or a weight standardization of this "
+      "layer's own kernel) that absorbs each output's scale: check that a BatchNorm "
+      "follows this layer and that apply_fn runs it in training mode (batch "
+      "statistics). A LayerNorm, GroupNorm or RMSNorm mixes channels and absorbs no "
+      "single channel's scale: declare the block without normalized=True."
     )
   return (
     f"{head} G-SGD needs every declared hidden node to be positively rescalable: "
-    "check for a non-ReLU activation (tanh, sigmoid, relu6), a normalisation, a bias "
-    "or a residual addition after this layer inside the block, and that `layers` are "
-    "in forward order."
+    "check for a non-ReLU activation (tanh, GELU, sigmoid, relu6), a normalisation "
+    "(a block cannot run through a norm: see gsgd_jax.infer_blocks), a weight-"
+    "standardized convolution after it, a bias or a residual addition after this "
+    "layer inside the block, and that `layers` are in forward order."
   )
 
 
