@@ -4,9 +4,12 @@ Each refusal here used to train silently wrong (a masked-out bias, a stacked ker
 as a convolution, a list of one-layer blocks) or fail with an unrelated error.
 """
 
+import importlib.metadata
 import itertools
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import chex
 import flax.linen as nn
@@ -37,14 +40,36 @@ def _step(tx, params):
   return tx.update(grads, tx.init(params), params)[0]
 
 
-def test_import_under_python_OO():
-  """-OO strips docstrings; the package must not build its own from them."""
-  code = "import gsgd_jax; print(gsgd_jax.g_adam.__doc__)"
+def test_import_under_python_OO_and_without_installed_metadata():
+  """-OO strips docstrings; the package must not build its own from them. A source
+  tree that was never pip-installed (vendored, on PYTHONPATH) has no distribution
+  metadata: the version then comes from its pyproject.toml."""
+  code = (
+    "import importlib.metadata as m\n"
+    "installed = m.version\n"
+    "def version(name):\n"
+    "  if name == 'gsgd_jax':\n"
+    "    raise m.PackageNotFoundError(name)\n"
+    "  return installed(name)\n"
+    "m.version = version\n"
+    "import gsgd_jax; print(gsgd_jax.g_adam.__doc__, gsgd_jax.__version__)"
+  )
   out = subprocess.run(
     [sys.executable, "-OO", "-c", code], capture_output=True, text=True, check=False
   )
   assert out.returncode == 0, out.stderr
-  assert out.stdout.strip() == "None"
+  pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+  assert out.stdout.split() == ["None", pyproject["project"]["version"]]
+
+
+def test_version_of_a_vendored_copy_without_pyproject(tmp_path, monkeypatch):
+  def not_installed(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, "version", not_installed)
+  assert gsgd_jax._version(tmp_path) == "0+unknown"
+  (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\nversion = "9.9"\n')
+  assert gsgd_jax._version(tmp_path) == "0+unknown"  # another project's version is not ours
 
 
 def test_layers_are_read_once():
@@ -291,3 +316,69 @@ def test_infer_layers_reads_a_sequential_conv_flatten_dense_stack():
     layers,
     jax.random.normal(jax.random.key(1), (4, 5, 5, 1)),
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mistakes that used to end in an internal exception (IndexError, StopIteration, a broadcasting
+# TypeError) or a message flooded with arrays.
+
+
+def test_a_params_tree_passed_as_layers_is_shown_by_shapes():
+  params = {"params": {"Dense_0": {"kernel": jnp.ones((300, 300))}}}
+  with pytest.raises(
+    TypeError, match=r"kernel': Array\(shape=\(300, 300\), dtype=float\d+\)"
+  ) as err:
+    gsgd_jax.gsgd(0.1, layers=params)
+  assert len(str(err.value)) < 700
+  with pytest.raises(TypeError, match=r"mixes paths and blocks: \[Array\(shape") as err:
+    gsgd_jax.gsgd(0.1, layers=[jnp.ones((300, 300))])
+  assert len(str(err.value)) < 700
+
+
+def test_an_unstacked_norm_in_front_of_a_stacked_block_is_named():
+  s, d, h = 3, 4, 6
+  params = {
+    "ln": {"scale": jnp.ones(d), "bias": jnp.zeros(d)},
+    "fc1": {"kernel": jnp.ones((s, d, h)), "bias": jnp.zeros((s, h))},
+    "fc2": {"kernel": jnp.ones((s, h, d)), "bias": jnp.zeros((s, d))},
+  }
+  block = gsgd_jax.Block(["ln", "fc1", "fc2"], stack_axis=0)
+  with pytest.raises(
+    ValueError, match=r"layer 'ln': a norm's scale of shape \(4,\) carries no stack"
+  ):
+    gsgd_jax.gsgd(0.1, layers=[block]).init(params)
+
+
+def _normalized_problem():
+  params = {
+    "conv": {"kernel": jax.random.normal(jax.random.key(0), (3, 3, 2, 4))},
+    "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+    "head": {"kernel": jnp.ones((4, 3))},
+  }
+  blocks = [gsgd_jax.Block(["conv"], normalized=True), gsgd_jax.Block(["bn", "head"])]
+  return params, blocks
+
+
+@pytest.mark.filterwarnings("ignore:a block of `layers` has one layer:UserWarning")
+def test_a_state_made_without_renormalize_is_refused_by_name():
+  params, blocks = _normalized_problem()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = gsgd_jax.gsgd(0.1, layers=blocks, renormalize=False).init(params)
+  with pytest.raises(
+    ValueError, match=r"output norms of 0 normalized blocks, but `layers` declares 1"
+  ):
+    gsgd_jax.gsgd(0.1, layers=blocks).update(grads, state, params)
+  # The alias passes renormalize on: the same state is what path_space makes.
+  want = gsgd_jax.path_space(optax.sgd(0.1), layers=blocks, renormalize=False).init(params)
+  chex.assert_trees_all_equal(state, want)
+
+
+@pytest.mark.parametrize("make", [gsgd_jax.g_adam, gsgd_jax.g_momentum])
+def test_a_state_made_on_params_of_another_width_is_refused_by_name(make):
+  (params, _), (narrow, _) = _mlp(widths=(3, 5, 2)), _mlp(widths=(3, 4, 2))
+  tx = make(0.1, layers=["l0", "l1"])
+  state = tx.init(narrow)
+  with pytest.raises(
+    ValueError, match=r"holds '.*/l0/(bias|kernel)' of shape \((3, )?4,?\), but init gives"
+  ):
+    tx.update(jax.tree.map(jnp.ones_like, params), state, params)

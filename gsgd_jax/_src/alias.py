@@ -22,6 +22,7 @@ def gsgd(
   nesterov: bool = False,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
 
@@ -49,6 +50,8 @@ def gsgd(
     fallback: the transformation for parameters outside ``layers``; by default
       the same SGD on their ordinary gradients (see :func:`path_space`).
     ratio_clip: bounds of the skeleton path ratios (see :func:`path_space`).
+    renormalize: keep the output norms of blocks declared ``normalized=True``
+      from growing (see :func:`path_space`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -79,6 +82,7 @@ def gsgd(
     layers=layers,
     fallback=fallback,
     ratio_clip=ratio_clip,
+    renormalize=renormalize,
   )
 
 
@@ -90,6 +94,7 @@ def g_momentum(
   nesterov: bool = False,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
 
@@ -104,6 +109,7 @@ def g_momentum(
     nesterov: use Nesterov momentum.
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
+    renormalize: keep the output norms of normalized blocks from growing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -141,6 +147,7 @@ def g_momentum(
     layers=layers,
     fallback=fallback,
     ratio_clip=ratio_clip,
+    renormalize=renormalize,
   )
 
 
@@ -153,6 +160,7 @@ def g_adam(
   layers: LayerPaths,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam on the basis-path values.
 
@@ -174,6 +182,7 @@ def g_adam(
     layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
+    renormalize: keep the output norms of normalized blocks from growing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -200,6 +209,7 @@ def g_adam(
     layers=layers,
     fallback=fallback,
     ratio_clip=ratio_clip,
+    renormalize=renormalize,
   )
 
 
@@ -213,6 +223,7 @@ def g_adamw(
   layers: LayerPaths,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay of the basis-path values.
 
@@ -235,6 +246,7 @@ def g_adamw(
     layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
+    renormalize: keep the output norms of normalized blocks from growing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -261,6 +273,7 @@ def g_adamw(
     layers=layers,
     fallback=fallback,
     ratio_clip=ratio_clip,
+    renormalize=renormalize,
   )
 
 
@@ -274,6 +287,7 @@ def g_rmsprop(
   layers: LayerPaths,
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
+  renormalize: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSProp on the basis-path values.
 
@@ -292,6 +306,7 @@ def g_rmsprop(
     layers: the layers' key paths (see :func:`gsgd_jax.path_space`).
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
+    renormalize: keep the output norms of normalized blocks from growing.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -318,4 +333,5 @@ def g_rmsprop(
     layers=layers,
     fallback=fallback,
     ratio_clip=ratio_clip,
+    renormalize=renormalize,
   )

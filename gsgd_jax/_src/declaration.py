@@ -53,7 +53,7 @@ def _path(entry: Any) -> Path:
   else:
     raise TypeError(
       f"a layer path must be a tuple of keys or an 'a/b' string, got "
-      f"{entry!r}. Accepted forms of `layers`: {FORMS}"
+      f"{pytree.short_repr(entry)}. Accepted forms of `layers`: {FORMS}"
     )
   if not parts:
     raise ValueError("a layer path must not be empty")
@@ -67,7 +67,7 @@ def _is_path(entry: Any) -> bool:
 def _block(entry: Any) -> tuple[Path, ...]:
   if not isinstance(entry, (list, tuple)):
     raise TypeError(
-      f"a block of `layers` must be a list of paths, got {entry!r}. "
+      f"a block of `layers` must be a list of paths, got {pytree.short_repr(entry)}. "
       f"Accepted forms of `layers`: {FORMS}"
     )
   if not entry:
@@ -129,16 +129,19 @@ class Block:
   ):
     if isinstance(layers, (str, Block)) or not isinstance(layers, Iterable):
       raise TypeError(
-        f"gsgd_jax.Block takes a list of layer paths, got {layers!r}. Accepted "
+        f"gsgd_jax.Block takes a list of layer paths, got {pytree.short_repr(layers)}. Accepted "
         f"forms of `layers`: {FORMS}"
       )
     if not isinstance(normalized, bool):
-      raise TypeError(f"gsgd_jax.Block: `normalized` must be True or False, got {normalized!r}")
+      raise TypeError(
+        f"gsgd_jax.Block: `normalized` must be True or False, got {pytree.short_repr(normalized)}"
+      )
     if stack_axis is not None and (
       isinstance(stack_axis, bool) or not isinstance(stack_axis, int) or stack_axis < 0
     ):
       raise TypeError(
-        f"gsgd_jax.Block: `stack_axis` must be None or an axis >= 0, got {stack_axis!r}"
+        "gsgd_jax.Block: `stack_axis` must be None or an axis >= 0, got "
+        f"{pytree.short_repr(stack_axis)}"
       )
     object.__setattr__(self, "layers", _block(list(layers)))
     object.__setattr__(self, "normalized", normalized)
@@ -241,15 +244,15 @@ def as_declaration(layers: Any) -> Declaration:
   if isinstance(layers, Declaration):
     return layers
   if isinstance(layers, Block):
-    return Declaration(((layers,),), repr(layers))
+    return Declaration(((layers,),), pytree.short_repr(layers))
   if isinstance(layers, str) or not isinstance(layers, Iterable) or isinstance(layers, dict):
     what = "the string " if isinstance(layers, str) else ""
     raise TypeError(
       f"`layers` must be a sequence of layer paths or of blocks, got "
-      f"{what}{layers!r}. Accepted forms: {FORMS}"
+      f"{what}{pytree.short_repr(layers)}. Accepted forms: {FORMS}"
     )
   entries = list(layers)
-  text = repr(entries)
+  text = pytree.short_repr(entries)
   if not entries:
     raise ValueError("`layers` is empty: declare at least one layer")
   # A list of plain keys is a path or a block of paths: the tree decides. (A tuple of

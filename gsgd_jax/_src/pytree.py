@@ -32,6 +32,34 @@ def key_name(entry: Any) -> str:
   return str(entry)
 
 
+# The longest repr of a user's argument that an error message repeats.
+REPR_LIMIT = 200
+
+
+class _ArrayStandIn:
+  """Shows an array as its shape and dtype in a repr (see ``short_repr``)."""
+
+  def __init__(self, array: Any):
+    kind = "Array" if isinstance(array, jax.Array) else type(array).__name__
+    self.text = f"{kind}(shape={tuple(array.shape)}, dtype={array.dtype})"
+
+  def __repr__(self) -> str:
+    return self.text
+
+
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+  """``repr(value)`` for an error message: arrays shown by shape and dtype, the whole
+  cut to ``limit`` characters, so a params tree passed by mistake does not flood the
+  message."""
+  is_array = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  try:
+    shown = jax.tree.map(lambda x: _ArrayStandIn(x) if is_array(x) else x, value)
+  except Exception:  # not a pytree JAX can map: show it as it is
+    shown = value
+  text = repr(shown)
+  return text if len(text) <= limit else f"{text[: limit - 5]} ...{text[-1]}"
+
+
 def leaf_paths(tree: Any) -> tuple[list[Path], list[Any], Any]:
   """Flattens ``tree``; returns normalised leaf paths, leaves and the treedef.
 

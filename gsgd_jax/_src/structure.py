@@ -389,12 +389,23 @@ def _copy_shape(name: str, what: str, shape: tuple[int, ...], stack: Stack | Non
   return shape[: stack.axis] + shape[stack.axis + 1 :]
 
 
-def _block_stack(block: declaration.Block, leaves: list[Any], slots: pytree.LayerSlots):
+def _block_stack(
+  block: declaration.Block, paths: list[Path], leaves: list[Any], slots: pytree.LayerSlots
+):
   """Where a block declared with ``stack_axis`` keeps its copies (read off its
   first kernel or scale); None for a block without."""
   if block.stack_axis is None:
     return None
   shape = np.shape(leaves[slots.kernel[0]])
+  if paths[slots.kernel[0]][-1] == "scale" and len(shape) < 2:
+    raise ValueError(
+      f"layer {'/'.join(block.layers[0])!r}: a norm's scale of shape {shape} carries no "
+      f"stack, but it starts a block declared stack_axis={block.stack_axis}: one norm in "
+      "front of every copy of a stack would tie their channels together, so it cannot "
+      "join the stacked chains. Leave it out of the block (it then takes the fallback): "
+      f"gsgd_jax.Block({[('/'.join(p)) for p in block.layers[1:]]!r}, "
+      f"stack_axis={block.stack_axis})."
+    )
   if len(shape) <= block.stack_axis:
     raise ValueError(
       f"layer {'/'.join(block.layers[0])!r}: shape {shape} has no axis "
@@ -472,7 +483,7 @@ def build_structure(
   signatures = []
   for block in blocks:
     slots = pytree.locate_layers(paths, block.layers, what=what)
-    stack = _block_stack(block, leaves, slots)
+    stack = _block_stack(block, paths, leaves, slots)
     signature = []
     for name, k, b, s in zip(block.layers, slots.kernel, slots.bias, slots.probe, strict=True):
       affine = paths[k][-1] == "scale"

@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from gsgd_jax._src import basis, declaration, pytree, structure, validate
@@ -27,8 +28,8 @@ class PathSpaceState(NamedTuple):
       (``int32``, shape ``()``).
     total_clipped_ratios: the same, summed over all updates so far.
     output_norms: per block declared ``normalized=True``, in order, its ``N^2``
-      per output node at ``init``: the norms that renormalization restores
-      (empty without normalized blocks or with ``renormalize=False``).
+      per output node at ``init``: the norms that renormalization rescales
+      towards (empty without normalized blocks or with ``renormalize=False``).
   """
 
   inner_state: optax.OptState
@@ -174,6 +175,58 @@ def _check_gradients(
       )
 
 
+def _check_state(
+  state: PathSpaceState, blocks: tuple[structure.ChainStructure, ...], renormalize: bool
+) -> None:
+  """Raises, naming the layer, when ``state`` was not made by this transformation's
+  ``init`` on params of these shapes (another width, another declaration, or
+  another ``renormalize``)."""
+  if renormalize:
+    normalized = [block for block in blocks if block.normalized]
+    if len(state.output_norms) != len(normalized):
+      raise ValueError(
+        f"gsgd_jax.path_space: the state holds the output norms of "
+        f"{len(state.output_norms)} normalized blocks, but `layers` declares "
+        f"{len(normalized)} and renormalize=True: the state was made by init of a "
+        "transformation with another declaration or with renormalize=False. Build both "
+        "with the same arguments, or call tx.init(params) again."
+      )
+    for block, norms in zip(normalized, state.output_norms, strict=True):
+      expected = (
+        (block.layers[-1].n_out,) if block.stack is None else (block.copies, block.layers[-1].n_out)
+      )
+      if tuple(norms.shape) != expected:
+        raise ValueError(
+          f"layer {block.layers[-1].name!r}: the state holds output norms of shape "
+          f"{tuple(norms.shape)} for its block, but the params give {expected}: the state "
+          "was made by init on params of another width. Call tx.init(params) again."
+        )
+
+
+def _check_inner_state(
+  inner: optax.GradientTransformation, inner_state: optax.OptState, params: optax.Params
+) -> None:
+  """Raises, naming the leaf, when the inner state does not have the shapes that
+  ``inner.init`` gives for ``params`` (a state made on params of another width)."""
+  expected = jax.eval_shape(inner.init, params)
+  got_paths, got, got_def = pytree.leaf_paths(inner_state)
+  _, want, want_def = pytree.leaf_paths(expected)
+  if got_def != want_def:
+    raise ValueError(
+      "gsgd_jax.path_space: the optimizer state does not have the structure that init "
+      "gives for these params: it was made by another transformation or on another "
+      "params tree. Call tx.init(params) on these params."
+    )
+  for path, leaf, spec in zip(got_paths, got, want, strict=True):
+    if tuple(np.shape(leaf)) != tuple(spec.shape):
+      raise ValueError(
+        f"gsgd_jax.path_space: the optimizer state holds {'/'.join(path)!r} of shape "
+        f"{tuple(np.shape(leaf))}, but init gives {tuple(spec.shape)} for these params: "
+        "the state was made by init on other params (another width?). Call "
+        "tx.init(params) on these params."
+      )
+
+
 def path_space(
   inner: optax.GradientTransformation,
   *,
@@ -235,14 +288,17 @@ def path_space(
       ratio outside them (``R <= 0`` included) is clipped and the count is
       kept in the state; a NaN or infinite ratio (a non-finite gradient) is
       not, so the update is not finite either. ``None`` disables the guard.
-    renormalize: for blocks declared ``normalized=True``: after every step,
-      rescale each output node's incoming weights and bias so that its
-      ``N^2`` (the squared norm of the basis paths ending there) returns to
-      its value at ``init``. The BatchNorm after the block absorbs this
-      rescaling, so no output changes in training mode; without it the norms
-      grow by ``1 + (lr G)^2`` every step and long runs at large learning
-      rates overflow (docs/math.md, normalization layers). The inner state
-      (a momentum buffer) is not rescaled with the weights.
+    renormalize: for blocks declared ``normalized=True``: with every step,
+      also multiply each output node's incoming weights and bias by
+      ``sqrt(N^2_init / N^2)``, where ``N^2`` is the squared norm of the basis
+      paths ending there measured before the step, and ``N^2_init`` its value
+      at ``init``. The BatchNorm after the block absorbs this rescaling, so no
+      output changes in training mode. After each update ``N^2`` is then
+      ``N^2_init`` times that one step's growth factor (``1 + (lr G)^2`` for
+      SGD): it never accumulates, where without renormalization the norms grow
+      by that factor every step and long runs at large learning rates
+      overflow (docs/math.md, normalization layers). The inner state (a
+      momentum buffer) is not rescaled with the weights.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -302,6 +358,8 @@ def path_space(
     paths = structure.block_paths(blocks)
     located: Located = pytree.locate_blocks(params, paths, "params")
     block_params = [slots.take(located.leaves) for slots in located.slots]
+    _check_state(state, blocks, renormalize)
+    _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
     products, output_scales = [], []
