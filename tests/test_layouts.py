@@ -35,7 +35,12 @@ Block = gsgd_jax.Block
 
 def _params(model, x_shape):
   """``variables['params']`` of a Linen model, as shapes only."""
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape))["params"]
+  return _variables(model, x_shape)["params"]
+
+
+def _variables(model, x_shape):
+  """All the variables of a Linen model, as shapes only."""
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.ones(x_shape))
 
 
 def _tree(**layers):
@@ -82,9 +87,12 @@ def test_plainnet_from_a_frozen_dict():
 
 
 def test_plainnet_nnx_lists():
+  """``norms/0`` says nothing of its kind; the whole NNX state holds each BatchNorm's
+  statistics beside its scale, and they do."""
   model = nnx.eval_shape(lambda: NNXPlainNetBN(2, (3, 4, 5), nnx.Rngs(0)))
-  got = infer_blocks(nnx.state(model, nnx.Param), "plainnet")
-  assert got == model.blocks()
+  assert infer_blocks(nnx.state(model), "plainnet") == model.blocks()
+  with pytest.raises(ValueError, match=r"the names of the norms 'norms/0', .* do not say"):
+    infer_blocks(nnx.state(model, nnx.Param), "plainnet")
 
 
 def test_plainnet_linen_auto_names_order_numerically_with_a_two_layer_head():
@@ -185,8 +193,16 @@ def _imagenet_main(block, convs):
   ]
 
 
+def _imagenet_blocks(model):
+  """``norm_proj`` names no kind of norm: its batch statistics say it is a BatchNorm."""
+  variables = _variables(model, (1, 8, 8, 2))
+  with pytest.raises(ValueError, match=r"the names of the norms '.*norm_proj' do not say"):
+    infer_blocks(variables["params"], "resnet")
+  return infer_blocks(variables["params"], "resnet", batch_stats=variables["batch_stats"])
+
+
 def test_resnet_flax_imagenet_basic_blocks():
-  got = infer_blocks(_params(ImagenetResNet(ImagenetBasic, (4, 4, 6)), (1, 8, 8, 2)), "resnet")
+  got = _imagenet_blocks(ImagenetResNet(ImagenetBasic, (4, 4, 6)))
   assert got == [
     Block(["conv_init"], normalized=True),
     *_imagenet_main("ImagenetBasic_0", 2),
@@ -197,8 +213,7 @@ def test_resnet_flax_imagenet_basic_blocks():
 
 
 def test_resnet_flax_imagenet_bottleneck_blocks():
-  model = ImagenetResNet(ImagenetBottleneck, (2, 2, 3))
-  got = infer_blocks(_params(model, (1, 8, 8, 2)), "resnet")
+  got = _imagenet_blocks(ImagenetResNet(ImagenetBottleneck, (2, 2, 3)))
   b = [f"ImagenetBottleneck_{i}" for i in range(3)]
   assert got == [
     Block(["conv_init"], normalized=True),
@@ -457,7 +472,7 @@ def _training_mode(module, x_shape, seed=0):
   def forward(params, inputs):
     return module.apply({"params": params, **state}, inputs, mutable=list(state))[0]
 
-  return variables["params"], forward, x
+  return variables["params"], forward, x, variables.get("batch_stats")
 
 
 @pytest.mark.parametrize(
@@ -470,8 +485,8 @@ def _training_mode(module, x_shape, seed=0):
   ids=["plainnet", "resnet", "imagenet_bottleneck"],
 )
 def test_the_declarations_pass_verify_invariance_in_training_mode(module, shape, layout):
-  params, forward, x = _training_mode(module, shape)
-  blocks = infer_blocks(params, layout)
+  params, forward, x, batch_stats = _training_mode(module, shape)
+  blocks = infer_blocks(params, layout, batch_stats=batch_stats)
   assert gsgd_jax.verify_invariance(forward, params, blocks, x) < 1e-8
 
 
@@ -586,3 +601,85 @@ def test_a_declaration_the_params_refuse_is_not_returned():
   tree = _tree(conv0=(3, 3, 2, 4), bn0=(4,), head=(6, 3))
   with pytest.raises(ValueError, match=r"wrote blocks that the params refuse.*'head'.*" + ADVICE):
     infer_blocks(tree, "plainnet")
+
+
+# ----------------------------------------------------------------------------
+# Inference never guesses: norm kinds, pre-activation blocks, gated and left-out kernels.
+
+
+@pytest.mark.parametrize(
+  "names, kind",
+  [(("ln0", "ln1"), "LayerNorm"), (("gn0", "gn1"), "GroupNorm"), (("rms0", "rms1"), "RMSNorm")],
+)
+def test_plainnet_refuses_norms_that_mix_channels(names, kind):
+  a, b = names
+  tree = _tree(conv0=(3, 3, 2, 4), **{a: (4,)}, conv1=(3, 3, 4, 4), **{b: (4,)}, head=(4, 3))
+  message = rf"the norms '{a}', '{b}' are not BatchNorms \({kind}\).*Block\(\[conv\], normalized"
+  with pytest.raises(ValueError, match=message):
+    infer_blocks(tree, "plainnet")
+
+
+def test_batch_statistics_decide_over_names():
+  """A norm named for a BatchNorm without statistics in ``batch_stats`` is none."""
+  tree = _tree(conv0=(3, 3, 2, 4), bn0=(4,), conv1=(3, 3, 4, 4), bn1=(4,), head=(4, 3))
+  stats = {"bn0": {"mean": jnp.zeros(4), "var": jnp.ones(4)}}
+  with pytest.raises(ValueError, match=r"the norms 'bn1' are not BatchNorms \(a norm without"):
+    infer_blocks(tree, "plainnet", batch_stats=stats)
+
+
+def _preact_tree(projection_norm=False):
+  tree = _tree(
+    stem=(3, 3, 2, 4),
+    b0__bn1=(4,),
+    b0__conv1=(3, 3, 4, 6),
+    b0__bn2=(6,),
+    b0__conv2=(3, 3, 6, 6),
+    b0__proj=(1, 1, 4, 6),
+    bn_final=(6,),
+    head=(6, 3),
+  )
+  if projection_norm:
+    tree["b0"]["bn_proj"] = {"scale": jax.ShapeDtypeStruct((6,), jnp.float32)}
+  return tree
+
+
+def test_preact_blocks_and_the_layouts_that_contradict_the_widths():
+  assert infer_blocks(_preact_tree(), "preact") == [
+    Block(["b0/conv1"], normalized=True),  # b0/bn1 also feeds the projection
+    Block(["b0/bn2", "b0/conv2"]),
+    Block(["bn_final", "head"]),
+  ]
+  with pytest.raises(ValueError, match=r"'b0'.*pre-activation block .* Use the layout 'preact'"):
+    infer_blocks(_preact_tree(), "resnet")
+  with pytest.raises(ValueError, match=r"'b0/bn_proj'.* Use the layout 'resnet'"):
+    infer_blocks(_preact_tree(projection_norm=True), "preact")
+  post = _params(ResNetBN(3, (3, 4)), (1, 6, 6, 2))
+  with pytest.raises(ValueError, match=r"norm 'block1/bn_a' .* use the layout 'resnet'"):
+    infer_blocks(post, "preact")
+
+
+@pytest.mark.parametrize(
+  "tree, match",
+  [
+    (
+      _tree(ln=(4,), mlp__gate_proj=(4, 8), mlp__up_proj=(4, 8), mlp__down_proj=(8, 4)),
+      r"'mlp' holds a gated feed-forward block.*gsgd_jax\.Block\(\[up, down\]\)",
+    ),
+    (  # a flat scope: fc1_0 the gate, fc1_1 the up projection, fc2_0 the down projection
+      _tree(ln_0=(4,), fc1_0=(4, 8), fc1_1=(4, 8), fc2_0=(8, 4), out=(4, 2)),
+      r"the kernels 'fc1_1' stand beside the feed-forward pairs 'fc1_0', 'fc2_0'",
+    ),
+    (
+      _tree(ln=(4,), mlp__fc1=(4, 8), mlp__fc2=(8, 8), mlp__fc3=(8, 4)),
+      r"found none; the dense kernels 'mlp/fc1', 'mlp/fc2', 'mlp/fc3' in 'mlp' form no pair",
+    ),
+    (
+      _tree(mlp__wi=(4, 3, 8), mlp__wo=(8, 3, 4)),
+      r"copies on axis 1: .* stack_axis=1\)",
+    ),
+  ],
+  ids=["gated", "gated_flat", "three_layers", "axis_1_unproven"],
+)
+def test_preln_refuses_what_it_cannot_read_and_says_why(tree, match):
+  with pytest.raises(ValueError, match=match):
+    infer_blocks(tree, "preln")

@@ -24,6 +24,7 @@ from problems import (
   PreLNFeedForward,
   ResNetBN,
   linen_norm,
+  mlp,
   nnx_norm,
   plainnet_bn_blocks,
   preln_blocks,
@@ -246,13 +247,30 @@ INVARIANT = {
 }
 
 
-def _trajectory_gap(problem, layers, make, seed=5):
+def _hidden_only(params, layers, key):
+  """``params`` with the hidden nodes of every block rescaled at random (the group G),
+  but not the outputs of normalized blocks."""
+  blocks = build_structure(params, layers)
+  keys = iter(jax.random.split(key, sum(b.depth for b in blocks)))
+  factors = [
+    [None]
+    + [
+      jnp.exp(jax.random.uniform(next(keys), (spec.n_out,), minval=-1.5, maxval=1.5))
+      for spec in block.layers[:-1]
+    ]
+    + [None]
+    for block in blocks
+  ]
+  return gsgd_jax.rescale(params, layers, factors)
+
+
+def _trajectory_gap(problem, layers, make, seed=5, rescale=gsgd_jax.random_rescale):
   """Largest output difference over ``STEPS`` steps of ``make(layers)`` from the params and
-  from a randomly rescaled copy (declared blocks of ``problem``), relative to the outputs,
-  and how far training moved the outputs. Both runs are one program (vmapped over the two
-  starts), compiled for speed."""
+  from a randomly rescaled copy (declared blocks of ``problem``; by default their hidden
+  nodes and normalized outputs), relative to the outputs, and how far training moved the
+  outputs. Both runs are one program (vmapped over the two starts), compiled for speed."""
   start = problem.params
-  rescaled = gsgd_jax.random_rescale(start, problem.layers, jax.random.key(seed))
+  rescaled = rescale(start, problem.layers, jax.random.key(seed))
   tx = make(layers)
 
   def run(params):
@@ -315,6 +333,54 @@ def test_preln_feed_forward_is_invariant_with_adam_inside_and_adamw_outside():
   assert moved > 0.1 and gap < 1e-9, (gap, moved)
   gap, _ = _trajectory_gap(problem, problem.layers, lambda _: optax.adamw(1e-2))
   assert gap > 1e-2, gap
+
+
+# ----------------------------------------------------------------------------
+# Gradient clipping and the two symmetries.
+
+CLIP = 0.3  # below the path gradients' global norm at every step here: every step clips
+
+
+def test_clip_norm_keeps_the_output_rescaling_invariance_a_global_norm_clip_breaks():
+  """``optax.clip_by_global_norm`` inside ``path_space`` keeps G (the hidden nodes) but
+  not S1 (a normalized block's outputs): its norm sums ``N_k^2``-scaled gradients whose
+  scale moves with S1. ``clip_norm`` measures ``N_k dL/dv`` and keeps both."""
+  module, blocks, shape = MODELS["plainnet"]
+  problem = linen_norm(module, blocks(), shape)
+  inside = lambda layers: gsgd_jax.path_space(
+    optax.chain(optax.clip_by_global_norm(CLIP), optax.sgd(0.05)), layers=layers
+  )
+  broken, _ = _trajectory_gap(problem, problem.layers, inside)
+  kept_g, _ = _trajectory_gap(problem, problem.layers, inside, rescale=_hidden_only)
+  clipped = lambda layers: gsgd_jax.gsgd(0.05, layers=layers, clip_norm=CLIP)
+  gap, moved = _trajectory_gap(problem, problem.layers, clipped)
+  print(f"gaps: clip_by_global_norm {broken:.1e} (G only {kept_g:.1e}), clip_norm {gap:.1e}")
+  assert broken > 1e-2 and kept_g < 1e-9, (broken, kept_g)
+  assert gap < 1e-9 and moved > 0.1, (gap, moved)
+  # And it clips: the trajectory is not the unclipped one.
+  unclipped = gsgd_jax.gsgd(0.05, layers=problem.layers)
+  (_, _), loss_a = train_scan(unclipped, problem.params, problem.loss, STEPS, problem.loss)
+  (_, _), loss_b = train_scan(clipped(problem.layers), problem.params, problem.loss, STEPS,
+                              problem.loss)  # fmt: skip
+  assert float(jnp.max(jnp.abs(loss_a - loss_b))) > 1e-3
+
+
+def test_clip_norm_without_normalized_blocks_is_the_global_norm_clip_in_path_space():
+  params, layers, loss, *_ = mlp((4, 7, 6, 3), skeleton=True, batch=16)
+  grads = jax.grad(loss)(params)
+  norm = float(optax.tree.norm(grads))
+  for clip in (0.1 * norm, 10.0 * norm):  # clipping, and not
+    want = gsgd_jax.path_space(
+      optax.chain(optax.clip_by_global_norm(clip), optax.sgd(0.1)), layers=layers
+    )
+    got = gsgd_jax.gsgd(0.1, layers=layers, clip_norm=clip)
+    chex.assert_trees_all_close(
+      got.update(grads, got.init(params), params)[0],
+      want.update(grads, want.init(params), params)[0],
+      rtol=1e-12,
+    )
+  with pytest.raises(ValueError, match="clip_norm must be positive or None"):
+    gsgd_jax.gsgd(0.1, layers=layers, clip_norm=0.0)
 
 
 # ----------------------------------------------------------------------------

@@ -172,3 +172,54 @@ def test_bfloat16_relu_mlp_reproduces_its_outputs_bit_for_bit():
       [("params", "layers_0"), ("params", "layers_2")],
       x,
     )
+
+
+# Wrong declarations on a BatchNorm-style PlainNet, in float32 and float64 with default
+# arguments: a norm that mixes channels after a block declared normalized, a chain straight
+# through the norms, a GELU. The right declaration on BatchNorm passes in both.
+
+
+def _plainnet(norm, activation=nn.relu):
+  class PlainNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(3):
+        x = nn.Conv(6, (3, 3), use_bias=False, name=f"conv{i}")(x)
+        x = activation(norm(name=f"bn{i}")(x))
+      return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+  return PlainNet()
+
+
+BLOCKS = [
+  gsgd_jax.Block(["conv0"], normalized=True),
+  gsgd_jax.Block(["bn0", "conv1"], normalized=True),
+  gsgd_jax.Block(["bn1", "conv2"], normalized=True),
+  gsgd_jax.Block(["bn2", "head"]),
+]
+NORMS = {
+  "batch": lambda name: nn.BatchNorm(use_running_average=False, name=name),
+  "layer": lambda name: nn.LayerNorm(name=name),
+  "group": lambda name: nn.GroupNorm(3, name=name),
+  "rms": lambda name: nn.RMSNorm(name=name),
+}
+
+
+def _check(model, layers, dtype):
+  x = jax.random.uniform(jax.random.key(1), (4, 6, 6, 2), dtype)
+  variables = jax.tree.map(lambda a: a.astype(dtype), model.init(jax.random.key(0), x))
+  state = {k: v for k, v in variables.items() if k != "params"}
+  apply = jax.jit(lambda p, x: model.apply({"params": p, **state}, x, mutable=list(state))[0])
+  return gsgd_jax.verify_invariance(apply, variables["params"], layers, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64], ids=["float32", "float64"])
+def test_wrong_declarations_fail_and_the_right_one_passes(dtype):
+  assert _check(_plainnet(NORMS["batch"]), BLOCKS, dtype) == 0.0
+  for kind in ("layer", "group", "rms"):  # declared normalized before a norm that mixes
+    with pytest.raises(ValueError, match=r"'conv0' of block 0 .*declared normalized=True"):
+      _check(_plainnet(NORMS[kind]), BLOCKS, dtype)
+  with pytest.raises(ValueError, match=r"layer 'conv0' .*a normalisation"):  # a chain
+    _check(_plainnet(NORMS["batch"]), ["conv0", "conv1", "conv2"], dtype)
+  with pytest.raises(ValueError, match=r"affine layer 'bn0' of block 1"):  # a GELU
+    _check(_plainnet(NORMS["batch"], nn.gelu), BLOCKS, dtype)

@@ -23,6 +23,7 @@ def gsgd(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
 
@@ -52,6 +53,8 @@ def gsgd(
     ratio_clip: bounds of the skeleton path ratios (see :func:`path_space`).
     renormalize: keep the output norms of blocks declared ``normalized=True``
       from growing (see :func:`path_space`).
+    clip_norm: clip the gradients by their global norm, measured invariantly
+      (see :func:`path_space`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -83,6 +86,7 @@ def gsgd(
     fallback=fallback,
     ratio_clip=ratio_clip,
     renormalize=renormalize,
+    clip_norm=clip_norm,
   )
 
 
@@ -95,6 +99,7 @@ def g_momentum(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
 
@@ -110,6 +115,7 @@ def g_momentum(
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
     renormalize: keep the output norms of normalized blocks from growing.
+    clip_norm: clip the gradients by their invariant global norm.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -148,6 +154,7 @@ def g_momentum(
     fallback=fallback,
     ratio_clip=ratio_clip,
     renormalize=renormalize,
+    clip_norm=clip_norm,
   )
 
 
@@ -161,6 +168,7 @@ def g_adam(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam on the basis-path values.
 
@@ -183,6 +191,7 @@ def g_adam(
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
     renormalize: keep the output norms of normalized blocks from growing.
+    clip_norm: clip the gradients by their invariant global norm.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -210,6 +219,7 @@ def g_adam(
     fallback=fallback,
     ratio_clip=ratio_clip,
     renormalize=renormalize,
+    clip_norm=clip_norm,
   )
 
 
@@ -224,6 +234,7 @@ def g_adamw(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with decoupled weight decay of the basis-path values.
 
@@ -247,6 +258,7 @@ def g_adamw(
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
     renormalize: keep the output norms of normalized blocks from growing.
+    clip_norm: clip the gradients by their invariant global norm.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -274,6 +286,7 @@ def g_adamw(
     fallback=fallback,
     ratio_clip=ratio_clip,
     renormalize=renormalize,
+    clip_norm=clip_norm,
   )
 
 
@@ -288,6 +301,7 @@ def g_rmsprop(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSProp on the basis-path values.
 
@@ -307,6 +321,7 @@ def g_rmsprop(
     fallback: transformation for parameters outside ``layers``.
     ratio_clip: bounds of the skeleton path ratios.
     renormalize: keep the output norms of normalized blocks from growing.
+    clip_norm: clip the gradients by their invariant global norm.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -334,4 +349,5 @@ def g_rmsprop(
     fallback=fallback,
     ratio_clip=ratio_clip,
     renormalize=renormalize,
+    clip_norm=clip_norm,
   )

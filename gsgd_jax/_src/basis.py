@@ -546,6 +546,9 @@ class PathGradients(NamedTuple):
   biases: list[Array | None]
   products: SkeletonProducts
   output_norms: Array | None = None  # a normalized chain's N^2 per output node
+  # A normalized chain's N^2 of the output each node's forward chain ends at, stacked
+  # (L + 1, W) as ``output_norms`` returns it; what the gradients above were multiplied by.
+  end_norms: Array | None = None
 
 
 def inverse_chain_rule(
@@ -574,7 +577,7 @@ def inverse_chain_rule(
   replaces the only full reduction of layer ``k``.
   """
   if struct.stack is not None:
-    out = (STACK, STACK, 0, 0)
+    out = (STACK, STACK, 0, 0, 0)
     return PathGradients(
       *per_copy(struct, lambda *a: tuple(inverse_chain_rule(*a)), (STACK,) * 5, out)(
         kernels, biases, kernel_grads, bias_grads, probe_sums
@@ -608,7 +611,7 @@ def inverse_chain_rule(
   carried = p_levels / (_usable(products.back) * _usable(products.forward))
   inv_back, inv_fwd = reciprocal(products.back), reciprocal(products.forward)
 
-  norms = None
+  norms = ends = None
   if struct.normalized:
     # Every path's gradient times N^2 of the output node its forward chain ends at.
     ends = output_norms(struct, kernels, biases, products)
@@ -634,7 +637,40 @@ def inverse_chain_rule(
     if fixed is not None:
       gv = jnp.where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
-  return PathGradients(grads, bias_grads_v, products, norms)
+  return PathGradients(grads, bias_grads_v, products, norms, ends)
+
+
+def invariant_sq_norm(
+  struct: ChainStructure,
+  grads: Sequence[Array],
+  bias_grads: Sequence[Array | None],
+  end_norms: Array | None,
+) -> Array:
+  """The squared norm of a chain's path gradients, measured so that it does not change
+  under the symmetries of the chain: the sum of their squares, and in a normalized
+  chain, whose gradients of the paths ending at output node ``k`` are ``N_k^2 dL/dv``,
+  the sum of ``(N_k dL/dv)^2`` (``N_k |dL/dv_k|`` is the same under the output rescaling
+  the BatchNorm absorbs; docs/math.md, normalization layers). One reduction per kernel
+  (per column: every path of a column ends at one output node).
+  """
+  if struct.stack is not None:
+    copies = per_copy(struct, invariant_sq_norm, (STACK, STACK, 0), 0)(grads, bias_grads, end_norms)
+    return jnp.sum(copies)
+  ct = compute_dtype(grads[0].dtype)
+  total = jnp.zeros((), ct)
+  for k, spec in enumerate(struct.layers):
+    if spec.kind == "affine":  # every scale entry is in F: only biases own paths
+      per_node = jnp.zeros(spec.n_out, ct)
+    else:
+      squares = jnp.square(grads[k].astype(ct))
+      per_node = replicated(jnp.sum(squares, axis=tuple(range(grads[k].ndim - 1))))
+    b = bias_grads[k]
+    if b is not None:
+      per_node = per_node + replicated(jnp.square(b.astype(ct)))
+    if end_norms is not None:
+      per_node = per_node / _divisor(level(end_norms, struct, k + 1))
+    total = total + jnp.sum(per_node)
+  return total
 
 
 # ----------------------------------------------------------------------------

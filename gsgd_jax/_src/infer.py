@@ -14,6 +14,23 @@ from gsgd_jax._src.declaration import Block
 from gsgd_jax._src.pytree import PROBE
 
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")
+_LISTED = 10  # norms named in a message before it says how many more there are
+
+
+def norm_paths(shapes: dict[pytree.Path, tuple[int, ...]]) -> list[pytree.Path]:
+  """The sub-trees of a params tree (leaf paths and shapes) that are norms: a ``scale``
+  of rank 1 or more and no ``kernel`` beside it (BatchNorm, LayerNorm, GroupNorm,
+  RMSNorm), or a BatchNorm's ``mean`` and ``var`` (an NNX state with its statistics)."""
+  found = set()
+  for path, shape in shapes.items():
+    if not path:
+      continue
+    parent = path[:-1]
+    scale = path[-1] == "scale" and bool(shape) and (*parent, "kernel") not in shapes
+    statistics = path[-1] == "mean" and (*parent, "var") in shapes
+    if scale or statistics:
+      found.add(parent)
+  return sorted(found)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +126,10 @@ def infer_layers(params: optax.Params) -> list[tuple[str | int, ...]] | list[Blo
     it as ``layers=`` to the transformations of this package.
 
   Raises:
-    ValueError: when the order cannot be decided (names without numbers,
+    ValueError: when the tree holds norms (a ``scale`` without a kernel, or
+      BatchNorm statistics): a chain cannot run through a norm, and names do
+      not say where one stands (use :func:`gsgd_jax.infer_blocks`); when the
+      order cannot be decided (names without numbers,
       repeated numbers, two groups of the same kind, a group whose numbers put a
       dense layer before a convolution, or shapes that do not chain), when a
       rank-3 kernel has no bias to tell a stack from a 1-D convolution, when a
@@ -143,6 +163,18 @@ def infer_layers(params: optax.Params) -> list[tuple[str | int, ...]] | list[Blo
   found = [(p[:-1], shape) for p, shape in shapes.items() if p and p[-1] == "kernel"]
   if not found:
     raise ValueError("infer_layers: no sub-tree with a 'kernel' leaf in params")
+  norms = norm_paths(shapes)
+  if norms:
+    listed = ", ".join(repr("/".join(p)) for p in norms[:_LISTED])
+    more = f" and {len(norms) - _LISTED} more" if len(norms) > _LISTED else ""
+    raise ValueError(
+      f"infer_layers: params hold norms ({listed}{more}) beside their kernels. A chain "
+      "cannot run through a norm (its normalization breaks the rescaling symmetry of the "
+      "layers before it), and names alone do not say where a norm stands. Write the "
+      "blocks with gsgd_jax.infer_blocks(params, layout) ('plainnet', 'resnet', "
+      "'preact' or 'preln'), or declare them with gsgd_jax.Block; then check them with "
+      "gsgd_jax.verify_invariance."
+    )
   listing = ", ".join("/".join(p) for p, _ in found)
 
   def ambiguous(why: str) -> ValueError:

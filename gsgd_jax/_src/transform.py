@@ -227,6 +227,28 @@ def _check_inner_state(
       )
 
 
+def _clipped(
+  path_grads: optax.Updates,
+  paths: list[tuple[pytree.Path, ...]],
+  block_sq_norms: list[jax.Array],
+  clip_norm: float,
+) -> optax.Updates:
+  """``path_grads`` times ``min(1, clip_norm / norm)``: ``norm`` sums the blocks' invariant
+  squared norms and the squares of every other leaf but the scale probes."""
+  leaves, _, slots = pytree.locate_blocks(path_grads, paths, "updates")
+  paths_of_leaves, _, _ = pytree.leaf_paths(path_grads)
+  in_blocks = {i for s in slots for i in (*s.kernel, *s.bias, *s.probe) if i is not None}
+  outside = [
+    jnp.sum(jnp.square(leaf.astype(basis.compute_dtype(leaf.dtype))))
+    for i, (path, leaf) in enumerate(zip(paths_of_leaves, leaves, strict=True))
+    if i not in in_blocks and not (path and path[-1] == pytree.PROBE)
+  ]
+  total = sum([*block_sq_norms, *outside], jnp.zeros((), jnp.float32))
+  norm = jnp.sqrt(total)
+  factor = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1), 1)
+  return jax.tree.map(lambda g: (g * factor).astype(g.dtype), path_grads)
+
+
 def path_space(
   inner: optax.GradientTransformation,
   *,
@@ -234,6 +256,7 @@ def path_space(
   fallback: optax.GradientTransformation | None = None,
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
+  clip_norm: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
@@ -299,6 +322,16 @@ def path_space(
       by that factor every step and long runs at large learning rates
       overflow (docs/math.md, normalization layers). The inner state (a
       momentum buffer) is not rescaled with the weights.
+    clip_norm: clip every gradient ``inner`` receives (the blocks' path
+      gradients and the other leaves' ordinary ones) by one factor, so that
+      their global norm is at most ``clip_norm``, with each normalized
+      block's paths ending at output node ``k`` measured as ``N_k dL/dv``
+      instead of the ``N_k^2 dL/dv`` that ``inner`` gets. That measure does
+      not change under the output rescaling a BatchNorm absorbs, so training
+      stays invariant under it; ``optax.clip_by_global_norm`` inside ``inner``
+      keeps the hidden nodes' invariance only (docs/guide.md, gradient
+      clipping). Without normalized blocks the two clip alike. ``None``
+      (default): no clipping here.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -327,6 +360,9 @@ def path_space(
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   decl = declaration.as_declaration(layers)  # read once: later changes to `layers` do nothing
+  # A number is checked here; an array (optax.inject_hyperparams) is used as it is.
+  if isinstance(clip_norm, (int, float)) and not clip_norm > 0:
+    raise ValueError(f"clip_norm must be positive or None, got {pytree.short_repr(clip_norm)}")
   if ratio_clip is not None:
     low, high = (float(r) for r in ratio_clip)
     if not 0 < low <= 1 <= high:
@@ -362,7 +398,7 @@ def path_space(
     _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
-    products, output_scales = [], []
+    products, output_scales, sq_norms = [], [], []
     targets = iter(state.output_norms)
 
     def icr(b: int, grads: LayerArrays):
@@ -376,6 +412,12 @@ def path_space(
         _probe_sums(block_params[b], grads),
       )
       products.append(path_grads.products)
+      if clip_norm is not None:
+        sq_norms.append(
+          basis.invariant_sq_norm(
+            blocks[b], path_grads.kernels, path_grads.biases, path_grads.end_norms
+          )
+        )
       norms = path_grads.output_norms
       renormalizes = renormalize and norms is not None
       output_scales.append(_renormalizing_scales(next(targets), norms) if renormalizes else None)
@@ -383,6 +425,8 @@ def path_space(
 
     path_grads = pytree.map_layers(updates, paths, icr, what="updates")
     path_params = _inner_params(params, blocks, products)
+    if clip_norm is not None:
+      path_grads = _clipped(path_grads, paths, sq_norms, clip_norm)
 
     # Probes anywhere (also on layers outside the blocks) are never trained.
     steps, inner_state = inner.update(
