@@ -28,13 +28,14 @@ def _f64(tree):
   return jax.tree.map(wide, tree)
 
 
-def _passes_in_both_precisions(apply, params, blocks, x):
-  """``verify_invariance`` with default arguments passes in float32 and in float64, with
-  the largest difference far below its tolerance (1e-4 and 1e-8)."""
+def _passes_in_both_precisions(apply, params, blocks, x, float64_bound=0.0):
+  """``verify_invariance`` with default arguments passes in float32 and in float64, the
+  outputs reproduced bit for bit (the guide says so): the largest difference is 0, or in
+  float64 at most ``float64_bound`` (BiT's weight standardization adds its epsilon to a
+  standard deviation, which a lift of 2**30 leaves at 2e-13)."""
   worst32 = gsgd_jax.verify_invariance(apply, params, blocks, x)
   worst64 = gsgd_jax.verify_invariance(apply, _f64(params), blocks, _f64(x))
-  print(f"verify_invariance: float32 {worst32:.3g}, float64 {worst64:.3g}")
-  assert worst32 < 1e-6 and worst64 < 1e-12, (worst32, worst64)
+  assert worst32 == 0.0 and worst64 <= float64_bound, (worst32, worst64)
 
 
 def _trajectory_gap(apply, params, layers, x, make_tx, seed=3):
@@ -248,7 +249,7 @@ def test_bit_group_norm_is_refused_and_its_standardized_convolutions_declared_by
   with pytest.raises(ValueError, match=r"'gn_root'.* are not BatchNorms \(GroupNorm\).*StdConv"):
     gsgd_jax.infer_blocks(params, "resnet")
   blocks = corpus.bit_blocks(model)
-  _passes_in_both_precisions(apply, params, blocks, x)
+  _passes_in_both_precisions(apply, params, blocks, x, float64_bound=1e-12)
   # What infer_blocks used to write here (GroupNorm read as BatchNorm), and a block through
   # a standardized convolution: caught.
   unit = "block1/unit1"

@@ -381,6 +381,13 @@ def test_clip_norm_without_normalized_blocks_is_the_global_norm_clip_in_path_spa
     )
   with pytest.raises(ValueError, match="clip_norm must be positive or None"):
     gsgd_jax.gsgd(0.1, layers=layers, clip_norm=0.0)
+  # As a hyperparameter array it cannot be checked when built: a bound that is not positive
+  # gives NaN updates, not steps reversed or zeroed without a word.
+  tx = optax.inject_hyperparams(gsgd_jax.gsgd)(0.1, layers=layers, clip_norm=1.0)
+  state = tx.init(params)
+  state.hyperparams["clip_norm"] = jnp.asarray(-1.0)
+  updates, _ = tx.update(grads, state, params)
+  assert all(bool(jnp.any(jnp.isnan(u))) for u in jax.tree.leaves(updates))
 
 
 # ----------------------------------------------------------------------------
@@ -446,7 +453,9 @@ def test_verify_invariance_names_a_normalized_block_that_feeds_no_batchnorm():
   module, _, shape = MODELS["plainnet"]
   problem = linen_norm(module, plainnet_bn_blocks(3), shape)
   layers = [*plainnet_bn_blocks(3)[:-1], gsgd_jax.Block(["bn2", "head"], normalized=True)]
-  with pytest.raises(ValueError, match=r"layer 'head' of block 3 .* declared normalized=True"):
+  with pytest.raises(
+    ValueError, match=r"layer 'head' of block 3 .*declared normalized=True.*no BatchNorm"
+  ):
     gsgd_jax.verify_invariance(problem.forward, problem.params, layers, problem.x)
 
 

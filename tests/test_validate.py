@@ -1,5 +1,7 @@
 """verify_invariance: passes on ReLU chains, names the layer that breaks the symmetry."""
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -223,3 +225,64 @@ def test_wrong_declarations_fail_and_the_right_one_passes(dtype):
     _check(_plainnet(NORMS["batch"]), ["conv0", "conv1", "conv2"], dtype)
   with pytest.raises(ValueError, match=r"affine layer 'bn0' of block 1"):  # a GELU
     _check(_plainnet(NORMS["batch"], nn.gelu), BLOCKS, dtype)
+
+
+class _ActivationBeforeNorm(nn.Module):
+  """``dense -> act -> BatchNorm -> ReLU -> dense``, the first layer declared normalized."""
+
+  act: Any
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = self.act(nn.Dense(16, name="d0", dtype=self.dtype)(x))
+    h = nn.relu(nn.BatchNorm(use_running_average=False, name="bn", dtype=self.dtype)(h))
+    return nn.Dense(3, name="d1", dtype=self.dtype)(h).astype(jnp.float32)
+
+
+def _before_norm(act, dtype=None):
+  model = _ActivationBeforeNorm(act, dtype)
+  x = jax.random.normal(jax.random.key(1), (32, 8), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  stats = variables["batch_stats"]
+  apply = jax.jit(
+    lambda p, x: model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])[0]
+  )
+  return apply, variables["params"], x
+
+
+@pytest.mark.parametrize(
+  "act", [jnp.tanh, nn.gelu, nn.relu6, nn.silu, nn.sigmoid], ids=lambda f: f.__name__
+)
+def test_an_activation_between_a_normalized_block_and_its_norm_is_caught(act):
+  """At the common lift of 2**30 a saturating or GELU-like activation looks homogeneous:
+  the lift itself must not move the outputs by more than an epsilon can."""
+  apply, params, x = _before_norm(act)
+  with pytest.raises(ValueError, match=r"lifting the outputs of layer 'd0' .*not positively"):
+    gsgd_jax.verify_invariance(apply, params, [gsgd_jax.Block(["d0"], normalized=True)], x)
+
+
+def test_float16_compute_with_float32_params_falls_back_to_a_smaller_lift():
+  apply, params, x = _before_norm(lambda h: h, jnp.float16)
+  block = [gsgd_jax.Block(["d0"], normalized=True)]
+  assert gsgd_jax.verify_invariance(apply, params, block, x, rtol=3e-2) < 3e-2
+
+
+def test_narrow_levels_are_never_rescaled_by_one_common_factor():
+  """A common factor is what a LayerNorm absorbs too: on outputs two wide, every key must
+  still catch a LayerNorm after a block declared normalized."""
+
+  class Narrow(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.LayerNorm(name="ln")(nn.Dense(2, name="d0")(x)))
+      return nn.Dense(3, name="d1")(h)
+
+  model = Narrow()
+  params = model.init(jax.random.key(0), X)
+  for seed in range(12):
+    with pytest.raises(ValueError, match=r"layer 'params/d0'"):
+      gsgd_jax.verify_invariance(
+        model.apply, params, [gsgd_jax.Block(["params/d0"], normalized=True)], X,
+        key=jax.random.key(seed), perturb=False,
+      )  # fmt: skip

@@ -659,16 +659,20 @@ def invariant_sq_norm(
   ct = compute_dtype(grads[0].dtype)
   total = jnp.zeros((), ct)
   for k, spec in enumerate(struct.layers):
+    # 1 / N_k per column, before squaring: (N^2 g)^2 / N^2 could overflow where N^2 g
+    # itself does not.
+    scale = None
+    if end_norms is not None:
+      scale = jax.lax.rsqrt(_divisor(level(end_norms, struct, k + 1)))
     if spec.kind == "affine":  # every scale entry is in F: only biases own paths
       per_node = jnp.zeros(spec.n_out, ct)
     else:
-      squares = jnp.square(grads[k].astype(ct))
-      per_node = replicated(jnp.sum(squares, axis=tuple(range(grads[k].ndim - 1))))
+      g = grads[k].astype(ct) if scale is None else grads[k].astype(ct) * cols(scale)
+      per_node = replicated(jnp.sum(jnp.square(g), axis=tuple(range(grads[k].ndim - 1))))
     b = bias_grads[k]
     if b is not None:
-      per_node = per_node + replicated(jnp.square(b.astype(ct)))
-    if end_norms is not None:
-      per_node = per_node / _divisor(level(end_norms, struct, k + 1))
+      gb = b.astype(ct) if scale is None else b.astype(ct) * scale
+      per_node = per_node + replicated(jnp.square(gb))
     total = total + jnp.sum(per_node)
   return total
 

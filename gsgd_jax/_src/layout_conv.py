@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from gsgd_jax._src.declaration import Block
 from gsgd_jax._src.found_layers import (
   BATCH,
+  NO_STATISTICS,
   Layer,
   Refusal,
   index,
@@ -38,6 +39,11 @@ _NOT_BATCH = (
   "through one (standardization mixes its input rows). Check the declaration with "
   "gsgd_jax.verify_invariance"
 )
+_NAMES_MAY_MISLEAD = (
+  "(Their kinds were read from their names; where a name misleads, batch statistics decide: "
+  "pass batch_stats=variables['batch_stats'] for Linen, or the whole nnx.state(model) for "
+  "NNX.)"
+)
 _UNKNOWN = (
   "the names of the norms {norms} do not say whether they are BatchNorms (statistics over "
   "the batch, one channel at a time: each absorbs its channel's scale) or GroupNorms, "
@@ -53,7 +59,11 @@ def check_batch_norms(norms: Sequence[Layer]) -> None:
   other = [x for x in norms if x.norm_kind is not None and x.norm_kind != BATCH]
   if other:
     kinds = sorted({x.norm_kind for x in other if x.norm_kind is not None})
-    raise Refusal(f"the norms {names(other)} are not BatchNorms ({', '.join(kinds)}): {_NOT_BATCH}")
+    # Only statistics say NO_STATISTICS; every other kind was read from a name.
+    named = "" if kinds == [NO_STATISTICS] else f" {_NAMES_MAY_MISLEAD}"
+    raise Refusal(
+      f"the norms {names(other)} are not BatchNorms ({', '.join(kinds)}): {_NOT_BATCH}{named}"
+    )
   unknown = [x for x in norms if x.norm_kind is None]
   if unknown:
     raise Refusal(_UNKNOWN.format(norms=names(unknown)))

@@ -98,7 +98,10 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
   neither tells (``norm_proj``). A gated feed-forward block (a gate, an up and a
   down projection), a kernel left beside a feed-forward pair with one of its
   shapes, and widths that contradict the layout (a pre-activation block read as
-  ``'resnet'``) are refused, named.
+  ``'resnet'``, or the reverse) are refused, named. Where every residual block
+  keeps its width, the widths cannot tell a pre- from a post-activation ResNet:
+  the layout named decides, and :func:`gsgd_jax.verify_invariance` catches the
+  wrong one.
 
   Every declaration written is checked against ``params`` as the
   transformations check it at init. Run :func:`gsgd_jax.verify_invariance` on

@@ -246,6 +246,9 @@ def _clipped(
   total = sum([*block_sq_norms, *outside], jnp.zeros((), jnp.float32))
   norm = jnp.sqrt(total)
   factor = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1), 1)
+  # A bound that is not positive (an inject_hyperparams array) gives NaN steps, not steps
+  # silently reversed or zeroed.
+  factor = jnp.where(jnp.asarray(clip_norm) > 0, factor, jnp.nan)
   return jax.tree.map(lambda g: (g * factor).astype(g.dtype), path_grads)
 
 
@@ -330,7 +333,10 @@ def path_space(
       not change under the output rescaling a BatchNorm absorbs, so training
       stays invariant under it; ``optax.clip_by_global_norm`` inside ``inner``
       keeps the hidden nodes' invariance only (docs/guide.md, gradient
-      clipping). Without normalized blocks the two clip alike. ``None``
+      clipping). Without normalized blocks and without ``fallback`` the two
+      clip alike (with a ``fallback``, ``inner`` sees the blocks' leaves only,
+      ``clip_norm`` measures every leaf). A positive number; an array that is
+      not positive (``optax.inject_hyperparams``) gives NaN updates. ``None``
       (default): no clipping here.
 
   Returns:

@@ -27,13 +27,17 @@ PRODUCT_RANGE = (1e-3, 1e3)
 _INPUT_SCALE = 10.0
 
 # The outputs of a normalized block are checked from a common scale of 2**30
-# (2**4 in float16, whose range is small): a BatchNorm's sqrt(a^2 var + eps)
-# equals a sqrt(var + eps) only up to eps / (2 var), and a weight
-# standardization's (w - mean) / (std + eps) its own scale up to eps / std, which
-# at the real scale can exceed float32's and float64's tolerances; lifted by
+# (2**4 where that overflows, and in float16, whose range is small): a BatchNorm's
+# sqrt(a^2 var + eps) equals a sqrt(var + eps) only up to eps / (2 var), and a
+# weight standardization's (w - mean) / (std + eps) its own scale up to eps / std,
+# which at the real scale can exceed float32's and float64's tolerances; lifted by
 # 2**30, eps is below the rounding of a^2 var, and what is left is the symmetry.
-_NORMALIZED_LIFT = 2.0**30
-_NORMALIZED_LIFT_FLOAT16 = 2.0**4
+# The lift itself may change the outputs by no more than an epsilon can: 1% of
+# their scale. More means something between the block and its norm is not
+# positively homogeneous (tanh, GELU, relu6 saturate or turn ReLU-like there).
+_NORMALIZED_LIFTS = (2.0**30, 2.0**4)
+_NORMALIZED_LIFTS_FLOAT16 = (2.0**4,)
+_EPSILON_ALLOWANCE = 1e-2
 
 
 def _default_rtol(dtype: Any) -> float:
@@ -98,7 +102,11 @@ def _power_of_two_factors(rng: np.random.Generator, shape: tuple[int, ...], max_
   to the last bit, and only a broken symmetry (or a norm's epsilon) shows."""
   magnitude = rng.integers(1, max_exponent + 1, shape)
   sign = rng.choice(np.array([-1, 1]), shape)
-  return jnp.asarray(np.exp2(sign * magnitude), jnp.float32)
+  exponents = sign * magnitude
+  if shape[-1] >= 2:
+    # Never all alike: a common factor is what a LayerNorm or RMSNorm absorbs too.
+    exponents[..., 0] = -exponents[..., 1]
+  return jnp.asarray(np.exp2(exponents), jnp.float32)
 
 
 class _Outputs(NamedTuple):
@@ -114,12 +122,19 @@ def _outputs(apply_fn: Callable[[Any, Any], Any], params: Any, x: Any) -> _Outpu
   return _Outputs([np.asarray(a, np.float64) for a in leaves], [a.dtype for a in leaves])
 
 
-def _lift(dtypes: Sequence[Any]) -> float:
-  """The common factor a normalized block's outputs are checked from (see
-  ``_NORMALIZED_LIFT``)."""
+def _lifts(dtypes: Sequence[Any]) -> tuple[float, ...]:
+  """The common factors a normalized block's outputs may be checked from, in order of
+  preference (see ``_NORMALIZED_LIFTS``)."""
   if any(np.dtype(d) == np.float16 for d in dtypes):
-    return _NORMALIZED_LIFT_FLOAT16
-  return _NORMALIZED_LIFT
+    return _NORMALIZED_LIFTS_FLOAT16
+  return _NORMALIZED_LIFTS
+
+
+def _max_difference(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+  return max(
+    (float(np.max(np.abs(o - r), initial=0.0)) for o, r in zip(outputs, reference, strict=True)),
+    default=0.0,
+  )
 
 
 def _describe_scale(input_scale: Any) -> str:
@@ -193,8 +208,11 @@ def verify_invariance(
   BatchNorm's epsilon makes its symmetry approximate (``sqrt(a^2 var + eps)``
   is ``a sqrt(var + eps)`` up to ``eps / (2 var)``); the outputs of a
   normalized block are therefore compared between two rescalings from a common
-  factor of ``2**30`` (``2**4`` in float16), where epsilon is below rounding.
-  Outputs are compared in float64, whatever the model's dtype.
+  factor of ``2**30`` (``2**4`` in float16 or where ``2**30`` overflows), where
+  epsilon is below rounding; that common factor may itself move the outputs by
+  no more than 1% of their scale, which an epsilon can but a tanh, GELU or
+  relu6 between the block and its BatchNorm cannot. Outputs are compared in
+  float64, whatever the model's dtype.
 
   A model can be invariant at its initial params and stop being so once
   trained (``relu6`` below 6, a zero-initialised bias or gate, BatchNorm in
@@ -285,7 +303,7 @@ def verify_invariance(
     floor = atol if atol is not None else tol * float(np.sqrt(np.finfo(np.float32).tiny))
     scale = max((float(np.max(np.abs(r))) for r in reference.arrays if r.size), default=0.0)
     scale = scale or 1.0
-    lift = _lift([*reference.dtypes, *kernel_dtypes])
+    lifts = _lifts([*reference.dtypes, *kernel_dtypes])
     for b, block in enumerate(blocks):
       # Hidden levels, and a normalized block's outputs (S1).
       for level in range(1, block.depth + block.normalized):
@@ -295,22 +313,65 @@ def verify_invariance(
         factors = _power_of_two_factors(rng, shape, max_exponent)
         compared = reference.arrays
         if level == block.depth:  # a normalized block's outputs, from a common lift
-          lifted = _rescaled(point_params, layers, blocks, b, level, jnp.full(shape, lift))
-          compared = _outputs(apply_fn, lifted, point_x).arrays
+          lift, compared = _lifted_reference(
+            apply_fn, (point_params, point_x), (layers, blocks, b), shape, lifts
+          )
+          lifted_by = _max_difference(compared, reference.arrays) / scale
+          if lifted_by > max(_EPSILON_ALLOWANCE, tol):
+            raise ValueError(_lift_failure(block, b, len(blocks), where + hint, lifted_by, lift))
           factors = factors * lift
         rescaled = _rescaled(point_params, layers, blocks, b, level, factors)
-        outputs = _outputs(apply_fn, rescaled, point_x).arrays
-        diff = max(
-          (
-            float(np.max(np.abs(o - r), initial=0.0))
-            for o, r in zip(outputs, compared, strict=True)
-          ),
-          default=0.0,
-        )
+        diff = _max_difference(_outputs(apply_fn, rescaled, point_x).arrays, compared)
         worst = max(worst, diff / scale)
         if not np.isfinite(diff) or diff > floor + tol * scale:
           raise ValueError(_symmetry_failure(blocks, b, level, where + hint, diff, scale))
   return worst
+
+
+def _lifted_reference(
+  apply_fn: Callable[[Any, Any], Any],
+  point: tuple[Any, Any],
+  declared: tuple[LayerPaths, Sequence[structure.ChainStructure], int],
+  shape: tuple[int, ...],
+  lifts: Sequence[float],
+) -> tuple[float, list[np.ndarray]]:
+  """The first of ``lifts`` at which the outputs with block ``b``'s outputs lifted by it
+  are finite, and those outputs; raises when they overflow at every lift."""
+  params, x = point
+  layers, blocks, b = declared
+  for lift in lifts:
+    lifted = _rescaled(params, layers, blocks, b, blocks[b].depth, jnp.full(shape, lift))
+    outputs = _outputs(apply_fn, lifted, x).arrays
+    if all(np.all(np.isfinite(o)) for o in outputs):
+      return lift, outputs
+  raise ValueError(
+    f"verify_invariance: with the outputs of layer {blocks[b].layers[-1].name!r} (declared "
+    f"normalized=True) lifted by {', '.join(map(_power, lifts))} in turn, the "
+    "model's outputs overflowed each time: does the model compute in a format of small "
+    "range (float16) where its params are float32? Check its outputs' normalization, or "
+    "check in float32."
+  )
+
+
+def _power(lift: float) -> str:
+  return f"2**{round(np.log2(lift))}"
+
+
+def _lift_failure(
+  block: structure.ChainStructure, b: int, count: int, where: str, lifted_by: float, lift: float
+) -> str:
+  """The message when lifting a normalized block's outputs moved the model's outputs by
+  more than a norm's epsilon can."""
+  of_block = f" of block {b}" if count > 1 else ""
+  return (
+    f"lifting the outputs of layer {block.layers[-1].name!r}{of_block} (declared "
+    f"normalized=True) by a common factor of {_power(lift)} changed the model's outputs {where} by "
+    f"{lifted_by:.3g} of their scale, more than a BatchNorm's epsilon can "
+    f"({_EPSILON_ALLOWANCE:g}): something between this layer and the norm it feeds is not "
+    "positively homogeneous (a tanh, GELU, sigmoid or relu6 before the BatchNorm), or no "
+    "BatchNorm follows it. Declare the block without normalized=True, or move the "
+    "activation after the norm."
+  )
 
 
 def _symmetry_failure(
