@@ -506,17 +506,31 @@ def summarize(results) -> str:
     f"{config.get('epochs', 1)} epochs, batch {config.get('batch_size', 64)}; "
     "mean ± std over seeds of the last epoch.",
     "",
-    "| optimizer | setting | lr | seeds | test accuracy | train loss | s/epoch | clipped ratios |",
-    "|---|---|---|---|---|---|---|---|",
   ]
   groups = _groups(results)
+  # BatchNorm models: evaluation mode with the running averages, and with statistics
+  # re-estimated for the final weights (loop.recalibrated_accuracy).
+  recalibrated = any(
+    "test_accuracy_recalibrated" in r["history"][-1] for runs in groups.values() for r in runs
+  )
+  extra = " recalibrated test accuracy |" if recalibrated else ""
+  lines += [
+    f"| optimizer | setting | lr | seeds | test accuracy |{extra} train loss | s/epoch | "
+    "clipped ratios |",
+    "|---|---|---|---|---|" + ("---|" if recalibrated else "") + "---|---|---|",
+  ]
   for (name, _), runs in groups.items():
     point = runs[0]["point"]
     last = [r["history"][-1] for r in runs]
     clipped = [h.get("clipped_ratios") for h in last]
+    recal = ""
+    if recalibrated:
+      values = [h["test_accuracy_recalibrated"] for h in last if "test_accuracy_recalibrated" in h]
+      recal = f" {_stats(values) if values else '-'} |"
     lines.append(
       f"| {name} | {_point_label(point)} | {runs[0]['lr']:g} | {len(runs)} | "
-      f"{_stats([h['test_accuracy'] for h in last])} | {_stats([h['train_loss'] for h in last])} | "
+      f"{_stats([h['test_accuracy'] for h in last])} |{recal} "
+      f"{_stats([h['train_loss'] for h in last])} | "
       f"{np.mean([seconds_per_epoch(r['history']) for r in runs]):.2f} | "
       f"{'-' if clipped[0] is None else sum(clipped)} |"
     )

@@ -6,6 +6,7 @@ import tomllib
 
 from gsgd_jax import probes
 from gsgd_jax._src.alias import g_adam, g_adamw, g_momentum, g_rmsprop, gsgd
+from gsgd_jax._src.batch_stats import recalibrate_batch_stats
 from gsgd_jax._src.declaration import Block, LayerPaths
 from gsgd_jax._src.infer import infer_layers
 from gsgd_jax._src.layouts import infer_blocks
@@ -55,6 +56,7 @@ __all__ = [
   "path_space",
   "probes",
   "random_rescale",
+  "recalibrate_batch_stats",
   "rescale",
   "scale_by_path_norm",
   "set_skeleton",

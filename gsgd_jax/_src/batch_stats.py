@@ -1,0 +1,109 @@
+"""BatchNorm's running statistics re-estimated for fixed weights (honest evaluation mode)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _floating(leaf: Any) -> bool:
+  return jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+
+
+def recalibrate_batch_stats(
+  update_stats: Callable[[Any, Any], Any],
+  batch_stats: Any,
+  batches: Iterable[Any],
+) -> Any:
+  r"""Re-estimates BatchNorm's running statistics for fixed weights.
+
+  BatchNorm's running averages (used in evaluation mode) trail the weights they were
+  gathered under: after training, and after any change of the pre-normalization scale,
+  they can be stale, and evaluation-mode accuracy then says more about the averages than
+  about the weights. This replaces every floating statistic by the mean, over
+  ``batches``, of the statistic of each batch alone, as PyTorch's
+  ``torch.optim.swa_utils.update_bn`` does.
+
+  ``update_stats`` is one training-mode forward pass that returns the updated
+  statistics; a running average updates every statistic as
+
+  .. math::
+    s \leftarrow m \, s + (1 - m) \, b,
+
+  with ``b`` the batch's own statistic and ``m`` the momentum. Passes from statistics
+  of all zeros and of all ones give :math:`m` and then :math:`b` exactly, whatever the
+  momentum of each norm, so the model is not changed. One pass per batch, and one more
+  for the first.
+
+  Args:
+    update_stats: ``update_stats(batch_stats, x)`` returns the statistics after one
+      forward pass in training mode on ``x``, e.g. for Linen ``lambda s, x:
+      model.apply({'params': params, 'batch_stats': s}, x, train=True,
+      mutable=['batch_stats'])[1]['batch_stats']``.
+    batch_stats: the statistics as they are (their structure, dtypes and any leaf
+      that is not floating are kept).
+    batches: inputs, e.g. a few dozen training batches.
+
+  Returns:
+    ``batch_stats`` with every floating leaf replaced by the mean of the batches' own
+    statistics.
+
+  Raises:
+    ValueError: when ``batches`` is empty, or when a statistic is not a running
+      average (a momentum of 1, or an update that is not of the form above).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
+    >>> model = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False)])
+    >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 5 + 2
+    >>> variables = model.init(jax.random.key(1), x)
+    >>> def update(stats, x):
+    ...   new = model.apply({**variables, 'batch_stats': stats}, x, mutable=['batch_stats'])[1]
+    ...   return new['batch_stats']
+    >>> stats = gsgd_jax.recalibrate_batch_stats(update, variables['batch_stats'], [x[:32], x[32:]])
+    >>> h = model.layers[0].apply({'params': variables['params']['layers_0']}, x)
+    >>> means = jnp.stack([h[:32].mean(0), h[32:].mean(0)]).mean(0)
+    >>> bool(jnp.allclose(stats['layers_1']['mean'], means, atol=1e-5))
+    True
+  """
+  batches = iter(batches)
+  try:
+    first = next(batches)
+  except StopIteration:
+    raise ValueError("recalibrate_batch_stats: `batches` is empty") from None
+
+  def filled(value: float) -> Any:
+    # A fresh tree for every pass: an NNX state's variables may be updated in place.
+    return jax.tree.map(lambda s: jnp.full_like(s, value) if _floating(s) else s, batch_stats)
+
+  from_zeros = update_stats(filled(0.0), first)
+  # new = m old + (1 - m) b: from ones less from zeros is the momentum m.
+  from_ones = update_stats(filled(1.0), first)
+  momentum = jax.tree.map(lambda a, b: a - b if _floating(a) else 0.0, from_ones, from_zeros)
+  for m in jax.tree.leaves(momentum):
+    wide = np.asarray(m, np.float64)
+    if not np.all(np.isfinite(wide)) or np.any(wide >= 1) or np.any(wide < 0):
+      raise ValueError(
+        "recalibrate_batch_stats: update_stats does not update the statistics as a running "
+        "average new = m old + (1 - m) batch with 0 <= m < 1 (a momentum of 1, or a "
+        "function that does not run the model in training mode with its statistics "
+        "mutable?)"
+      )
+
+  def own(update: Any) -> Any:
+    """Each batch's own statistics, from an update of zeros: (new - m * 0) / (1 - m)."""
+    return jax.tree.map(lambda u, m: u / (1 - m) if _floating(u) else u, update, momentum)
+
+  total, count = own(from_zeros), 1
+  for x in batches:
+    total = jax.tree.map(lambda t, u: t + u, total, own(update_stats(filled(0.0), x)))
+    count += 1
+  return jax.tree.map(
+    lambda s, t: (t / count).astype(jnp.result_type(s)) if _floating(s) else t,
+    batch_stats,
+    total,
+  )
