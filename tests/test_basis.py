@@ -145,12 +145,18 @@ def test_zero_weights_and_biases_move_exactly():
   assert np.asarray(pg.kernels[1])[4, 2] != 0
 
 
-def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
+@ALLOW_CHAIN_RANGE  # skeleton weights at random: large ratios from ordinary steps
+@pytest.mark.parametrize(
+  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (1, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
+)
+def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(seed, lr, ratio_clip):
+  """The guard clips a skeleton ratio's magnitude and keeps its sign: a path asked to cross
+  zero may (its skeleton weight changes sign, as SGD's would) but not land near it, nor
+  leave the bounds; every other path lands on ``v + dv``."""
   widths = (3, 5, 5, 2)
-  params, layers, loss, *_ = _mlp(widths, bias=True)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=seed)
   grads = jax.grad(loss)(params)
-  lr = 5.0
-  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=(0.9, 1.1))
+  tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=ratio_clip)
   updates, state = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   (struct,) = build_structure(params, layers)
@@ -159,17 +165,23 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact():
   after, _ = ref.basis_values(*_arrays(new, layers), widths)
   _, outgoing = ref.skeleton_sets(widths)
   free = _free_masks(widths)
-  missed = 0
+  missed = flipped = 0
   for k in range(len(layers)):
     target = before[k] - lr * np.asarray(pg.kernels[k])
     miss = free[k] & ~np.isclose(after[k], target, rtol=1e-9, atol=1e-12)
-    for i, j in zip(*np.nonzero(miss), strict=True):
-      assert (i, j) in outgoing[k], "only clipped skeleton paths may miss v + dv"
-      ratio = after[k][i, j] / before[k][i, j]
-      assert ratio == pytest.approx(0.9) or ratio == pytest.approx(1.1)
-      missed += 1
+    for i, j in zip(*np.nonzero(free[k]), strict=True):
+      ratio, asked = after[k][i, j] / before[k][i, j], target[i, j] / before[k][i, j]
+      if miss[i, j]:
+        assert (i, j) in outgoing[k], "only clipped skeleton paths may miss v + dv"
+        assert abs(ratio) == pytest.approx(min(max(abs(asked), ratio_clip[0]), ratio_clip[1]))
+        assert np.sign(ratio) == np.sign(asked)
+        missed += 1
+      elif (i, j) in outgoing[k] and asked < 0:
+        flipped += 1  # crossed zero and landed on v + dv
   assert missed == int(state.clipped_ratios) > 0
   assert int(state.total_clipped_ratios) == missed
+  if ratio_clip[1] > 1e6:
+    assert flipped > 0
 
 
 @pytest.mark.parametrize("lr", [1e3, 1e12])

@@ -83,3 +83,16 @@ def test_what_is_not_a_running_average_is_refused():
     gsgd_jax.recalibrate_batch_stats(frozen, variables["batch_stats"], batches)
   with pytest.raises(ValueError, match="`batches` is empty"):
     gsgd_jax.recalibrate_batch_stats(frozen, variables["batch_stats"], [])
+
+
+def test_non_finite_activations_give_non_finite_statistics_not_an_error():
+  model, batches = Net(), _batches()
+  variables = model.init(jax.random.key(0), batches[0])
+  params = jax.tree.map(lambda a: a * jnp.nan, variables["params"])  # a diverged model
+
+  def update(stats, x):
+    out = model.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return out[1]["batch_stats"]
+
+  got = gsgd_jax.recalibrate_batch_stats(update, variables["batch_stats"], batches)
+  assert not np.any(np.isfinite(got["bn"]["mean"]))

@@ -509,14 +509,22 @@ def output_norms(
     if b is not None:
       total = total + replicated(jnp.square(b.astype(ct)))
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
-  rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, ct))
+  return propagate(_at_outputs(struct, own, ct), tables.up, reverse=True)
+
+
+def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
+  """Per-node sums of the paths each node owns (``own[k]`` on level ``k + 1``) carried
+  forward along the skeleton targets to the output node each forward chain ends at: the
+  sums per output node, on level ``L`` padded to ``W``."""
+  tables = struct.levels
+  rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, dtype))
   at_outputs, _ = jax.lax.scan(
     _scatter_step,
-    jnp.zeros(tables.width, ct),
+    jnp.zeros(tables.width, dtype),
     rows_,
     unroll=struct.depth <= UNROLLED_LEVELS,
   )
-  return propagate(at_outputs, tables.up, reverse=True)
+  return at_outputs
 
 
 # ----------------------------------------------------------------------------
@@ -685,6 +693,49 @@ def invariant_sq_norm(
 DEFAULT_RATIO_CLIP = (0.1, 10.0)
 
 
+def _renormalizing_scales(target: Array, now: Array) -> Array:
+  """``sqrt(target / now)`` per output node: the rescaling that brings ``N^2`` to
+  ``target``; 1 where either is zero or not finite."""
+  ok = (target > 0) & (now > 0) & jnp.isfinite(target) & jnp.isfinite(now)
+  return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, now, 1)), 1)
+
+
+def _landed_norms(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  products: SkeletonProducts,
+  skeleton_steps: Array,
+) -> Array:
+  """``N'^2`` per output node (padded to ``W``): the sum of the squares of the values the
+  paths ending there land on, ``v + dv`` (a clipped skeleton path: ``R v``, its step in
+  ``skeleton_steps``, a ``(L + 1, W)`` table of levels)."""
+  ct = products.back.dtype
+  own = []
+  for k, spec in enumerate(struct.layers):
+    forward = level(products.forward, struct, k + 1)
+    if spec.kind == "affine":  # every scale entry is in F: only biases own paths
+      total = jnp.zeros(spec.n_out, ct)
+    else:
+      dv = kernel_steps[k].astype(ct)
+      out = free_outgoing_mask(struct, k)
+      if out is not None:
+        dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
+      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward)
+      landed = jnp.square(v + dv)
+      fixed = fixed_mask(spec, struct.pi[k])
+      if fixed is not None:
+        landed = jnp.where(fixed, 0, landed)
+      total = replicated(jnp.sum(landed, axis=tuple(range(kernels[k].ndim - 1))))
+    b, db = biases[k], bias_steps[k]
+    if b is not None and db is not None:
+      total = total + replicated(jnp.square(b.astype(ct) * forward + db.astype(ct)))
+    own.append(total)
+  return _at_outputs(struct, own, ct)
+
+
 def weight_allocation(
   struct: ChainStructure,
   kernels: Sequence[Array],
@@ -693,7 +744,7 @@ def weight_allocation(
   bias_steps: Sequence[Array | None],
   products: SkeletonProducts,
   ratio_clip: tuple[float, float] | None,
-  output_scales: Array | None = None,
+  target_norms: Array | None = None,
 ) -> tuple[list[Array], list[Array | None], Array]:
   """Weight updates that move every basis path from ``v`` to ``v + dv`` (docs/math.md).
 
@@ -704,29 +755,34 @@ def weight_allocation(
       w_new = w R_e / Q[k+1][j] = (w + dv_e / (B[k][i] F[k+1][j])) / Q[k+1][j]
 
   The additive form needs no division by ``v``, so zero weights and biases move
-  exactly. The finite ratios ``R`` that become divisors ``Q`` are clipped to
-  ``ratio_clip``, so a step that would shrink a skeleton path to zero or flip its
-  sign cannot produce infinite weights; only the clipped paths then miss ``v +
-  dv`` (every other path still lands on it). A NaN or infinite ratio (from a
-  non-finite gradient or step) is not clipped: the update is not finite either.
+  exactly. The magnitudes of the finite ratios ``R`` that become divisors ``Q``
+  are clipped to ``ratio_clip``, their signs kept, so a step that would shrink a
+  skeleton path to zero cannot produce infinite weights, and one that would carry
+  it across zero does (its skeleton weight changes sign); only the clipped paths
+  then miss ``v + dv`` (every other path still lands on it). A NaN or infinite
+  ratio (from a non-finite gradient or step) is not clipped: the update is not
+  finite either.
 
-  ``output_scales``, where given, multiplies the incoming weights and bias of
-  each output node after the step (a normalized chain's renormalization: an
-  element of the output rescaling its BatchNorm absorbs), in the same pass.
+  ``target_norms``, where given (a normalized chain's renormalization), is an
+  ``N^2`` per output node: after the step, the incoming weights and bias of each
+  output node are multiplied by ``sqrt(target / N'^2)``, ``N'^2`` the sum of the
+  squared values the paths ending there land on, so that ``N'^2`` lands on the
+  target exactly (an element of the output rescaling the BatchNorm absorbs). The
+  landed sums take one more reduction per kernel, over ``B w F + dv``.
 
   Returns:
     ``(kernel_updates, bias_updates, num_clipped)``.
   """
   if struct.stack is not None:
 
-    def one(s, kernels, biases, kernel_steps, bias_steps, products, output_scales):
+    def one(s, kernels, biases, kernel_steps, bias_steps, products, target_norms):
       return weight_allocation(
-        s, kernels, biases, kernel_steps, bias_steps, products, ratio_clip, output_scales
+        s, kernels, biases, kernel_steps, bias_steps, products, ratio_clip, target_norms
       )
 
     in_axes = (STACK, STACK, STACK, STACK, 0, 0)
     updates, bias_updates, clipped = per_copy(struct, one, in_axes, (STACK, STACK, 0))(
-      kernels, biases, kernel_steps, bias_steps, products, output_scales
+      kernels, biases, kernel_steps, bias_steps, products, target_norms
     )
     return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32)
   specs, depth, tables = struct.layers, struct.depth, struct.levels
@@ -748,7 +804,13 @@ def weight_allocation(
     # that the update is not finite either (optax.apply_if_finite then skips it) rather
     # than a finite step that silently leaves that path where it was.
     finite = jnp.isfinite(ratio)
-    clipped = jnp.where(finite, jnp.clip(ratio, *ratio_clip), ratio)
+    # The magnitude is clipped and the sign kept: a path asked to cross zero crosses it
+    # (its skeleton weight changes sign, as SGD's would) but lands no nearer to zero than
+    # low * |v|. Clipped at +low instead, a path pushed across zero step after step
+    # shrank geometrically, and every path through its node with it needed weights that
+    # grow as 1 / F (a norm's bias, in deep BatchNorm nets at lr 1.0: benchmarks/RESULTS).
+    magnitude = jnp.clip(jnp.abs(ratio), *ratio_clip)
+    clipped = jnp.where(finite, jnp.where(ratio < 0, -magnitude, magnitude), ratio)
     moved = tables.hidden & ~tables.out_fixed & finite & (clipped != ratio)
     num_clipped = jnp.sum(moved, dtype=jnp.int32)
     ratio = clipped
@@ -771,6 +833,10 @@ def weight_allocation(
 
   # Row k of the skeleton steps is level k's (row L, never read, pads the table).
   steps_table = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
+  output_scales = None
+  if target_norms is not None:
+    landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps_table)
+    output_scales = _renormalizing_scales(target_norms.astype(ct), landed[: specs[-1].n_out])
   factors = jnp.stack([shrink, inv_fwd, inv_back, steps_table], axis=1)
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):

@@ -54,7 +54,9 @@ def recalibrate_batch_stats(
 
   Raises:
     ValueError: when ``batches`` is empty, or when a statistic is not a running
-      average (a momentum of 1, or an update that is not of the form above).
+      average (a momentum of 1, or an update that is not of the form above). A
+      model whose activations are not finite gets statistics that are not
+      finite, as its running averages would be.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, gsgd_jax
@@ -85,8 +87,11 @@ def recalibrate_batch_stats(
   from_ones = update_stats(filled(1.0), first)
   momentum = jax.tree.map(lambda a, b: a - b if _floating(a) else 0.0, from_ones, from_zeros)
   for m in jax.tree.leaves(momentum):
+    # Non-finite entries come from non-finite activations (a diverged model): they give
+    # non-finite statistics, as the model's own running averages would hold.
     wide = np.asarray(m, np.float64)
-    if not np.all(np.isfinite(wide)) or np.any(wide >= 1) or np.any(wide < 0):
+    wide = wide[np.isfinite(wide)]
+    if np.any(wide >= 1) or np.any(wide < 0):
       raise ValueError(
         "recalibrate_batch_stats: update_stats does not update the statistics as a running "
         "average new = m old + (1 - m) batch with 0 <= m < 1 (a momentum of 1, or a "

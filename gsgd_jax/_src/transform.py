@@ -28,8 +28,8 @@ class PathSpaceState(NamedTuple):
       (``int32``, shape ``()``).
     total_clipped_ratios: the same, summed over all updates so far.
     output_norms: per block declared ``normalized=True``, in order, its ``N^2``
-      per output node at ``init``: the norms that renormalization rescales
-      towards (empty without normalized blocks or with ``renormalize=False``).
+      per output node at ``init``: the norms that renormalization lands on
+      (empty without normalized blocks or with ``renormalize=False``).
   """
 
   inner_state: optax.OptState
@@ -133,13 +133,6 @@ def _output_norms(
     for block, arrays in zip(blocks, block_params, strict=True)
     if block.normalized
   )
-
-
-def _renormalizing_scales(target: jax.Array, now: jax.Array) -> jax.Array:
-  """``sqrt(target / now)`` per output node: the rescaling that brings ``N^2`` back to
-  ``target``; 1 where either is zero or not finite."""
-  ok = (target > 0) & (now > 0) & jnp.isfinite(target) & jnp.isfinite(now)
-  return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, now, 1)), 1)
 
 
 def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
@@ -309,22 +302,23 @@ def path_space(
       their ordinary gradients. ``None`` (default) applies ``inner`` itself to
       them, in the same state (so ``gsgd(lr)`` gives them plain SGD at ``lr``);
       ``optax.set_to_zero()`` freezes them.
-    ratio_clip: ``(low, high)`` bounds for the ratios ``R`` of the outgoing
-      skeleton paths, the only ratios used as divisors. A step asking for a
-      ratio outside them (``R <= 0`` included) is clipped and the count is
-      kept in the state; a NaN or infinite ratio (a non-finite gradient) is
+    ratio_clip: ``(low, high)`` bounds for the magnitude of the ratios ``R`` of
+      the outgoing skeleton paths, the only ratios used as divisors. A step
+      asking for a ratio whose magnitude lies outside them is clipped, its
+      sign kept (a path may cross zero, but not land near it), and the count
+      is kept in the state; a NaN or infinite ratio (a non-finite gradient) is
       not, so the update is not finite either. ``None`` disables the guard.
     renormalize: for blocks declared ``normalized=True``: with every step,
-      also multiply each output node's incoming weights and bias by
-      ``sqrt(N^2_init / N^2)``, where ``N^2`` is the squared norm of the basis
-      paths ending there measured before the step, and ``N^2_init`` its value
-      at ``init``. The BatchNorm after the block absorbs this rescaling, so no
-      output changes in training mode. After each update ``N^2`` is then
-      ``N^2_init`` times that one step's growth factor (``1 + (lr G)^2`` for
-      SGD): it never accumulates, where without renormalization the norms grow
-      by that factor every step and long runs at large learning rates
-      overflow (docs/math.md, normalization layers). The inner state (a
-      momentum buffer) is not rescaled with the weights.
+      also multiply each output node's incoming weights and bias so that
+      ``N^2``, the squared norm of the basis paths ending there, lands on its
+      value at ``init`` exactly (the sums of the values the paths land on: one
+      more reduction per kernel of a normalized block). The BatchNorm after
+      the block absorbs this rescaling, so no output changes in training
+      mode, and the scale of the pre-normalization activations, which its
+      running statistics average, stays put. Without renormalization the
+      norms grow by ``1 + (lr G)^2`` every step and long runs at large
+      learning rates overflow (docs/math.md, normalization layers). The inner
+      state (a momentum buffer) is not rescaled with the weights.
     clip_norm: clip every gradient ``inner`` receives (the blocks' path
       gradients and the other leaves' ordinary ones) by one factor, so that
       their global norm is at most ``clip_norm``, with each normalized
@@ -404,7 +398,7 @@ def path_space(
     _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
-    products, output_scales, sq_norms = [], [], []
+    products, renormalize_to, sq_norms = [], [], []
     targets = iter(state.output_norms)
 
     def icr(b: int, grads: LayerArrays):
@@ -424,9 +418,8 @@ def path_space(
             blocks[b], path_grads.kernels, path_grads.biases, path_grads.end_norms
           )
         )
-      norms = path_grads.output_norms
-      renormalizes = renormalize and norms is not None
-      output_scales.append(_renormalizing_scales(next(targets), norms) if renormalizes else None)
+      renormalizes = renormalize and blocks[b].normalized
+      renormalize_to.append(next(targets) if renormalizes else None)
       return path_grads.kernels, path_grads.biases
 
     path_grads = pytree.map_layers(updates, paths, icr, what="updates")
@@ -451,7 +444,7 @@ def path_space(
         steps.biases,
         products[b],
         ratio_clip,
-        output_scales[b],
+        renormalize_to[b],
       )
       clipped.append(num_clipped)
       return kernels, biases
