@@ -1,6 +1,7 @@
 """recalibrate_batch_stats: BatchNorm's statistics re-estimated for fixed weights are the mean
 of the batches' own statistics, whatever the momentum and the stale statistics before (in
-float32, as the models keep their statistics: to float32 rounding, amplified by 1 / (1 - m))."""
+float32, as the models keep their statistics: to float32 rounding amplified by 1 / (1 - m),
+so to 1e-4 relative at momentum 0.99)."""
 
 import flax.linen as nn
 import jax
@@ -41,8 +42,8 @@ def test_linen_statistics_are_the_mean_of_each_batchs_own(momentum):
   stale = jax.tree.map(lambda s: s + 7.0, variables["batch_stats"])
   got = gsgd_jax.recalibrate_batch_stats(update, stale, batches)
   pre = [x @ params["fc"]["kernel"] + params["fc"]["bias"] for x in batches]
-  np.testing.assert_allclose(got["bn"]["mean"], np.mean([h.mean(0) for h in pre], 0), rtol=1e-5)
-  np.testing.assert_allclose(got["bn"]["var"], np.mean([h.var(0) for h in pre], 0), rtol=1e-5)
+  np.testing.assert_allclose(got["bn"]["mean"], np.mean([h.mean(0) for h in pre], 0), rtol=1e-4)
+  np.testing.assert_allclose(got["bn"]["var"], np.mean([h.var(0) for h in pre], 0), rtol=1e-4)
   assert jax.tree.structure(got) == jax.tree.structure(stale)
 
 
@@ -67,8 +68,8 @@ def test_nnx_statistics_with_their_own_momentum():
   got = gsgd_jax.recalibrate_batch_stats(update, stats, batches)
   pre = [model.fc(x) for x in batches]
   mean, var = (np.mean([f(h) for h in pre], 0) for f in (lambda h: h.mean(0), lambda h: h.var(0)))
-  np.testing.assert_allclose(got["bn"]["mean"][...], mean, rtol=1e-5)
-  np.testing.assert_allclose(got["bn"]["var"][...], var, rtol=1e-5)
+  np.testing.assert_allclose(got["bn"]["mean"][...], mean, rtol=1e-4)
+  np.testing.assert_allclose(got["bn"]["var"][...], var, rtol=1e-4)
 
 
 def test_what_is_not_a_running_average_is_refused():
@@ -96,3 +97,20 @@ def test_non_finite_activations_give_non_finite_statistics_not_an_error():
 
   got = gsgd_jax.recalibrate_batch_stats(update, variables["batch_stats"], batches)
   assert not np.any(np.isfinite(got["bn"]["mean"]))
+
+
+def test_huge_statistics_are_estimated_without_cancellation():
+  """Activations of 1e12 (a norm's bias that blew up): a start of ones would lose the
+  momentum to cancellation against statistics of 1e24."""
+  model, batches = Net(0.9), _batches()
+  variables = model.init(jax.random.key(0), batches[0])
+  params = jax.tree.map(lambda a: a, variables["params"])
+  params["fc"] = {"kernel": params["fc"]["kernel"] * 1e12, "bias": params["fc"]["bias"] + 1e12}
+
+  def update(stats, x):
+    out = model.apply({"params": params, "batch_stats": stats}, x, mutable=["batch_stats"])
+    return out[1]["batch_stats"]
+
+  got = gsgd_jax.recalibrate_batch_stats(update, variables["batch_stats"], batches)
+  pre = [x @ params["fc"]["kernel"] + params["fc"]["bias"] for x in batches]
+  np.testing.assert_allclose(got["bn"]["var"], np.mean([h.var(0) for h in pre], 0), rtol=1e-4)

@@ -34,10 +34,11 @@ def recalibrate_batch_stats(
   .. math::
     s \leftarrow m \, s + (1 - m) \, b,
 
-  with ``b`` the batch's own statistic and ``m`` the momentum. Passes from statistics
-  of all zeros and of all ones give :math:`m` and then :math:`b` exactly, whatever the
-  momentum of each norm, so the model is not changed. One pass per batch, and one more
-  for the first.
+  with ``b`` the batch's own statistic and ``m`` the momentum. A pass from statistics of
+  all zeros and one from the statistics that pass gives yield :math:`m` and then
+  :math:`b`, whatever the momentum of each norm, so the model is not changed (to the
+  statistics' precision over :math:`1 - m`: about ``1e-5`` relative in float32 at
+  momentum 0.99). One pass per batch, and one more for the first.
 
   Args:
     update_stats: ``update_stats(batch_stats, x)`` returns the statistics after one
@@ -83,9 +84,16 @@ def recalibrate_batch_stats(
     return jax.tree.map(lambda s: jnp.full_like(s, value) if _floating(s) else s, batch_stats)
 
   from_zeros = update_stats(filled(0.0), first)
-  # new = m old + (1 - m) b: from ones less from zeros is the momentum m.
-  from_ones = update_stats(filled(1.0), first)
-  momentum = jax.tree.map(lambda a, b: a - b if _floating(a) else 0.0, from_ones, from_zeros)
+  # new = m old + (1 - m) b: from zeros it is (1 - m) b; from a start of that same size
+  # (1 where it is 0), m start + (1 - m) b. Their difference over the start is m, without
+  # the cancellation a start of ones would suffer where b is large.
+  start = jax.tree.map(
+    lambda z: jnp.where(z != 0, z, jnp.ones_like(z)) if _floating(z) else z, from_zeros
+  )
+  from_start = update_stats(jax.tree.map(jnp.array, start), first)
+  momentum = jax.tree.map(
+    lambda y, z, s: (y - z) / s if _floating(y) else 0.0, from_start, from_zeros, start
+  )
   for m in jax.tree.leaves(momentum):
     # Non-finite entries come from non-finite activations (a diverged model): they give
     # non-finite statistics, as the model's own running averages would hold.
