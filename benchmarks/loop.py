@@ -150,6 +150,17 @@ class PlainNetBN(nn.Module):
       gsgd_jax.Block([f"bn{n - 1}", "head"]),
     ]
 
+  def stage_chains(self) -> list[list[str]]:
+    """The authors' declaration: each stage's convolutions as one chain, straight through
+    the BatchNorms between them (approximate: a BatchNorm undoes the rescaling of its
+    inputs, so these chains' basis paths are not the network's invariants and
+    ``verify_invariance`` rejects them). The norms and the head take the fallback."""
+    chains, first = [], 0
+    for _, convs in self.stages:
+      chains.append([f"conv{i}" for i in range(first, first + convs)])
+      first += convs
+    return chains
+
 
 class BasicBlockBN(nn.Module):
   """ResNet basic block ``relu(shortcut(x) + BN_b(conv_b(relu(BN_a(conv_a(x))))))``; the
@@ -305,7 +316,14 @@ BN_MODELS = (PlainNetBN, ResNetBN)
 take ``normalized``."""
 
 
-def gsgd_layers(model: nn.Module, params, *, normalized: bool = True) -> list:
+DECLARATIONS = ("blocks", "stage_chains")
+"""How a BatchNorm model is declared: ``blocks`` (exact: the normalized blocks of
+docs/math.md) or ``stage_chains`` (the authors' approximation, PlainNet-BN only)."""
+
+
+def gsgd_layers(
+  model: nn.Module, params, *, normalized: bool = True, declaration: str = "blocks"
+) -> list:
   """The layers (or blocks) of ``model`` for gsgd_jax: declared by the model, or
   inferred from a plain chain's names.
 
@@ -315,10 +333,19 @@ def gsgd_layers(model: nn.Module, params, *, normalized: bool = True) -> list:
       ``variables['params']`` of a BatchNorm model (its blocks are relative to it).
     normalized: for BatchNorm models, declare the blocks feeding a BatchNorm normalized;
       False (the ablation without the ``N^2`` scaling) is rejected for other models.
+    declaration: one of :data:`DECLARATIONS`; ``stage_chains`` applies to
+      :class:`PlainNetBN` only.
 
   Returns:
     The ``layers`` argument of the gsgd_jax optimizers.
   """
+  if declaration not in DECLARATIONS:
+    raise ValueError(f"unknown declaration {declaration!r}: use one of {', '.join(DECLARATIONS)}")
+  if declaration == "stage_chains":
+    if not isinstance(model, PlainNetBN):
+      name = type(model).__name__
+      raise ValueError(f"declaration 'stage_chains' applies to PlainNetBN, not {name}")
+    return model.stage_chains()
   if isinstance(model, BN_MODELS):
     return model.gsgd_blocks(normalized)
   if not normalized:
@@ -548,6 +575,10 @@ def total_clipped(state) -> int | None:
   return sum(int(s.total_clipped_ratios) for s in found) if found else None
 
 
+CURVE_STEPS = 10
+"""Steps per point of an epoch's ``train_loss_curve``."""
+
+
 def train(
   name: str,
   tx: optax.GradientTransformation,
@@ -592,9 +623,10 @@ def train(
     scan: run the steps of a chunk as one ``lax.scan``; None: :func:`use_scan`.
 
   Returns:
-    ``(history, variables)``: one dict per epoch (train loss, test accuracy, seconds,
-    clipped path ratios when G-SGD ran) and the trained variables (``params`` alone for
-    a stateless model, ``{'params': ..., 'batch_stats': ...}`` otherwise).
+    ``(history, variables)``: one dict per epoch (train loss, its curve in means of
+    :data:`CURVE_STEPS` steps, test accuracy, seconds, clipped path ratios when G-SGD
+    ran) and the trained variables (``params`` alone for a stateless model,
+    ``{'params': ..., 'batch_stats': ...}`` otherwise).
   """
   x_train, y_train = train_xy
   if augment is not None and augment not in AUGMENTATIONS:
@@ -627,9 +659,14 @@ def train(
         losses.append(np.asarray(chunk_losses))
         bar.update(len(idx))
     seconds = time.perf_counter() - start
+    step_losses = np.concatenate(losses)
+    windows = step_losses[: len(step_losses) // CURVE_STEPS * CURVE_STEPS]
     entry = {
       "epoch": epoch + 1,
-      "train_loss": float(np.concatenate(losses).mean()),
+      "train_loss": float(step_losses.mean()),
+      # The loss over the epoch, a mean per CURVE_STEPS steps (early training is where
+      # optimizers differ most).
+      "train_loss_curve": [float(v) for v in windows.reshape(-1, CURVE_STEPS).mean(1)],
       "test_accuracy": accuracy(model, params, *test_xy, model_state=model_state),
       "seconds": seconds,
     }

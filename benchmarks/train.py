@@ -2,7 +2,7 @@
 
     python -m benchmarks.train --config configs/NAME.toml [--out DIR] [--seeds 0 1 2]
                                [--epochs N] [--train-subset N] [--data-dir DIR]
-                               [--no-progress]
+                               [--sweep V [V ...]] [--no-progress]
 
 Writes ``DIR/results.json`` (every run: settings, seed, learning rate, per-epoch
 train loss, test accuracy, seconds and clipped path ratios), ``DIR/summary.md``
@@ -23,7 +23,8 @@ Config keys beyond the obvious ones:
 - ``[sweep]``: one key, ``width`` (every hidden width of an MLP) or ``depth`` (the
   number of convolutions of a ``plainnet_bn``, spread over its stages as evenly as
   possible, earlier stages taking the remainder). Learning rates from ``lr_grid`` are
-  chosen once, at the first swept value.
+  chosen once, at the first swept value, or at every swept value with ``[grid]
+  per_point = true``.
 - ``train_subset``, ``test_subset``: train (test) on the first N examples only.
 - ``skeleton_init`` (default true, also per optimizer): set every skeleton weight to 1
   before training, as the authors did; G-SGD barely trains the BatchNorm models without
@@ -36,7 +37,10 @@ Config keys beyond the obvious ones:
   PyTorch's ``MultiStepLR``: the factor applies from the first step of that epoch,
   counted from 0), ``momentum`` (default 0.9), ``weight_decay`` (``adamw`` and
   ``path_adamw``, default 1e-4) and ``normalized`` (default true; false declares the
-  BatchNorm models' blocks without the ``N^2`` scaling, an ablation).
+  BatchNorm models' blocks without the ``N^2`` scaling, an ablation) and ``declaration``
+  (``blocks``, default, or ``stage_chains``: a ``plainnet_bn``'s stages as chains straight
+  through the BatchNorms, the authors' approximation; it also sets the skeleton pattern
+  ``skeleton_init`` uses, for SGD too).
 - Optimizer kinds: ``sgd``, ``momentum``, ``adam``, ``adamw`` (optax's), ``gsgd``,
   ``g_momentum``, ``g_adam``, ``path_sgd`` (gsgd_jax's, with the same optimizer on plain
   gradients outside the blocks) and ``path_adamw``: ``gsgd_jax.path_space(optax.adamw(...))``
@@ -64,6 +68,8 @@ from benchmarks import data as datasets
 from benchmarks.loop import (
   AUGMENTATIONS,
   BN_MODELS,
+  CURVE_STEPS,
+  DECLARATIONS,
   MLP,
   PlainCNN,
   PlainNetBN,
@@ -103,13 +109,14 @@ OPTIMIZER_KEYS = {
   "lr_grid",
   "momentum",
   "normalized",
+  "declaration",
   "skeleton_init",
   "weight_decay",
 }
 VIT_DEFAULTS = {"patch": 7, "dim": 64, "hidden": 128, "depth": 4, "heads": 4}
 """The ``vit`` model's keys and their defaults (those of :class:`benchmarks.loop.ViT`)."""
 MODEL_KEYS = {"kind", "widths", "bias", "stages", *VIT_DEFAULTS}
-GRID_KEYS = {"validation", "epochs", "seed"}
+GRID_KEYS = {"validation", "epochs", "seed", "per_point"}
 KINDS = (
   "sgd",
   "momentum",
@@ -184,6 +191,16 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: normalized = false needs a BatchNorm model "
       f"({', '.join(BN_KINDS)})"
+    )
+  declaration = opt.get("declaration", "blocks")
+  if declaration not in DECLARATIONS:
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: declaration {declaration!r}; use one of "
+      f"{', '.join(DECLARATIONS)}"
+    )
+  if declaration == "stage_chains" and model_kind != "plainnet_bn":
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: declaration 'stage_chains' needs model kind plainnet_bn"
     )
   boundaries = opt.get("lr_boundaries", [])
   if list(boundaries) != sorted(boundaries) or any(b <= 0 for b in boundaries):
@@ -365,7 +382,12 @@ def run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, *, epochs, prog
   compiled = isinstance(model, (*BN_MODELS, ViT))
   init = functools.partial(init_variables, model) if compiled else model.init
   params, model_state = split_variables(init(jax.random.key(seed), train_xy[0][:1]))
-  layers = gsgd_layers(model, params, normalized=opt.get("normalized", True))
+  layers = gsgd_layers(
+    model,
+    params,
+    normalized=opt.get("normalized", True),
+    declaration=opt.get("declaration", "blocks"),
+  )
   if opt.get("skeleton_init", config.get("skeleton_init", True)):
     skeleton = functools.partial(gsgd_jax.set_skeleton, layers=layers, value=1.0)
     params = (jax.jit(skeleton) if compiled else skeleton)(params)
@@ -393,8 +415,9 @@ def _short(key: str) -> str:
   return {"width": "H", "depth": "D"}.get(key, key)
 
 
-def choose_lr(config, opt, ds, xy, progress) -> dict[str, Any]:
-  """Picks ``lr`` from ``lr_grid`` by accuracy on a held-out part of the train split."""
+def choose_lr(config, opt, point, ds, xy, progress) -> dict[str, Any]:
+  """Picks ``lr`` from ``lr_grid`` by accuracy on a held-out part of the train split,
+  training the model of the sweep ``point``."""
   grid = config.get("grid", {})
   seed = grid.get("seed", 0)
   x, y = xy
@@ -406,7 +429,7 @@ def choose_lr(config, opt, ds, xy, progress) -> dict[str, Any]:
     history = run_one(
       config,
       opt,
-      sweep_points(config)[0],
+      point,
       seed,
       lr,
       ds,
@@ -449,14 +472,18 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
     os.replace(path + ".tmp", path)
 
   epochs = config.get("epochs", 1)
+  per_point = config.get("grid", {}).get("per_point", False)
   for opt in config["optimizers"]:
-    lr = opt.get("lr")
-    if "lr_grid" in opt:
-      if opt["name"] not in results["lr_choices"]:
-        results["lr_choices"][opt["name"]] = choose_lr(config, opt, ds, train_xy, progress)
-        save()
-      lr = results["lr_choices"][opt["name"]]["lr"]
     for point in sweep_points(config):
+      lr = opt.get("lr")
+      if "lr_grid" in opt:
+        # Chosen at this point, or once at the first (where the other points reuse it).
+        at = point if per_point else sweep_points(config)[0]
+        choice = lr_choice_key(opt["name"], at, per_point)
+        if choice not in results["lr_choices"]:
+          results["lr_choices"][choice] = choose_lr(config, opt, at, ds, train_xy, progress)
+          save()
+        lr = results["lr_choices"][choice]["lr"]
       for seed in config.get("seeds", [0]):
         key = (opt["name"], _point_key(point), seed)
         if key in done:
@@ -477,6 +504,12 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
         save()
   save()
   return results
+
+
+def lr_choice_key(name: str, point: dict[str, Any], per_point: bool) -> str:
+  """Where ``results['lr_choices']`` keeps an optimizer's choice: its name, with the sweep
+  point when each point chooses its own."""
+  return f"{name} ({_point_label(point)})" if per_point and point else name
 
 
 def _settings(config) -> dict:
@@ -542,16 +575,21 @@ def summarize(results) -> str:
   gaps = gap_table(results)
   if gaps:
     first, second = [o["name"] for o in config["optimizers"][:2]]
+    recal_gaps = gaps[0][5] is not None
     lines += [
       "",
       f"Gap {second} minus {first}, paired by seed (mean ± std):",
       "",
-      f"| {swept_key(config)} | test accuracy gap | train loss gap |",
-      "|---|---|---|",
+      f"| {swept_key(config)} | test accuracy gap |"
+      + (" recalibrated test accuracy gap |" if recal_gaps else "")
+      + " train loss gap |",
+      "|---|---|" + ("---|" if recal_gaps else "") + "---|",
     ]
     lines += [
-      f"| {value} | {acc:+.4f} ± {acc_std:.4f} | {loss:+.4f} ± {loss_std:.4f} |"
-      for value, acc, acc_std, loss, loss_std in gaps
+      f"| {value} | {acc:+.4f} ± {acc_std:.4f} |"
+      + (f" {recal:+.4f} ± {recal_std:.4f} |" if recal is not None else "")
+      + f" {loss:+.4f} ± {loss_std:.4f} |"
+      for value, acc, acc_std, loss, loss_std, recal, recal_std in gaps
     ]
   return "\n".join(lines) + "\n"
 
@@ -575,7 +613,7 @@ def _point_label(point) -> str:
 def gap_table(results):
   """Per swept value (width or depth): the second optimizer minus the first, paired by
   seed (same initialisation and batches): (value, accuracy gap mean, std, loss gap mean,
-  std)."""
+  std, recalibrated accuracy gap mean, std), the last two None without BatchNorm."""
   config = results["config"]
   key = swept_key(config)
   if key is None or len(config["optimizers"]) < 2:
@@ -590,6 +628,8 @@ def gap_table(results):
     if seeds:
       acc = [b[s]["test_accuracy"] - a[s]["test_accuracy"] for s in seeds]
       loss = [b[s]["train_loss"] - a[s]["train_loss"] for s in seeds]
+      recal_key = "test_accuracy_recalibrated"
+      recal = [b[s][recal_key] - a[s][recal_key] for s in seeds if recal_key in a[s]]
       rows.append(
         (
           point[key],
@@ -597,6 +637,8 @@ def gap_table(results):
           float(np.std(acc)),
           float(np.mean(loss)),
           float(np.std(loss)),
+          float(np.mean(recal)) if recal else None,
+          float(np.std(recal)) if recal else None,
         )
       )
   return rows
@@ -630,9 +672,10 @@ def plot(results, out_dir) -> list[str]:
   written.append(os.path.join(out_dir, "curves.png"))
   fig.savefig(written[-1], dpi=110)
   plt.close(fig)
+  written += _plot_step_curves(results, out_dir, plt)
   gaps = gap_table(results)
   if gaps:
-    values, acc, acc_std, loss, loss_std = zip(*gaps, strict=True)
+    values, acc, acc_std, loss, loss_std = zip(*(row[:5] for row in gaps), strict=True)
     key = swept_key(results["config"]) or ""  # set: gaps exist only with a sweep
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, gap, errors, title in zip(
@@ -653,6 +696,32 @@ def plot(results, out_dir) -> list[str]:
   return written
 
 
+def _plot_step_curves(results, out_dir, plt) -> list[str]:
+  """The train loss over steps (mean over seeds), one panel per sweep point: the early
+  steps, where optimizers and initialisations part, are hidden in per-epoch means."""
+  groups = _groups(results)
+  if not all("train_loss_curve" in h for runs in groups.values() for h in runs[0]["history"]):
+    return []  # results from before the curves were recorded
+  points = sweep_points(results["config"])
+  fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4), squeeze=False)
+  for ax, point in zip(axes[0], points, strict=True):
+    for (name, key), runs in groups.items():
+      if key != _point_key(point):
+        continue
+      curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
+      steps = CURVE_STEPS * np.arange(1, curves.shape[1] + 1)
+      ax.plot(steps, curves.mean(0), label=name)
+    ax.set_xlabel("step")
+    ax.set_title(f"train loss ({_point_label(point)})" if point else "train loss")
+    ax.grid(alpha=0.3)
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "steps.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return [path]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True, help="TOML file in configs/")
@@ -663,6 +732,9 @@ def main(argv=None):
     "--train-subset", type=int, help="override the config's train_subset (first N examples)"
   )
   parser.add_argument("--data-dir", help="override the config's data_dir")
+  parser.add_argument(
+    "--sweep", type=int, nargs="+", help="override the values of the config's [sweep] key"
+  )
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
   config = load_config(
@@ -674,6 +746,11 @@ def main(argv=None):
       "data_dir": args.data_dir,
     },
   )
+  if args.sweep:
+    key = swept_key(config)
+    if key is None:
+      parser.error(f"--sweep: {args.config} has no [sweep]")
+    config["sweep"] = {key: args.sweep}
   out_dir = args.out or os.path.join("runs", config["name"])
   results = run_experiment(config, out_dir, progress=not args.no_progress)
   summary = summarize(results)

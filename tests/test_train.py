@@ -1,6 +1,7 @@
 """The experiment runner: outputs, determinism, resuming, learning-rate grid, CIFAR batches."""
 
 import json
+import os
 import pickle
 
 import jax
@@ -293,10 +294,53 @@ def test_not_normalized_blocks_are_the_ablation(kind):
   assert not any(b.normalized for b in plain)
 
 
+def test_stage_chains_are_the_authors_declaration_and_not_exact(tmp_path):
+  """declaration = "stage_chains": each stage's convolutions one chain through the norms;
+  the skeleton pattern follows it (for SGD too); verify_invariance rejects it."""
+  text = BN_SMALL.replace("KIND", "plainnet_bn").replace(
+    "lr = 0.1\n", 'lr = 0.1\ndeclaration = "stage_chains"\n'
+  )
+  config = _config(tmp_path, text.replace("stages = [[4, 1], [6, 1]]", "stages = [[4, 2], [6, 2]]"))
+  results = train.run_experiment(config, tmp_path / "out", progress=False)
+  assert [r["optimizer"] for r in results["runs"]] == ["SGD", "G-SGD"]
+  model = train.make_model(config, {}, 10)
+  chains = model.stage_chains()
+  assert chains == [["conv0", "conv1"], ["conv2", "conv3"]]
+  assert loop.gsgd_layers(model, None, declaration="stage_chains") == chains
+  x = jnp.asarray(train.as_images(datasets.load_digits().x_train[:16]))
+  variables = model.init(jax.random.key(0), x[:1])
+
+  def apply(params, x):
+    out, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"]
+    )
+    return out
+
+  with pytest.raises(ValueError, match="conv"):
+    gsgd_jax.verify_invariance(apply, variables["params"], chains, x)
+  gsgd_jax.verify_invariance(apply, variables["params"], model.gsgd_blocks(), x)
+  with pytest.raises(ValueError, match="applies to PlainNetBN"):
+    loop.gsgd_layers(loop.ResNetBN(((4, 1),), 10), None, declaration="stage_chains")
+
+
+def test_loss_curves_over_steps_are_recorded_and_plotted(tmp_path):
+  config = _bn_config(tmp_path, "plainnet_bn", batch_size=16)
+  results = train.run_experiment(config, tmp_path / "out", progress=False)
+  for run in results["runs"]:
+    (entry,) = run["history"]
+    curve = entry["train_loss_curve"]  # 24 steps: the means of steps 1-10 and 11-20
+    assert len(curve) == 384 // 16 // train.CURVE_STEPS == 2
+    assert np.all(np.isfinite(curve)) and curve[0] != curve[1]
+  written = train.plot(results, str(tmp_path / "out"))
+  assert os.path.basename(written[1]) == "steps.png" and os.path.getsize(written[1]) > 0
+
+
 @pytest.mark.parametrize(
   "old, new, message",
   [
     ("width = [8, 16]", "depth = [2, 3]", "a depth sweep needs model kind plainnet_bn"),
+    ("lr = 0.1\n", 'lr = 0.1\ndeclaration = "stage_chains"\n', "needs model kind plainnet_bn"),
+    ("lr = 0.1\n", 'lr = 0.1\ndeclaration = "chains"\n', "declaration 'chains'"),
     ("lr = 0.1\n", "lr = 0.1\nnormalized = false\n", "normalized = false needs a BatchNorm"),
     ("lr = 0.1\n", "lr = 0.1\nlr_boundaries = [4, 2]\n", "lr_boundaries must be increasing"),
     ("seeds = [0]", 'seeds = [0]\naugment = "mixup"', "unknown augment 'mixup'"),
@@ -399,9 +443,47 @@ def test_depth_sweep_gives_one_result_per_depth(tmp_path):
   ]
   assert [row[0] for row in train.gap_table(results)] == [2, 3]
   summary = train.summarize(results)
-  assert "| depth | test accuracy gap | train loss gap |" in summary and "| 3 | " in summary
+  assert (
+    "| depth | test accuracy gap | recalibrated test accuracy gap | train loss gap |" in summary
+  )
+  assert "| 3 | " in summary
   assert train.make_model(config, {"depth": 3}, 10).stages == ((4, 2), (6, 1))
   assert len(train.plot(results, str(tmp_path / "out"))) == 2
+
+
+def test_sweep_flag_runs_the_values_given(tmp_path):
+  _config(tmp_path)
+  out = tmp_path / "out"
+  argv = ["--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]
+  train.main([*argv, "--sweep", "16"])
+  results = json.loads((out / "results.json").read_text())
+  assert [r["point"] for r in results["runs"]] == [{"width": 16}, {"width": 16}]
+  (tmp_path / "flat.toml").write_text(SMALL.replace("[sweep]\nwidth = [8, 16]\n", ""))
+  with pytest.raises(SystemExit):
+    train.main(["--config", str(tmp_path / "flat.toml"), "--out", str(out), "--sweep", "8"])
+
+
+def test_learning_rates_chosen_at_every_depth(tmp_path, monkeypatch):
+  """[grid] per_point: each depth trains with the rate chosen on that depth's model."""
+  tables = "\n[sweep]\ndepth = [2, 3]\n\n[grid]\nvalidation = 0.25\nper_point = true\n"
+  text = BN_SMALL.replace("KIND", "plainnet_bn").replace("lr = 0.1\n", "lr_grid = [0.01, 1.0]\n")
+  config = _config(tmp_path, text + tables)
+  trained = []  # (optimizer, depth, lr, on the validation split?) of every run_one
+  run_one = train.run_one
+
+  def recording(config, opt, point, seed, lr, ds, train_xy, test_xy, **kw):
+    trained.append((opt["name"], point["depth"], lr, len(test_xy[0]) < 100))
+    return run_one(config, opt, point, seed, lr, ds, train_xy, test_xy, **kw)
+
+  monkeypatch.setattr(train, "run_one", recording)
+  results = train.run_experiment(config, tmp_path / "out", progress=False)
+  choices = results["lr_choices"]
+  assert list(choices) == ["SGD (depth=2)", "SGD (depth=3)", "G-SGD (depth=2)", "G-SGD (depth=3)"]
+  for run in results["runs"]:
+    assert run["lr"] == choices[f"{run['optimizer']} (depth={run['point']['depth']})"]["lr"]
+  grids = [(name, depth, lr) for name, depth, lr, validation in trained if validation]
+  assert grids == [(n, d, lr) for n in ("SGD", "G-SGD") for d in (2, 3) for lr in (0.01, 1.0)]
+  assert "- G-SGD (depth=3): " in train.summarize(results)
 
 
 def test_spread_depth():
