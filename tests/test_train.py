@@ -1,5 +1,6 @@
 """The experiment runner: outputs, determinism, resuming, learning-rate grid, CIFAR batches."""
 
+import functools
 import json
 import os
 import pickle
@@ -578,6 +579,37 @@ def test_cifar_bn_configs_build_the_authors_models(name, convs, blocks):
   # The declared blocks fit the parameters (checked when the optimizer state is built).
   state = jax.eval_shape(gsgd_jax.gsgd(1.0, layers=model.gsgd_blocks()).init, variables["params"])
   assert jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize("name", ["fmnist_init_study.toml", "cifar10_init_study.toml"])
+def test_init_studies_cross_every_initialisation_with_every_declaration(name):
+  from pathlib import Path
+
+  config = train.load_config(str(Path(__file__).parent.parent / "configs" / name), {})
+  variants = {
+    (o["kind"], o.get("declaration", "blocks"), o.get("skeleton_init", True))
+    for o in config["optimizers"]
+  }
+  assert variants == {
+    ("sgd", "blocks", False),
+    ("sgd", "blocks", True),
+    ("sgd", "stage_chains", True),
+    *((k, d, i) for k in ["gsgd"] for d in ["blocks", "stage_chains"] for i in [False, True]),
+  }
+  assert all(o["lr_grid"] == [0.1, 0.3, 1.0] for o in config["optimizers"])
+  point = train.sweep_points(config)[-1]
+  model = train.make_model(config, point, 10)
+  shape = (1, 32, 32, 3) if config["dataset"] == "cifar10" else (1, 28, 28, 1)
+  variables = jax.eval_shape(
+    model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32)
+  )
+  chains = loop.gsgd_layers(model, variables["params"], declaration="stage_chains")
+  assert [len(c) for c in chains] == [n for _, n in model.stages]
+  for layers in (chains, model.gsgd_blocks()):
+    params = jax.eval_shape(
+      functools.partial(gsgd_jax.set_skeleton, layers=layers), variables["params"]
+    )
+    assert jax.tree.leaves(jax.eval_shape(gsgd_jax.gsgd(1.0, layers=layers).init, params))
 
 
 def test_recalibrated_accuracy_scores_the_weights_not_stale_statistics():
