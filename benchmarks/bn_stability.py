@@ -13,7 +13,7 @@ Test accuracy on the first 5000 test images, in evaluation mode and with the Bat
 statistics recalibrated for the final weights.
 
     python -m benchmarks.bn_stability [--depth 32] [--lrs 1.0] [--seeds 0,1,2]
-        [--steps 150] [--train 25600] [--out DIR]
+        [--optimizers SGD,G-SGD] [--steps 150] [--train 25600] [--out DIR]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ BATCH = 128
 TEST = 5000
 STAGES = (16, 32, 64)
 CHECKPOINTS = (10, 50, 100, 150, 300, 600, 1000)
+OPTIMIZERS = ("SGD", "G-SGD")
 
 
 def floats(text: str) -> list[float]:
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--depth", type=int, default=32)
   parser.add_argument("--lrs", type=floats, default=[1.0])
   parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
+  parser.add_argument(
+    "--optimizers", type=lambda t: t.split(","), default=list(OPTIMIZERS), help="SGD,G-SGD"
+  )
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--train", type=int, default=25600, help="first N training images")
   parser.add_argument("--data-dir", default=None)
@@ -145,13 +149,15 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.steps % 10:
     parser.error("--steps must be a multiple of 10")
+  if not args.optimizers or set(args.optimizers) - set(OPTIMIZERS):
+    parser.error(f"--optimizers: a comma-separated subset of {','.join(OPTIMIZERS)}")
   ds = datasets.load_dataset(args.data_dir)
   ds = dataclasses.replace(ds, x_train=ds.x_train[: args.train], y_train=ds.y_train[: args.train])
   runs = [
     run(kind, lr, seed, args.depth, args.steps, ds)
     for lr in args.lrs
     for seed in args.seeds
-    for kind in ("SGD", "G-SGD")
+    for kind in args.optimizers
   ]
   settings = (
     f"PlainNet-BN depth {args.depth} {stages(args.depth)}, {ds.name}, first {args.train} "

@@ -570,9 +570,11 @@ def test_bn_stability_benchmark_writes_its_report(tmp_path):
   from benchmarks import bn_stability
 
   argv = ["--depth", "3", "--steps", "10", "--seeds", "0", "--train", "512"]
-  bn_stability.main([*argv, "--out", str(tmp_path)])
+  bn_stability.main([*argv, "--optimizers", "G-SGD,SGD", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "bn_stability.json").read_text())
-  assert [r["optimizer"] for r in result["runs"]] == ["SGD", "G-SGD"]
+  assert [r["optimizer"] for r in result["runs"]] == ["G-SGD", "SGD"]
+  with pytest.raises(SystemExit):
+    bn_stability.main([*argv, "--optimizers", "Adam"])
   for r in result["runs"]:
     assert r["finite"] and 0 <= r["test_accuracy_recalibrated"] <= 1
     assert r["smallest_skeleton"] > 0 and np.isfinite(r["largest_bn_bias"])
