@@ -700,8 +700,9 @@ def _plot_step_curves(results, out_dir, plt) -> list[str]:
   """The train loss over steps (mean over seeds), one panel per sweep point: the early
   steps, where optimizers and initialisations part, are hidden in per-epoch means."""
   groups = _groups(results)
-  if not all("train_loss_curve" in h for runs in groups.values() for h in runs[0]["history"]):
-    return []  # results from before the curves were recorded
+  first = [h.get("train_loss_curve") for runs in groups.values() for h in runs[0]["history"]]
+  if not all(first):
+    return []  # results from before the curves were recorded, or epochs under 10 steps
   points = sweep_points(results["config"])
   fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4), squeeze=False)
   for ax, point in zip(axes[0], points, strict=True):
