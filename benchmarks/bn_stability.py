@@ -149,8 +149,12 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   if args.steps % 10:
     parser.error("--steps must be a multiple of 10")
-  if not args.optimizers or set(args.optimizers) - set(OPTIMIZERS):
-    parser.error(f"--optimizers: a comma-separated subset of {','.join(OPTIMIZERS)}")
+  if (
+    not args.optimizers
+    or set(args.optimizers) - set(OPTIMIZERS)
+    or len(set(args.optimizers)) < len(args.optimizers)
+  ):
+    parser.error(f"--optimizers: a comma-separated subset of {','.join(OPTIMIZERS)}, each once")
   ds = datasets.load_dataset(args.data_dir)
   ds = dataclasses.replace(ds, x_train=ds.x_train[: args.train], y_train=ds.y_train[: args.train])
   runs = [
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
   ]
   settings = (
     f"PlainNet-BN depth {args.depth} {stages(args.depth)}, {ds.name}, first {args.train} "
-    f"training images, batch {BATCH}, {args.steps} steps, skeleton weights 1 for both"
+    f"training images, batch {BATCH}, {args.steps} steps, skeleton weights 1"
   )
   publish(args.out, "bn_stability", settings, report(runs, args.steps), runs=runs)
 

@@ -664,6 +664,7 @@ def train(
     entry = {
       "epoch": epoch + 1,
       "train_loss": float(step_losses.mean()),
+      "steps": len(step_losses),
       # The loss over the epoch, a mean per CURVE_STEPS steps (early training is where
       # optimizers differ most).
       "train_loss_curve": [float(v) for v in windows.reshape(-1, CURVE_STEPS).mean(1)],

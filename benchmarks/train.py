@@ -24,7 +24,9 @@ Config keys beyond the obvious ones:
   number of convolutions of a ``plainnet_bn``, spread over its stages as evenly as
   possible, earlier stages taking the remainder). Learning rates from ``lr_grid`` are
   chosen once, at the first swept value, or at every swept value with ``[grid]
-  per_point = true``.
+  per_point = true`` (then ``--sweep`` runs some values and a later call adds others to the
+  same results).
+- ``compare``: the two optimizers of a sweep's gap table (default: the first two).
 - ``train_subset``, ``test_subset``: train (test) on the first N examples only.
 - ``skeleton_init`` (default true, also per optimizer): set every skeleton weight to 1
   before training, as the authors did; G-SGD barely trains the BatchNorm models without
@@ -98,6 +100,7 @@ TOP_KEYS = {
   "sweep",
   "optimizers",
   "grid",
+  "compare",
 }
 OPTIMIZER_KEYS = {
   "name",
@@ -149,6 +152,12 @@ def load_config(path: str, overrides: dict[str, Any]) -> dict[str, Any]:
   _check_keys(config, TOP_KEYS | {"name"}, path)
   _check_keys(config.get("model", {}), MODEL_KEYS, f"{path} [model]")
   _check_keys(config.get("grid", {}), GRID_KEYS, f"{path} [grid]")
+  if not isinstance(config.get("grid", {}).get("per_point", False), bool):
+    raise ValueError(f"{path} [grid]: per_point is true or false")
+  names = [o.get("name") for o in config.get("optimizers", [])]
+  compare = config.get("compare")
+  if compare is not None and (len(compare) != 2 or not set(compare) <= set(names)):
+    raise ValueError(f"{path}: compare names two optimizers of {names}, not {compare}")
   kind = config.get("model", {}).get("kind", "mlp")
   if kind not in MODEL_KINDS:
     raise ValueError(f"{path}: unknown model kind {kind!r}; use one of {', '.join(MODEL_KINDS)}")
@@ -197,6 +206,11 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: declaration {declaration!r}; use one of "
       f"{', '.join(DECLARATIONS)}"
+    )
+  if declaration == "stage_chains" and not opt.get("normalized", True):
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: normalized applies to declaration 'blocks'; "
+      "stage chains are never normalized"
     )
   if declaration == "stage_chains" and model_kind != "plainnet_bn":
     raise ValueError(
@@ -453,6 +467,11 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
       previous = json.load(f)
     if _settings(previous["config"]) == _settings(config):
       results["lr_choices"], results["runs"] = previous["lr_choices"], previous["runs"]
+      if _per_point(config) and swept_key(config) == swept_key(previous["config"]):
+        # Points run before (--sweep) stay; the summary covers them all, in order.
+        key = swept_key(config)
+        values = {*previous["config"]["sweep"][key], *config["sweep"][key]}
+        results["config"] = {**config, "sweep": {key: sorted(values)}}
   done = {(r["optimizer"], _point_key(r["point"]), r["seed"]) for r in results["runs"]}
   ds = load_data(config)
   cnn = config.get("model", {}).get("kind", "mlp") in IMAGE_KINDS
@@ -472,7 +491,7 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
     os.replace(path + ".tmp", path)
 
   epochs = config.get("epochs", 1)
-  per_point = config.get("grid", {}).get("per_point", False)
+  per_point = _per_point(config)
   for opt in config["optimizers"]:
     for point in sweep_points(config):
       lr = opt.get("lr")
@@ -512,10 +531,20 @@ def lr_choice_key(name: str, point: dict[str, Any], per_point: bool) -> str:
   return f"{name} ({_point_label(point)})" if per_point and point else name
 
 
+def _per_point(config) -> bool:
+  return bool(config.get("grid", {}).get("per_point", False))
+
+
 def _settings(config) -> dict:
-  """The config without what may change between resumed invocations (the seeds)."""
+  """The config without what may change between resumed invocations: the seeds, what
+  only the summary reads (the description, ``compare``) and, where every swept value
+  chooses its own learning rates, the swept values (``--sweep`` adds points)."""
   settings = copy.deepcopy(config)
-  settings.pop("seeds", None)
+  for key in ("seeds", "description", "compare"):
+    settings.pop(key, None)
+  if _per_point(config):
+    settings.pop("sweep", None)
+    settings["swept"] = swept_key(config)
   return settings
 
 
@@ -574,8 +603,8 @@ def summarize(results) -> str:
       lines.append(f"- {name}: {choice['lr']:g} (validation accuracy {scores})")
   gaps = gap_table(results)
   if gaps:
-    first, second = [o["name"] for o in config["optimizers"][:2]]
-    recal_gaps = gaps[0][5] is not None
+    first, second = compared(config)
+    recal_gaps = any(row[5] is not None for row in gaps)
     lines += [
       "",
       f"Gap {second} minus {first}, paired by seed (mean ± std):",
@@ -587,7 +616,9 @@ def summarize(results) -> str:
     ]
     lines += [
       f"| {value} | {acc:+.4f} ± {acc_std:.4f} |"
-      + (f" {recal:+.4f} ± {recal_std:.4f} |" if recal is not None else "")
+      + (
+        "" if not recal_gaps else " - |" if recal is None else f" {recal:+.4f} ± {recal_std:.4f} |"
+      )
       + f" {loss:+.4f} ± {loss_std:.4f} |"
       for value, acc, acc_std, loss, loss_std, recal, recal_std in gaps
     ]
@@ -610,6 +641,12 @@ def _point_label(point) -> str:
   return ", ".join(f"{k}={v}" for k, v in point.items()) or "-"
 
 
+def compared(config) -> tuple[str, str]:
+  """The optimizers of the gap table: ``compare`` (two names), else the first two."""
+  first, second = config.get("compare") or [o["name"] for o in config["optimizers"][:2]]
+  return first, second
+
+
 def gap_table(results):
   """Per swept value (width or depth): the second optimizer minus the first, paired by
   seed (same initialisation and batches): (value, accuracy gap mean, std, loss gap mean,
@@ -618,7 +655,7 @@ def gap_table(results):
   key = swept_key(config)
   if key is None or len(config["optimizers"]) < 2:
     return []
-  first, second = [o["name"] for o in config["optimizers"][:2]]
+  first, second = compared(config)
   groups = _groups(results)
   rows = []
   for point in sweep_points(config):
@@ -629,7 +666,9 @@ def gap_table(results):
       acc = [b[s]["test_accuracy"] - a[s]["test_accuracy"] for s in seeds]
       loss = [b[s]["train_loss"] - a[s]["train_loss"] for s in seeds]
       recal_key = "test_accuracy_recalibrated"
-      recal = [b[s][recal_key] - a[s][recal_key] for s in seeds if recal_key in a[s]]
+      recal = [
+        b[s][recal_key] - a[s][recal_key] for s in seeds if recal_key in a[s] and recal_key in b[s]
+      ]
       rows.append(
         (
           point[key],
@@ -686,7 +725,7 @@ def plot(results, out_dir) -> list[str]:
       if key == "width":
         ax.set_xscale("log", base=2)
       ax.set_xlabel({"width": "hidden width H", "depth": "convolutions"}.get(key, key))
-      first, second = [o["name"] for o in results["config"]["optimizers"][:2]]
+      first, second = compared(results["config"])
       ax.set_title(f"{title} ({second} minus {first})")
       ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -694,6 +733,16 @@ def plot(results, out_dir) -> list[str]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
   return written
+
+
+def _curve_steps(history) -> np.ndarray:
+  """The step each point of the concatenated loss curves ends on: an epoch's last
+  ``steps % CURVE_STEPS`` steps have no point, but count."""
+  ends, first = [], 0
+  for h in history:
+    ends += [first + CURVE_STEPS * (i + 1) for i in range(len(h["train_loss_curve"]))]
+    first += h.get("steps", CURVE_STEPS * len(h["train_loss_curve"]))
+  return np.asarray(ends)
 
 
 def _plot_step_curves(results, out_dir, plt) -> list[str]:
@@ -710,8 +759,7 @@ def _plot_step_curves(results, out_dir, plt) -> list[str]:
       if key != _point_key(point):
         continue
       curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
-      steps = CURVE_STEPS * np.arange(1, curves.shape[1] + 1)
-      ax.plot(steps, curves.mean(0), label=name)
+      ax.plot(_curve_steps(runs[0]["history"]), curves.mean(0), label=name)
     ax.set_xlabel("step")
     ax.set_title(f"train loss ({_point_label(point)})" if point else "train loss")
     ax.grid(alpha=0.3)

@@ -295,17 +295,26 @@ def test_not_normalized_blocks_are_the_ablation(kind):
   assert not any(b.normalized for b in plain)
 
 
-def test_stage_chains_are_the_authors_declaration_and_not_exact(tmp_path):
+def test_stage_chains_are_the_authors_declaration_and_not_exact(tmp_path, monkeypatch):
   """declaration = "stage_chains": each stage's convolutions one chain through the norms;
   the skeleton pattern follows it (for SGD too); verify_invariance rejects it."""
   text = BN_SMALL.replace("KIND", "plainnet_bn").replace(
     "lr = 0.1\n", 'lr = 0.1\ndeclaration = "stage_chains"\n'
   )
   config = _config(tmp_path, text.replace("stages = [[4, 1], [6, 1]]", "stages = [[4, 2], [6, 2]]"))
+  skeletons = []  # the layers each run's skeleton initialisation used
+  set_skeleton = gsgd_jax.set_skeleton
+
+  def recording(params, layers, value=1.0):
+    skeletons.append(layers)
+    return set_skeleton(params, layers, value)
+
+  monkeypatch.setattr(gsgd_jax, "set_skeleton", recording)
   results = train.run_experiment(config, tmp_path / "out", progress=False)
   assert [r["optimizer"] for r in results["runs"]] == ["SGD", "G-SGD"]
   model = train.make_model(config, {}, 10)
   chains = model.stage_chains()
+  assert skeletons == [chains, chains]
   assert chains == [["conv0", "conv1"], ["conv2", "conv3"]]
   assert loop.gsgd_layers(model, None, declaration="stage_chains") == chains
   x = jnp.asarray(train.as_images(datasets.load_digits().x_train[:16]))
@@ -322,6 +331,8 @@ def test_stage_chains_are_the_authors_declaration_and_not_exact(tmp_path):
   gsgd_jax.verify_invariance(apply, variables["params"], model.gsgd_blocks(), x)
   with pytest.raises(ValueError, match="applies to PlainNetBN"):
     loop.gsgd_layers(loop.ResNetBN(((4, 1),), 10), None, declaration="stage_chains")
+  with pytest.raises(ValueError, match="stage chains are never normalized"):
+    _config(tmp_path, text.replace("lr = 0.1\n", "lr = 0.1\nnormalized = false\n", 1))
 
 
 def test_loss_curves_over_steps_are_recorded_and_plotted(tmp_path):
@@ -334,6 +345,9 @@ def test_loss_curves_over_steps_are_recorded_and_plotted(tmp_path):
     assert np.all(np.isfinite(curve)) and curve[0] != curve[1]
   written = train.plot(results, str(tmp_path / "out"))
   assert os.path.basename(written[1]) == "steps.png" and os.path.getsize(written[1]) > 0
+  # Epochs of 24 steps: the second epoch's points end on steps 34 and 44, not 30 and 40.
+  history = [{"train_loss_curve": [1.0, 1.0], "steps": 24}] * 2
+  np.testing.assert_array_equal(train._curve_steps(history), [10, 20, 34, 44])
 
 
 @pytest.mark.parametrize(
@@ -342,6 +356,7 @@ def test_loss_curves_over_steps_are_recorded_and_plotted(tmp_path):
     ("width = [8, 16]", "depth = [2, 3]", "a depth sweep needs model kind plainnet_bn"),
     ("lr = 0.1\n", 'lr = 0.1\ndeclaration = "stage_chains"\n', "needs model kind plainnet_bn"),
     ("lr = 0.1\n", 'lr = 0.1\ndeclaration = "chains"\n', "declaration 'chains'"),
+    ("[sweep]", "[grid]\nper_point = 1\n\n[sweep]", "per_point is true or false"),
     ("lr = 0.1\n", "lr = 0.1\nnormalized = false\n", "normalized = false needs a BatchNorm"),
     ("lr = 0.1\n", "lr = 0.1\nlr_boundaries = [4, 2]\n", "lr_boundaries must be increasing"),
     ("seeds = [0]", 'seeds = [0]\naugment = "mixup"', "unknown augment 'mixup'"),
@@ -462,6 +477,41 @@ def test_sweep_flag_runs_the_values_given(tmp_path):
   (tmp_path / "flat.toml").write_text(SMALL.replace("[sweep]\nwidth = [8, 16]\n", ""))
   with pytest.raises(SystemExit):
     train.main(["--config", str(tmp_path / "flat.toml"), "--out", str(out), "--sweep", "8"])
+
+
+def test_sweep_flag_adds_points_where_each_chooses_its_rates(tmp_path):
+  """With [grid] per_point, --sweep 16 and then the whole config in the same directory
+  keep the first call's runs and choices; the summary covers every point."""
+  text = SMALL.replace("lr = 0.1\n", "lr_grid = [0.01, 0.1]\n") + "\n[grid]\nper_point = true\n"
+  (tmp_path / "c.toml").write_text(text)
+  out = tmp_path / "out"
+  argv = ["--config", str(tmp_path / "c.toml"), "--out", str(out), "--no-progress"]
+  train.main([*argv, "--sweep", "16"])
+  first = json.loads((out / "results.json").read_text())
+  assert first["config"]["sweep"] == {"width": [16]}
+  (tmp_path / "c.toml").write_text(text.replace('description = "test"', 'description = "new"'))
+  train.main(argv)
+  results = json.loads((out / "results.json").read_text())
+  assert results["runs"][:2] == first["runs"]  # kept, not rerun
+  assert [r["point"]["width"] for r in results["runs"]] == [16, 16, 8, 8]
+  assert results["config"]["sweep"] == {"width": [8, 16]}
+  assert set(results["lr_choices"]) == {
+    f"{n} (width={w})" for n in ("SGD", "G-SGD") for w in (8, 16)
+  }
+  assert "| 8 | " in (out / "summary.md").read_text()
+
+
+def test_compare_picks_the_gap_tables_optimizers(tmp_path):
+  text = SMALL + '\n[[optimizers]]\nname = "Third"\nkind = "sgd"\nlr = 0.3\n'
+  config = _config(
+    tmp_path, text.replace("train_subset = 640", 'compare = ["Third", "G-SGD"]\ntrain_subset = 640')
+  )
+  assert train.compared(config) == ("Third", "G-SGD")
+  assert train.compared(_config(tmp_path, text)) == ("SGD", "G-SGD")
+  with pytest.raises(ValueError, match="compare names two optimizers"):
+    _config(
+      tmp_path, text.replace("train_subset = 640", 'compare = ["SGD", "Adam"]\ntrain_subset = 640')
+    )
 
 
 def test_learning_rates_chosen_at_every_depth(tmp_path, monkeypatch):
