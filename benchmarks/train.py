@@ -601,6 +601,7 @@ def summarize(results) -> str:
     for name, choice in results["lr_choices"].items():
       scores = ", ".join(f"{lr}: {acc:.4f}" for lr, acc in choice["validation_accuracy"].items())
       lines.append(f"- {name}: {choice['lr']:g} (validation accuracy {scores})")
+  lines += curve_table(results)
   gaps = gap_table(results)
   if gaps:
     first, second = compared(config)
@@ -639,6 +640,39 @@ def _groups(results) -> dict[tuple[str, str], list]:
 
 def _point_label(point) -> str:
   return ", ".join(f"{k}={v}" for k, v in point.items()) or "-"
+
+
+CURVE_CHECKPOINTS = (10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+"""Steps at which the summary reads the loss curves."""
+
+
+def curve_table(results) -> list[str]:
+  """Summary lines: the train loss (mean over seeds of the 10 steps ending there) at the
+  :data:`CURVE_CHECKPOINTS` the runs reached; none for results without curves."""
+  groups = _groups(results)
+  if not groups or not all(
+    h.get("train_loss_curve") for r in groups.values() for h in r[0]["history"]
+  ):
+    return []
+  rows, reached = [], set()
+  for (name, _), runs in groups.items():
+    ends = _curve_steps(runs[0]["history"])
+    curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
+    at = {int(e): float(v) for e, v in zip(ends, curves.mean(0), strict=True)}
+    reached |= {c for c in CURVE_CHECKPOINTS if c in at}
+    rows.append((name, runs[0]["point"], at))
+  checkpoints = sorted(reached)
+  lines = [
+    "",
+    "Train loss over the first steps (the mean over seeds of the 10 steps ending there):",
+    "",
+    "| optimizer | setting | " + " | ".join(f"step {c}" for c in checkpoints) + " |",
+    "|---|---|" + "---|" * len(checkpoints),
+  ]
+  for name, point, at in rows:
+    cells = " | ".join(f"{at[c]:.3f}" if c in at else "-" for c in checkpoints)
+    lines.append(f"| {name} | {_point_label(point)} | {cells} |")
+  return lines
 
 
 def compared(config) -> tuple[str, str]:

@@ -345,6 +345,10 @@ def test_loss_curves_over_steps_are_recorded_and_plotted(tmp_path):
     assert np.all(np.isfinite(curve)) and curve[0] != curve[1]
   written = train.plot(results, str(tmp_path / "out"))
   assert os.path.basename(written[1]) == "steps.png" and os.path.getsize(written[1]) > 0
+  summary = train.summarize(results)
+  assert "| optimizer | setting | step 10 |\n" in summary
+  first_window = results["runs"][1]["history"][0]["train_loss_curve"][0]
+  assert f"| G-SGD | - | {first_window:.3f} |" in summary  # one seed: its own curve
   # Epochs of 24 steps: the second epoch's points end on steps 34 and 44, not 30 and 40.
   history = [{"train_loss_curve": [1.0, 1.0], "steps": 24}] * 2
   np.testing.assert_array_equal(train._curve_steps(history), [10, 20, 34, 44])
