@@ -795,6 +795,7 @@ def _plot_step_curves(results, out_dir, plt) -> list[str]:
       curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
       ax.plot(_curve_steps(runs[0]["history"]), curves.mean(0), label=name)
     ax.set_xlabel("step")
+    ax.set_yscale("log")  # a diverging start would flatten the others
     ax.set_title(f"train loss ({_point_label(point)})" if point else "train loss")
     ax.grid(alpha=0.3)
   axes[0][-1].legend(fontsize=7)
