@@ -649,18 +649,14 @@ CURVE_CHECKPOINTS = (10, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 def curve_table(results) -> list[str]:
   """Summary lines: the train loss (mean over seeds of the 10 steps ending there) at the
   :data:`CURVE_CHECKPOINTS` the runs reached; none for results without curves."""
-  groups = _groups(results)
-  if not groups or not all(
-    h.get("train_loss_curve") for r in groups.values() for h in r[0]["history"]
-  ):
+  curves = mean_curves(results)
+  if not curves:
     return []
   rows, reached = [], set()
-  for (name, _), runs in groups.items():
-    ends = _curve_steps(runs[0]["history"])
-    curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
-    at = {int(e): float(v) for e, v in zip(ends, curves.mean(0), strict=True)}
+  for (name, point), (ends, mean) in curves.items():
+    at = {int(e): float(v) for e, v in zip(ends, mean, strict=True)}
     reached |= {c for c in CURVE_CHECKPOINTS if c in at}
-    rows.append((name, runs[0]["point"], at))
+    rows.append((name, json.loads(point), at))
   checkpoints = sorted(reached)
   lines = [
     "",
@@ -779,21 +775,34 @@ def _curve_steps(history) -> np.ndarray:
   return np.asarray(ends)
 
 
+def mean_curves(results) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+  """Per (optimizer, sweep point key): the steps each point of the loss curve ends on and
+  the curve's mean over seeds; empty for results from before the curves were recorded, or
+  with epochs under 10 steps."""
+  groups = _groups(results)
+  if not all(h.get("train_loss_curve") for r in groups.values() for h in r[0]["history"]):
+    return {}
+  return {
+    key: (
+      _curve_steps(runs[0]["history"]),
+      np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs]).mean(0),
+    )
+    for key, runs in groups.items()
+  }
+
+
 def _plot_step_curves(results, out_dir, plt) -> list[str]:
   """The train loss over steps (mean over seeds), one panel per sweep point: the early
   steps, where optimizers and initialisations part, are hidden in per-epoch means."""
-  groups = _groups(results)
-  first = [h.get("train_loss_curve") for runs in groups.values() for h in runs[0]["history"]]
-  if not all(first):
-    return []  # results from before the curves were recorded, or epochs under 10 steps
+  curves = mean_curves(results)
+  if not curves:
+    return []
   points = sweep_points(results["config"])
   fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4), squeeze=False)
   for ax, point in zip(axes[0], points, strict=True):
-    for (name, key), runs in groups.items():
-      if key != _point_key(point):
-        continue
-      curves = np.array([[v for h in r["history"] for v in h["train_loss_curve"]] for r in runs])
-      ax.plot(_curve_steps(runs[0]["history"]), curves.mean(0), label=name)
+    for (name, key), (ends, mean) in curves.items():
+      if key == _point_key(point):
+        ax.plot(ends, mean, label=name)
     ax.set_xlabel("step")
     ax.set_yscale("log")  # a diverging start would flatten the others
     ax.set_title(f"train loss ({_point_label(point)})" if point else "train loss")

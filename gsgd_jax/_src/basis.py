@@ -497,19 +497,35 @@ def output_norms(
   tables = struct.levels
   own = []  # per layer k, on level k + 1: sum of v^2 of the paths owned by its edges
   for k, spec in enumerate(struct.layers):
+    # v = B w F: the squares of B w summed per node, times F^2 once per node.
+    weighted = None
+    if spec.kind != "affine":
+      weighted = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct)
     b = biases[k]
-    if spec.kind == "affine":  # every scale entry is in F: only biases own paths
-      total = jnp.zeros(spec.n_out, ct)
-    else:
-      weighted = jnp.square(rows(level(products.back, struct, k), spec) * kernels[k].astype(ct))
-      fixed = fixed_mask(spec, struct.pi[k])
-      if fixed is not None:
-        weighted = jnp.where(fixed, 0, weighted)
-      total = replicated(jnp.sum(weighted, axis=tuple(range(kernels[k].ndim - 1))))
-    if b is not None:
-      total = total + replicated(jnp.square(b.astype(ct)))
+    total = _owned_square_sums(struct, k, weighted, None if b is None else b.astype(ct), ct)
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
   return propagate(_at_outputs(struct, own, ct), tables.up, reverse=True)
+
+
+def _owned_square_sums(
+  struct: ChainStructure, k: int, values: Array | None, bias_values: Array | None, dtype
+) -> Array:
+  """Per node of level ``k + 1``: the sum of the squares of the values of the paths layer
+  ``k``'s edges own, given per kernel entry (``values``; None for an affine layer, whose
+  scale entries are all in F) and per bias entry. An entry fixed by the skeleton owns no
+  path."""
+  spec = struct.layers[k]
+  if values is None:
+    total = jnp.zeros(spec.n_out, dtype)
+  else:
+    squares = jnp.square(values)
+    fixed = fixed_mask(spec, struct.pi[k])
+    if fixed is not None:
+      squares = jnp.where(fixed, 0, squares)
+    total = replicated(jnp.sum(squares, axis=tuple(range(values.ndim - 1))))
+  if bias_values is not None:
+    total = total + replicated(jnp.square(bias_values))
+  return total
 
 
 def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
@@ -716,23 +732,19 @@ def _landed_norms(
   own = []
   for k, spec in enumerate(struct.layers):
     forward = level(products.forward, struct, k + 1)
-    if spec.kind == "affine":  # every scale entry is in F: only biases own paths
-      total = jnp.zeros(spec.n_out, ct)
-    else:
+    landed = None
+    if spec.kind != "affine":
       dv = kernel_steps[k].astype(ct)
       out = free_outgoing_mask(struct, k)
       if out is not None:
         dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
       v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward)
-      landed = jnp.square(v + dv)
-      fixed = fixed_mask(spec, struct.pi[k])
-      if fixed is not None:
-        landed = jnp.where(fixed, 0, landed)
-      total = replicated(jnp.sum(landed, axis=tuple(range(kernels[k].ndim - 1))))
+      landed = v + dv
     b, db = biases[k], bias_steps[k]
+    landed_bias = None
     if b is not None and db is not None:
-      total = total + replicated(jnp.square(b.astype(ct) * forward + db.astype(ct)))
-    own.append(total)
+      landed_bias = b.astype(ct) * forward + db.astype(ct)
+    own.append(_owned_square_sums(struct, k, landed, landed_bias, ct))
   return _at_outputs(struct, own, ct)
 
 
