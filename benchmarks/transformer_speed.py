@@ -1,11 +1,18 @@
-"""Speed of path_space(AdamW) on a scanned transformer's feed-forward blocks against AdamW.
+"""Speed of path_space(AdamW) on a scanned transformer's chains against AdamW.
 
-A pre-LN decoder in plain JAX whose layers run under ``lax.scan``, so its params
-hold a stack axis, as Flax ``nn.scan`` stores them: per layer causal multi-head
-attention and a ReLU feed-forward block ``LN -> fc1 -> ReLU -> fc2``, declared as
-one stacked block, ``gsgd_jax.Block([ln_ff, fc1, fc2], stack_axis=0)``. AdamW runs
-in path space on it and on the weights of everything else (attention, the other
-norms, embedding, read-out).
+Two decoders in plain JAX whose layers run under ``lax.scan``, so their params
+hold a stack axis, as Flax ``nn.scan`` stores them (``--model``):
+
+* ``relu``: a pre-LN decoder, per layer causal multi-head attention and a ReLU
+  feed-forward block ``LN -> fc1 -> ReLU -> fc2``, declared as one stacked block,
+  ``gsgd_jax.Block([ln_ff, fc1, fc2], stack_axis=0)``;
+* ``llama``: a LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, no biases) with t5x's
+  multi-axis attention kernels, queries, keys and values ``(d, heads, head_dim)``
+  and outputs ``(heads, head_dim, d)``; per layer the gated block's ``[up, down]``
+  and the attention's ``[value, out]`` (``gsgd_jax.Layer``), both stacked.
+
+AdamW runs in path space on the blocks and on the weights of everything else
+(the gate, queries and keys, norms, embedding, read-out).
 
 It reports, as ratios to AdamW measured in one run:
 
@@ -15,7 +22,8 @@ It reports, as ratios to AdamW measured in one run:
   depth (the stacked update is vmapped over the layers, so it should not grow);
 * the bytes of temporaries XLA allots to the compiled step.
 
-    python -m benchmarks.transformer_speed [--depths 3,6,12,24] [--rounds 7] [--out DIR]
+    python -m benchmarks.transformer_speed [--model relu|llama] [--depths 3,6,12,24]
+        [--rounds 7] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +41,15 @@ import gsgd_jax
 from benchmarks.speed import device_name, interleaved_times, write_report
 
 BLOCKS = [gsgd_jax.Block(["layers/ln_ff", "layers/fc1", "layers/fc2"], stack_axis=0)]
+LLAMA_BLOCKS = [
+  gsgd_jax.Block(["layers/up", "layers/down"], stack_axis=0),
+  gsgd_jax.Block(
+    [gsgd_jax.Layer("layers/value", input_axes=1), gsgd_jax.Layer("layers/out", input_axes=2)],
+    stack_axis=0,
+  ),
+]
 OPTIMIZERS = ("AdamW", "path_space(AdamW)")
+MODELS = ("relu", "llama")
 
 
 class Config(NamedTuple):
@@ -44,10 +60,17 @@ class Config(NamedTuple):
   vocab: int = 256
   seq: int = 64
   batch: int = 16
+  model: str = "relu"
+
+  @property
+  def blocks(self) -> list[gsgd_jax.Block]:
+    return LLAMA_BLOCKS if self.model == "llama" else BLOCKS
 
 
 def init_params(key: jax.Array, c: Config) -> dict[str, Any]:
   """Scaled-normal kernels, unit norm scales, zero biases; stacked layers on axis 0."""
+  if c.model == "llama":
+    return init_llama(key, c)
   keys = iter(jax.random.split(key, 8))
   normal = lambda *shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[-2])
   norm = lambda: {"scale": jnp.ones((c.depth, c.dim)), "bias": jnp.zeros((c.depth, c.dim))}
@@ -69,6 +92,55 @@ def init_params(key: jax.Array, c: Config) -> dict[str, Any]:
   }
 
 
+def init_llama(key: jax.Array, c: Config) -> dict[str, Any]:
+  """The LLaMA-style decoder's params: kernels scaled by their inputs, unit RMSNorm scales."""
+  keys = iter(jax.random.split(key, 12))
+  head_dim = c.dim // c.heads
+  normal = lambda fan_in, *shape: jax.random.normal(next(keys), (c.depth, *shape)) / np.sqrt(fan_in)
+  layers = {
+    "attn_norm": {"scale": jnp.ones((c.depth, c.dim))},
+    **{n: {"kernel": normal(c.dim, c.dim, c.heads, head_dim)} for n in ("query", "key", "value")},
+    "out": {"kernel": normal(c.dim, c.heads, head_dim, c.dim)},
+    "mlp_norm": {"scale": jnp.ones((c.depth, c.dim))},
+    "gate": {"kernel": normal(c.dim, c.dim, c.hidden)},
+    "up": {"kernel": normal(c.dim, c.dim, c.hidden)},
+    "down": {"kernel": normal(c.hidden, c.hidden, c.dim)},
+  }
+  return {
+    "embed": jax.random.normal(next(keys), (c.vocab, c.dim)),
+    "layers": layers,
+    "final_norm": {"scale": jnp.ones(c.dim)},
+    "head": {"kernel": jax.random.normal(next(keys), (c.dim, c.vocab)) / np.sqrt(c.dim)},
+  }
+
+
+def _rms_norm(x, p):
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6) * p["scale"]
+
+
+def _rotary(x):
+  """RoPE on ``(batch, seq, heads, head_dim)``, the half-split pairs ``(j, j + head_dim / 2)``."""
+  seq, dim = x.shape[1], x.shape[-1]
+  angles = np.arange(seq)[:, None] / (10000 ** (np.arange(0, dim, 2) / dim))[None, :]
+  cos, sin = (jnp.asarray(f(np.concatenate([angles, angles], -1)), x.dtype) for f in (np.cos, np.sin))
+  rotated = jnp.concatenate([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
+  return x * cos[None, :, None] + rotated * sin[None, :, None]
+
+
+def _llama_layer(x, p):
+  y = _rms_norm(x, p["attn_norm"])
+  q, k, v = (jnp.einsum("bsd,dhe->bshe", y, p[n]["kernel"]) for n in ("query", "key", "value"))
+  q, k = _rotary(q), _rotary(k)
+  logits = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
+  causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+  weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+  mixed = jnp.einsum("bhqk,bkhe->bqhe", weights, v)
+  x = x + jnp.einsum("bqhe,hed->bqd", mixed, p["out"]["kernel"])
+  y = _rms_norm(x, p["mlp_norm"])
+  h = jax.nn.silu(y @ p["gate"]["kernel"]) * (y @ p["up"]["kernel"])
+  return x + h @ p["down"]["kernel"], None
+
+
 def _layer_norm(x, p):
   mean = x.mean(-1, keepdims=True)
   var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -87,6 +159,9 @@ def _attention(x, p, heads):
 
 def forward(params, tokens, heads):
   """Logits ``(batch, seq, vocab)`` of a pre-LN decoder; the layers run under ``lax.scan``."""
+  if "final_norm" in params:  # the LLaMA-style decoder
+    x, _ = jax.lax.scan(_llama_layer, params["embed"][tokens], params["layers"])
+    return _rms_norm(x, params["final_norm"]) @ params["head"]["kernel"]
 
   def layer(x, p):
     x = x + _attention(_layer_norm(x, p["ln_attn"]), p["attn"], heads)
@@ -102,16 +177,16 @@ def loss_fn(params, tokens, heads):
   return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
-def optimizer(name: str, lr: float = 1e-3) -> optax.GradientTransformation:
+def optimizer(name: str, c: Config, lr: float = 1e-3) -> optax.GradientTransformation:
   adamw = optax.adamw(lr, weight_decay=0.01)
   if name == "AdamW":
     return adamw
-  return gsgd_jax.path_space(adamw, layers=BLOCKS, fallback=adamw)
+  return gsgd_jax.path_space(adamw, layers=c.blocks, fallback=adamw)
 
 
 def problem(c: Config):
   """Params (skeleton weights set to 1) and one batch of tokens."""
-  params = gsgd_jax.set_skeleton(init_params(jax.random.key(0), c), BLOCKS)
+  params = gsgd_jax.set_skeleton(init_params(jax.random.key(0), c), c.blocks)
   tokens = jax.random.randint(jax.random.key(1), (c.batch, c.seq + 1), 0, c.vocab)
   return params, tokens
 
@@ -129,7 +204,7 @@ def compiled_step(name: str, c: Config, compiler_options: dict | None = None):
   """The train step of ``name`` on ``c``, compiled (with XLA ``compiler_options``,
   if any); with its seconds to compile."""
   params, tokens = problem(c)
-  tx = optimizer(name)
+  tx = optimizer(name, c)
   state = tx.init(params)
   start = time.perf_counter()
   step = jax.jit(train_step(tx, c.heads), compiler_options=compiler_options)
@@ -190,7 +265,8 @@ def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], s
     "temp_bytes": temps,
   }
   lines = [
-    f"device: {result['device']}; jax {jax.__version__}; scanned pre-LN decoder {c._asdict()}, "
+    f"device: {result['device']}; jax {jax.__version__}; scanned {c.model} decoder "
+    f"{c._asdict()}, "
     f"{params / 1e6:.2f}M parameters; ratio = path_space(AdamW) / AdamW",
     "",
     "| train step AdamW ms | path_space(AdamW) ms | ratio (median of rounds) | "
@@ -221,6 +297,7 @@ def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], s
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", choices=MODELS, default="relu")
   parser.add_argument("--depth", type=int, default=6, help="layers of the timed step")
   parser.add_argument("--dim", type=int, default=256)
   parser.add_argument("--hidden", type=int, default=1024)
@@ -232,7 +309,7 @@ def main(argv=None):
   parser.add_argument("--min-seconds", type=float, default=0.5, help="time per variant per round")
   parser.add_argument("--out", help="directory for transformer_speed.json and .md")
   args = parser.parse_args(argv)
-  c = Config(args.depth, args.dim, args.hidden, seq=args.seq, batch=args.batch)
+  c = Config(args.depth, args.dim, args.hidden, seq=args.seq, batch=args.batch, model=args.model)
   depths = [int(d) for d in args.depths.split(",")]
   compiles = compile_times(depths, c, args.compile_repeats)
   steps, temps = step_times(c, args.rounds, args.min_seconds)

@@ -7,7 +7,7 @@ import tomllib
 from gsgd_jax import probes
 from gsgd_jax._src.alias import g_adam, g_adamw, g_momentum, g_rmsprop, gsgd
 from gsgd_jax._src.batch_stats import recalibrate_batch_stats
-from gsgd_jax._src.declaration import Block, LayerPaths
+from gsgd_jax._src.declaration import Block, Layer, LayerPaths
 from gsgd_jax._src.infer import infer_layers
 from gsgd_jax._src.layouts import infer_blocks
 from gsgd_jax._src.path_norm import path_norm_scales, path_sgd, scale_by_path_norm
@@ -40,6 +40,7 @@ __version__ = _version()
 
 __all__ = [
   "Block",
+  "Layer",
   "LayerPaths",
   "PathSpaceState",
   "basis_path_values",

@@ -21,6 +21,10 @@ the code is ours):
   gn_proj}``, ``head``);
 - ``PreActResNet``: a pre-activation ResNet (v2) with BatchNorm, its projection reading the
   pre-activated input as BiT's paper version does.
+- ``Llama``: a LLaMA-style decoder with Hugging Face's Flax names (``model/layers/{i}/
+  {input_layernorm, self_attn/{q,k,v,o}_proj, post_attention_layernorm, mlp/{gate,up,down}
+  _proj}``; RMSNorm weights named ``weight``, RoPE, SwiGLU, causal attention, no biases), its
+  layers unrolled or scanned on axis 0 (``model/layers/...`` stacked).
 
 Each has an ``epsilon`` (of its norms, and of BiT's weight standardization) that is the
 public model's by default; the trajectory tests pass a negligible one, since only then is
@@ -37,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+import gsgd_jax
 
 # ---------------------------------------------------------------------------------------------
 # Flax examples/imagenet: ResNet v1.5.
@@ -357,6 +363,144 @@ class ScannedT5(nn.Module):
     x = nn.Embed(self.config.vocab, self.config.d, name="token_embedder")(tokens)
     x = T5Encoder(self.config, name="encoder")(x)
     return nn.Dense(self.config.vocab, use_bias=False, name="logits_dense")(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# A LLaMA-style decoder with Hugging Face's Flax names (FlaxLlamaForCausalLM: ``model/
+# embed_tokens``, ``model/layers/{i}/{input_layernorm, self_attn/{q,k,v,o}_proj,
+# post_attention_layernorm, mlp/{gate,up,down}_proj}``, ``model/norm``, ``lm_head``; RMSNorm
+# weights named ``weight``, RoPE, SwiGLU, no biases), its layers unrolled or scanned on axis 0.
+
+
+class LlamaRMSNorm(nn.Module):
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(variance + self.epsilon) * weight
+
+
+def rotary(x):
+  """RoPE on ``(batch, seq, heads, head_dim)``, Hugging Face's half-split pairs ``(j, j +
+  head_dim / 2)``."""
+  seq, dim = x.shape[1], x.shape[-1]
+  inverse = 1.0 / (10000 ** (np.arange(0, dim, 2) / dim))
+  angles = np.arange(seq)[:, None] * inverse[None, :]
+  cos = jnp.asarray(np.cos(np.concatenate([angles, angles], -1)), x.dtype)[None, :, None, :]
+  sin = jnp.asarray(np.sin(np.concatenate([angles, angles], -1)), x.dtype)[None, :, None, :]
+  half = dim // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return x * cos + rotated * sin
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab: int = 40
+  d: int = 16
+  layers: int = 2
+  heads: int = 2
+  head_dim: int = 8
+  hidden: int = 24
+  epsilon: float = 1e-6
+
+
+class LlamaAttention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = functools.partial(nn.Dense, use_bias=False)
+    heads = lambda y: y.reshape(*y.shape[:-1], c.heads, c.head_dim)
+    q, k = (rotary(heads(dense(c.heads * c.head_dim, name=n)(x))) for n in ("q_proj", "k_proj"))
+    v = heads(dense(c.heads * c.head_dim, name="v_proj")(x))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
+    causal = np.tril(np.ones((x.shape[1], x.shape[1]), bool))
+    weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:-1], -1)
+    return dense(c.d, name="o_proj")(mixed)
+
+
+class LlamaMlp(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    dense = functools.partial(nn.Dense, use_bias=False)
+    c = self.config
+    gate, up = dense(c.hidden, name="gate_proj")(x), dense(c.hidden, name="up_proj")(x)
+    return dense(c.d, name="down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    c = self.config
+    x = x + LlamaAttention(c, name="self_attn")(LlamaRMSNorm(c.epsilon, name="input_layernorm")(x))
+    y = LlamaRMSNorm(c.epsilon, name="post_attention_layernorm")(x)
+    return x + LlamaMlp(c, name="mlp")(y), None
+
+
+class LlamaLayerCollection(nn.Module):
+  """Hugging Face's ``layers`` holding the decoder layers named ``0``, ``1``, ..."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.config.layers):
+      x, _ = LlamaDecoderLayer(self.config, name=str(i))(x)
+    return x
+
+
+class LlamaModel(nn.Module):
+  config: LlamaConfig
+  scanned: bool
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    x = nn.Embed(c.vocab, c.d, name="embed_tokens")(tokens)
+    if self.scanned:
+      layers = nn.scan(
+        LlamaDecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.layers
+      )
+      x, _ = layers(c, name="layers")(x, None)
+    else:
+      x = LlamaLayerCollection(c, name="layers")(x)
+    return LlamaRMSNorm(c.epsilon, name="norm")(x)
+
+
+class Llama(nn.Module):
+  config: LlamaConfig = LlamaConfig()
+  scanned: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = LlamaModel(self.config, self.scanned, name="model")(tokens)
+    return nn.Dense(self.config.vocab, use_bias=False, name="lm_head")(x)
+
+
+def llama_blocks(model: Llama) -> list:
+  """The hand-written declaration: per layer ``[up_proj, down_proj]`` and ``[v_proj,
+  o_proj]`` (the gate and the norms outside)."""
+  scopes = (
+    ["model/layers"] if model.scanned else [f"model/layers/{i}" for i in range(model.config.layers)]
+  )
+  axis = 0 if model.scanned else None
+  blocks = []
+  for scope in scopes:
+    blocks.append(
+      gsgd_jax.Block([f"{scope}/mlp/up_proj", f"{scope}/mlp/down_proj"], stack_axis=axis)
+    )
+    blocks.append(
+      gsgd_jax.Block([f"{scope}/self_attn/v_proj", f"{scope}/self_attn/o_proj"], stack_axis=axis)
+    )
+  return blocks
 
 
 # ---------------------------------------------------------------------------------------------

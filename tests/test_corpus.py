@@ -237,6 +237,37 @@ def test_scanned_t5_gated_is_refused_and_its_up_down_chain_declared_by_hand():
   with_norm = [Block([f"{T5_LAYER}/pre_mlp_layer_norm", *up_down[0].layers], stack_axis=1)]
   _fails(apply, params, with_norm, tokens, "pre_mlp_layer_norm")
   _adam_in_path_space_is_invariant(apply, params, up_down, tokens)
+  # The 'llama' layout reads it: the value/output chain of the attention too, its kernels
+  # (d, L, heads, head_dim) and (heads, L, head_dim, d) multi-axis and stacked on axis 1.
+  blocks = gsgd_jax.infer_blocks(params, "llama")
+  assert blocks[1] == up_down[0]
+  _passes_in_both_precisions(apply, params, blocks, tokens)
+  _adam_in_path_space_is_invariant(apply, params, blocks, tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# A LLaMA-style decoder with Hugging Face's Flax names: RMSNorm, RoPE, SwiGLU, no biases.
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+def test_llama_decoder(scanned):
+  model, tokens = corpus.Llama(scanned=scanned), _tokens()
+  params, _, apply = _linen_train_mode(model, tokens)
+  blocks = gsgd_jax.infer_blocks(params, "llama")
+  assert blocks == corpus.llama_blocks(model)
+  _passes_in_both_precisions(apply, params, blocks, tokens)
+  # The gate in place of the up projection, or the query in place of the value: caught.
+  layer = "model/layers" if scanned else "model/layers/0"
+  axis = 0 if scanned else None
+  gate = Block([f"{layer}/mlp/gate_proj", f"{layer}/mlp/down_proj"], stack_axis=axis)
+  _fails(apply, params, [gate], tokens, "gate_proj")
+  query = Block([f"{layer}/self_attn/q_proj", f"{layer}/self_attn/o_proj"], stack_axis=axis)
+  _fails(apply, params, [query], tokens, "q_proj")
+  params = gsgd_jax.set_skeleton(_f64(params), blocks)
+  _invariant_where_plain_is_not(
+    apply, params, blocks, tokens,
+    lambda: gsgd_jax.path_space(optax.adamw(1e-2), layers=blocks), lambda: optax.adamw(1e-2),
+  )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ class _ScannedMLP(nn.Module):
   [
     (
       False,
-      r"'params/hidden': a rank-3 kernel \(3, 8, 8\) is either a stacked dense .*stack_axis=0",
+      r"'params/hidden': a rank-3 kernel \(3, 8, 8\) is a stacked dense .*stack_axis=0",
     ),
     (True, r"'params/hidden': kernel \(3, 8, 8\) and bias \(3, 8\) carry a stack .*stack_axis"),
   ],
@@ -266,7 +266,7 @@ class _VmappedLinear(nnx.Module):
 @pytest.mark.parametrize(
   "bias, match",
   [
-    (False, r"'hidden': a rank-3 kernel \(3, 8, 8\) is either a stacked dense .*stack_axis=0"),
+    (False, r"'hidden': a rank-3 kernel \(3, 8, 8\) is a stacked dense .*stack_axis=0"),
     (True, r"'hidden': kernel \(3, 8, 8\) and bias \(3, 8\) carry a stack axis.*stack_axis"),
   ],
 )

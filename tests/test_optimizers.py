@@ -176,12 +176,14 @@ def test_train_step_holds_no_kernel_sized_temporary(name, net):
   assert temp < sgd_temp + largest / 2, (temp, sgd_temp, largest)
 
 
-def test_scanned_transformer_step_holds_no_kernel_sized_temporary_beyond_adamw():
-  # path_space(AdamW) on the stacked feed-forward blocks of a scanned transformer: the
-  # vmapped update still reads each stacked kernel once, in its own shape.
+@pytest.mark.parametrize("model", ["relu", "llama"])
+def test_scanned_transformer_step_holds_no_kernel_sized_temporary_beyond_adamw(model):
+  # path_space(AdamW) on the stacked feed-forward blocks of a scanned transformer (and on the
+  # gated blocks and the multi-axis value/output chains of a LLaMA-style one): the vmapped
+  # update still reads each stacked kernel once, in its own shape.
   from benchmarks import transformer_speed as ts
 
-  c = ts.Config(depth=2, dim=64, hidden=256, heads=2, vocab=32, seq=8, batch=2)
+  c = ts.Config(depth=2, dim=64, hidden=256, heads=2, vocab=32, seq=8, batch=2, model=model)
   params, _ = ts.problem(c)
   largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
   adamw, path = (

@@ -49,10 +49,12 @@ def test_main_writes_a_ratio_for_every_optimizer(tmp_path):
   assert "| mlp-0.1M |" in (tmp_path / "speed.md").read_text()
 
 
-def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path):
+@pytest.mark.parametrize("model", ["relu", "llama"])
+def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path, model):
   from benchmarks import transformer_speed
 
-  argv = "--depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --depths 2 --compile-repeats 1"
+  argv = f"--model {model} --depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --depths 2"
+  argv += " --compile-repeats 1"
   transformer_speed.main(
     [*argv.split(), "--rounds", "1", "--min-seconds", "0", "--out", str(tmp_path)]
   )

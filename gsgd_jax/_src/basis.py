@@ -22,8 +22,11 @@ on each copy through ``stacking.per_copy``; the rest of this module sees one cop
 
 Kernels are used in their own shape, ``(*window, rows, n_out)``: dense
 ``(n_in, n_out)``, convolution ``(*window, n_in, n_out)``, flatten ``(taps * n_in,
-n_out)`` with row ``s * n_in + c`` fed by node ``c``. Per-node vectors broadcast
-against them through ``rows`` and ``cols``. Never reshaping a kernel matters:
+n_out)`` with row ``s * n_in + c`` fed by node ``c``; a multi-axis (general) kernel
+is ``(*inputs, *outputs)``, its nodes the entries of those axes in row-major
+order. Per-node vectors broadcast against them through ``rows`` and ``cols``
+(reshaped to the kernel's input or output axes: only the small vectors are ever
+reshaped). Never reshaping a kernel matters:
 XLA writes a fused update into the buffer of the gradient it reads only if it
 reads it without a reshape; with the kernels viewed as ``(taps, n_in, n_out)``
 a train step held kernel-sized temporaries that SGD's does not (measured in
@@ -119,6 +122,11 @@ def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.nd
     if not np.array_equal(nodes_in, nodes_out):
       raise ValueError(f"internal: an edge off the diagonal of affine layer {spec.name!r}")
     return entries(kernel, np.asarray(nodes_in)[:, None])
+  if spec.kind == "general":  # each node's index in the input (output) axes
+    shape = spec.kernel_shape
+    inputs = np.unravel_index(nodes_in, shape[: spec.input_axes])
+    outputs = np.unravel_index(nodes_out, shape[spec.input_axes :])
+    return entries(kernel, np.column_stack([*inputs, *outputs]))
   window = np.broadcast_to(
     np.asarray(spec.centre_index, np.int64), (len(nodes_in), len(spec.centre_index))
   )
@@ -136,7 +144,14 @@ def outgoing_skeleton(kernel: Array, spec: LayerSpec, sigma: np.ndarray) -> Arra
 
 
 def _row_iota(spec: LayerSpec) -> Array:
-  return jax.lax.broadcasted_iota(jnp.int32, (spec.kernel_shape[-2], 1), 0)
+  """Each kernel row's index (a general kernel's input node), broadcastable against it."""
+  rows_ = int(np.prod(spec.row_shape))
+  return jax.lax.broadcasted_iota(jnp.int32, (rows_,), 0).reshape(spec.row_shape)
+
+
+def _col_iota(spec: LayerSpec) -> Array:
+  """Each output node's index, broadcastable against the kernel."""
+  return jax.lax.broadcasted_iota(jnp.int32, (spec.n_out,), 0).reshape(spec.col_shape)
 
 
 def _on_centre_window(spec: LayerSpec, mask: Array) -> Array:
@@ -152,7 +167,7 @@ def fixed_mask(spec: LayerSpec, pi: np.ndarray | None) -> Array | None:
   is empty)."""
   if pi is None:
     return None
-  skeleton_row = cols(jnp.asarray(spec.centre_row + pi, jnp.int32))
+  skeleton_row = cols(jnp.asarray(spec.centre_row + pi, jnp.int32), spec)
   return _on_centre_window(spec, _row_iota(spec) == skeleton_row)
 
 
@@ -161,8 +176,7 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   broadcastable against the kernel."""
   if sigma is None:
     return None
-  col = jax.lax.broadcasted_iota(jnp.int32, (1, spec.n_out), 1)
-  mask = _on_centre_window(spec, col == rows(jnp.asarray(sigma, jnp.int32), spec))
+  mask = _on_centre_window(spec, _col_iota(spec) == rows(jnp.asarray(sigma, jnp.int32), spec))
   if spec.kind == "flatten":  # only the skeleton tap's rows
     row = _row_iota(spec)
     mask = mask & (row >= spec.centre_row) & (row < spec.centre_row + spec.n_in)
@@ -236,8 +250,8 @@ def _divisor(x: Array) -> Array:
 
 def per_row(x: Array, spec: LayerSpec) -> Array:
   """A per-input-node vector, one entry per kernel row (tiled over a flatten
-  layer's taps)."""
-  return periodic(x, spec.kernel_shape[-2])
+  layer's taps; a general kernel's rows are its input nodes)."""
+  return periodic(x, int(np.prod(spec.row_shape)))
 
 
 def fold_rows(x: Array, spec: LayerSpec) -> Array:
@@ -249,12 +263,28 @@ def fold_rows(x: Array, spec: LayerSpec) -> Array:
 
 def rows(x: Array, spec: LayerSpec) -> Array:
   """A per-input-node vector, broadcastable against the layer's kernel."""
-  return per_row(x, spec)[:, None]
+  return per_row(x, spec).reshape(spec.row_shape)
 
 
-def cols(x: Array) -> Array:
-  """A per-output-node vector, broadcastable against a kernel."""
-  return x[None, :]
+def cols(x: Array, spec: LayerSpec) -> Array:
+  """A per-output-node vector, broadcastable against the layer's kernel."""
+  return x.reshape(spec.col_shape)
+
+
+def at_bias(x: Array, spec: LayerSpec) -> Array:
+  """A per-output-node vector in the shape of the layer's bias (a general kernel's
+  output axes)."""
+  return x.reshape(spec.output_shape)
+
+
+def per_output(x: Array, spec: LayerSpec, axes: tuple[int, ...] | None = None) -> Array:
+  """``x`` summed over the kernel's taps and inputs: one value per output node.
+
+  ``axes``: the kernel axes summed, for an array with more leading axes than one
+  copy of the kernel (default: the layer's ``reduced_axes``).
+  """
+  total = jnp.sum(x, axis=spec.reduced_axes if axes is None else axes)
+  return replicated(total.reshape(spec.n_out))
 
 
 # ----------------------------------------------------------------------------
@@ -442,13 +472,15 @@ def basis_values(
     if spec.kind == "affine":  # every scale entry is in F
       values.append(jnp.zeros_like(kernels[k]))
     else:
-      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward)
+      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward, spec)
       fixed = fixed_mask(spec, struct.pi[k])
       if fixed is not None:
         v = jnp.where(fixed, 0, v)
       values.append(v.astype(kernels[k].dtype))
     b = biases[k]
-    bias_values.append(None if b is None else (b.astype(ct) * forward).astype(b.dtype))
+    bias_values.append(
+      None if b is None else (b.astype(ct) * at_bias(forward, spec)).astype(b.dtype)
+    )
   return values, bias_values
 
 
@@ -502,7 +534,8 @@ def output_norms(
     if spec.kind != "affine":
       weighted = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct)
     b = biases[k]
-    total = _owned_square_sums(struct, k, weighted, None if b is None else b.astype(ct), ct)
+    bias = None if b is None else b.astype(ct).reshape(spec.n_out)
+    total = _owned_square_sums(struct, k, weighted, bias, ct)
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
   return propagate(_at_outputs(struct, own, ct), tables.up, reverse=True)
 
@@ -522,7 +555,7 @@ def _owned_square_sums(
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       squares = jnp.where(fixed, 0, squares)
-    total = replicated(jnp.sum(squares, axis=tuple(range(values.ndim - 1))))
+    total = per_output(squares, spec)
   if bias_values is not None:
     total = total + replicated(jnp.square(bias_values))
   return total
@@ -548,7 +581,7 @@ def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
 
 
 def node_sums(
-  kernel: Array, grad: Array, bias: Array | None, bias_grad: Array | None, dtype
+  spec: LayerSpec, kernel: Array, grad: Array, bias: Array | None, bias_grad: Array | None, dtype
 ) -> Array:
   """``sum_{taps, i} (w g)[., i, j] + b_j g_bj`` per output node ``j``, in ``dtype``.
 
@@ -556,10 +589,9 @@ def node_sums(
   bias: the one full reduction of the inverse chain rule (a scale probe's
   ``s * dL/ds`` equals it).
   """
-  inputs_and_taps = tuple(range(kernel.ndim - 1))
-  total = replicated(jnp.sum(kernel.astype(dtype) * grad.astype(dtype), axis=inputs_and_taps))
+  total = per_output(kernel.astype(dtype) * grad.astype(dtype), spec)
   if bias is not None and bias_grad is not None:
-    total += replicated(bias.astype(dtype) * bias_grad.astype(dtype))
+    total += replicated((bias.astype(dtype) * bias_grad.astype(dtype)).reshape(spec.n_out))
   return total
 
 
@@ -617,9 +649,9 @@ def inverse_chain_rule(
     spec, pi = specs[k], defined(struct.pi[k])
     probe_sum = None if probe_sums is None else probe_sums[k]
     if probe_sum is not None:
-      p = replicated(probe_sum.astype(ct))
+      p = replicated(probe_sum.astype(ct).reshape(spec.n_out))
     else:
-      p = node_sums(kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
+      p = node_sums(spec, kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
     p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
       kernel_grads[k], spec, pi
     ).astype(ct)
@@ -650,11 +682,13 @@ def inverse_chain_rule(
     parts = [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)])
     inv_back_k, inv_fwd_k, *carried_k = levels(factors, struct, parts)
     gb = bias_grads[k]
-    bias_grads_v.append(None if gb is None else (gb.astype(ct) * inv_fwd_k).astype(gb.dtype))
+    bias_grads_v.append(
+      None if gb is None else (gb.astype(ct) * at_bias(inv_fwd_k, spec)).astype(gb.dtype)
+    )
     if spec.kind == "affine":  # every scale entry is in F
       grads.append(jnp.zeros_like(kernel_grads[k]))
       continue
-    gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k)
+    gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
     if out is not None:
       gv -= jnp.where(out, rows(carried_k[0], spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
@@ -691,11 +725,12 @@ def invariant_sq_norm(
     if spec.kind == "affine":  # every scale entry is in F: only biases own paths
       per_node = jnp.zeros(spec.n_out, ct)
     else:
-      g = grads[k].astype(ct) if scale is None else grads[k].astype(ct) * cols(scale)
-      per_node = replicated(jnp.sum(jnp.square(g), axis=tuple(range(grads[k].ndim - 1))))
+      g = grads[k].astype(ct) if scale is None else grads[k].astype(ct) * cols(scale, spec)
+      per_node = per_output(jnp.square(g), spec)
     b = bias_grads[k]
     if b is not None:
-      gb = b.astype(ct) if scale is None else b.astype(ct) * scale
+      gb = b.astype(ct).reshape(spec.n_out)
+      gb = gb if scale is None else gb * scale
       per_node = per_node + replicated(jnp.square(gb))
     total = total + jnp.sum(per_node)
   return total
@@ -738,12 +773,12 @@ def _landed_norms(
       out = free_outgoing_mask(struct, k)
       if out is not None:
         dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
-      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward)
+      v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward, spec)
       landed = v + dv
     b, db = biases[k], bias_steps[k]
     landed_bias = None
     if b is not None and db is not None:
-      landed_bias = b.astype(ct) * forward + db.astype(ct)
+      landed_bias = (b.astype(ct) * at_bias(forward, spec) + db.astype(ct)).reshape(spec.n_out)
     own.append(_owned_square_sums(struct, k, landed, landed_bias, ct))
   return _at_outputs(struct, own, ct)
 
@@ -861,9 +896,10 @@ def weight_allocation(
     if b is None or bias_step is None:
       bias_updates.append(None)
     else:
-      db = b.astype(ct) * shrink_k + bias_step.astype(ct) * inv_fwd_k
+      bias = b.astype(ct)
+      db = bias * at_bias(shrink_k, spec) + bias_step.astype(ct) * at_bias(inv_fwd_k, spec)
       if rescale is not None:
-        db = db * rescale + b.astype(ct) * (rescale - 1)
+        db = db * at_bias(rescale, spec) + bias * at_bias(rescale - 1, spec)
       bias_updates.append(db.astype(b.dtype))
     if spec.kind == "affine":  # every scale entry is in F
       updates.append(jnp.zeros_like(kernels[k]))
@@ -872,11 +908,11 @@ def weight_allocation(
     dv = kernel_steps[k].astype(ct)
     if out is not None:
       dv = jnp.where(out, rows(skeleton_steps_k[0], spec), dv)
-    du = w * cols(shrink_k) + dv * rows(inv_back_k, spec) * cols(inv_fwd_k)
+    du = w * cols(shrink_k, spec) + dv * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
       du = jnp.where(fixed, 0, du)
     if rescale is not None:
-      du = du * cols(rescale) + w * cols(rescale - 1)
+      du = du * cols(rescale, spec) + w * cols(rescale - 1, spec)
     updates.append(du.astype(kernels[k].dtype))
   return updates, bias_updates, num_clipped

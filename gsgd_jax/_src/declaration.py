@@ -9,7 +9,9 @@ Accepted forms (shown in every error about them):
     lists or tuples of paths, or :class:`Block` declarations, mixed freely);
   * one :class:`Block`;
   * a path: a ``'a/b/c'`` string, or a tuple of keys (strings, integers or JAX
-    key entries); inside a block, a list of keys is a path too.
+    key entries); inside a block, a list of keys is a path too;
+  * a :class:`Layer` wherever a path may stand: a path with the reading of a
+    multi-axis kernel (Flax ``DenseGeneral``).
 
 ``layers`` is read once, when a transformation is built: a generator is consumed
 then, and changing the list afterwards changes nothing. A list of plain keys at
@@ -36,12 +38,12 @@ FORMS = (
   "('params', 'Dense_1')]; several blocks: a sequence of lists of paths, e.g. "
   "[[('p', 'a1'), ('p', 'b1')], [('p', 'a2'), ('p', 'b2')]], each block a list of paths or a "
   "gsgd_jax.Block([...], normalized=..., stack_axis=...); a path: an 'a/b' string or a "
-  "tuple of keys"
+  "tuple of keys, or gsgd_jax.Layer(path, input_axes=...) for a multi-axis kernel"
 )
 
 
 def _is_key(entry: Any) -> bool:
-  return not isinstance(entry, (list, tuple, dict, set))
+  return not isinstance(entry, (list, tuple, dict, set, Layer))
 
 
 def _path(entry: Any) -> Path:
@@ -61,10 +63,63 @@ def _path(entry: Any) -> Path:
 
 
 def _is_path(entry: Any) -> bool:
-  return isinstance(entry, str) or (isinstance(entry, tuple) and all(map(_is_key, entry)))
+  return isinstance(entry, (str, Layer)) or (isinstance(entry, tuple) and all(map(_is_key, entry)))
 
 
-def _block(entry: Any) -> tuple[Path, ...]:
+@dataclasses.dataclass(frozen=True, init=False)
+class Layer:
+  """A layer path with the reading of its multi-axis kernel (Flax ``DenseGeneral``).
+
+  A kernel of rank 3 or more is a stacked dense layer, a convolution or a
+  ``DenseGeneral`` with several input or output axes, and the shape alone cannot
+  tell which. ``Layer`` says it is the last: its first ``input_axes`` axes index
+  the layer's inputs and the remaining axes its outputs, so that a node is one
+  entry of the input (or output) axes taken together. Flax's
+  ``MultiHeadDotProductAttention`` keeps ``value`` as ``(d, heads, head_dim)``
+  (``input_axes=1``; its bias ``(heads, head_dim)`` is per output node) and
+  ``out`` as ``(heads, head_dim, d)`` (``input_axes=2``); their nodes between
+  them are the ``(head, head_dim)`` pairs. In a stacked block the axes are
+  counted in one copy, without the stack axis.
+
+  Args:
+    path: the layer's key path (an ``'a/b'`` string or a tuple of keys).
+    input_axes: how many leading axes of the kernel index its inputs (Flax
+      ``DenseGeneral``'s ``len(axis)``); at least 1, and fewer than the kernel's
+      rank.
+
+  Example:
+    >>> import gsgd_jax
+    >>> value = gsgd_jax.Layer('params/attn/value', input_axes=1)
+    >>> value
+    Layer('params/attn/value', input_axes=1)
+    >>> gsgd_jax.Block([value, gsgd_jax.Layer('params/attn/out', input_axes=2)])
+    Block([Layer('params/attn/value', input_axes=1), Layer('params/attn/out', input_axes=2)])
+  """
+
+  path: Path
+  input_axes: int
+
+  def __init__(self, path: KeyPath | str, *, input_axes: int):
+    if isinstance(input_axes, bool) or not isinstance(input_axes, int) or input_axes < 1:
+      raise TypeError(
+        "gsgd_jax.Layer: `input_axes` must be an integer >= 1 (the number of leading kernel "
+        f"axes that index the layer's inputs), got {pytree.short_repr(input_axes)}"
+      )
+    object.__setattr__(self, "path", _path(path))
+    object.__setattr__(self, "input_axes", input_axes)
+
+  def __repr__(self) -> str:
+    return f"Layer({'/'.join(self.path)!r}, input_axes={self.input_axes})"
+
+
+def _entry(entry: Any) -> tuple[Path, int | None]:
+  """A block's entry as its path and, for a :class:`Layer`, its input axes."""
+  if isinstance(entry, Layer):
+    return entry.path, entry.input_axes
+  return _path(entry), None
+
+
+def _block(entry: Any) -> tuple[tuple[Path, int | None], ...]:
   if not isinstance(entry, (list, tuple)):
     raise TypeError(
       f"a block of `layers` must be a list of paths, got {pytree.short_repr(entry)}. "
@@ -72,7 +127,7 @@ def _block(entry: Any) -> tuple[Path, ...]:
     )
   if not entry:
     raise ValueError("a block of `layers` is empty: declare at least one layer per block")
-  return tuple(_path(p) for p in entry)
+  return tuple(_entry(p) for p in entry)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
@@ -80,7 +135,8 @@ class Block:
   """One block of a model, declared explicitly: an independent chain of layers.
 
   Each layer is a key path to a sub-tree holding a ``kernel`` (dense or
-  convolution, optional ``bias``) or, first in the block only, a norm's
+  convolution, or a multi-axis kernel declared as a :class:`Layer`; optional
+  ``bias``) or, first in the block only, a norm's
   per-channel ``scale`` and optional ``bias`` (an *affine layer*: Flax
   ``BatchNorm``, ``LayerNorm``; docs/math.md). Between the block's layers only
   positively homogeneous operations may stand (ReLU, pooling, flatten, and the
@@ -88,7 +144,7 @@ class Block:
 
   Args:
     layers: the layers' key paths in forward order (``'a/b'`` strings or tuples
-      of keys).
+      of keys), or :class:`Layer` declarations of multi-axis kernels.
     normalized: the block's outputs feed a per-channel normalization
       (BatchNorm, in training mode): each output node may then be rescaled on
       its own, and the path gradients of the paths ending at output node ``k``
@@ -119,10 +175,12 @@ class Block:
   layers: tuple[Path, ...]
   normalized: bool
   stack_axis: int | None
+  # Per layer: a Layer's input_axes (a multi-axis kernel), else None.
+  input_axes: tuple[int | None, ...]
 
   def __init__(
     self,
-    layers: Iterable[LayerPath],
+    layers: Iterable[LayerPath | Layer],
     *,
     normalized: bool = False,
     stack_axis: int | None = None,
@@ -143,22 +201,27 @@ class Block:
         "gsgd_jax.Block: `stack_axis` must be None or an axis >= 0, got "
         f"{pytree.short_repr(stack_axis)}"
       )
-    object.__setattr__(self, "layers", _block(list(layers)))
+    entries = _block(list(layers))
+    object.__setattr__(self, "layers", tuple(path for path, _ in entries))
+    object.__setattr__(self, "input_axes", tuple(axes for _, axes in entries))
     object.__setattr__(self, "normalized", normalized)
     object.__setattr__(self, "stack_axis", stack_axis)
 
   def __repr__(self) -> str:
-    names = [("/".join(p)) for p in self.layers]
+    names = ", ".join(
+      repr("/".join(p)) if axes is None else repr(Layer(p, input_axes=axes))
+      for p, axes in zip(self.layers, self.input_axes, strict=True)
+    )
     normalized = ", normalized=True" if self.normalized else ""
     stacked = "" if self.stack_axis is None else f", stack_axis={self.stack_axis}"
-    return f"Block({names!r}{normalized}{stacked})"
+    return f"Block([{names}]{normalized}{stacked})"
 
 
 Blocks = tuple[Block, ...]
 
 
 def _as_block(entry: Any) -> Block:
-  return entry if isinstance(entry, Block) else Block(_block(entry))
+  return entry if isinstance(entry, Block) else Block(entry)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +294,7 @@ def warn_one_layer_blocks(blocks: Blocks) -> None:
 
 # What the public functions take as ``layers``: one chain of paths or several blocks.
 LayerPaths: TypeAlias = (
-  Sequence[LayerPath] | Sequence[Sequence[LayerPath] | Block] | Block | Declaration
+  Sequence[LayerPath | Layer] | Sequence[Sequence[LayerPath | Layer] | Block] | Block | Declaration
 )
 
 
@@ -260,7 +323,7 @@ def as_declaration(layers: Any) -> Declaration:
   key_lists = [isinstance(e, list) and bool(e) and all(map(_is_key, e)) for e in entries]
   readings: list[Blocks] = []
   if all(_is_path(e) or is_keys for e, is_keys in zip(entries, key_lists, strict=True)):
-    chain = (Block(tuple(_path(e) for e in entries)),)
+    chain = (Block([e if isinstance(e, Layer) else _path(e) for e in entries]),)
     if not any(key_lists):
       readings.append(chain)
     elif all(key_lists):  # blocks of paths, or one chain of paths written as lists

@@ -221,7 +221,7 @@ def infer_layers(params: optax.Params) -> list[tuple[str | int, ...]] | list[Blo
     raise ambiguous("several groups of layers of the same kind; cannot tell which comes first")
   ordered = [member for key in ("mixed", "conv", "dense") for member in by_kind.get(key, [[]])[0]]
   try:
-    structure.chain_structure(tuple((m.path, copy(m), False, False) for m in ordered))
+    structure.chain_structure(tuple((m.path, copy(m), False, False, None) for m in ordered))
   except structure.UnsupportedLayerError as err:
     raise structure.UnsupportedLayerError(f"infer_layers: unsupported layer kind: {err}") from None
   except ValueError as err:

@@ -3,7 +3,9 @@
 ``infer_blocks`` reads a params tree's module names and shapes (``found_layers``) and
 writes the blocks of docs/math.md (normalization layers, "Where the blocks go") for a
 plain CNN with BatchNorm, a ResNet with BatchNorm (post- or pre-activation:
-``layout_conv``), or the feed-forward blocks of a pre-LN transformer (``layout_preln``).
+``layout_conv``), the feed-forward blocks of a pre-LN transformer (``layout_preln``), or
+the gated feed-forward blocks and attention value chains of a LLaMA-style decoder
+(``layout_gated``).
 A tree that does not fit the layout raises rather than guessing: such a model is
 declared by hand with :class:`gsgd_jax.Block`.
 """
@@ -14,16 +16,17 @@ from typing import Any
 
 import optax
 
-from gsgd_jax._src import found_layers, layout_conv, layout_preln, structure
+from gsgd_jax._src import found_layers, layout_conv, layout_gated, layout_preln, structure
 from gsgd_jax._src.declaration import Block
 
-LAYOUTS = ("plainnet", "resnet", "preact", "preln")
+LAYOUTS = ("plainnet", "resnet", "preact", "preln", "llama")
 
 _WRITERS = {
   "plainnet": layout_conv.plainnet,
   "resnet": layout_conv.resnet,
   "preact": layout_conv.preact,
   "preln": layout_preln.preln,
+  "llama": layout_gated.gated,
 }
 
 
@@ -87,6 +90,26 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
     have no biases), and give ``Block([ln, fc1, fc2], stack_axis=...)``. A
     rank-3 pair with neither, or with a bias ``(h,)`` (1-D convolutions), is no
     feed-forward block.
+  * ``'llama'``: today's decoder layers (docs/math.md, gated feed-forward blocks
+    and attention), read by name: LLaMA-family (Hugging Face
+    ``mlp/{gate,up,down}_proj`` and ``self_attn/{q,k,v,o}_proj``; Meta's
+    ``feed_forward/{w1,w3,w2}`` and ``attention/{wq,wk,wv,wo}``), T5 v1.1, t5x
+    and MaxText (``mlp/{wi_0,wi_1,wo}``, ``attention/{query,key,value,out}``)
+    and Flax's ``MultiHeadDotProductAttention`` (``query``, ``key``, ``value``,
+    ``out``). Per feed-forward sub-tree holding a gate, an up and a down
+    projection, ``Block([up, down])`` (the gate's activation multiplies each
+    hidden unit by a factor the chain does not change, so the gate stays out,
+    with the fallback); per attention sub-tree, ``Block([value, out])``, its
+    nodes the value dimensions of every head, multi-axis kernels declared as
+    :class:`gsgd_jax.Layer` (``(d, heads, head_dim)`` with ``input_axes=1``,
+    ``(heads, head_dim, d)`` with ``input_axes=2``). Scanned layers (axis 0 or
+    1) give ``stack_axis``; where an attention's shapes read both as stacked
+    dense and as multi-axis kernels, its layer's feed-forward block decides.
+    Norms stay out (the norm in front feeds the gate, or the queries and
+    keys, too), and so do queries and keys. Refused, named: a fused
+    query-key-value or gate-and-up kernel, grouped-query attention (fewer
+    key-value heads than query heads), a feed-forward sub-tree without a gate
+    (a ReLU block: ``'preln'``), and kernels beside a block with no role in it.
 
   Nothing is guessed. Blocks declared ``normalized=True`` end where a BatchNorm
   follows, and only a BatchNorm absorbs one channel's scale: a norm's kind is
@@ -113,7 +136,7 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
       ``FrozenDict`` or ``nnx.State``; shapes are enough, as
       ``jax.eval_shape(model.init, ...)`` gives), or for NNX the whole
       ``nnx.state(model)``, whose BatchNorms hold their statistics.
-    layout: ``'plainnet'``, ``'resnet'``, ``'preact'`` or ``'preln'``.
+    layout: ``'plainnet'``, ``'resnet'``, ``'preact'``, ``'preln'`` or ``'llama'``.
     batch_stats: Linen's ``variables['batch_stats']``: the norms with statistics
       there are BatchNorms, the others are not. Optional; without it, names
       tell.

@@ -41,16 +41,26 @@ def _chain_gammas(struct, kernels, biases):
   squares = [jnp.square(w.astype(ct)) for w in kernels]
   gamma_in = [jnp.ones(specs[0].n_in, ct)]
   for k, sq in enumerate(squares[:-1]):
-    rows = jnp.broadcast_to(basis.per_row(gamma_in[k], specs[k]), (_ROWS, sq.shape[-2]))
-    g = basis.replicated(jnp.einsum("...io,bi->bo", sq, rows, precision="highest")[0])
+    spec = specs[k]
+    if spec.kind == "general":  # a multi-axis kernel: a reduction over its input axes
+      g = basis.per_output(sq * basis.rows(gamma_in[k], spec), spec)
+    else:
+      rows = jnp.broadcast_to(basis.per_row(gamma_in[k], spec), (_ROWS, sq.shape[-2]))
+      g = basis.replicated(jnp.einsum("...io,bi->bo", sq, rows, precision="highest")[0])
     if biases[k] is not None:
-      g += basis.replicated(jnp.square(biases[k].astype(ct)))
+      g += basis.replicated(jnp.square(biases[k].astype(ct)).reshape(spec.n_out))
     gamma_in.append(g)
   gamma_out = [None] * (struct.depth + 1)
   gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
-    cols = jnp.broadcast_to(gamma_out[k + 1], (_ROWS, squares[k].shape[-1]))
-    row_sums = jnp.einsum("...io,bo->bi", squares[k], cols, precision="highest")[0]
+    spec = specs[k]
+    if spec.kind == "general":  # a reduction over the output axes
+      outputs = tuple(range(spec.input_axes, squares[k].ndim))
+      weighted = squares[k] * basis.cols(gamma_out[k + 1], spec)
+      row_sums = jnp.sum(weighted, axis=outputs).reshape(spec.n_in)
+    else:
+      cols = jnp.broadcast_to(gamma_out[k + 1], (_ROWS, squares[k].shape[-1]))
+      row_sums = jnp.einsum("...io,bo->bi", squares[k], cols, precision="highest")[0]
     gamma_out[k] = basis.replicated(basis.fold_rows(row_sums, specs[k]))
   return gamma_in, gamma_out
 
@@ -80,10 +90,13 @@ def _layer_scales(
     return per_copy(block, _layer_scales, (STACK, STACK), (STACK, STACK))(kernels, biases)
   gamma_in, gamma_out = _chain_gammas(block, kernels, biases)
   kernel_gammas = [
-    jnp.broadcast_to(basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1]), w.shape)
+    jnp.broadcast_to(basis.rows(gamma_in[k], spec) * basis.cols(gamma_out[k + 1], spec), w.shape)
     for k, (spec, w) in enumerate(zip(block.layers, kernels, strict=True))
   ]
-  bias_gammas = [None if b is None else gamma_out[k + 1] for k, b in enumerate(biases)]
+  bias_gammas = [
+    None if b is None else basis.at_bias(gamma_out[k + 1], spec)
+    for k, (spec, b) in enumerate(zip(block.layers, biases, strict=True))
+  ]
   return kernel_gammas, bias_gammas
 
 

@@ -80,12 +80,12 @@ def _rescale_chain(
     scaled = w.astype(dtype)
     diagonal = spec.kind == "affine"  # a norm's scale: the edges o -> o
     if incoming is not None:
-      scaled = scaled * (incoming if diagonal else basis.cols(incoming))
+      scaled = scaled * (incoming if diagonal else basis.cols(incoming, spec))
     if outgoing is not None:
       scaled = scaled / (outgoing if diagonal else basis.rows(outgoing, spec))
     new_kernels.append(scaled.astype(w.dtype))
     if bias is not None and incoming is not None:
-      bias = (bias * incoming).astype(bias.dtype)
+      bias = (bias * basis.at_bias(incoming, spec)).astype(bias.dtype)
     new_biases.append(bias)
   return new_kernels, new_biases
 

@@ -16,6 +16,11 @@ layer kinds (kernels are used in their own shape, see ``basis.py``):
     ``s * C + c``): recognised when a dense kernel with ``S * C`` rows follows a
     convolution (or an affine layer) with ``C`` output channels; S taps,
     skeleton position ``S // 2``;
+  * general ``(*inputs, *outputs)``: a multi-axis kernel (Flax ``DenseGeneral``,
+    declared with ``gsgd_jax.Layer(path, input_axes=...)``): its first
+    ``input_axes`` axes index the inputs, the rest the outputs, and a node is
+    one entry of those axes taken together (flattened in row-major order, as a
+    reshape would); one tap;
   * affine ``(C,)``: a norm's per-channel ``scale`` (and ``bias``), the diagonal
     edges ``o -> o``. Only first in a block of at least two layers: the norm
     before it cuts every path, and its outputs are hidden nodes whose incoming
@@ -64,8 +69,9 @@ UNDECLARED_STACK = (
 )
 
 
-# Per layer (path, kernel or scale shape, has bias, is an affine layer).
-Signature = tuple[tuple[Path, tuple[int, ...], bool, bool], ...]
+# Per layer (path, kernel or scale shape, has bias, is an affine layer, the input axes
+# of a multi-axis kernel declared as gsgd_jax.Layer or None).
+Signature = tuple[tuple[Path, tuple[int, ...], bool, bool, int | None], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +79,50 @@ class LayerSpec:
   """One layer of a chain, as seen by the path-space algorithm."""
 
   path: Path  # normalised key path of the layer's sub-tree
-  kind: str  # 'dense', 'conv', 'flatten' (a dense layer after a flatten) or 'affine'
-  # (kernel_shape is then the scale's (C,))
+  kind: str  # 'dense', 'conv', 'flatten' (a dense layer after a flatten), 'general' (a
+  # multi-axis kernel) or 'affine' (kernel_shape is then the scale's (C,))
   kernel_shape: tuple[int, ...]
   has_bias: bool
   taps: int  # parallel edges per (input node, output node) pair
   centre: int  # index of the skeleton tap in [0, taps)
   n_in: int
   n_out: int
+  input_axes: int = 0  # a general kernel's leading input axes (0 for the other kinds)
 
   @property
   def name(self) -> str:
     return "/".join(self.path)
+
+  @property
+  def output_rank(self) -> int:
+    """How many (trailing) kernel axes index the output nodes."""
+    return len(self.kernel_shape) - self.input_axes if self.kind == "general" else 1
+
+  @property
+  def row_shape(self) -> tuple[int, ...]:
+    """The shape a per-row vector takes to broadcast against the kernel: the input
+    axes (a general kernel's, or the one row axis of ``(*window, rows, n_out)``)
+    followed by a unit axis per output axis."""
+    if self.kind == "general":
+      return (*self.kernel_shape[: self.input_axes], *(1,) * self.output_rank)
+    return (self.kernel_shape[-2], 1)
+
+  @property
+  def col_shape(self) -> tuple[int, ...]:
+    """The shape a per-output-node vector takes to broadcast against the kernel."""
+    if self.kind == "general":
+      return self.kernel_shape[self.input_axes :]
+    return (1, self.n_out)
+
+  @property
+  def output_shape(self) -> tuple[int, ...]:
+    """The output axes of the kernel: the shape of its bias (and scale probe)."""
+    return self.kernel_shape[self.input_axes :] if self.kind == "general" else (self.n_out,)
+
+  @property
+  def reduced_axes(self) -> tuple[int, ...]:
+    """The kernel axes that a per-output-node sum runs over (taps and inputs)."""
+    return tuple(range(len(self.kernel_shape) - self.output_rank))
 
   @property
   def centre_index(self) -> tuple[int, ...]:
@@ -239,14 +277,38 @@ def defined(table: np.ndarray | None) -> np.ndarray:
   return table
 
 
+def _general_spec(
+  path: Path, kernel_shape: tuple[int, ...], has_bias: bool, input_axes: int
+) -> LayerSpec:
+  """A multi-axis kernel declared with ``gsgd_jax.Layer(path, input_axes=...)``."""
+  if input_axes >= len(kernel_shape) or min(kernel_shape, default=0) < 1:
+    raise ValueError(
+      f"layer {'/'.join(path)!r}: declared gsgd_jax.Layer(..., input_axes={input_axes}), but "
+      f"its kernel of shape {kernel_shape} then has no output axis; input_axes counts the "
+      "leading axes that index the inputs (1 for a DenseGeneral with features=(heads, "
+      "head_dim), 2 for one with axis=(-2, -1)), in one copy of a stacked block."
+    )
+  n_in = int(np.prod(kernel_shape[:input_axes]))
+  n_out = int(np.prod(kernel_shape[input_axes:]))
+  return LayerSpec(path, "general", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out, input_axes)
+
+
 def _layer_spec(
   path: Path,
   kernel_shape: tuple[int, ...],
   has_bias: bool,
   affine: bool,
+  input_axes: int | None,
   prev: LayerSpec | None,
 ) -> LayerSpec:
   name = "/".join(path)
+  if input_axes is not None and affine:
+    raise ValueError(
+      f"layer {name!r} is declared gsgd_jax.Layer(..., input_axes={input_axes}), but it "
+      "holds a norm's 'scale', not a kernel: declare it by its path alone."
+    )
+  if input_axes is not None and (len(kernel_shape) != 2 or input_axes != 1):
+    return _general_spec(path, kernel_shape, has_bias, input_axes)
   if affine:
     if len(kernel_shape) != 1:
       raise ValueError(
@@ -263,12 +325,14 @@ def _layer_spec(
     )
   if len(kernel_shape) == 3:
     raise UnsupportedLayerError(
-      f"layer {name!r}: a rank-3 kernel {kernel_shape} is either a stacked dense layer "
-      "(nn.scan / nnx.vmap: one (in, out) kernel per copy) or a 1-D convolution "
-      "(width, in, out), and the two have different symmetry groups. For a stack, "
-      f"declare its block as gsgd_jax.Block([...], stack_axis=0) ({UNDECLARED_STACK}). "
-      "1-D convolutions are not supported: leave the layer out of `layers` (it then "
-      "takes the fallback)."
+      f"layer {name!r}: a rank-3 kernel {kernel_shape} is a stacked dense layer "
+      "(nn.scan / nnx.vmap: one (in, out) kernel per copy), a 1-D convolution "
+      "(width, in, out) or a multi-axis kernel (Flax DenseGeneral, attention's "
+      "(d, heads, head_dim)), and they have different symmetry groups. For a stack, "
+      f"declare its block as gsgd_jax.Block([...], stack_axis=0) ({UNDECLARED_STACK}); "
+      "for a multi-axis kernel, declare the layer as gsgd_jax.Layer(path, input_axes=n), "
+      "n its leading input axes. 1-D convolutions are not supported: leave the layer "
+      "out of `layers` (it then takes the fallback)."
     )
   *window, n_in, n_out = kernel_shape
   if window:  # convolution: one tap per window position, the centre is the skeleton
@@ -429,6 +493,7 @@ def _check_layer(
   slots: tuple[int, int | None, int | None],
   affine: bool,
   stack: Stack | None,
+  input_axes: int | None = None,
 ) -> tuple[int, ...]:
   """Checks one layer's leaves; returns its kernel's (or scale's) shape per copy."""
   slot_kernel, slot_bias, slot_probe = slots
@@ -450,7 +515,8 @@ def _check_layer(
     if i is None:
       continue
     full_shape = tuple(int(d) for d in np.shape(leaves[i]))
-    if stack is None and _looks_stacked(full_shape, full_kernel_shape):
+    general = input_axes is not None and not affine
+    if stack is None and not general and _looks_stacked(full_shape, full_kernel_shape):
       raise UnsupportedLayerError(
         f"layer {name!r}: kernel {full_kernel_shape} and {what} {full_shape} carry a "
         "stack axis (nn.scan / nnx.vmap): read without it, the stack would train as "
@@ -458,10 +524,25 @@ def _check_layer(
         f"stack_axis=...) ({UNDECLARED_STACK})."
       )
     shape = _copy_shape(name, what, full_shape, stack)
-    if shape != (kernel_shape[-1],):
+    if general and input_axes is not None:
+      # (An input_axes that leaves no output axis is refused with the kernel's reading.)
+      outputs = kernel_shape[input_axes:]
+      if input_axes < len(kernel_shape) and shape != outputs:
+        raise ValueError(
+          f"layer {name!r}: {what} of shape {shape} does not match the output axes "
+          f"{outputs} of its kernel {kernel_shape} (declared input_axes={input_axes}). "
+          f"If the layer is stacked, declare its block's stack_axis ({UNDECLARED_STACK})."
+        )
+    elif shape != (kernel_shape[-1],):
+      multi_axis = (
+        " A multi-axis kernel (Flax DenseGeneral) is declared as "
+        "gsgd_jax.Layer(path, input_axes=n), n its leading input axes."
+        if len(shape) > 1 and kernel_shape[-len(shape) :] == shape
+        else ""
+      )
       raise ValueError(
         f"layer {name!r}: {what} of shape {shape} does not match the "
-        f"{kernel}'s {kernel_shape[-1]} outputs"
+        f"{kernel}'s {kernel_shape[-1]} outputs.{multi_axis}"
       )
   return kernel_shape
 
@@ -485,10 +566,11 @@ def build_structure(
     slots = pytree.locate_layers(paths, block.layers, what=what)
     stack = _block_stack(block, paths, leaves, slots)
     signature = []
-    for name, k, b, s in zip(block.layers, slots.kernel, slots.bias, slots.probe, strict=True):
+    layer_slots = zip(slots.kernel, slots.bias, slots.probe, strict=True)
+    for name, axes, (k, b, s) in zip(block.layers, block.input_axes, layer_slots, strict=True):
       affine = paths[k][-1] == "scale"
-      shape = _check_layer("/".join(name), leaves, (k, b, s), affine, stack)
-      signature.append((name, shape, b is not None, affine))
+      shape = _check_layer("/".join(name), leaves, (k, b, s), affine, stack, axes)
+      signature.append((name, shape, b is not None, affine, axes))
     signatures.append((tuple(signature), block.normalized, stack))
   built = _build(tuple(signatures))  # raises on layers that do not chain, before warning
   declaration.warn_one_layer_blocks(blocks)

@@ -403,7 +403,9 @@ def _symmetry_failure(
     )
   return (
     f"{head} G-SGD needs every declared hidden node to be positively rescalable: "
-    "check for a non-ReLU activation (tanh, GELU, sigmoid, relu6), a normalisation "
+    "check for a non-ReLU activation (tanh, GELU, sigmoid, relu6), the gate of a gated "
+    "block declared in place of its up projection (the chain is [up, down]), a query or "
+    "key declared in place of an attention's value, a normalisation "
     "(a block cannot run through a norm: see gsgd_jax.infer_blocks), a weight-"
     "standardized convolution after it, a bias or a residual addition after this "
     "layer inside the block, and that `layers` are in forward order."
@@ -551,13 +553,14 @@ def verify_probes(
       if p.probes[k] is None or g.probes[k] is None:
         continue
       tol = rtol if rtol is not None else _default_rtol(jnp.result_type(p.kernels[k]))
-      sums = lambda _, w, g, b, gb: basis.node_sums(w, g, b, gb, wide)
+      sums = lambda s, w, g, b, gb, k=k: basis.node_sums(s.layers[k], w, g, b, gb, wide)
       expected = per_copy(block, sums, STACK, 0)(
         jnp.asarray(p.kernels[k]), jnp.asarray(g.kernels[k]), p.biases[k], g.biases[k]
       )
       probed = jnp.asarray(p.probes[k], wide) * jnp.asarray(g.probes[k], wide)
       if block.stack is not None:  # per copy, as `expected`
         probed = jnp.moveaxis(probed, block.stack.axis, 0)
+      probed = probed.reshape(expected.shape)  # a general kernel's probe has its output axes
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1

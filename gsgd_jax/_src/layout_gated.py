@@ -1,0 +1,200 @@
+"""The block declarations of today's decoder layers (docs/math.md, gated feed-forward blocks
+and attention): per layer, the up and down projections of a gated feed-forward block and
+the value and output projections of its attention, read from their names.
+
+Names of the LLaMA family (Hugging Face ``self_attn/{q,k,v,o}_proj``, ``mlp/{gate,up,
+down}_proj``; Meta's ``attention/{wq,wk,wv,wo}``, ``feed_forward/{w1,w2,w3}``), of T5 v1.1,
+t5x and MaxText (``attention/{query,key,value,out}``, ``mlp/{wi_0,wi_1,wo}``) and of Flax's
+``MultiHeadDotProductAttention`` (``query``, ``key``, ``value``, ``out``). Kernels are
+dense ``(d, n)`` or multi-axis (``DenseGeneral``: values ``(d, heads, head_dim)``, outputs
+``(heads, head_dim, d)``), unstacked or scanned on axis 0 or 1. The gate is never in a
+block, nor the norm in front of a block (it feeds the gate, or the queries and keys, too).
+Whatever the names or shapes leave in doubt is refused, named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from gsgd_jax._src.declaration import Block, Layer
+from gsgd_jax._src.found_layers import Layer as Found
+from gsgd_jax._src.found_layers import Refusal, names, natural
+from gsgd_jax._src.pytree import Path
+
+# The role of a kernel, by its name (lower case).
+_GATE = frozenset({"gate_proj", "wi_0", "w1", "gate"})
+_UP = frozenset({"up_proj", "wi_1", "w3", "up"})
+_DOWN = frozenset({"down_proj", "wo", "w2", "down"})
+_QUERY = frozenset({"q_proj", "query", "wq", "q"})
+_KEY = frozenset({"k_proj", "key", "wk", "k"})
+_VALUE = frozenset({"v_proj", "value", "wv", "v"})
+_OUT = frozenset({"o_proj", "out", "wo", "o", "out_proj"})
+_FUSED = frozenset({"qkv_proj", "qkv", "c_attn", "in_proj", "wqkv", "query_key_value"})
+_FUSED_FFN = frozenset({"gate_up_proj", "w13", "wi"})
+# The readings of a kernel: unstacked, or stacked on axis 0 or 1.
+_AXES = (None, 0, 1)
+
+
+def _name(layer: Found) -> str:
+  return layer.path[-1].lower()
+
+
+def _copy(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...] | None:
+  """One copy's shape of a kernel read as stacked on ``axis`` (None: unstacked)."""
+  if axis is None:
+    return shape
+  if len(shape) < 3:
+    return None
+  return shape[:axis] + shape[axis + 1 :]
+
+
+def _length(layers: Sequence[Found], axis: int | None) -> int | None:
+  """The common stack length of ``layers`` read on ``axis``, or -1 where they differ."""
+  if axis is None:
+    return None
+  lengths = {x.shape[axis] for x in layers}
+  return lengths.pop() if len(lengths) == 1 else -1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reading:
+  """A scope's chain as read: its stack axis and each layer's input axes (None: dense)."""
+
+  axis: int | None
+  input_axes: tuple[int | None, ...]
+
+
+def _ffn_readings(gate: Found, up: Found, down: Found) -> list[_Reading]:
+  """The readings of a gated block's kernels as ``(d, h)``, ``(d, h)``, ``(h, d)`` per copy."""
+  found = []
+  for axis in _AXES:
+    if _length((gate, up, down), axis) == -1:
+      continue
+    g, u, w = (_copy(x.shape, axis) for x in (gate, up, down))
+    if g is None or u is None or w is None or len(u) != 2:
+      continue
+    if g == u and w == u[::-1]:
+      found.append(_Reading(axis, (None, None)))
+  return found
+
+
+def _attention_readings(value: Found, out: Found) -> list[_Reading]:
+  """The readings of a value and an output kernel that chain ``d -> nodes -> d``: dense
+  ``(d, n)`` and ``(n, d)``, or multi-axis ``(d, *nodes)`` and ``(*nodes, d)``."""
+  found = []
+  for axis in _AXES:
+    if _length((value, out), axis) == -1:
+      continue
+    v, o = _copy(value.shape, axis), _copy(out.shape, axis)
+    if v is None or o is None or len(v) < 2 or len(v) != len(o):
+      continue
+    nodes = v[1:]
+    if v[0] == o[-1] and o[:-1] == nodes:
+      axes = None if len(v) == 2 else 1
+      found.append(_Reading(axis, (axes, None if len(o) == 2 else len(o) - 1)))
+  return found
+
+
+def _pick(readings: list[_Reading], scope: Path, members: Sequence[Found], axis_hint) -> _Reading:
+  where = "/".join(scope)
+  if len(readings) > 1 and axis_hint is not None:
+    readings = [r for r in readings if r.axis == axis_hint.axis] or readings
+  if not readings:
+    raise Refusal(
+      f"the kernels {names(members)} in {where!r} do not chain d -> nodes -> d (shapes "
+      f"{', '.join(str(x.shape) for x in members)}) unstacked or stacked on axis 0 or 1: "
+      "grouped-query attention (fewer key-value heads than query heads), whose value "
+      "dimensions each feed several heads, is not supported yet"
+    )
+  if len(readings) > 1:
+    raise Refusal(
+      f"the kernels {names(members)} in {where!r} read several ways (unstacked, or stacked "
+      f"on axis 0 or 1: {[r.axis for r in readings]}); their shapes do not tell"
+    )
+  return readings[0]
+
+
+def _block(layers: Sequence[Found], reading: _Reading) -> Block:
+  entries = [
+    "/".join(x.path) if axes is None else Layer(x.path, input_axes=axes)
+    for x, axes in zip(layers, reading.input_axes, strict=True)
+  ]
+  return Block(entries, stack_axis=reading.axis)
+
+
+def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
+  """The kernels of a scope by role (query ... down), refusing what cannot be read."""
+  where = "/".join(scope) or "the top level"
+  by_name = {_name(x): x for x in members}
+  fused = [x for x in members if _name(x) in _FUSED]
+  if fused:
+    raise Refusal(
+      f"{names(fused)} in {where!r} is a fused query-key-value kernel: its value columns "
+      "cannot be declared apart from the queries and keys. Split it into three kernels, or "
+      "leave the attention to the fallback"
+    )
+  attention = any(n in _VALUE for n in by_name)
+  table = (
+    {"query": _QUERY, "key": _KEY, "value": _VALUE, "out": _OUT}
+    if attention
+    else {"gate": _GATE, "up": _UP, "down": _DOWN}
+  )
+  roles: dict[str, Found] = {}
+  for role, words in table.items():
+    hits = [x for x in members if _name(x) in words]
+    if len(hits) > 1:
+      raise Refusal(f"{names(hits)} in {where!r} all read as the {role} projection")
+    if hits:
+      roles[role] = hits[0]
+  left = [x for x in members if x not in roles.values()]
+  if roles and left:
+    raise Refusal(
+      f"{names(left)} in {where!r} stand beside {names(roles.values())} and have no role "
+      "in a gated feed-forward block or an attention"
+    )
+  return roles
+
+
+def gated(layers: Sequence[Found]) -> list[Block]:
+  """Per decoder layer, ``Block([up, down])`` of its gated feed-forward block and
+  ``Block([value, out])`` of its attention (multi-axis kernels as :class:`Layer`)."""
+  scopes: dict[Path, list[Found]] = {}
+  for layer in layers:
+    if not layer.norm:
+      scopes.setdefault(layer.path[:-1], []).append(layer)
+  ffn: dict[Path, tuple[list[Found], _Reading]] = {}
+  attention: dict[Path, tuple[list[Found], list[_Reading]]] = {}
+  for scope, members in scopes.items():
+    if len(members) < 2:  # an embedding's read-out, a head: the fallback's
+      continue
+    roles = _roles(scope, members)
+    where = "/".join(scope) or "the top level"
+    if "value" in roles or "out" in roles:
+      if "value" not in roles or "out" not in roles:
+        raise Refusal(f"the attention in {where!r} has no value or no output projection")
+      chain = [roles["value"], roles["out"]]
+      attention[scope] = (chain, _attention_readings(*chain))
+    elif roles:
+      missing = [r for r in ("gate", "up", "down") if r not in roles]
+      fused = [x for x in members if _name(x) in _FUSED_FFN]
+      if missing:
+        raise Refusal(
+          f"the feed-forward block in {where!r} ({names(members)}) has no {' or '.join(missing)} "
+          "projection: a ReLU block (the 'preln' layout reads those) or a fused gate and up "
+          f"kernel{' ' + names(fused) if fused else ''}, whose halves cannot be declared apart"
+        )
+      chain = [roles["up"], roles["down"]]
+      ffn[scope] = (chain, _pick(_ffn_readings(roles["gate"], *chain), scope, members, None))
+  blocks = [(scope, _block(chain, reading)) for scope, (chain, reading) in ffn.items()]
+  for scope, (chain, readings) in attention.items():
+    # A layer's feed-forward block tells the stack where the attention's shapes do not.
+    siblings = [r for s, (_, r) in ffn.items() if s[:-1] == scope[:-1]]
+    hint = siblings[0] if len(siblings) == 1 else None
+    blocks.append((scope, _block(chain, _pick(readings, scope, chain, hint))))
+  if not blocks:
+    raise Refusal(
+      "no gated feed-forward block (gate, up and down projections) and no attention (value "
+      "and output projections) found by name"
+    )
+  return [block for _, block in sorted(blocks, key=lambda item: natural(item[0]))]

@@ -1,0 +1,286 @@
+"""Gated feed-forward blocks and attention value chains (docs/math.md, gated feed-forward
+blocks and attention): multi-axis kernels declared with ``gsgd_jax.Layer`` act exactly as
+their flattened dense twins, stacked or not; Flax's multi-head attention and a SwiGLU block
+keep their outputs under the rescalings the declarations name, and path space follows them;
+``infer_blocks(..., 'llama')`` writes those declarations from names and refuses the rest."""
+
+from __future__ import annotations
+
+import chex
+import corpus
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gsgd_jax
+
+Layer = gsgd_jax.Layer
+D, HEADS, HEAD_DIM = 5, 2, 3
+
+# ----------------------------------------------------------------------------
+# A value/output chain (d -> (heads, head_dim) -> d) against its flattened twin.
+
+
+def _to_copies(a, axis):
+  return a if axis is None else jnp.moveaxis(a, axis, 0)
+
+
+def _from_copies(a, axis):
+  return a if axis is None else jnp.moveaxis(a, 0, axis)
+
+
+def _flat(a, axis, input_axes):
+  """A multi-axis kernel (or bias: ``input_axes`` 0) as its dense twin, per copy."""
+  a = _to_copies(a, axis)
+  lead = a.shape[:1] if axis is not None else ()
+  shape = a.shape[len(lead) :]
+  flat = (int(np.prod(shape[:input_axes])), int(np.prod(shape[input_axes:])))
+  return _from_copies(a.reshape(*lead, *(flat if input_axes else flat[1:])), axis)
+
+
+def _flatten_tree(tree, axis):
+  return {
+    "value": {
+      "kernel": _flat(tree["value"]["kernel"], axis, 1),
+      "bias": _flat(tree["value"]["bias"], axis, 0),
+    },
+    "out": {"kernel": _flat(tree["out"]["kernel"], axis, 2), "bias": tree["out"]["bias"]},
+  }
+
+
+def _chain_params(axis, seed=0):
+  rng = np.random.default_rng(seed)
+  copies = 3
+  signed = lambda *shape: rng.uniform(0.4, 1.6, shape) * rng.choice([-1.0, 1.0], shape)
+  stacked = lambda shape, a=axis: shape if a is None else (*shape[:a], copies, *shape[a:])
+  return {
+    "value": {
+      "kernel": signed(*stacked((D, HEADS, HEAD_DIM))),
+      "bias": rng.normal(0, 0.5, stacked((HEADS, HEAD_DIM))),
+    },
+    "out": {
+      "kernel": signed(*stacked((HEADS, HEAD_DIM, D))),
+      "bias": rng.normal(0, 0.5, stacked((D,))),
+    },
+  }
+
+
+@pytest.mark.parametrize("normalized", [False, True], ids=["plain", "normalized"])
+@pytest.mark.parametrize("axis", [None, 0, 1], ids=["unstacked", "axis0", "axis1"])
+def test_multi_axis_layers_act_as_their_flattened_twins(axis, normalized):
+  params = jax.tree.map(jnp.asarray, _chain_params(axis))
+  twin = _flatten_tree(params, axis)
+  block = gsgd_jax.Block(
+    [Layer("value", input_axes=1), Layer("out", input_axes=2)],
+    normalized=normalized,
+    stack_axis=axis,
+  )
+  twin_block = gsgd_jax.Block(["value", "out"], normalized=normalized, stack_axis=axis)
+  same = lambda got, want: chex.assert_trees_all_close(
+    _flatten_tree(got, axis), want, rtol=1e-12, atol=1e-14
+  )
+  same(gsgd_jax.basis_path_values(params, [block]), gsgd_jax.basis_path_values(twin, [twin_block]))
+  for which in ("fixed", "all"):
+    chex.assert_trees_all_equal(
+      _flatten_tree(gsgd_jax.skeleton_mask(params, [block], which), axis),
+      gsgd_jax.skeleton_mask(twin, [twin_block], which),
+    )
+  same(gsgd_jax.set_skeleton(params, [block]), gsgd_jax.set_skeleton(twin, [twin_block]))
+  key = jax.random.key(4)
+  same(
+    gsgd_jax.random_rescale(params, [block], key), gsgd_jax.random_rescale(twin, [twin_block], key)
+  )
+  optimizers = [
+    lambda b: gsgd_jax.gsgd(0.05, layers=[b]),
+    lambda b: gsgd_jax.path_space(optax.adam(1e-2), layers=[b]),
+  ]
+  if not normalized:
+    same(gsgd_jax.path_norm_scales(params, [block]), gsgd_jax.path_norm_scales(twin, [twin_block]))
+    optimizers.append(lambda b: gsgd_jax.path_sgd(0.05, layers=[b]))
+  grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(7).normal(size=a.shape)), params)
+  for make in optimizers:
+    tx, twin_tx = make(block), make(twin_block)
+    p, state, q, twin_state = params, tx.init(params), twin, twin_tx.init(twin)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, p)
+      twin_updates, twin_state = twin_tx.update(_flatten_tree(grads, axis), twin_state, q)
+      p, q = optax.apply_updates(p, updates), optax.apply_updates(q, twin_updates)
+    same(p, q)
+
+
+# ----------------------------------------------------------------------------
+# Flax's multi-head attention and a SwiGLU block.
+
+
+class _Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=HEADS * 4, name="attn")(x)
+
+
+class _SwiGLU(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    gate, up = nn.Dense(12, name="gate")(x), nn.Dense(12, name="up")(x)
+    return nn.Dense(x.shape[-1], name="down")(nn.silu(gate) * up)
+
+
+def _trained_outputs(apply, params, tx, x, steps=8):
+  target = jax.random.normal(jax.random.key(9), jnp.shape(apply(params, x)), x.dtype)
+  loss = lambda p: jnp.mean((apply(p, x) - target) ** 2)
+
+  @jax.jit
+  def train(p):
+    def step(carry, _):
+      p, state = carry
+      updates, state = tx.update(jax.grad(loss)(p), state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), length=steps)
+    return apply(p, x)
+
+  return train(params)
+
+
+def _invariant(apply, params, blocks, x):
+  """Path space from a start and from its rescaling lands on the same outputs; Adam does
+  not."""
+  params = gsgd_jax.set_skeleton(params, blocks)
+  rescaled = gsgd_jax.random_rescale(params, blocks, jax.random.key(2))
+  gaps = {}
+  for name, tx in (
+    ("path", gsgd_jax.path_space(optax.adam(1e-2), layers=blocks)),
+    ("adam", optax.adam(1e-2)),
+  ):
+    a, b = (_trained_outputs(apply, p, tx, x) for p in (params, rescaled))
+    gaps[name] = float(jnp.max(jnp.abs(a - b)))
+  assert gaps["path"] < 1e-11 and gaps["adam"] > 1e-3, gaps
+
+
+@pytest.mark.parametrize("model", [_Attention, _SwiGLU], ids=["attention", "swiglu"])
+def test_flax_attention_and_swiglu_chains_are_invariant(model):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6), jnp.float64)
+  module = model()
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), module.init(jax.random.key(1), x))
+  apply = jax.jit(lambda p, x: module.apply({"params": p}, x))
+  params = params["params"]
+  blocks = gsgd_jax.infer_blocks(params, "llama") if model is _Attention else None
+  if model is _Attention:
+    assert blocks == [
+      gsgd_jax.Block([Layer("attn/value", input_axes=1), Layer("attn/out", input_axes=2)])
+    ]
+    wrong = [gsgd_jax.Block([Layer("attn/query", input_axes=1), Layer("attn/out", input_axes=2)])]
+  else:
+    blocks = [gsgd_jax.Block(["up", "down"])]
+    wrong = [gsgd_jax.Block(["gate", "down"])]  # the gate declared as the up projection
+  assert gsgd_jax.verify_invariance(apply, params, blocks, x) <= 1e-14
+  with pytest.raises(ValueError, match="query" if model is _Attention else "'gate'"):
+    gsgd_jax.verify_invariance(apply, params, wrong, x)
+  _invariant(apply, params, blocks, x)
+
+
+# ----------------------------------------------------------------------------
+# infer_blocks(params, 'llama').
+
+
+def _shapes(model, x):
+  return jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+def test_llama_layout_writes_the_up_down_and_value_out_chains(scanned):
+  model = corpus.Llama(scanned=scanned)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  blocks = gsgd_jax.infer_blocks(_shapes(model, tokens), "llama")
+  assert blocks == corpus.llama_blocks(model)
+  assert not any("gate" in "/".join(path) for block in blocks for path in block.layers)
+
+
+def test_llama_layout_reads_t5_names_and_multi_axis_kernels_on_axis_1():
+  model = corpus.ScannedT5(corpus.T5Config(gated=True))
+  blocks = gsgd_jax.infer_blocks(_shapes(model, jnp.zeros((2, 8), jnp.int32)), "llama")
+  scope = "encoder/encoder"
+  assert blocks == [
+    gsgd_jax.Block(
+      [
+        Layer(f"{scope}/attention/value", input_axes=1),
+        Layer(f"{scope}/attention/out", input_axes=2),
+      ],
+      stack_axis=1,
+    ),
+    gsgd_jax.Block([f"{scope}/mlp/wi_1", f"{scope}/mlp/wo"], stack_axis=1),
+  ]
+
+
+def _kernels(**shapes):
+  """A params tree of kernels: ``scope__name=shape`` gives ``{scope: {name: {'kernel'}}}``."""
+  tree: dict = {}
+  for key, shape in shapes.items():
+    scope, name = key.split("__")
+    tree.setdefault(scope, {})[name] = {"kernel": jnp.zeros(shape)}
+  return tree
+
+
+@pytest.mark.parametrize(
+  ("shapes", "message"),
+  [
+    (
+      {"attn__qkv_proj": (8, 24), "attn__o_proj": (8, 8)},
+      "'attn/qkv_proj'.*fused query-key-value",
+    ),
+    (
+      {"attn__q_proj": (8, 8), "attn__v_proj": (8, 4), "attn__o_proj": (8, 8)},
+      "grouped-query attention",
+    ),
+    ({"mlp__up_proj": (8, 16), "mlp__down_proj": (16, 8)}, "has no gate projection"),
+    (
+      {"mlp__gate_proj": (8, 16), "mlp__up_proj": (8, 16), "mlp__down_proj": (16, 8),
+       "mlp__extra": (8, 16)},
+      "'mlp/extra'.*no role",
+    ),
+    ({"head__Dense_0": (8, 4)}, "no gated feed-forward block"),
+  ],
+  ids=["fused-qkv", "grouped-query", "no-gate", "extra-kernel", "nothing"],
+)  # fmt: skip
+def test_llama_layout_refuses_what_it_cannot_read(shapes, message):
+  with pytest.raises(ValueError, match=message):
+    gsgd_jax.infer_blocks(_kernels(**shapes), "llama")
+
+
+# ----------------------------------------------------------------------------
+# Declarations.
+
+
+def test_layer_declarations_and_their_refusals():
+  params = jax.tree.map(jnp.asarray, _chain_params(None))
+  value, out = Layer("value", input_axes=1), Layer("out", input_axes=2)
+  assert repr(gsgd_jax.Block([value, out], stack_axis=0)) == (
+    "Block([Layer('value', input_axes=1), Layer('out', input_axes=2)], stack_axis=0)"
+  )
+  # One chain of Layers, as a flat list, reads as one block.
+  chex.assert_trees_all_close(
+    gsgd_jax.basis_path_values(params, [value, out]),
+    gsgd_jax.basis_path_values(params, [gsgd_jax.Block([value, out])]),
+  )
+  tx = lambda layers: gsgd_jax.gsgd(0.1, layers=layers).init(params)
+  with pytest.raises(ValueError, match=r"bias of shape \(2, 3\).*gsgd_jax.Layer\(path, input_axes"):
+    tx([gsgd_jax.Block(["value", "out"])])
+  with pytest.raises(ValueError, match=r"'value'.*input_axes=3.*no output axis"):
+    tx([gsgd_jax.Block([Layer("value", input_axes=3), out])])
+  with pytest.raises(
+    ValueError, match=r"'value': bias of shape \(2, 3\) does not match the output"
+  ):
+    tx([gsgd_jax.Block([Layer("value", input_axes=2), out])])
+  with pytest.raises(ValueError, match=r"'out': bias of shape \(5,\) does not match the output"):
+    tx([gsgd_jax.Block([value, Layer("out", input_axes=1)])])
+  without_bias = {**params, "out": {"kernel": params["out"]["kernel"]}}
+  with pytest.raises(ValueError, match=r"'out' takes 2 inputs .* has 6 outputs"):
+    gsgd_jax.gsgd(0.1, layers=[value, Layer("out", input_axes=1)]).init(without_bias)
+  with pytest.raises(TypeError, match="input_axes"):
+    Layer("value", input_axes=0)
+  norm = {"ln": {"scale": jnp.ones(5)}, **params}
+  with pytest.raises(ValueError, match=r"'ln'.*norm's 'scale'"):
+    gsgd_jax.gsgd(0.1, layers=[gsgd_jax.Block([Layer("ln", input_axes=1), value, out])]).init(norm)
