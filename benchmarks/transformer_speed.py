@@ -122,7 +122,8 @@ def _rotary(x):
   """RoPE on ``(batch, seq, heads, head_dim)``, the half-split pairs ``(j, j + head_dim / 2)``."""
   seq, dim = x.shape[1], x.shape[-1]
   angles = np.arange(seq)[:, None] / (10000 ** (np.arange(0, dim, 2) / dim))[None, :]
-  cos, sin = (jnp.asarray(f(np.concatenate([angles, angles], -1)), x.dtype) for f in (np.cos, np.sin))
+  both = np.concatenate([angles, angles], -1)
+  cos, sin = (jnp.asarray(f(both), x.dtype) for f in (np.cos, np.sin))
   rotated = jnp.concatenate([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
   return x * cos[None, :, None] + rotated * sin[None, :, None]
 
