@@ -124,9 +124,9 @@ def _block(layers: Sequence[Found], reading: _Reading) -> Block:
 
 
 def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
-  """The kernels of a scope by role (query ... down), refusing what cannot be read."""
+  """The kernels of a scope by role (query ... down), refusing what cannot be read. A scope
+  may hold an attention, a gated block or both (a layer whose kernels are not grouped)."""
   where = "/".join(scope) or "the top level"
-  by_name = {_name(x): x for x in members}
   fused = [x for x in members if _name(x) in _FUSED]
   if fused:
     raise Refusal(
@@ -134,26 +134,44 @@ def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
       "cannot be declared apart from the queries and keys. Split it into three kernels, or "
       "leave the attention to the fallback"
     )
-  attention = any(n in _VALUE for n in by_name)
-  table = (
-    {"query": _QUERY, "key": _KEY, "value": _VALUE, "out": _OUT}
-    if attention
-    else {"gate": _GATE, "up": _UP, "down": _DOWN}
-  )
-  roles: dict[str, Found] = {}
-  for role, words in table.items():
-    hits = [x for x in members if _name(x) in words]
+  table = {"query": _QUERY, "key": _KEY, "value": _VALUE, "out": _OUT}
+  table |= {"gate": _GATE, "up": _UP, "down": _DOWN}
+  candidates = {role: [x for x in members if _name(x) in words] for role, words in table.items()}
+  # A name of two roles ('wo': Meta's attention output, T5's down projection) takes the one
+  # the scope's other names leave open.
+  attention = bool(candidates["value"])
+  feed_forward = bool(candidates["gate"] or candidates["up"])
+  for x in members:
+    roles = [role for role, hits in candidates.items() if x in hits]
+    if len(roles) < 2:
+      continue
+    keep = [
+      role
+      for role in roles
+      if (attention if role in ("query", "key", "value", "out") else feed_forward)
+      and not [y for y in candidates[role] if y is not x]
+    ]
+    if len(keep) != 1:
+      raise Refusal(
+        f"{names([x])} in {where!r} may be the {' or the '.join(roles)} projection: the names "
+        "beside it do not tell"
+      )
+    for role in roles:
+      if role != keep[0]:
+        candidates[role].remove(x)
+  found: dict[str, Found] = {}
+  for role, hits in candidates.items():
     if len(hits) > 1:
       raise Refusal(f"{names(hits)} in {where!r} all read as the {role} projection")
     if hits:
-      roles[role] = hits[0]
-  left = [x for x in members if x not in roles.values()]
-  if roles and left:
+      found[role] = hits[0]
+  left = [x for x in members if x not in found.values()]
+  if found and left:
     raise Refusal(
-      f"{names(left)} in {where!r} stand beside {names(roles.values())} and have no role "
+      f"{names(left)} in {where!r} stand beside {names(found.values())} and have no role "
       "in a gated feed-forward block or an attention"
     )
-  return roles
+  return found
 
 
 def gated(layers: Sequence[Found]) -> list[Block]:
@@ -175,7 +193,7 @@ def gated(layers: Sequence[Found]) -> list[Block]:
         raise Refusal(f"the attention in {where!r} has no value or no output projection")
       chain = [roles["value"], roles["out"]]
       attention[scope] = (chain, _attention_readings(*chain))
-    elif roles:
+    if {"gate", "up", "down"} & set(roles):
       missing = [r for r in ("gate", "up", "down") if r not in roles]
       fused = [x for x in members if _name(x) in _FUSED_FFN]
       if missing:
@@ -189,7 +207,7 @@ def gated(layers: Sequence[Found]) -> list[Block]:
   blocks = [(scope, _block(chain, reading)) for scope, (chain, reading) in ffn.items()]
   for scope, (chain, readings) in attention.items():
     # A layer's feed-forward block tells the stack where the attention's shapes do not.
-    siblings = [r for s, (_, r) in ffn.items() if s[:-1] == scope[:-1]]
+    siblings = [r for s, (_, r) in ffn.items() if s == scope or s[:-1] == scope[:-1]]
     hint = siblings[0] if len(siblings) == 1 else None
     blocks.append((scope, _block(chain, _pick(readings, scope, chain, hint))))
   if not blocks:
