@@ -17,8 +17,9 @@ versions; the results record the version and the size of each split.
 Each optimizer's learning rate is chosen on the validation split from its grid (seed 0, the
 full run, which is then seed 0's run); every seed starts all optimizers from the same
 initialisation (with ``skeleton_init``, every skeleton weight of the blocks set to 1 for all of
-them) and sees the same batches. Reported: training-loss curves (means of ``curve_every`` steps), validation loss
-during training and at the end, and test loss, in nats per byte (bits per byte beside them).
+them) and sees the same batches. Reported: training-loss curves (means of ``curve_every``
+steps), validation loss during training and at the end, and test loss, in nats per byte (bits
+per byte beside them).
 
     python -m benchmarks.lm --config configs/stdlib_llama.toml [--out DIR] [--steps N]
 
@@ -290,7 +291,7 @@ def run_experiment(config: dict, out_dir: str | None, *, steps=None, progress=Tr
     "config": config,
     "python": platform.python_version(),
     "jax": jax.__version__,
-    "bytes": {name: int(len(b)) for name, b in text.items()},
+    "bytes": {name: len(b) for name, b in text.items()},
     "optimizers": {},
   }
   for opt in config["optimizers"]:

@@ -391,8 +391,8 @@ def test_queries_and_keys_chain_through_head_dimensions(rope):
     ("adam", optax.adam(1e-2)),
   ):
     ends = []
-    for p in (params, rescaled):
-      state = tx.init(p)
+    for start in (params, rescaled):
+      p, state = start, tx.init(start)
       for _ in range(5):
         updates, state = tx.update(jax.grad(loss)(p), state, p)
         p = optax.apply_updates(p, updates)

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from benchmarks import lm
 
 import gsgd_jax
+from benchmarks import lm
 
 TINY = {
   "seeds": [0, 1],
