@@ -43,7 +43,7 @@ import sys
 import sysconfig
 import time
 import tomllib
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -181,7 +181,7 @@ class Decoder(nn.Module):
 
 def loss_fn(model: Decoder, params, windows: jax.Array) -> jax.Array:
   """Mean next-byte cross entropy (nats per byte) of ``(batch, seq + 1)`` windows."""
-  logits = model.apply({"params": params}, windows[:, :-1])
+  logits = cast(jax.Array, model.apply({"params": params}, windows[:, :-1]))
   return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 
