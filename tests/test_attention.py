@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import gsgd_jax
+from gsgd_jax._src.structure import UnsupportedLayerError
 
 Layer = gsgd_jax.Layer
 D, HEADS, HEAD_DIM = 5, 2, 3
@@ -129,7 +130,8 @@ class _SwiGLU(nn.Module):
 
 
 def _trained_outputs(apply, params, tx, x, steps=8):
-  target = jax.random.normal(jax.random.key(9), jnp.shape(apply(params, x)), x.dtype)
+  outputs = apply(params, x)
+  target = jax.random.normal(jax.random.key(9), outputs.shape, outputs.dtype)
   loss = lambda p: jnp.mean((apply(p, x) - target) ** 2)
 
   @jax.jit
@@ -399,3 +401,173 @@ def test_queries_and_keys_chain_through_head_dimensions(rope):
       ends.append(apply(p, x))
     gaps[name] = float(jnp.max(jnp.abs(ends[0] - ends[1])))
   assert gaps["path"] < 1e-11 and gaps["adam"] > 1e-3, gaps
+
+
+# ----------------------------------------------------------------------------
+# Queries and keys read natively: the key kernel transposed, RoPE pairs as two-tap nodes,
+# against the twins above (dense, or two-tap convolutions), stacked too.
+
+
+def _qk_native(axis, rng):
+  copies = 3
+  stacked = lambda shape: shape if axis is None else (*shape[:axis], copies, *shape[axis:])
+  signed = lambda shape: rng.uniform(0.4, 1.6, shape) * rng.choice([-1.0, 1.0], shape)
+  return {
+    "q": {
+      "kernel": jnp.asarray(signed(stacked((D, HEADS, 4)))),
+      "bias": jnp.asarray(rng.normal(0, 0.5, stacked((HEADS, 4)))),
+    },
+    "k": {"kernel": jnp.asarray(signed(stacked((D, HEADS, 4))))},
+  }
+
+
+def _entries_of_pairs(pairs, head_dim):
+  """Per (tap, pair) the position of the dimension in a head of ``head_dim``."""
+  t, p = np.meshgrid(np.arange(2), np.arange(head_dim // 2), indexing="ij")
+  return t * (head_dim // 2) + p if pairs == "half" else 2 * p + t
+
+
+def _qk_twin(tree, axis, pairs):
+  """The native query/key tree as its twin: dense ``q (d, n)``, ``kt (n, d)`` without pairs;
+  two-tap convolutions ``q (1, 2, d, n / 2)``, ``kt (1, 2, n / 2, d)`` with them (and the
+  query's bias ``(2, n / 2)`` per tap... as the convolution's bias is per node, the twin of
+  a paired bias is refused: the paired trees here carry none)."""
+  q, k = _to_copies(tree["q"]["kernel"], axis), _to_copies(tree["k"]["kernel"], axis)
+  lead = q.shape[:1] if axis is not None else ()
+  head_dim = q.shape[-1]
+  if pairs is None:
+    twin = {
+      "q": {"kernel": q.reshape(*lead, D, -1)},
+      "kt": {"kernel": jnp.swapaxes(k.reshape(*lead, D, -1), -1, -2)},
+    }
+    if "bias" in tree["q"]:
+      twin["q"]["bias"] = _to_copies(tree["q"]["bias"], axis).reshape(*lead, -1)
+  else:
+    where = _entries_of_pairs(pairs, head_dim)  # (2, head_dim / 2)
+    taps = lambda a: jnp.stack(
+      [a[..., where[t]].reshape(*a.shape[:-2], -1) for t in range(2)], axis=-3
+    )  # (..., 2, d, heads * head_dim / 2)
+    twin = {
+      "q": {"kernel": taps(q)[..., None, :, :, :]},
+      "kt": {"kernel": jnp.swapaxes(taps(k), -1, -2)[..., None, :, :, :]},
+    }
+  return jax.tree.map(lambda a: _from_copies(a, axis), twin)
+
+
+@pytest.mark.parametrize("pairs", [None, "half", "interleaved"])
+@pytest.mark.parametrize("axis", [None, 0], ids=["unstacked", "axis0"])
+def test_query_key_layers_act_as_their_twins(axis, pairs):
+  rng = np.random.default_rng(11)
+  params = _qk_native(axis, rng)
+  if pairs is not None:
+    del params["q"]["bias"]
+  twin = _qk_twin(params, axis, pairs)
+  q = Layer("q", input_axes=1, pairs=pairs)
+  k = Layer("k", input_axes=1, transposed=True, pairs=pairs)
+  block = gsgd_jax.Block([q, k], stack_axis=axis)
+  twin_block = gsgd_jax.Block(["q", "kt"], stack_axis=axis)
+  same = lambda got, want: chex.assert_trees_all_close(
+    _qk_twin(got, axis, pairs), want, rtol=1e-12, atol=1e-14
+  )
+  same(gsgd_jax.basis_path_values(params, [block]), gsgd_jax.basis_path_values(twin, [twin_block]))
+  for which in ("fixed", "all"):
+    chex.assert_trees_all_equal(
+      _qk_twin(gsgd_jax.skeleton_mask(params, [block], which), axis, pairs),
+      gsgd_jax.skeleton_mask(twin, [twin_block], which),
+    )
+  same(gsgd_jax.set_skeleton(params, [block]), gsgd_jax.set_skeleton(twin, [twin_block]))
+  key = jax.random.key(4)
+  same(
+    gsgd_jax.random_rescale(params, [block], key), gsgd_jax.random_rescale(twin, [twin_block], key)
+  )
+  same(gsgd_jax.path_norm_scales(params, [block]), gsgd_jax.path_norm_scales(twin, [twin_block]))
+  grads = jax.tree.map(lambda a: jnp.asarray(np.random.default_rng(7).normal(size=a.shape)), params)
+  for make in (
+    lambda b: gsgd_jax.gsgd(0.05, layers=[b]),
+    lambda b: gsgd_jax.path_space(optax.adam(1e-2), layers=[b]),
+    lambda b: gsgd_jax.path_sgd(0.05, layers=[b]),
+  ):
+    tx, twin_tx = make(block), make(twin_block)
+    p, state, t, twin_state = params, tx.init(params), twin, twin_tx.init(twin)
+    for _ in range(3):
+      updates, state = tx.update(grads, state, p)
+      twin_updates, twin_state = twin_tx.update(_qk_twin(grads, axis, pairs), twin_state, t)
+      p, t = optax.apply_updates(p, updates), optax.apply_updates(t, twin_updates)
+    same(p, t)
+
+
+def test_query_key_chain_of_the_llama_decoder():
+  """The corpus decoder's q_proj/k_proj (``(d, heads * head_dim)``, Hugging Face's RoPE halves):
+  the pairs declared, the chain keeps the outputs; per dimension, it does not."""
+  model = corpus.Llama()
+  tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 40)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), model.init(jax.random.key(0), tokens))
+  apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  params = params["params"]
+  layer = "model/layers/0/self_attn"
+  head_dim = model.config.head_dim
+
+  def chain(**pairs):
+    return [
+      gsgd_jax.Block([
+        Layer(f"{layer}/q_proj", input_axes=1, **pairs),
+        Layer(f"{layer}/k_proj", input_axes=1, transposed=True, **pairs),
+      ])
+    ]  # fmt: skip
+
+  blocks = chain(pairs="half", head_dim=head_dim)
+  assert gsgd_jax.verify_invariance(apply, params, blocks, tokens) <= 1e-13
+  with pytest.raises(ValueError, match="q_proj"):
+    gsgd_jax.verify_invariance(apply, params, chain(pairs="interleaved", head_dim=head_dim), tokens)
+  with pytest.raises(ValueError, match="q_proj"):
+    gsgd_jax.verify_invariance(apply, params, chain(), tokens)
+  _invariant(apply, params, blocks + corpus.llama_blocks(model), tokens)
+
+
+def test_query_key_declarations_refused():
+  params = _qk_native(None, np.random.default_rng(1))
+  k_bias = {**params, "k": {**params["k"], "bias": jnp.zeros((HEADS, 4))}}
+  q, k = Layer("q", input_axes=1), Layer("k", input_axes=1, transposed=True)
+  with pytest.raises(UnsupportedLayerError, match="'k': declared transposed, but it has a bias"):
+    gsgd_jax.gsgd(0.1, layers=[q, k]).init(k_bias)
+  odd = {"q": {"kernel": jnp.ones((D, 2, 3))}}
+  with pytest.raises(ValueError, match="not made of heads of an even head_dim"):
+    gsgd_jax.gsgd(0.1, layers=[Layer("q", input_axes=1, pairs="half"), "q2"]).init(
+      {**odd, "q2": {"kernel": jnp.ones((6, D))}}
+    )
+  with pytest.raises(ValueError, match="`pairs` must be None, 'half' or 'interleaved'"):
+    Layer("q", input_axes=1, pairs="rope")
+  assert repr(Layer("k", input_axes=1, transposed=True, pairs="half", head_dim=8)) == (
+    "Layer('k', input_axes=1, transposed=True, pairs='half', head_dim=8)"
+  )
+
+
+def test_llama_layout_declares_queries_and_keys_when_told_how_positions_enter():
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  llama = _shapes(corpus.Llama(), tokens)
+  blocks = gsgd_jax.infer_blocks(llama, "llama", query_key="half", head_dim=8)
+  scope = "model/layers/0/self_attn"
+  assert blocks[1] == gsgd_jax.Block([
+    Layer(f"{scope}/q_proj", input_axes=1, pairs="half", head_dim=8),
+    Layer(f"{scope}/k_proj", input_axes=1, transposed=True, pairs="half", head_dim=8),
+  ])  # fmt: skip
+  assert len(blocks) == 6 and blocks[0::3] == corpus.llama_blocks(corpus.Llama())[0::2]
+  with pytest.raises(ValueError, match="pass head_dim"):
+    gsgd_jax.infer_blocks(llama, "llama", query_key="half")
+  t5 = _shapes(corpus.ScannedT5(corpus.T5Config(gated=True)), tokens)
+  (qk, *_) = gsgd_jax.infer_blocks(t5, "llama", query_key="plain")
+  assert qk == gsgd_jax.Block(
+    [
+      Layer("encoder/encoder/attention/query", input_axes=1),
+      Layer("encoder/encoder/attention/key", input_axes=1, transposed=True),
+    ],
+    stack_axis=1,
+  )
+  # Flax's attention has a key bias by default: it cannot join the chain.
+  flax_attention = _shapes(_Attention(), jnp.zeros((1, 3, 6)))
+  with pytest.raises(ValueError, match=r"'attn/key'.*has a bias"):
+    gsgd_jax.infer_blocks(flax_attention, "llama", query_key="plain")
+  with pytest.raises(ValueError, match="query_key must be None, 'plain'"):
+    gsgd_jax.infer_blocks(llama, "llama", query_key="rope")
+  with pytest.raises(ValueError, match="apply to the layout 'llama' only"):
+    gsgd_jax.infer_blocks(llama, "preln", query_key="plain")

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gsgd_jax._src.reading import Side
 from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.structure import ChainStructure, LayerSpec, defined
 
@@ -122,11 +123,13 @@ def _take(kernel: Array, spec: LayerSpec, nodes_in: np.ndarray, nodes_out: np.nd
     if not np.array_equal(nodes_in, nodes_out):
       raise ValueError(f"internal: an edge off the diagonal of affine layer {spec.name!r}")
     return entries(kernel, np.asarray(nodes_in)[:, None])
-  if spec.kind == "general":  # each node's index in the input (output) axes
-    shape = spec.kernel_shape
-    inputs = np.unravel_index(nodes_in, shape[: spec.input_axes])
-    outputs = np.unravel_index(nodes_out, shape[spec.input_axes :])
-    return entries(kernel, np.column_stack([*inputs, *outputs]))
+  if spec.kind == "general":  # each node's skeleton-tap entry, placed on its side's axes
+    point = np.zeros((len(nodes_in), kernel.ndim), np.int64)
+    for side, nodes in zip(spec.sides, (nodes_in, nodes_out), strict=True):
+      index = np.unravel_index(side.centre[np.asarray(nodes)], side.shape)
+      for axis, values in zip(side.axes, index, strict=True):
+        point[:, axis] = values
+    return entries(kernel, point)
   window = np.broadcast_to(
     np.asarray(spec.centre_index, np.int64), (len(nodes_in), len(spec.centre_index))
   )
@@ -145,13 +148,33 @@ def outgoing_skeleton(kernel: Array, spec: LayerSpec, sigma: np.ndarray) -> Arra
 
 def _row_iota(spec: LayerSpec) -> Array:
   """Each kernel row's index (a general kernel's input node), broadcastable against it."""
-  rows_ = int(np.prod(spec.row_shape))
-  return jax.lax.broadcasted_iota(jnp.int32, (rows_,), 0).reshape(spec.row_shape)
+  if spec.kind == "general":
+    return _side_nodes(spec.sides[0], spec.row_shape)
+  return jax.lax.broadcasted_iota(jnp.int32, (spec.kernel_shape[-2], 1), 0)
 
 
 def _col_iota(spec: LayerSpec) -> Array:
-  """Each output node's index, broadcastable against the kernel."""
-  return jax.lax.broadcasted_iota(jnp.int32, (spec.n_out,), 0).reshape(spec.col_shape)
+  """Each output entry's node, broadcastable against the kernel."""
+  if spec.kind == "general":
+    return _side_nodes(spec.sides[1], spec.col_shape)
+  return jax.lax.broadcasted_iota(jnp.int32, (1, spec.n_out), 1)
+
+
+def _side_nodes(side: Side, shape: tuple[int, ...]) -> Array:
+  """The node of each entry of a general kernel's side, in ``shape``."""
+  if side.plain:
+    return jax.lax.broadcasted_iota(jnp.int32, (side.entries,), 0).reshape(shape)
+  return jnp.asarray(side.node, jnp.int32).reshape(shape)
+
+
+def _on_centre_taps(spec: LayerSpec, mask: Array) -> Array:
+  """``mask``, and False off the skeleton tap of a general kernel's paired side."""
+  if spec.kind != "general":
+    return mask
+  for side, shape in zip(spec.sides, (spec.row_shape, spec.col_shape), strict=True):
+    if not side.plain:
+      mask = mask & jnp.asarray(side.tap == side.taps // 2).reshape(shape)
+  return mask
 
 
 def _on_centre_window(spec: LayerSpec, mask: Array) -> Array:
@@ -168,7 +191,7 @@ def fixed_mask(spec: LayerSpec, pi: np.ndarray | None) -> Array | None:
   if pi is None:
     return None
   skeleton_row = cols(jnp.asarray(spec.centre_row + pi, jnp.int32), spec)
-  return _on_centre_window(spec, _row_iota(spec) == skeleton_row)
+  return _on_centre_taps(spec, _on_centre_window(spec, _row_iota(spec) == skeleton_row))
 
 
 def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
@@ -177,6 +200,7 @@ def outgoing_mask(spec: LayerSpec, sigma: np.ndarray | None) -> Array | None:
   if sigma is None:
     return None
   mask = _on_centre_window(spec, _col_iota(spec) == rows(jnp.asarray(sigma, jnp.int32), spec))
+  mask = _on_centre_taps(spec, mask)
   if spec.kind == "flatten":  # only the skeleton tap's rows
     row = _row_iota(spec)
     mask = mask & (row >= spec.centre_row) & (row < spec.centre_row + spec.n_in)
@@ -250,8 +274,28 @@ def _divisor(x: Array) -> Array:
 
 def per_row(x: Array, spec: LayerSpec) -> Array:
   """A per-input-node vector, one entry per kernel row (tiled over a flatten
-  layer's taps; a general kernel's rows are its input nodes)."""
-  return periodic(x, int(np.prod(spec.row_shape)))
+  layer's taps; a general kernel's rows are its input entries)."""
+  if spec.kind == "general":
+    return _expand(x, spec.sides[0])
+  return periodic(x, spec.kernel_shape[-2])
+
+
+def _expand(x: Array, side: Side) -> Array:
+  """A per-node vector, one value per entry of a general kernel's side (flat)."""
+  return x if side.plain else x[jnp.asarray(side.node)]
+
+
+def _fold(x: Array, side: Side) -> Array:
+  """Per-entry values of a general kernel's side (flat) summed per node."""
+  if side.plain:
+    return x
+  return jax.ops.segment_sum(x, jnp.asarray(side.node), side.nodes, indices_are_sorted=False)
+
+
+def fold_outputs(x: Array, spec: LayerSpec) -> Array:
+  """Values per output entry (a bias's, any shape of it) summed per output node."""
+  x = x.reshape(-1)
+  return replicated(_fold(x, spec.sides[1]) if spec.kind == "general" else x)
 
 
 def fold_rows(x: Array, spec: LayerSpec) -> Array:
@@ -268,12 +312,16 @@ def rows(x: Array, spec: LayerSpec) -> Array:
 
 def cols(x: Array, spec: LayerSpec) -> Array:
   """A per-output-node vector, broadcastable against the layer's kernel."""
+  if spec.kind == "general":
+    return _expand(x, spec.sides[1]).reshape(spec.col_shape)
   return x.reshape(spec.col_shape)
 
 
 def at_bias(x: Array, spec: LayerSpec) -> Array:
   """A per-output-node vector in the shape of the layer's bias (a general kernel's
   output axes)."""
+  if spec.kind == "general":
+    return _expand(x, spec.sides[1]).reshape(spec.output_shape)
   return x.reshape(spec.output_shape)
 
 
@@ -284,7 +332,14 @@ def per_output(x: Array, spec: LayerSpec, axes: tuple[int, ...] | None = None) -
   copy of the kernel (default: the layer's ``reduced_axes``).
   """
   total = jnp.sum(x, axis=spec.reduced_axes if axes is None else axes)
-  return replicated(total.reshape(spec.n_out))
+  return fold_outputs(total, spec)
+
+
+def per_input(x: Array, spec: LayerSpec) -> Array:
+  """A general kernel's ``x`` summed over its outputs: one value per input node."""
+  inputs, outputs = spec.sides
+  total = jnp.sum(x, axis=outputs.axes).reshape(-1)
+  return replicated(_fold(total, inputs))
 
 
 # ----------------------------------------------------------------------------
@@ -534,7 +589,7 @@ def output_norms(
     if spec.kind != "affine":
       weighted = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct)
     b = biases[k]
-    bias = None if b is None else b.astype(ct).reshape(spec.n_out)
+    bias = None if b is None else b.astype(ct)
     total = _owned_square_sums(struct, k, weighted, bias, ct)
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
   return propagate(_at_outputs(struct, own, ct), tables.up, reverse=True)
@@ -556,8 +611,8 @@ def _owned_square_sums(
     if fixed is not None:
       squares = jnp.where(fixed, 0, squares)
     total = per_output(squares, spec)
-  if bias_values is not None:
-    total = total + replicated(jnp.square(bias_values))
+  if bias_values is not None:  # any shape of the bias: summed per output node
+    total = total + fold_outputs(jnp.square(bias_values), spec)
   return total
 
 
@@ -591,7 +646,7 @@ def node_sums(
   """
   total = per_output(kernel.astype(dtype) * grad.astype(dtype), spec)
   if bias is not None and bias_grad is not None:
-    total += replicated((bias.astype(dtype) * bias_grad.astype(dtype)).reshape(spec.n_out))
+    total += fold_outputs(bias.astype(dtype) * bias_grad.astype(dtype), spec)
   return total
 
 
@@ -649,7 +704,7 @@ def inverse_chain_rule(
     spec, pi = specs[k], defined(struct.pi[k])
     probe_sum = None if probe_sums is None else probe_sums[k]
     if probe_sum is not None:
-      p = replicated(probe_sum.astype(ct).reshape(spec.n_out))
+      p = fold_outputs(probe_sum.astype(ct), spec)
     else:
       p = node_sums(spec, kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
     p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
@@ -729,9 +784,8 @@ def invariant_sq_norm(
       per_node = per_output(jnp.square(g), spec)
     b = bias_grads[k]
     if b is not None:
-      gb = b.astype(ct).reshape(spec.n_out)
-      gb = gb if scale is None else gb * scale
-      per_node = per_node + replicated(jnp.square(gb))
+      gb = b.astype(ct) if scale is None else b.astype(ct) * at_bias(scale, spec)
+      per_node = per_node + fold_outputs(jnp.square(gb), spec)
     total = total + jnp.sum(per_node)
   return total
 
@@ -778,7 +832,7 @@ def _landed_norms(
     b, db = biases[k], bias_steps[k]
     landed_bias = None
     if b is not None and db is not None:
-      landed_bias = (b.astype(ct) * at_bias(forward, spec) + db.astype(ct)).reshape(spec.n_out)
+      landed_bias = b.astype(ct) * at_bias(forward, spec) + db.astype(ct)
     own.append(_owned_square_sums(struct, k, landed, landed_bias, ct))
   return _at_outputs(struct, own, ct)
 

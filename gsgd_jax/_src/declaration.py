@@ -29,6 +29,7 @@ from typing import Any, TypeAlias
 
 from gsgd_jax._src import pytree
 from gsgd_jax._src.pytree import KeyPath, Path
+from gsgd_jax._src.reading import PAIRINGS, Reading
 
 LayerPath: TypeAlias = KeyPath | str
 
@@ -73,19 +74,35 @@ class Layer:
   A kernel of rank 3 or more is a stacked dense layer, a convolution or a
   ``DenseGeneral`` with several input or output axes, and the shape alone cannot
   tell which. ``Layer`` says it is the last: its first ``input_axes`` axes index
-  the layer's inputs and the remaining axes its outputs, so that a node is one
-  entry of the input (or output) axes taken together. Flax's
+  the layer's inputs and the remaining axes (its features) its outputs, so that a
+  node is one entry of the input (or output) axes taken together. Flax's
   ``MultiHeadDotProductAttention`` keeps ``value`` as ``(d, heads, head_dim)``
   (``input_axes=1``; its bias ``(heads, head_dim)`` is per output node) and
   ``out`` as ``(heads, head_dim, d)`` (``input_axes=2``); their nodes between
   them are the ``(head, head_dim)`` pairs. In a stacked block the axes are
   counted in one copy, without the stack axis.
 
+  Queries and keys form the chain ``[W_q, W_k^T]`` (docs/math.md): the key kernel
+  is read ``transposed``, from its features to its inputs. With rotary position
+  embeddings, the two dimensions of each pair a rotation mixes share one factor:
+  ``pairs`` says how the head dimension (the kernel's last axis) pairs them, on
+  both kernels.
+
   Args:
     path: the layer's key path (an ``'a/b'`` string or a tuple of keys).
     input_axes: how many leading axes of the kernel index its inputs (Flax
       ``DenseGeneral``'s ``len(axis)``); at least 1, and fewer than the kernel's
       rank.
+    transposed: read the kernel from its features to its leading axes (a key
+      kernel in a query-key chain). A bias of such a layer would sit on its
+      inputs; it is refused (a key's bias changes no attention weight: softmax
+      ignores what is constant over the keys).
+    pairs: ``None`` (default), or RoPE's pairing of the last axis: ``'half'``
+      (``j`` with ``j + head_dim / 2``, Hugging Face's ``rotate_half``) or
+      ``'interleaved'`` (``2p`` with ``2p + 1``, Meta's and GPT-J's).
+    head_dim: with ``pairs``, the size of one head on the last axis where it holds
+      all heads (Hugging Face's ``(d, heads * head_dim)`` kernels); ``None``
+      (default): the last axis is one head's dimensions.
 
   Example:
     >>> import gsgd_jax
@@ -94,32 +111,73 @@ class Layer:
     Layer('params/attn/value', input_axes=1)
     >>> gsgd_jax.Block([value, gsgd_jax.Layer('params/attn/out', input_axes=2)])
     Block([Layer('params/attn/value', input_axes=1), Layer('params/attn/out', input_axes=2)])
+    >>> gsgd_jax.Layer('attn/key', input_axes=1, transposed=True, pairs='half')
+    Layer('attn/key', input_axes=1, transposed=True, pairs='half')
   """
 
   path: Path
   input_axes: int
+  transposed: bool
+  pairs: str | None
+  head_dim: int | None
 
-  def __init__(self, path: KeyPath | str, *, input_axes: int):
+  def __init__(
+    self,
+    path: KeyPath | str,
+    *,
+    input_axes: int,
+    transposed: bool = False,
+    pairs: str | None = None,
+    head_dim: int | None = None,
+  ):
     if isinstance(input_axes, bool) or not isinstance(input_axes, int) or input_axes < 1:
       raise TypeError(
         "gsgd_jax.Layer: `input_axes` must be an integer >= 1 (the number of leading kernel "
         f"axes that index the layer's inputs), got {pytree.short_repr(input_axes)}"
       )
+    if not isinstance(transposed, bool):
+      raise TypeError(
+        f"gsgd_jax.Layer: `transposed` must be True or False, got {pytree.short_repr(transposed)}"
+      )
+    if pairs is not None and pairs not in PAIRINGS:
+      raise ValueError(
+        f"gsgd_jax.Layer: `pairs` must be None, 'half' or 'interleaved', got "
+        f"{pytree.short_repr(pairs)}"
+      )
     object.__setattr__(self, "path", _path(path))
     object.__setattr__(self, "input_axes", input_axes)
+    object.__setattr__(self, "transposed", transposed)
+    if head_dim is not None and (
+      isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 2
+    ):
+      raise TypeError(
+        f"gsgd_jax.Layer: `head_dim` must be None or an integer >= 2, got "
+        f"{pytree.short_repr(head_dim)}"
+      )
+    object.__setattr__(self, "pairs", pairs)
+    object.__setattr__(self, "head_dim", head_dim)
+
+  @property
+  def reading(self) -> Reading:
+    return Reading(self.input_axes, self.transposed, self.pairs, self.head_dim)
 
   def __repr__(self) -> str:
-    return f"Layer({'/'.join(self.path)!r}, input_axes={self.input_axes})"
+    extra = (
+      (", transposed=True" if self.transposed else "")
+      + ("" if self.pairs is None else f", pairs={self.pairs!r}")
+      + ("" if self.head_dim is None else f", head_dim={self.head_dim}")
+    )
+    return f"Layer({'/'.join(self.path)!r}, input_axes={self.input_axes}{extra})"
 
 
-def _entry(entry: Any) -> tuple[Path, int | None]:
-  """A block's entry as its path and, for a :class:`Layer`, its input axes."""
+def _entry(entry: Any) -> tuple[Path, Reading | None]:
+  """A block's entry as its path and, for a :class:`Layer`, its kernel's reading."""
   if isinstance(entry, Layer):
-    return entry.path, entry.input_axes
+    return entry.path, entry.reading
   return _path(entry), None
 
 
-def _block(entry: Any) -> tuple[tuple[Path, int | None], ...]:
+def _block(entry: Any) -> tuple[tuple[Path, Reading | None], ...]:
   if not isinstance(entry, (list, tuple)):
     raise TypeError(
       f"a block of `layers` must be a list of paths, got {pytree.short_repr(entry)}. "
@@ -175,8 +233,8 @@ class Block:
   layers: tuple[Path, ...]
   normalized: bool
   stack_axis: int | None
-  # Per layer: a Layer's input_axes (a multi-axis kernel), else None.
-  input_axes: tuple[int | None, ...]
+  # Per layer: a Layer's reading of its multi-axis kernel, else None.
+  readings: tuple[Reading | None, ...]
 
   def __init__(
     self,
@@ -203,14 +261,14 @@ class Block:
       )
     entries = _block(list(layers))
     object.__setattr__(self, "layers", tuple(path for path, _ in entries))
-    object.__setattr__(self, "input_axes", tuple(axes for _, axes in entries))
+    object.__setattr__(self, "readings", tuple(reading for _, reading in entries))
     object.__setattr__(self, "normalized", normalized)
     object.__setattr__(self, "stack_axis", stack_axis)
 
   def __repr__(self) -> str:
     names = ", ".join(
-      repr("/".join(p)) if axes is None else repr(Layer(p, input_axes=axes))
-      for p, axes in zip(self.layers, self.input_axes, strict=True)
+      repr("/".join(p)) if r is None else repr(Layer(p, **dataclasses.asdict(r)))
+      for p, r in zip(self.layers, self.readings, strict=True)
     )
     normalized = ", normalized=True" if self.normalized else ""
     stacked = "" if self.stack_axis is None else f", stack_axis={self.stack_axis}"

@@ -34,6 +34,8 @@ _FUSED = frozenset({"qkv_proj", "qkv", "c_attn", "in_proj", "wqkv", "query_key_v
 _FUSED_FFN = frozenset({"gate_up_proj", "w13", "wi"})
 # The readings of a kernel: unstacked, or stacked on axis 0 or 1.
 _AXES = (None, 0, 1)
+# How the queries and keys of an attention are declared (infer_blocks' query_key).
+QUERY_KEYS = ("plain", "half", "interleaved")
 
 
 def _name(layer: Found) -> str:
@@ -174,15 +176,55 @@ def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
   return found
 
 
-def gated(layers: Sequence[Found]) -> list[Block]:
+def _query_key(
+  roles: dict[str, Found], scope: Path, reading: _Reading, query_key: str, head_dim: int | None
+) -> Block:
+  """``Block([Layer(query), Layer(key, transposed=True)])``, stacked as the attention's value
+  chain, with RoPE's pairs where ``query_key`` names them."""
+  where = "/".join(scope)
+  if "query" not in roles or "key" not in roles:
+    raise Refusal(f"the attention in {where!r} has no query or no key projection to declare")
+  query, key = roles["query"], roles["key"]
+  if query.shape != key.shape:
+    raise Refusal(
+      f"the query and key kernels {names([query, key])} in {where!r} have different shapes "
+      f"{query.shape} and {key.shape}: grouped-query attention is not supported yet"
+    )
+  if any(key.beside):
+    raise Refusal(
+      f"the key {names([key])} in {where!r} has a bias, which cannot join the query-key chain "
+      "(it changes no attention weight): build the keys without one, or leave query_key=None"
+    )
+  pairs = None if query_key == "plain" else query_key
+  copy = _copy(query.shape, reading.axis)
+  if pairs is not None and copy is not None and len(copy) == 2 and head_dim is None:
+    raise Refusal(
+      f"the query kernel {names([query])} in {where!r} keeps every head on one axis "
+      f"{copy}: pass head_dim, the size of one head, for RoPE's pairs"
+    )
+  options = {
+    "pairs": pairs,
+    "head_dim": head_dim if pairs is not None and len(copy or ()) == 2 else None,
+  }
+  entries = [
+    Layer(query.path, input_axes=1, **options),
+    Layer(key.path, input_axes=1, transposed=True, **options),
+  ]
+  return Block(entries, stack_axis=reading.axis)
+
+
+def gated(
+  layers: Sequence[Found], query_key: str | None = None, head_dim: int | None = None
+) -> list[Block]:
   """Per decoder layer, ``Block([up, down])`` of its gated feed-forward block and
-  ``Block([value, out])`` of its attention (multi-axis kernels as :class:`Layer`)."""
+  ``Block([value, out])`` of its attention (multi-axis kernels as :class:`Layer`), and with
+  ``query_key``, ``Block([query, key^T])``."""
   scopes: dict[Path, list[Found]] = {}
   for layer in layers:
     if not layer.norm:
       scopes.setdefault(layer.path[:-1], []).append(layer)
   ffn: dict[Path, tuple[list[Found], _Reading]] = {}
-  attention: dict[Path, tuple[list[Found], list[_Reading]]] = {}
+  attention: dict[Path, tuple[list[Found], list[_Reading], dict[str, Found]]] = {}
   for scope, members in scopes.items():
     if len(members) < 2:  # an embedding's read-out, a head: the fallback's
       continue
@@ -192,7 +234,7 @@ def gated(layers: Sequence[Found]) -> list[Block]:
       if "value" not in roles or "out" not in roles:
         raise Refusal(f"the attention in {where!r} has no value or no output projection")
       chain = [roles["value"], roles["out"]]
-      attention[scope] = (chain, _attention_readings(*chain))
+      attention[scope] = (chain, _attention_readings(*chain), roles)
     if {"gate", "up", "down"} & set(roles):
       missing = [r for r in ("gate", "up", "down") if r not in roles]
       fused = [x for x in members if _name(x) in _FUSED_FFN]
@@ -205,11 +247,14 @@ def gated(layers: Sequence[Found]) -> list[Block]:
       chain = [roles["up"], roles["down"]]
       ffn[scope] = (chain, _pick(_ffn_readings(roles["gate"], *chain), scope, members, None))
   blocks = [(scope, _block(chain, reading)) for scope, (chain, reading) in ffn.items()]
-  for scope, (chain, readings) in attention.items():
+  for scope, (chain, readings, roles) in attention.items():
     # A layer's feed-forward block tells the stack where the attention's shapes do not.
     siblings = [r for s, (_, r) in ffn.items() if s == scope or s[:-1] == scope[:-1]]
     hint = siblings[0] if len(siblings) == 1 else None
-    blocks.append((scope, _block(chain, _pick(readings, scope, chain, hint))))
+    reading = _pick(readings, scope, chain, hint)
+    if query_key is not None:
+      blocks.append((scope, _query_key(roles, scope, reading, query_key, head_dim)))
+    blocks.append((scope, _block(chain, reading)))
   if not blocks:
     raise Refusal(
       "no gated feed-forward block (gate, up and down projections) and no attention (value "

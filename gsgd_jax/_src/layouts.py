@@ -30,7 +30,14 @@ _WRITERS = {
 }
 
 
-def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) -> list[Block]:
+def infer_blocks(
+  params: optax.Params,
+  layout: str,
+  *,
+  batch_stats: Any = None,
+  query_key: str | None = None,
+  head_dim: int | None = None,
+) -> list[Block]:
   """Writes the block declaration of a common Flax layout with normalization layers.
 
   Reads the module names and shapes of ``params``, never its pytree order, and
@@ -106,7 +113,14 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
     1) give ``stack_axis``; where an attention's shapes read both as stacked
     dense and as multi-axis kernels, its layer's feed-forward block decides.
     Norms stay out (the norm in front feeds the gate, or the queries and
-    keys, too), and so do queries and keys. Refused, named: a fused
+    keys, too). Queries and keys join only when ``query_key`` says how the
+    model embeds positions, which names cannot tell: ``'plain'`` (no rotary
+    embedding: T5's relative position biases, learned positions) gives
+    ``Block([Layer(query), Layer(key, transposed=True)])`` per attention,
+    ``'half'`` or ``'interleaved'`` the same with RoPE's pairs (Hugging Face's
+    ``rotate_half``, or Meta's and GPT-J's adjacent pairs), ``head_dim`` saying
+    the size of a head where a kernel keeps all heads on one axis
+    (``(d, heads * head_dim)``). Refused, named: a fused
     query-key-value or gate-and-up kernel, grouped-query attention (fewer
     key-value heads than query heads), a feed-forward sub-tree without a gate
     (a ReLU block: ``'preln'``), and kernels beside a block with no role in it.
@@ -140,6 +154,10 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
     batch_stats: Linen's ``variables['batch_stats']``: the norms with statistics
       there are BatchNorms, the others are not. Optional; without it, names
       tell.
+    query_key: ``'llama'`` only: ``None`` (default: queries and keys take the
+      fallback), ``'plain'``, ``'half'`` or ``'interleaved'`` (see above).
+    head_dim: ``'llama'`` with RoPE pairs on kernels ``(d, heads * head_dim)``:
+      the size of one head.
 
   Returns:
     A list of :class:`gsgd_jax.Block`, to pass as ``layers=``; like every
@@ -220,8 +238,17 @@ def infer_blocks(params: optax.Params, layout: str, *, batch_stats: Any = None) 
     "explicitly with gsgd_jax.Block([...], normalized=...) (docs/math.md, normalization "
     "layers)."
   )
+  if layout != "llama" and (query_key is not None or head_dim is not None):
+    raise ValueError("infer_blocks: query_key and head_dim apply to the layout 'llama' only")
+  if query_key not in (None, *layout_gated.QUERY_KEYS):
+    raise ValueError(
+      f"infer_blocks: query_key must be None, 'plain', 'half' or 'interleaved', got {query_key!r}"
+    )
   try:
-    blocks = _WRITERS[layout](layers)
+    if layout == "llama":
+      blocks = layout_gated.gated(layers, query_key, head_dim)
+    else:
+      blocks = _WRITERS[layout](layers)
   except found_layers.Refusal as err:
     raise ValueError(f"infer_blocks({layout!r}) cannot write the blocks: {err}. {advice}") from None
   try:

@@ -48,16 +48,14 @@ def _chain_gammas(struct, kernels, biases):
       rows = jnp.broadcast_to(basis.per_row(gamma_in[k], spec), (_ROWS, sq.shape[-2]))
       g = basis.replicated(jnp.einsum("...io,bi->bo", sq, rows, precision="highest")[0])
     if biases[k] is not None:
-      g += basis.replicated(jnp.square(biases[k].astype(ct)).reshape(spec.n_out))
+      g += basis.fold_outputs(jnp.square(biases[k].astype(ct)), spec)
     gamma_in.append(g)
   gamma_out = [None] * (struct.depth + 1)
   gamma_out[struct.depth] = jnp.ones(specs[-1].n_out, ct)
   for k in range(struct.depth - 1, 0, -1):
     spec = specs[k]
     if spec.kind == "general":  # a reduction over the output axes
-      outputs = tuple(range(spec.input_axes, squares[k].ndim))
-      weighted = squares[k] * basis.cols(gamma_out[k + 1], spec)
-      row_sums = jnp.sum(weighted, axis=outputs).reshape(spec.n_in)
+      row_sums = basis.per_input(squares[k] * basis.cols(gamma_out[k + 1], spec), spec)
     else:
       cols = jnp.broadcast_to(gamma_out[k + 1], (_ROWS, squares[k].shape[-1]))
       row_sums = jnp.einsum("...io,bo->bi", squares[k], cols, precision="highest")[0]

@@ -16,11 +16,11 @@ layer kinds (kernels are used in their own shape, see ``basis.py``):
     ``s * C + c``): recognised when a dense kernel with ``S * C`` rows follows a
     convolution (or an affine layer) with ``C`` output channels; S taps,
     skeleton position ``S // 2``;
-  * general ``(*inputs, *outputs)``: a multi-axis kernel (Flax ``DenseGeneral``,
-    declared with ``gsgd_jax.Layer(path, input_axes=...)``): its first
-    ``input_axes`` axes index the inputs, the rest the outputs, and a node is
-    one entry of those axes taken together (flattened in row-major order, as a
-    reshape would); one tap;
+  * general: a multi-axis kernel (Flax ``DenseGeneral``, declared with
+    ``gsgd_jax.Layer(path, input_axes=..., transposed=..., pairs=...)``): one
+    side of its axes indexes the inputs, the other the outputs, and a node is
+    one entry of a side's axes taken together (flattened in row-major order, as
+    a reshape would), or a RoPE pair of them (``reading.py``);
   * affine ``(C,)``: a norm's per-channel ``scale`` (and ``bias``), the diagonal
     edges ``o -> o``. Only first in a block of at least two layers: the norm
     before it cuts every path, and its outputs are hidden nodes whose incoming
@@ -56,7 +56,9 @@ import numpy as np
 import optax
 
 from gsgd_jax._src import declaration, pytree
+from gsgd_jax._src import reading as readings
 from gsgd_jax._src.pytree import PROBE, Path
+from gsgd_jax._src.reading import Reading
 
 
 class UnsupportedLayerError(ValueError):
@@ -69,9 +71,9 @@ UNDECLARED_STACK = (
 )
 
 
-# Per layer (path, kernel or scale shape, has bias, is an affine layer, the input axes
-# of a multi-axis kernel declared as gsgd_jax.Layer or None).
-Signature = tuple[tuple[Path, tuple[int, ...], bool, bool, int | None], ...]
+# Per layer (path, kernel or scale shape, has bias, is an affine layer, the reading of a
+# multi-axis kernel declared as gsgd_jax.Layer or None).
+Signature = tuple[tuple[Path, tuple[int, ...], bool, bool, Reading | None], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,42 +89,49 @@ class LayerSpec:
   centre: int  # index of the skeleton tap in [0, taps)
   n_in: int
   n_out: int
-  input_axes: int = 0  # a general kernel's leading input axes (0 for the other kinds)
+  reading: Reading | None = None  # a general kernel's reading (None for the other kinds)
 
   @property
   def name(self) -> str:
     return "/".join(self.path)
 
   @property
-  def output_rank(self) -> int:
-    """How many (trailing) kernel axes index the output nodes."""
-    return len(self.kernel_shape) - self.input_axes if self.kind == "general" else 1
+  def sides(self) -> tuple[readings.Side, readings.Side]:
+    """A general kernel's input and output sides (``reading.py``)."""
+    if self.reading is None:
+      raise ValueError(f"internal: layer {self.name!r} is no general kernel")
+    return readings.sides(self.kernel_shape, self.reading)
+
+  def _full(self, axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The kernel's shape with a unit axis wherever ``axes`` are not."""
+    return tuple(d if a in axes else 1 for a, d in enumerate(self.kernel_shape))
 
   @property
   def row_shape(self) -> tuple[int, ...]:
-    """The shape a per-row vector takes to broadcast against the kernel: the input
-    axes (a general kernel's, or the one row axis of ``(*window, rows, n_out)``)
-    followed by a unit axis per output axis."""
+    """The shape a per-row vector takes to broadcast against the kernel: the one row
+    axis of ``(*window, rows, n_out)``, or a general kernel's input axes."""
     if self.kind == "general":
-      return (*self.kernel_shape[: self.input_axes], *(1,) * self.output_rank)
+      return self._full(self.sides[0].axes)
     return (self.kernel_shape[-2], 1)
 
   @property
   def col_shape(self) -> tuple[int, ...]:
-    """The shape a per-output-node vector takes to broadcast against the kernel."""
+    """The shape a per-output vector takes to broadcast against the kernel."""
     if self.kind == "general":
-      return self.kernel_shape[self.input_axes :]
+      return self._full(self.sides[1].axes)
     return (1, self.n_out)
 
   @property
   def output_shape(self) -> tuple[int, ...]:
     """The output axes of the kernel: the shape of its bias (and scale probe)."""
-    return self.kernel_shape[self.input_axes :] if self.kind == "general" else (self.n_out,)
+    return self.sides[1].shape if self.kind == "general" else (self.n_out,)
 
   @property
   def reduced_axes(self) -> tuple[int, ...]:
-    """The kernel axes that a per-output-node sum runs over (taps and inputs)."""
-    return tuple(range(len(self.kernel_shape) - self.output_rank))
+    """The kernel axes that a per-output sum runs over (taps and inputs)."""
+    if self.kind == "general":
+      return self.sides[0].axes
+    return tuple(range(len(self.kernel_shape) - 1))
 
   @property
   def centre_index(self) -> tuple[int, ...]:
@@ -278,19 +287,23 @@ def defined(table: np.ndarray | None) -> np.ndarray:
 
 
 def _general_spec(
-  path: Path, kernel_shape: tuple[int, ...], has_bias: bool, input_axes: int
+  path: Path, kernel_shape: tuple[int, ...], has_bias: bool, reading: Reading
 ) -> LayerSpec:
-  """A multi-axis kernel declared with ``gsgd_jax.Layer(path, input_axes=...)``."""
-  if input_axes >= len(kernel_shape) or min(kernel_shape, default=0) < 1:
-    raise ValueError(
-      f"layer {'/'.join(path)!r}: declared gsgd_jax.Layer(..., input_axes={input_axes}), but "
-      f"its kernel of shape {kernel_shape} then has no output axis; input_axes counts the "
-      "leading axes that index the inputs (1 for a DenseGeneral with features=(heads, "
-      "head_dim), 2 for one with axis=(-2, -1)), in one copy of a stacked block."
+  """A multi-axis kernel declared with ``gsgd_jax.Layer(path, input_axes=..., ...)``."""
+  name = "/".join(path)
+  why = readings.check(name, kernel_shape, reading)
+  if why is not None:
+    raise ValueError(why)
+  if reading.transposed and has_bias:
+    raise UnsupportedLayerError(
+      f"layer {name!r}: declared transposed, but it has a bias, which would sit on the layer's "
+      "inputs. A key's bias changes no attention weight (softmax ignores what is constant "
+      "over the keys), but it cannot join the chain: build the keys without a bias, or leave "
+      "the queries and keys to the fallback."
     )
-  n_in = int(np.prod(kernel_shape[:input_axes]))
-  n_out = int(np.prod(kernel_shape[input_axes:]))
-  return LayerSpec(path, "general", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out, input_axes)
+  inputs, outputs = readings.sides(kernel_shape, reading)
+  n_in, n_out = inputs.nodes, outputs.nodes
+  return LayerSpec(path, "general", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out, reading)
 
 
 def _layer_spec(
@@ -298,17 +311,17 @@ def _layer_spec(
   kernel_shape: tuple[int, ...],
   has_bias: bool,
   affine: bool,
-  input_axes: int | None,
+  reading: Reading | None,
   prev: LayerSpec | None,
 ) -> LayerSpec:
   name = "/".join(path)
-  if input_axes is not None and affine:
+  if reading is not None and affine:
     raise ValueError(
-      f"layer {name!r} is declared gsgd_jax.Layer(..., input_axes={input_axes}), but it "
-      "holds a norm's 'scale', not a kernel: declare it by its path alone."
+      f"layer {name!r} is declared gsgd_jax.Layer(..., input_axes={reading.input_axes}), but "
+      "it holds a norm's 'scale', not a kernel: declare it by its path alone."
     )
-  if input_axes is not None and (len(kernel_shape) != 2 or input_axes != 1):
-    return _general_spec(path, kernel_shape, has_bias, input_axes)
+  if reading is not None and (len(kernel_shape) != 2 or reading != Reading(1)):
+    return _general_spec(path, kernel_shape, has_bias, reading)
   if affine:
     if len(kernel_shape) != 1:
       raise ValueError(
@@ -493,7 +506,7 @@ def _check_layer(
   slots: tuple[int, int | None, int | None],
   affine: bool,
   stack: Stack | None,
-  input_axes: int | None = None,
+  reading: Reading | None = None,
 ) -> tuple[int, ...]:
   """Checks one layer's leaves; returns its kernel's (or scale's) shape per copy."""
   slot_kernel, slot_bias, slot_probe = slots
@@ -515,7 +528,7 @@ def _check_layer(
     if i is None:
       continue
     full_shape = tuple(int(d) for d in np.shape(leaves[i]))
-    general = input_axes is not None and not affine
+    general = reading is not None and not affine
     if stack is None and not general and _looks_stacked(full_shape, full_kernel_shape):
       raise UnsupportedLayerError(
         f"layer {name!r}: kernel {full_kernel_shape} and {what} {full_shape} carry a "
@@ -524,13 +537,14 @@ def _check_layer(
         f"stack_axis=...) ({UNDECLARED_STACK})."
       )
     shape = _copy_shape(name, what, full_shape, stack)
-    if general and input_axes is not None:
-      # (An input_axes that leaves no output axis is refused with the kernel's reading.)
-      outputs = kernel_shape[input_axes:]
-      if input_axes < len(kernel_shape) and shape != outputs:
+    if general and reading is not None:
+      # (An unreadable kernel, and a transposed layer's bias, are refused with the reading.)
+      outputs = kernel_shape[reading.input_axes :]
+      fits = reading.input_axes < len(kernel_shape) and not reading.transposed
+      if fits and shape != outputs:
         raise ValueError(
           f"layer {name!r}: {what} of shape {shape} does not match the output axes "
-          f"{outputs} of its kernel {kernel_shape} (declared input_axes={input_axes}). "
+          f"{outputs} of its kernel {kernel_shape} (declared input_axes={reading.input_axes}). "
           f"If the layer is stacked, declare its block's stack_axis ({UNDECLARED_STACK})."
         )
     elif shape != (kernel_shape[-1],):
@@ -567,10 +581,10 @@ def build_structure(
     stack = _block_stack(block, paths, leaves, slots)
     signature = []
     layer_slots = zip(slots.kernel, slots.bias, slots.probe, strict=True)
-    for name, axes, (k, b, s) in zip(block.layers, block.input_axes, layer_slots, strict=True):
+    for name, reading, (k, b, s) in zip(block.layers, block.readings, layer_slots, strict=True):
       affine = paths[k][-1] == "scale"
-      shape = _check_layer("/".join(name), leaves, (k, b, s), affine, stack, axes)
-      signature.append((name, shape, b is not None, affine, axes))
+      shape = _check_layer("/".join(name), leaves, (k, b, s), affine, stack, reading)
+      signature.append((name, shape, b is not None, affine, reading))
     signatures.append((tuple(signature), block.normalized, stack))
   built = _build(tuple(signatures))  # raises on layers that do not chain, before warning
   declaration.warn_one_layer_blocks(blocks)

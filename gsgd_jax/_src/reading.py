@@ -1,0 +1,140 @@
+"""How a multi-axis kernel is read as a layer (``gsgd_jax.Layer``): which of its axes hold
+the layer's inputs and which its outputs, and how their entries map to nodes.
+
+A Flax ``DenseGeneral`` kernel is ``(*inputs, *features)``. Read forwards, its leading
+``input_axes`` axes are the layer's inputs and its features its outputs (an attention's
+values ``(d, heads, head_dim)``, its outputs ``(heads, head_dim, d)``). Read transposed, the
+features are the layer's inputs and the leading axes its outputs: the key kernel in the chain
+``[W_q, W_k^T]`` of queries and keys (docs/math.md). A side's entries (its axes taken
+together, numbered in row-major order) are its nodes, except on a side whose last axis holds
+rotary position embedding's pairs (``pairs``): a pair of dimensions of a head is then one node
+whose two entries are two parallel edges (taps), as a convolution's taps are, the second the
+skeleton's (as a window of 2's centre is).
+
+Everything here is static: NumPy tables built from shapes, never from values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+PAIRINGS = ("half", "interleaved")
+"""RoPE's pairs of each head's dimensions: ``'half'`` pairs ``j`` with ``j + head_dim / 2``
+(Hugging Face's ``rotate_half``), ``'interleaved'`` pairs ``2p`` with ``2p + 1`` (Meta's and
+GPT-J's)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """A declared reading of a multi-axis kernel (see the module docstring).
+
+  Attributes:
+    input_axes: how many leading axes are the kernel's own inputs (Flax's ``len(axis)``).
+    transposed: the layer runs from the kernel's features to its leading axes.
+    pairs: ``None``, or how the last feature axis pairs RoPE's dimensions (``PAIRINGS``).
+    head_dim: the size of one head on that axis, where it holds several heads (Hugging
+      Face's ``(d, heads * head_dim)``); ``None``: the whole axis.
+  """
+
+  input_axes: int
+  transposed: bool = False
+  pairs: str | None = None
+  head_dim: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Side:
+  """One side (inputs or outputs) of a kernel read as a layer.
+
+  Attributes:
+    axes: the kernel axes of this side, in order.
+    shape: their sizes.
+    node: per entry of the side (row-major over ``axes``), its node.
+    tap: per entry, which of its node's parallel edges it is.
+    nodes: the number of nodes; ``taps`` the parallel edges per node.
+    centre: per node, the entry of its skeleton tap.
+  """
+
+  axes: tuple[int, ...]
+  shape: tuple[int, ...]
+  node: np.ndarray
+  tap: np.ndarray
+  nodes: int
+  taps: int
+  centre: np.ndarray
+
+  @property
+  def entries(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def plain(self) -> bool:
+    """Each entry is a node of its own (no pairs)."""
+    return self.taps == 1
+
+
+def side(
+  axes: tuple[int, ...], shape: tuple[int, ...], pairs: str | None, head_dim: int | None = None
+) -> Side:
+  """The node and tap of every entry of a side (pairs on its last axis, if any, in heads of
+  ``head_dim``)."""
+  entries = int(np.prod(shape))
+  index = np.arange(entries)
+  if pairs is None:
+    node, tap, taps = index, np.zeros(entries, np.int64), 1
+  else:
+    last = shape[-1] if head_dim is None else head_dim
+    half = last // 2
+    head, position = index // last, index % last
+    if pairs == "half":
+      tap, pair = position // half, position % half
+    else:
+      tap, pair = position % 2, position // 2
+    node, taps = head * half + pair, 2
+  nodes = entries // taps
+  centre = np.zeros(nodes, np.int64)
+  skeleton = tap == taps // 2
+  centre[node[skeleton]] = index[skeleton]
+  for table in (node, tap, centre):
+    table.setflags(write=False)
+  return Side(axes, shape, node, tap, nodes, taps, centre)
+
+
+@functools.lru_cache(maxsize=512)
+def sides(kernel_shape: tuple[int, ...], reading: Reading) -> tuple[Side, Side]:
+  """The input and output sides of a kernel of this shape (one copy) read so."""
+  rank = len(kernel_shape)
+  leading = tuple(range(reading.input_axes))
+  features = tuple(range(reading.input_axes, rank))
+  inputs, outputs = (features, leading) if reading.transposed else (leading, features)
+  shape = lambda axes: tuple(kernel_shape[a] for a in axes)
+  pairs_in = reading.pairs if reading.transposed else None
+  pairs_out = None if reading.transposed else reading.pairs
+  return (
+    side(inputs, shape(inputs), pairs_in, reading.head_dim),
+    side(outputs, shape(outputs), pairs_out, reading.head_dim),
+  )
+
+
+def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | None:
+  """Why a kernel of this shape cannot be read so (None when it can)."""
+  if reading.input_axes >= len(kernel_shape) or min(kernel_shape, default=0) < 1:
+    return (
+      f"layer {name!r}: declared gsgd_jax.Layer(..., input_axes={reading.input_axes}), but "
+      f"its kernel of shape {kernel_shape} then has no output axis; input_axes counts the "
+      "leading axes that index the inputs (1 for a DenseGeneral with features=(heads, "
+      "head_dim), 2 for one with axis=(-2, -1)), in one copy of a stacked block."
+    )
+  head = kernel_shape[-1] if reading.head_dim is None else reading.head_dim
+  if reading.pairs is not None and (head % 2 or kernel_shape[-1] % head):
+    return (
+      f"layer {name!r}: declared pairs={reading.pairs!r}, but its last axis ({kernel_shape[-1]}) "
+      f"is not made of heads of an even head_dim ({head}): rotary position embeddings pair "
+      "each head's dimensions. For a kernel (d, heads * head_dim), pass head_dim."
+    )
+  if reading.head_dim is not None and reading.pairs is None:
+    return f"layer {name!r}: head_dim={reading.head_dim} is given without pairs"
+  return None
