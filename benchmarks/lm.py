@@ -6,7 +6,9 @@ axis 0) with Hugging Face's names (``layers/{input_layernorm, self_attn/{q,k,v,o
 post_attention_layernorm, mlp/{gate,up,down}_proj}``), RMSNorm, rotary position embeddings,
 causal attention, SwiGLU, no biases, a final RMSNorm and an untied read-out. Its path-space
 blocks are what ``gsgd_jax.infer_blocks(params, 'llama')`` writes: per layer ``[up_proj,
-down_proj]`` and ``[v_proj, o_proj]``, stacked; every other parameter takes the fallback.
+down_proj]`` and ``[v_proj, o_proj]``, and with ``query_key = "half"`` in the config
+``[q_proj, k_proj^T]`` with RoPE's half-split pairs as nodes, all stacked; every other
+parameter (the gate, the norms, the embedding, the read-out) takes the fallback.
 
 The text: the Python standard library's own source files (``.py`` outside its test packages,
 ``site-packages`` excluded), which every machine running this code has offline. Files are
@@ -179,6 +181,16 @@ class Decoder(nn.Module):
     return nn.Dense(256, use_bias=False, name="lm_head")(RMSNorm(name="norm")(x))
 
 
+def decoder_blocks(config: dict, params) -> list[gsgd_jax.Block]:
+  """The path-space blocks: ``infer_blocks(params, 'llama')``, with the queries and keys
+  (their RoPE pairs the decoder's half-split ones) where the config's ``query_key`` is
+  ``'half'``."""
+  query_key = config.get("query_key")
+  m = config["model"]
+  head_dim = m["dim"] // m["heads"] if query_key in ("half", "interleaved") else None
+  return gsgd_jax.infer_blocks(params, "llama", query_key=query_key, head_dim=head_dim)
+
+
 def loss_fn(model: Decoder, params, windows: jax.Array) -> jax.Array:
   """Mean next-byte cross entropy (nats per byte) of ``(batch, seq + 1)`` windows."""
   logits = cast(jax.Array, model.apply({"params": params}, windows[:, :-1]))
@@ -230,7 +242,7 @@ def train_run(config: dict, opt: dict, lr: float, seed: int, text, steps: int | 
   rng = np.random.default_rng(seed)
   sample = jnp.asarray(random_windows(text["train"], rng, 1, seq + 1))
   params = model.init(jax.random.key(seed), sample)["params"]
-  blocks = gsgd_jax.infer_blocks(params, "llama")
+  blocks = decoder_blocks(config, params)
   if config.get("skeleton_init", False):  # every optimizer's start alike
     params = gsgd_jax.set_skeleton(params, blocks)
   tx = make_optimizer(opt["kind"], lr, steps, opt, blocks)
@@ -394,7 +406,7 @@ def invariance(config: dict, steps: int, dtype, lr: float = 3e-3) -> dict[str, d
   params = jax.tree.map(
     lambda a: a.astype(dtype), model.init(jax.random.key(0), windows[0])["params"]
   )
-  blocks = gsgd_jax.infer_blocks(params, "llama")
+  blocks = decoder_blocks(config, params)
   rescaled = gsgd_jax.random_rescale(params, blocks, jax.random.key(1))
   loss = functools.partial(loss_fn, model)
   adamw = optax.adamw(lr, weight_decay=0.01)

@@ -9,10 +9,11 @@ hold a stack axis, as Flax ``nn.scan`` stores them (``--model``):
 * ``llama``: a LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, no biases) with t5x's
   multi-axis attention kernels, queries, keys and values ``(d, heads, head_dim)``
   and outputs ``(heads, head_dim, d)``; per layer the gated block's ``[up, down]``
-  and the attention's ``[value, out]`` (``gsgd_jax.Layer``), both stacked.
+  and the attention's ``[value, out]`` and ``[query, key^T]`` (``gsgd_jax.Layer``;
+  the key read transposed, RoPE's half-split pairs as nodes), all stacked.
 
 AdamW runs in path space on the blocks and on the weights of everything else
-(the gate, queries and keys, norms, embedding, read-out).
+(the gate, norms, embedding, read-out).
 
 It reports, as ratios to AdamW measured in one run:
 
@@ -45,6 +46,13 @@ LLAMA_BLOCKS = [
   gsgd_jax.Block(["layers/up", "layers/down"], stack_axis=0),
   gsgd_jax.Block(
     [gsgd_jax.Layer("layers/value", input_axes=1), gsgd_jax.Layer("layers/out", input_axes=2)],
+    stack_axis=0,
+  ),
+  gsgd_jax.Block(
+    [
+      gsgd_jax.Layer("layers/query", input_axes=1, pairs="half"),
+      gsgd_jax.Layer("layers/key", input_axes=1, transposed=True, pairs="half"),
+    ],
     stack_axis=0,
   ),
 ]

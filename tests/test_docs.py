@@ -38,7 +38,7 @@ ROOT = Path(__file__).parent.parent
 PAGES = {
   "README.md": 1,
   "docs/index.md": 0,
-  "docs/guide.md": 18,
+  "docs/guide.md": 19,
   "docs/probes.md": 1,
   "docs/math.md": 0,
   "docs/troubleshooting.md": 0,
