@@ -184,6 +184,12 @@ def test_lm1b_transformer():
   wrong = [Block([f"{b}/LayerNorm_0", f"{b}/MlpBlock_0/Dense_0", f"{b}/MlpBlock_0/Dense_1"])]
   _fails(apply, params, wrong, tokens, r"affine layer 'decoder/encoderdecoderblock_0/LayerNorm_0'")
 
+  # Its attention's value/output chains, read by the 'llama' layout (Flax's names, multi-axis
+  # kernels with biases), join the feed-forward blocks.
+  blocks = blocks + gsgd_jax.infer_blocks(params, "llama")
+  assert len(blocks) == 4 and blocks[2].readings[1] == gsgd_jax.Layer("o", input_axes=2).reading
+  _passes_in_both_precisions(apply, params, blocks, tokens)
+
   params = gsgd_jax.set_skeleton(_f64(params), blocks)
   _invariant_where_plain_is_not(
     apply, params, blocks, tokens,

@@ -113,7 +113,10 @@ def infer_blocks(
     1) give ``stack_axis``; where an attention's shapes read both as stacked
     dense and as multi-axis kernels, its layer's feed-forward block decides.
     Norms stay out (the norm in front feeds the gate, or the queries and
-    keys, too). Queries and keys join only when ``query_key`` says how the
+    keys, too). Sub-trees whose kernels bear none of these names are left
+    alone, so in a pre-LN transformer with ReLU feed-forward blocks and Flax
+    attention, ``infer_blocks(params, 'preln') + infer_blocks(params,
+    'llama')`` declares both (tested on lm1b's layout). Queries and keys join only when ``query_key`` says how the
     model embeds positions, which names cannot tell: ``'plain'`` (no rotary
     embedding: T5's relative position biases, learned positions) gives
     ``Block([Layer(query), Layer(key, transposed=True)])`` per attention,
