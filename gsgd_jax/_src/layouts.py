@@ -116,8 +116,9 @@ def infer_blocks(
     keys, too). Sub-trees whose kernels bear none of these names are left
     alone, so in a pre-LN transformer with ReLU feed-forward blocks and Flax
     attention, ``infer_blocks(params, 'preln') + infer_blocks(params,
-    'llama')`` declares both (tested on lm1b's layout). Queries and keys join only when ``query_key`` says how the
-    model embeds positions, which names cannot tell: ``'plain'`` (no rotary
+    'llama')`` declares both (tested on lm1b's layout). Queries and keys join
+    only when ``query_key`` says how the model embeds positions, which names
+    cannot tell: ``'plain'`` (no rotary
     embedding: T5's relative position biases, learned positions) gives
     ``Block([Layer(query), Layer(key, transposed=True)])`` per attention,
     ``'half'`` or ``'interleaved'`` the same with RoPE's pairs (Hugging Face's
