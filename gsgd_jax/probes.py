@@ -14,7 +14,8 @@ z_j`` is exactly the right side, so :func:`gsgd_jax.path_space` reads it from
 the gradients (``s * dL/ds``) instead of reducing over the kernel.
 
 Use it by giving each declared layer a ``scale_probe`` leaf of shape
-``(n_out,)`` next to its ``kernel`` and ``bias``, multiplied into the layer's
+``(n_out,)`` (a multi-axis kernel's: its output axes, the shape of its bias; a
+transposed one takes none) next to its ``kernel`` and ``bias``, multiplied into the layer's
 output before the next layer: the modules here (:class:`Dense`, :class:`Conv`
 for Linen; :class:`Linear`, :class:`NNXConv` for NNX) do that. Anything
 positively homogeneous may sit between the layer and the probe (ReLU, max or

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import gsgd_jax
-from gsgd_jax._src.structure import UnsupportedLayerError
+from gsgd_jax._src.structure import UnsupportedLayerError, build_structure
 
 Layer = gsgd_jax.Layer
 D, HEADS, HEAD_DIM = 5, 2, 3
@@ -571,3 +571,67 @@ def test_llama_layout_declares_queries_and_keys_when_told_how_positions_enter():
     gsgd_jax.infer_blocks(llama, "llama", query_key="rope")
   with pytest.raises(ValueError, match="apply to the layout 'llama' only"):
     gsgd_jax.infer_blocks(llama, "preln", query_key="plain")
+
+
+def test_paired_chains_check_their_pairs_probes_and_counts():
+  rng = np.random.default_rng(5)
+  d, heads, head_dim = 4, 2, 4
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape))
+  params = {
+    "q": {
+      "kernel": normal(d, heads, head_dim),
+      "bias": normal(heads, head_dim),
+      "scale_probe": jnp.ones((heads, head_dim)),
+    },
+    "k": {"kernel": normal(d, heads, head_dim)},
+  }
+  x = normal(3, d)
+  q = Layer("q", input_axes=1, pairs="half")
+  k = lambda **kw: Layer("k", input_axes=1, transposed=True, **kw)
+  # The pairs must be the same on both sides of the nodes the two layers share.
+  for other in ({"pairs": "interleaved"}, {}):
+    with pytest.raises(ValueError, match="'q' .* and 'k' .* meet at nodes they group differently"):
+      gsgd_jax.gsgd(0.1, layers=[q, k(**other)]).init(params)
+
+  # A probe of a paired layer is checked per node, its two entries summed.
+  def loss(p):
+    h = (jnp.einsum("bd,dhe->bhe", x, p["q"]["kernel"]) + p["q"]["bias"]) * p["q"]["scale_probe"]
+    return jnp.mean(jnp.tanh(jnp.einsum("bhe,dhe->bd", h, p["k"]["kernel"])) ** 2)
+
+  assert gsgd_jax.verify_probes(loss, params, [q, k(pairs="half")]) < 1e-10
+  (struct,) = build_structure(params, [q, k(pairs="half")])
+  # H = 4 paired nodes; m = 2 kernels of 32 + the query's 8 bias entries.
+  assert struct.num_hidden == 4 and struct.num_weights == 72 and struct.num_basis_paths == 68
+  probed_key = {**params, "k": {**params["k"], "scale_probe": jnp.ones((heads, head_dim))}}
+  with pytest.raises(UnsupportedLayerError, match="'k': declared transposed, but it has a scale"):
+    gsgd_jax.gsgd(0.1, layers=[q, k(pairs="half")]).init(probed_key)
+  flat = {
+    "q": {"kernel": normal(d, heads * head_dim)},
+    "k": {"kernel": normal(d, heads * head_dim)},
+  }
+  with pytest.raises(ValueError, match="features are one axis.*pass head_dim"):
+    gsgd_jax.gsgd(0.1, layers=[q, k(pairs="half")]).init(flat)
+  with pytest.raises(ValueError, match="head_dim=4 is given without pairs"):
+    Layer("q", input_axes=1, head_dim=4)
+
+
+def test_llama_layout_leaves_relu_blocks_and_refuses_what_breaks_the_query_key_chain():
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  t5 = _shapes(corpus.ScannedT5(), tokens)  # T5 1.0: a ReLU wi/wo block, left to 'preln'
+  (attention,) = gsgd_jax.infer_blocks(t5, "llama")
+  assert attention.layers[0][-1] == "value"
+  llama = _shapes(corpus.Llama(), tokens)
+  with pytest.raises(ValueError, match="head_dim=8 does not apply"):
+    gsgd_jax.infer_blocks(llama, "llama", query_key="plain", head_dim=8)
+  with pytest.raises(ValueError, match="head_dim applies with query_key only"):
+    gsgd_jax.infer_blocks(llama, "llama", head_dim=8)
+  with_norms = {
+    "attn": {
+      **{n: {"kernel": jnp.zeros((8, 2, 4))} for n in ("query", "key", "value")},
+      "out": {"kernel": jnp.zeros((2, 4, 8))},
+      "query_norm": {"scale": jnp.ones(4)},
+    }
+  }
+  with pytest.raises(ValueError, match=r"holds norms 'attn/query_norm'"):
+    gsgd_jax.infer_blocks(with_norms, "llama", query_key="plain")
+  assert len(gsgd_jax.infer_blocks(with_norms, "llama")) == 1  # the value chain holds

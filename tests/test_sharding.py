@@ -350,3 +350,58 @@ def test_sharded_stack_matches_single_device(along, axis_type):
   chex.assert_trees_all_close(state, want_state, rtol=1e-12, atol=1e-14)
   _assert_same_shardings(init_state, state)
   _assert_sharded_as(got, specs, mesh)
+
+
+# ----------------------------------------------------------------------------
+# Multi-axis kernels sharded by heads: an attention's value/output chain and a query-key chain
+# with RoPE's pairs (the per-node sums fold entries of a sharded axis).
+
+
+def _attention_problem():
+  keys = iter(jax.random.split(jax.random.key(6), 8))
+  normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float64)
+  d, heads, head_dim = 4, 8, 4
+  params = {
+    "value": {"kernel": normal(d, heads, head_dim), "bias": normal(heads, head_dim)},
+    "out": {"kernel": normal(heads, head_dim, d), "bias": normal(d)},
+    "query": {"kernel": normal(d, heads, head_dim)},
+    "key": {"kernel": normal(d, heads, head_dim)},
+  }
+  Layer = gsgd_jax.Layer
+  layers = [
+    gsgd_jax.Block([Layer("value", input_axes=1), Layer("out", input_axes=2)]),
+    gsgd_jax.Block([
+      Layer("query", input_axes=1, pairs="half"),
+      Layer("key", input_axes=1, transposed=True, pairs="half"),
+    ]),
+  ]  # fmt: skip
+  x, y = normal(5, d), normal(5, d)
+
+  def loss(p):
+    explicit = bool(jax.sharding.get_abstract_mesh().explicit_axes)
+    out = P() if explicit else None
+    h = jnp.einsum("bd,dhe->bhe", x, p["value"]["kernel"]) + p["value"]["bias"]
+    values = jnp.einsum("bhe,hed->bd", h, p["out"]["kernel"], out_sharding=out) + p["out"]["bias"]
+    q = jnp.einsum("bd,dhe->bhe", x, p["query"]["kernel"])
+    mixed = jnp.einsum("bhe,dhe->bd", q, p["key"]["kernel"], out_sharding=out)
+    return jnp.mean((values - y) ** 2) + jnp.mean(jnp.tanh(mixed) ** 2)
+
+  specs = {
+    "value": {"kernel": P(None, "x", None), "bias": P("x", None)},
+    "out": {"kernel": P("x", None, None), "bias": P()},
+    "query": {"kernel": P(None, "x", None)},
+    "key": {"kernel": P(None, "x", None)},
+  }
+  return gsgd_jax.set_skeleton(params, layers), layers, loss, specs
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_multi_axis_kernels_match_single_device(axis_type):
+  params, layers, loss, specs = _attention_problem()
+  tx = gsgd_jax.g_adam(1e-2, layers=layers)
+  want, _, want_state = _train(tx, params, loss, steps=3)
+  got, init_state, state, mesh = _train_sharded(tx, params, specs, loss, axis_type, steps=3)
+  chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-14)
+  chex.assert_trees_all_close(state, want_state, rtol=1e-12, atol=1e-14)
+  _assert_same_shardings(init_state, state)
+  _assert_sharded_as(got, specs, mesh)

@@ -293,9 +293,13 @@ def _fold(x: Array, side: Side) -> Array:
 
 
 def fold_outputs(x: Array, spec: LayerSpec) -> Array:
-  """Values per output entry (a bias's, any shape of it) summed per output node."""
-  x = x.reshape(-1)
-  return replicated(_fold(x, spec.sides[1]) if spec.kind == "general" else x)
+  """Values per output entry (a bias's, any shape of it) summed per output node.
+
+  Replicated first: a sum over a kernel sharded on one of its output axes is sharded
+  there, and neither its reshape nor its fold would keep that sharding.
+  """
+  x = replicated(x).reshape(-1)
+  return _fold(x, spec.sides[1]) if spec.kind == "general" else x
 
 
 def fold_rows(x: Array, spec: LayerSpec) -> Array:
@@ -325,21 +329,16 @@ def at_bias(x: Array, spec: LayerSpec) -> Array:
   return x.reshape(spec.output_shape)
 
 
-def per_output(x: Array, spec: LayerSpec, axes: tuple[int, ...] | None = None) -> Array:
-  """``x`` summed over the kernel's taps and inputs: one value per output node.
-
-  ``axes``: the kernel axes summed, for an array with more leading axes than one
-  copy of the kernel (default: the layer's ``reduced_axes``).
-  """
-  total = jnp.sum(x, axis=spec.reduced_axes if axes is None else axes)
-  return fold_outputs(total, spec)
+def per_output(x: Array, spec: LayerSpec) -> Array:
+  """``x`` summed over the kernel's taps and inputs: one value per output node."""
+  return fold_outputs(jnp.sum(x, axis=spec.reduced_axes), spec)
 
 
 def per_input(x: Array, spec: LayerSpec) -> Array:
   """A general kernel's ``x`` summed over its outputs: one value per input node."""
   inputs, outputs = spec.sides
-  total = jnp.sum(x, axis=outputs.axes).reshape(-1)
-  return replicated(_fold(total, inputs))
+  total = replicated(jnp.sum(x, axis=outputs.axes)).reshape(-1)  # as in fold_outputs
+  return _fold(total, inputs)
 
 
 # ----------------------------------------------------------------------------

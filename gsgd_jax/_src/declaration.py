@@ -154,6 +154,11 @@ class Layer:
         f"gsgd_jax.Layer: `head_dim` must be None or an integer >= 2, got "
         f"{pytree.short_repr(head_dim)}"
       )
+    if head_dim is not None and pairs is None:
+      raise ValueError(
+        f"gsgd_jax.Layer: head_dim={head_dim} is given without pairs; head_dim says how "
+        "RoPE's pairs fall into heads"
+      )
     object.__setattr__(self, "pairs", pairs)
     object.__setattr__(self, "head_dim", head_dim)
 

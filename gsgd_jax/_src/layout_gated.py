@@ -153,6 +153,10 @@ def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
       if (attention if role in ("query", "key", "value", "out") else feed_forward)
       and not [y for y in candidates[role] if y is not x]
     ]
+    if not keep and not attention and not feed_forward:  # T5 1.0's wi/wo: no role here
+      for role in roles:
+        candidates[role].remove(x)
+      continue
     if len(keep) != 1:
       raise Refusal(
         f"{names([x])} in {where!r} may be the {' or the '.join(roles)} projection: the names "
@@ -192,20 +196,25 @@ def _query_key(
     )
   if any(key.beside):
     raise Refusal(
-      f"the key {names([key])} in {where!r} has a bias, which cannot join the query-key chain "
-      "(it changes no attention weight): build the keys without one, or leave query_key=None"
+      f"the key {names([key])} in {where!r} has a bias (or scale probe), which cannot join the "
+      "query-key chain (a key's bias changes no attention weight): build the keys without "
+      "one, or leave query_key=None"
     )
   pairs = None if query_key == "plain" else query_key
-  copy = _copy(query.shape, reading.axis)
-  if pairs is not None and copy is not None and len(copy) == 2 and head_dim is None:
+  copy = _copy(query.shape, reading.axis) or ()
+  one_axis = len(copy) == 2  # (d, heads * head_dim)
+  if pairs is not None and one_axis and head_dim is None:
     raise Refusal(
       f"the query kernel {names([query])} in {where!r} keeps every head on one axis "
       f"{copy}: pass head_dim, the size of one head, for RoPE's pairs"
     )
-  options = {
-    "pairs": pairs,
-    "head_dim": head_dim if pairs is not None and len(copy or ()) == 2 else None,
-  }
+  if head_dim is not None and (pairs is None or (not one_axis and head_dim != copy[-1])):
+    raise Refusal(
+      f"head_dim={head_dim} does not apply to the query kernel {names([query])} in {where!r} "
+      f"(one copy {copy}, query_key={query_key!r}): it is for RoPE's pairs on kernels "
+      "(d, heads * head_dim)"
+    )
+  options = {"pairs": pairs, "head_dim": head_dim if pairs is not None and one_axis else None}
   entries = [
     Layer(query.path, input_axes=1, **options),
     Layer(key.path, input_axes=1, transposed=True, **options),
@@ -223,6 +232,7 @@ def gated(
   for layer in layers:
     if not layer.norm:
       scopes.setdefault(layer.path[:-1], []).append(layer)
+  norms = [layer for layer in layers if layer.norm]
   ffn: dict[Path, tuple[list[Found], _Reading]] = {}
   attention: dict[Path, tuple[list[Found], list[_Reading], dict[str, Found]]] = {}
   for scope, members in scopes.items():
@@ -253,6 +263,14 @@ def gated(
     hint = siblings[0] if len(siblings) == 1 else None
     reading = _pick(readings, scope, chain, hint)
     if query_key is not None:
+      # A norm of the queries or keys (q_norm, k_norm: Gemma 3, MaxText) rescales per head,
+      # not per dimension: the chain would not hold.
+      inside = [x for x in norms if x.path[: len(scope)] == scope]
+      if inside:
+        raise Refusal(
+          f"the attention in {'/'.join(scope)!r} holds norms {names(inside)}: a norm of the "
+          "queries or keys breaks the query-key chain; leave query_key=None"
+        )
       blocks.append((scope, _query_key(roles, scope, reading, query_key, head_dim)))
     blocks.append((scope, _block(chain, reading)))
   if not blocks:

@@ -244,6 +244,8 @@ def infer_blocks(
   )
   if layout != "llama" and (query_key is not None or head_dim is not None):
     raise ValueError("infer_blocks: query_key and head_dim apply to the layout 'llama' only")
+  if head_dim is not None and query_key is None:
+    raise ValueError("infer_blocks: head_dim applies with query_key only")
   if query_key not in (None, *layout_gated.QUERY_KEYS):
     raise ValueError(
       f"infer_blocks: query_key must be None, 'plain', 'half' or 'interleaved', got {query_key!r}"

@@ -121,7 +121,9 @@ def sides(kernel_shape: tuple[int, ...], reading: Reading) -> tuple[Side, Side]:
 
 def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | None:
   """Why a kernel of this shape cannot be read so (None when it can)."""
-  if reading.input_axes >= len(kernel_shape) or min(kernel_shape, default=0) < 1:
+  if min(kernel_shape, default=0) < 1:
+    return f"layer {name!r}: its kernel of shape {kernel_shape} has an empty axis"
+  if reading.input_axes >= len(kernel_shape):
     return (
       f"layer {name!r}: declared gsgd_jax.Layer(..., input_axes={reading.input_axes}), but "
       f"its kernel of shape {kernel_shape} then has no output axis; input_axes counts the "
@@ -135,6 +137,11 @@ def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | N
       f"is not made of heads of an even head_dim ({head}): rotary position embeddings pair "
       "each head's dimensions. For a kernel (d, heads * head_dim), pass head_dim."
     )
-  if reading.head_dim is not None and reading.pairs is None:
-    return f"layer {name!r}: head_dim={reading.head_dim} is given without pairs"
+  features = len(kernel_shape) - reading.input_axes
+  if reading.pairs is not None and reading.head_dim is None and features == 1:
+    return (
+      f"layer {name!r}: declared pairs={reading.pairs!r} on a kernel {kernel_shape} whose "
+      "features are one axis, which usually holds every head (Hugging Face's (d, heads * "
+      "head_dim)): pass head_dim, the size of one head (the axis's own size for one head)."
+    )
   return None

@@ -269,7 +269,8 @@ class ChainStructure:
   def num_weights(self) -> int:
     """m: weights plus biases (biases count as edges from a constant node)."""
     per_copy = sum(
-      int(np.prod(s.kernel_shape)) + (s.n_out if s.has_bias else 0) for s in self.layers
+      int(np.prod(s.kernel_shape)) + (int(np.prod(s.output_shape)) if s.has_bias else 0)
+      for s in self.layers
     )
     return self.copies * per_copy
 
@@ -381,6 +382,38 @@ def _check_affine(spec: LayerSpec, k: int, depth: int) -> None:
     )
 
 
+def _facing(spec: LayerSpec, inputs: bool) -> readings.Side | None:
+  """The side of a general kernel that faces its neighbour (None for other kinds)."""
+  return None if spec.kind != "general" else spec.sides[0 if inputs else 1]
+
+
+def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
+  """Where either of two chained layers groups its entries into paired nodes (RoPE), both
+  must group the same entries into the same nodes."""
+  before, after = _facing(prev, inputs=False), _facing(spec, inputs=True)
+  paired = [s for s in (before, after) if s is not None and not s.plain]
+  if not paired:
+    return
+  same = (
+    before is not None
+    and after is not None
+    and before.entries == after.entries
+    and np.array_equal(before.node, after.node)
+    and np.array_equal(before.tap, after.tap)
+  )
+  if not same:
+    describe = lambda s: (
+      "no pairs"
+      if s.reading is None
+      else (f"pairs={s.reading.pairs!r}, head_dim={s.reading.head_dim}")
+    )
+    raise ValueError(
+      f"layers {prev.name!r} ({describe(prev)}) and {spec.name!r} ({describe(spec)}) meet at "
+      "nodes they group differently: the dimensions a rotary embedding pairs are one node on "
+      "both sides of it, so declare the same pairs and head_dim on both layers."
+    )
+
+
 def chain_structure(
   signature: Signature, normalized: bool = False, stack: Stack | None = None
 ) -> ChainStructure:
@@ -393,6 +426,8 @@ def chain_structure(
     spec = _layer_spec(*entry, prev=specs[-1] if specs else None)
     if spec.kind == "affine":
       _check_affine(spec, len(specs), len(signature))
+    if specs:
+      _check_facing_sides(specs[-1], spec)
     if specs and spec.n_in != specs[-1].n_out:
       prev = specs[-1]
       if spec.kind == "conv" and prev.n_out % spec.n_in == 0:
@@ -540,7 +575,14 @@ def _check_layer(
     if general and reading is not None:
       # (An unreadable kernel, and a transposed layer's bias, are refused with the reading.)
       outputs = kernel_shape[reading.input_axes :]
-      fits = reading.input_axes < len(kernel_shape) and not reading.transposed
+      if reading.transposed:
+        raise UnsupportedLayerError(
+          f"layer {name!r}: declared transposed, but it has a {what}, which would sit on the "
+          "layer's inputs. A key's bias changes no attention weight (softmax ignores what is "
+          "constant over the keys), but it cannot join the chain: build the keys without a "
+          "bias (or probe), or leave the queries and keys to the fallback."
+        )
+      fits = reading.input_axes < len(kernel_shape)
       if fits and shape != outputs:
         raise ValueError(
           f"layer {name!r}: {what} of shape {shape} does not match the output axes "

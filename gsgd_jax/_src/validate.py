@@ -560,7 +560,11 @@ def verify_probes(
       probed = jnp.asarray(p.probes[k], wide) * jnp.asarray(g.probes[k], wide)
       if block.stack is not None:  # per copy, as `expected`
         probed = jnp.moveaxis(probed, block.stack.axis, 0)
-      probed = probed.reshape(expected.shape)  # a general kernel's probe has its output axes
+      # A general kernel's probe has its output axes: its entries summed per node.
+      fold = lambda s, x, k=k: basis.fold_outputs(x, s.layers[k])
+      probed = (
+        per_copy(block, fold, 0, 0)(probed) if block.stack is not None else fold(block, probed)
+      )
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1
