@@ -590,7 +590,7 @@ def test_paired_chains_check_their_pairs_probes_and_counts():
   k = lambda **kw: Layer("k", input_axes=1, transposed=True, **kw)
   # The pairs must be the same on both sides of the nodes the two layers share.
   for other in ({"pairs": "interleaved"}, {}):
-    with pytest.raises(ValueError, match="'q' .* and 'k' .* meet at nodes they group differently"):
+    with pytest.raises(ValueError, match=r"'q' .* and 'k' .* meet at nodes they group differently"):
       gsgd_jax.gsgd(0.1, layers=[q, k(**other)]).init(params)
 
   # A probe of a paired layer is checked per node, its two entries summed.
@@ -609,7 +609,7 @@ def test_paired_chains_check_their_pairs_probes_and_counts():
     "q": {"kernel": normal(d, heads * head_dim)},
     "k": {"kernel": normal(d, heads * head_dim)},
   }
-  with pytest.raises(ValueError, match="features are one axis.*pass head_dim"):
+  with pytest.raises(ValueError, match=r"features are one axis.*pass head_dim"):
     gsgd_jax.gsgd(0.1, layers=[q, k(pairs="half")]).init(flat)
   with pytest.raises(ValueError, match="head_dim=4 is given without pairs"):
     Layer("q", input_axes=1, head_dim=4)
