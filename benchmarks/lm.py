@@ -407,6 +407,8 @@ def invariance(config: dict, steps: int, dtype, lr: float = 3e-3) -> dict[str, d
     lambda a: a.astype(dtype), model.init(jax.random.key(0), windows[0])["params"]
   )
   blocks = decoder_blocks(config, params)
+  if config.get("skeleton_init", False):  # as the experiment's runs start
+    params = gsgd_jax.set_skeleton(params, blocks)
   rescaled = gsgd_jax.random_rescale(params, blocks, jax.random.key(1))
   loss = functools.partial(loss_fn, model)
   adamw = optax.adamw(lr, weight_decay=0.01)

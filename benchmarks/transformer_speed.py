@@ -39,6 +39,7 @@ import numpy as np
 import optax
 
 import gsgd_jax
+from benchmarks.lm import rotary
 from benchmarks.speed import device_name, interleaved_times, write_report
 
 BLOCKS = [gsgd_jax.Block(["layers/ln_ff", "layers/fc1", "layers/fc2"], stack_axis=0)]
@@ -126,20 +127,10 @@ def _rms_norm(x, p):
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + 1e-6) * p["scale"]
 
 
-def _rotary(x):
-  """RoPE on ``(batch, seq, heads, head_dim)``, the half-split pairs ``(j, j + head_dim / 2)``."""
-  seq, dim = x.shape[1], x.shape[-1]
-  angles = np.arange(seq)[:, None] / (10000 ** (np.arange(0, dim, 2) / dim))[None, :]
-  both = np.concatenate([angles, angles], -1)
-  cos, sin = (jnp.asarray(f(both), x.dtype) for f in (np.cos, np.sin))
-  rotated = jnp.concatenate([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
-  return x * cos[None, :, None] + rotated * sin[None, :, None]
-
-
 def _llama_layer(x, p):
   y = _rms_norm(x, p["attn_norm"])
   q, k, v = (jnp.einsum("bsd,dhe->bshe", y, p[n]["kernel"]) for n in ("query", "key", "value"))
-  q, k = _rotary(q), _rotary(k)
+  q, k = rotary(q), rotary(k)
   logits = jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(q.shape[-1])
   causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
   weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)

@@ -43,6 +43,7 @@ import numpy as np
 from flax import nnx
 
 import gsgd_jax
+from benchmarks import lm
 
 # ---------------------------------------------------------------------------------------------
 # Flax examples/imagenet: ResNet v1.5.
@@ -382,17 +383,7 @@ class LlamaRMSNorm(nn.Module):
     return x * jax.lax.rsqrt(variance + self.epsilon) * weight
 
 
-def rotary(x):
-  """RoPE on ``(batch, seq, heads, head_dim)``, Hugging Face's half-split pairs ``(j, j +
-  head_dim / 2)``."""
-  seq, dim = x.shape[1], x.shape[-1]
-  inverse = 1.0 / (10000 ** (np.arange(0, dim, 2) / dim))
-  angles = np.arange(seq)[:, None] * inverse[None, :]
-  cos = jnp.asarray(np.cos(np.concatenate([angles, angles], -1)), x.dtype)[None, :, None, :]
-  sin = jnp.asarray(np.sin(np.concatenate([angles, angles], -1)), x.dtype)[None, :, None, :]
-  half = dim // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-  return x * cos + rotated * sin
+rotary = lm.rotary  # RoPE, Hugging Face's half-split pairs (j, j + head_dim / 2)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import train_scan
 
 import gsgd_jax
 from gsgd_jax._src.structure import UnsupportedLayerError, build_structure
@@ -133,18 +134,8 @@ def _trained_outputs(apply, params, tx, x, steps=8):
   outputs = apply(params, x)
   target = jax.random.normal(jax.random.key(9), outputs.shape, outputs.dtype)
   loss = lambda p: jnp.mean((apply(p, x) - target) ** 2)
-
-  @jax.jit
-  def train(p):
-    def step(carry, _):
-      p, state = carry
-      updates, state = tx.update(jax.grad(loss)(p), state, p)
-      return (optax.apply_updates(p, updates), state), None
-
-    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), length=steps)
-    return apply(p, x)
-
-  return train(params)
+  (trained, _), _ = train_scan(tx, params, loss, steps, lambda _: None)
+  return apply(trained, x)
 
 
 def _invariant(apply, params, blocks, x):
