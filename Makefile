@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 ARGS ?=
 
-.PHONY: run test lint format docs speed depth fmnist-data clean
+.PHONY: run test test-all lint format docs speed depth fmnist-data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ fmnist-data:
 run: $(STAMP) fmnist-data
 	$(PY) -m benchmarks.fmnist $(ARGS)
 
+# `make test` leaves out the tests marked slow; `make test-all` (what CI runs) runs them too.
 test: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(ARGS)
 
 lint: $(STAMP)

@@ -23,14 +23,14 @@ them) and sees the same batches. Reported: training-loss curves (means of ``curv
 steps), validation loss during training and at the end, and test loss, in nats per byte (bits
 per byte beside them).
 
-    python -m benchmarks.lm --config configs/stdlib_llama.toml [--out DIR] [--steps N]
+    python -m benchmarks.lm --config configs/lm/stdlib_llama.toml [--out DIR] [--steps N]
 
 ``--invariance`` instead trains AdamW and AdamW in path space twice each, from the model's
 start and from a random positive rescaling of the chains' hidden nodes (every up/down hidden
 unit and every value dimension of every layer, ``gsgd_jax.random_rescale``), on the same
 batches, in float32 and in float64, and reports how far the two runs of each end apart:
 
-    python -m benchmarks.lm --config configs/stdlib_llama.toml --invariance [--steps 100]
+    python -m benchmarks.lm --config configs/lm/stdlib_llama.toml --invariance [--steps 100]
 """
 
 from __future__ import annotations

@@ -115,10 +115,12 @@ def _deep_spec(seed):
   )
 
 
+@pytest.mark.slow
 def test_icr_equals_autodiff_on_a_100_layer_chain():
   CHECKS["test_icr_equals_autodiff"](build(_deep_spec(seed=11)))
 
 
+@pytest.mark.slow
 def test_weight_allocation_lands_on_v_plus_dv_on_a_100_layer_chain():
   CHECKS["test_weight_allocation_lands_on_v_plus_dv"](build(_deep_spec(seed=12)))
 
@@ -131,6 +133,7 @@ def test_weight_allocation_lands_on_v_plus_dv_on_a_100_layer_chain():
     ("sgd", lambda _layers: optax.sgd(1e-3)),
   ],
 )
+@pytest.mark.slow
 def test_100_layer_training_is_invariant_and_sgd_is_not(name, make):
   """G-SGD and G-Adam train the same function from a randomly rescaled start of a
   100-layer chain; plain SGD does not."""
@@ -171,6 +174,7 @@ def test_depth_benchmark_writes_ratios_and_slopes(tmp_path):
   assert "log-log slope" in (tmp_path / "depth.md").read_text()
 
 
+@pytest.mark.slow
 def test_compile_profile_reads_the_compiler_phases(tmp_path):
   args = "--optimizers SGD,G-SGD --depths 2,4 --width 4 --repeats 1 --out"
   compile_profile.main([*args.split(), str(tmp_path)])

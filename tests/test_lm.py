@@ -49,6 +49,7 @@ def test_text_is_split_by_file_and_leaves_test_packages_out(text_root):
   assert bytes(text["validation"][: len(files[0].read_bytes())]) == files[0].read_bytes()
 
 
+@pytest.mark.slow
 def test_the_experiment_runs_reports_and_shares_its_starts(text_root, tmp_path):
   config = {**TINY, "text_root": str(text_root)}
   out = tmp_path / "out"
@@ -85,3 +86,24 @@ def test_the_decoder_blocks_are_the_llama_layouts():
     gsgd_jax.Block(["layers/self_attn/v_proj", "layers/self_attn/o_proj"], stack_axis=0),
   ]
   assert np.shape(params["layers"]["mlp"]["up_proj"]["kernel"]) == (2, 8, 16)
+
+
+def test_the_config_builds_its_decoder_and_blocks():
+  import tomllib
+  from pathlib import Path
+
+  path = Path(__file__).parent.parent / "configs" / "lm" / "stdlib_llama.toml"
+  config = tomllib.loads(path.read_text())
+  assert [o["kind"] for o in config["optimizers"]] == list(lm.OPTIMIZER_KINDS)
+  m = config["model"]
+  model = lm.Decoder(m["dim"], m["heads"], m["hidden"], m["depth"])
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  blocks = lm.decoder_blocks(config, params)
+  # Per layer (stacked): the gated block, the query-key chain with RoPE's halves, the values.
+  assert len(blocks) == 3 and all(b.stack_axis == 0 for b in blocks)
+  assert (
+    blocks[1].readings[1]
+    == gsgd_jax.Layer(
+      "k", input_axes=1, transposed=True, pairs="half", head_dim=m["dim"] // m["heads"]
+    ).reading
+  )

@@ -566,6 +566,7 @@ def test_norm_growth_benchmark_writes_its_report(tmp_path):
   assert "| 10 |" in (tmp_path / "result.md").read_text()
 
 
+@pytest.mark.slow
 def test_bn_stability_benchmark_writes_its_report(tmp_path):
   from benchmarks import bn_stability
 

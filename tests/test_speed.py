@@ -49,6 +49,7 @@ def test_main_writes_a_ratio_for_every_optimizer(tmp_path):
   assert "| mlp-0.1M |" in (tmp_path / "speed.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["relu", "llama"])
 def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path, model):
   from benchmarks import transformer_speed

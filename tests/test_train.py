@@ -518,6 +518,7 @@ def test_compare_picks_the_gap_tables_optimizers(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_learning_rates_chosen_at_every_depth(tmp_path, monkeypatch):
   """[grid] per_point: each depth trains with the rate chosen on that depth's model."""
   tables = "\n[sweep]\ndepth = [2, 3]\n\n[grid]\nvalidation = 0.25\nper_point = true\n"
