@@ -626,3 +626,14 @@ def test_llama_layout_leaves_relu_blocks_and_refuses_what_breaks_the_query_key_c
   with pytest.raises(ValueError, match=r"holds norms 'attn/query_norm'"):
     gsgd_jax.infer_blocks(with_norms, "llama", query_key="plain")
   assert len(gsgd_jax.infer_blocks(with_norms, "llama")) == 1  # the value chain holds
+
+
+def test_llama_layout_leaves_alone_scopes_that_are_no_block():
+  # A head whose kernels are 'hidden' and 'out' is no attention (no value): left alone.
+  tree = _kernels(
+    layer__gate_proj=(8, 16), layer__up_proj=(8, 16), layer__down_proj=(16, 8),
+    head__hidden=(8, 8), head__out=(8, 4),
+  )  # fmt: skip
+  assert gsgd_jax.infer_blocks(tree, "llama") == [
+    gsgd_jax.Block(["layer/up_proj", "layer/down_proj"])
+  ]

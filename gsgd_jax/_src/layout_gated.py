@@ -139,24 +139,20 @@ def _roles(scope: Path, members: Sequence[Found]) -> dict[str, Found]:
   table = {"query": _QUERY, "key": _KEY, "value": _VALUE, "out": _OUT}
   table |= {"gate": _GATE, "up": _UP, "down": _DOWN}
   candidates = {role: [x for x in members if _name(x) in words] for role, words in table.items()}
-  # A name of two roles ('wo': Meta's attention output, T5's down projection) takes the one
-  # the scope's other names leave open.
+  # A scope is an attention where it holds a value, a gated block where it holds a gate or an
+  # up projection; other names ('out' of a head, T5 1.0's wi/wo) then play no role in it.
   attention = bool(candidates["value"])
   feed_forward = bool(candidates["gate"] or candidates["up"])
+  for role in table:
+    if not (attention if role in ("query", "key", "value", "out") else feed_forward):
+      candidates[role] = []
+  # A name of two roles ('wo': Meta's attention output, T5's down projection) takes the one
+  # the scope's other names leave open.
   for x in members:
     roles = [role for role, hits in candidates.items() if x in hits]
     if len(roles) < 2:
       continue
-    keep = [
-      role
-      for role in roles
-      if (attention if role in ("query", "key", "value", "out") else feed_forward)
-      and not [y for y in candidates[role] if y is not x]
-    ]
-    if not keep and not attention and not feed_forward:  # T5 1.0's wi/wo: no role here
-      for role in roles:
-        candidates[role].remove(x)
-      continue
+    keep = [role for role in roles if not [y for y in candidates[role] if y is not x]]
     if len(keep) != 1:
       raise Refusal(
         f"{names([x])} in {where!r} may be the {' or the '.join(roles)} projection: the names "
