@@ -172,11 +172,20 @@ def test_readme_quick_start_trains():
   ns = _run_page("README.md")
   layers = ns["layers"]
   assert layers == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
+  # The page's own loop ran its five steps, and the loss it printed fell.
+  assert ns["i"] == 4 and bool(jnp.isfinite(ns["value"]))
+  first = optax.softmax_cross_entropy_with_integer_labels(
+    ns["model"].apply(
+      gsgd_jax.set_skeleton(ns["model"].init(jax.random.key(0), ns["x"]), layers), ns["x"]
+    ),
+    ns["y"],
+  ).mean()
+  assert float(ns["value"]) < float(first)
   # The train step runs, and moves the params, with both transformations the block defines.
   for tx in (gsgd_jax.gsgd(0.1, layers=layers), ns["tx"]):
     ns["tx"] = tx
     x, y = jnp.ones((4, 784)), jnp.arange(4)
-    params, _ = ns["step"](ns["params"], tx.init(ns["params"]), x, y)
+    params, _, _ = ns["step"](ns["params"], tx.init(ns["params"]), x, y)
     assert all(bool(jnp.all(jnp.isfinite(p))) for p in jax.tree.leaves(params))
     assert _max_abs_diff(params, ns["params"]) > 0
 
