@@ -13,6 +13,9 @@ extensions = [
   "sphinx.ext.autodoc",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
+  # MathJax from the built site's _static/mathjax (a registry package), not from a CDN:
+  # the site renders its formulas offline (checked by tests/test_docs.py).
+  "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".md": "markdown"}

@@ -386,3 +386,28 @@ def test_invariance_plot_script_runs(tmp_path, capsys):
   printed = capsys.readouterr().out
   gaps = dict(re.findall(r"(\S+): final loss .* between the two runs (\S+)", printed))
   assert float(gaps["G-SGD"]) < 1e-3 < float(gaps["SGD"]), printed
+
+
+# ---------------------------------------------------------------------------------------------
+# The site works offline.
+
+
+def test_the_built_site_loads_nothing_from_the_network(tmp_path):
+  """Built as `make docs` builds it, the site loads its scripts, styles and MathJax (with its
+  fonts) from its own files: no page refers to a script or stylesheet elsewhere."""
+  import subprocess
+  import sys
+
+  out = tmp_path / "site"
+  flags = ["-E", "-W", "-n", "--keep-going", "-q", "-b", "html"]  # the Makefile's
+  subprocess.run([sys.executable, "-m", "sphinx", *flags, str(ROOT / "docs"), str(out)], check=True)
+  pages = sorted(out.glob("*.html"))
+  assert len(pages) >= 7
+  external = re.compile(r'<(?:script|link)[^>]*(?:src|href)="(?:https?:)?//[^"]*"')
+  for page in pages:
+    html = page.read_text()
+    assert not external.findall(html), (page.name, external.findall(html))
+  math = (out / "math.html").read_text()
+  assert 'src="_static/mathjax/tex-chtml.js"' in math
+  assert (out / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000
+  assert list((out / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
