@@ -233,31 +233,50 @@ def make_optimizer(kind: str, lr: float, steps: int, spec: dict, blocks):
 # Training.
 
 
+def make_model(config: dict) -> Decoder:
+  m = config["model"]
+  return Decoder(m["dim"], m["heads"], m["hidden"], m["depth"])
+
+
+def starting_params(config: dict, model: Decoder, seed: int, sample: jax.Array):
+  """The params every optimizer starts from (with ``skeleton_init``, the blocks' skeleton
+  weights set to 1) and the path-space blocks."""
+  params = model.init(jax.random.key(seed), sample)["params"]
+  blocks = decoder_blocks(config, params)
+  if config.get("skeleton_init", False):
+    params = gsgd_jax.set_skeleton(params, blocks)
+  return params, blocks
+
+
+def scan_steps(loss, tx, params, state, windows):
+  """One step of ``tx`` per batch of ``windows`` (stacked on axis 0), under ``lax.scan``;
+  returns ``((params, state), losses)``."""
+
+  def step(carry, batch_windows):
+    p, s = carry
+    value, grads = jax.value_and_grad(loss)(p, batch_windows)
+    updates, s = tx.update(grads, s, p)
+    return (optax.apply_updates(p, updates), s), value
+
+  return jax.lax.scan(step, (params, state), windows)
+
+
 def train_run(config: dict, opt: dict, lr: float, seed: int, text, steps: int | None = None):
   """One run; returns its curves, final validation and test losses and timing."""
-  m, t = config["model"], config["training"]
-  model = Decoder(m["dim"], m["heads"], m["hidden"], m["depth"])
+  t = config["training"]
+  model = make_model(config)
   steps = int(steps or t["steps"])
   seq, batch, chunk = int(t["seq"]), int(t["batch"]), int(t["curve_every"])
   rng = np.random.default_rng(seed)
   sample = jnp.asarray(random_windows(text["train"], rng, 1, seq + 1))
-  params = model.init(jax.random.key(seed), sample)["params"]
-  blocks = decoder_blocks(config, params)
-  if config.get("skeleton_init", False):  # every optimizer's start alike
-    params = gsgd_jax.set_skeleton(params, blocks)
+  params, blocks = starting_params(config, model, seed, sample)
   tx = make_optimizer(opt["kind"], lr, steps, opt, blocks)
   state = tx.init(params)
   loss = functools.partial(loss_fn, model)
 
   @jax.jit
   def run_chunk(params, state, windows):
-    def step(carry, batch_windows):
-      p, s = carry
-      value, grads = jax.value_and_grad(loss)(p, batch_windows)
-      updates, s = tx.update(grads, s, p)
-      return (optax.apply_updates(p, updates), s), value
-
-    (params, state), values = jax.lax.scan(step, (params, state), windows)
+    (params, state), values = scan_steps(loss, tx, params, state, windows)
     return params, state, values.mean()
 
   evaluate = jax.jit(loss)
@@ -395,20 +414,16 @@ def plot(results: dict, path: str) -> None:
 def invariance(config: dict, steps: int, dtype, lr: float = 3e-3) -> dict[str, dict[str, float]]:
   """Per optimizer, the largest differences between its runs from the start and from the
   rescaled start: of the training-loss curves, and of the validation logits at the end."""
-  m, t = config["model"], config["training"]
+  t = config["training"]
   text = load_text(config.get("text_root"))
-  model = Decoder(m["dim"], m["heads"], m["hidden"], m["depth"])
+  model = make_model(config)
   seq, batch = int(t["seq"]), int(t["batch"])
   rng = np.random.default_rng(0)
   windows = jnp.asarray(random_windows(text["train"], rng, steps * batch, seq + 1))
   windows = windows.reshape(steps, batch, seq + 1)
   val = jnp.asarray(fixed_windows(text["validation"], 16, seq + 1))
-  params = jax.tree.map(
-    lambda a: a.astype(dtype), model.init(jax.random.key(0), windows[0])["params"]
-  )
-  blocks = decoder_blocks(config, params)
-  if config.get("skeleton_init", False):  # as the experiment's runs start
-    params = gsgd_jax.set_skeleton(params, blocks)
+  params, blocks = starting_params(config, model, 0, windows[0])  # as the experiment's runs start
+  params = jax.tree.map(lambda a: a.astype(dtype), params)
   rescaled = gsgd_jax.random_rescale(params, blocks, jax.random.key(1))
   loss = functools.partial(loss_fn, model)
   adamw = optax.adamw(lr, weight_decay=0.01)
@@ -420,13 +435,7 @@ def invariance(config: dict, steps: int, dtype, lr: float = 3e-3) -> dict[str, d
 
     @jax.jit
     def train(p, tx=tx):
-      def step(carry, w):
-        p, s = carry
-        value, grads = jax.value_and_grad(loss)(p, w)
-        updates, s = tx.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), value
-
-      (p, _), values = jax.lax.scan(step, (p, tx.init(p)), windows)
+      (p, _), values = scan_steps(loss, tx, p, tx.init(p), windows)
       return values, model.apply({"params": p}, val[:, :-1])
 
     (curve_a, logits_a), (curve_b, logits_b) = train(params), train(rescaled)

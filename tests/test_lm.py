@@ -96,7 +96,7 @@ def test_the_config_builds_its_decoder_and_blocks():
   config = tomllib.loads(path.read_text())
   assert [o["kind"] for o in config["optimizers"]] == list(lm.OPTIMIZER_KINDS)
   m = config["model"]
-  model = lm.Decoder(m["dim"], m["heads"], m["hidden"], m["depth"])
+  model = lm.make_model(config)
   params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   blocks = lm.decoder_blocks(config, params)
   # Per layer (stacked): the gated block, the query-key chain with RoPE's halves, the values.

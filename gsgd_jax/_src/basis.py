@@ -292,14 +292,20 @@ def _fold(x: Array, side: Side) -> Array:
   return jax.ops.segment_sum(x, jnp.asarray(side.node), side.nodes, indices_are_sorted=False)
 
 
-def fold_outputs(x: Array, spec: LayerSpec) -> Array:
-  """Values per output entry (a bias's, any shape of it) summed per output node.
+def _fold_entries(x: Array, side: Side | None) -> Array:
+  """Values per entry of a side (any shape of them) summed per node (``side`` None: each
+  entry is a node).
 
-  Replicated first: a sum over a kernel sharded on one of its output axes is sharded
+  Replicated first: a sum over a kernel sharded on one of the side's axes is sharded
   there, and neither its reshape nor its fold would keep that sharding.
   """
   x = replicated(x).reshape(-1)
-  return _fold(x, spec.sides[1]) if spec.kind == "general" else x
+  return x if side is None else _fold(x, side)
+
+
+def fold_outputs(x: Array, spec: LayerSpec) -> Array:
+  """Values per output entry (a bias's, any shape of it) summed per output node."""
+  return _fold_entries(x, spec.sides[1] if spec.kind == "general" else None)
 
 
 def fold_rows(x: Array, spec: LayerSpec) -> Array:
@@ -314,19 +320,20 @@ def rows(x: Array, spec: LayerSpec) -> Array:
   return per_row(x, spec).reshape(spec.row_shape)
 
 
+def _per_output_entry(x: Array, spec: LayerSpec) -> Array:
+  """A per-output-node vector, one value per output entry (flat)."""
+  return _expand(x, spec.sides[1]) if spec.kind == "general" else x
+
+
 def cols(x: Array, spec: LayerSpec) -> Array:
   """A per-output-node vector, broadcastable against the layer's kernel."""
-  if spec.kind == "general":
-    return _expand(x, spec.sides[1]).reshape(spec.col_shape)
-  return x.reshape(spec.col_shape)
+  return _per_output_entry(x, spec).reshape(spec.col_shape)
 
 
 def at_bias(x: Array, spec: LayerSpec) -> Array:
   """A per-output-node vector in the shape of the layer's bias (a general kernel's
   output axes)."""
-  if spec.kind == "general":
-    return _expand(x, spec.sides[1]).reshape(spec.output_shape)
-  return x.reshape(spec.output_shape)
+  return _per_output_entry(x, spec).reshape(spec.output_shape)
 
 
 def per_output(x: Array, spec: LayerSpec) -> Array:
@@ -337,8 +344,7 @@ def per_output(x: Array, spec: LayerSpec) -> Array:
 def per_input(x: Array, spec: LayerSpec) -> Array:
   """A general kernel's ``x`` summed over its outputs: one value per input node."""
   inputs, outputs = spec.sides
-  total = replicated(jnp.sum(x, axis=outputs.axes)).reshape(-1)  # as in fold_outputs
-  return _fold(total, inputs)
+  return _fold_entries(jnp.sum(x, axis=outputs.axes), inputs)
 
 
 # ----------------------------------------------------------------------------

@@ -295,13 +295,8 @@ def _general_spec(
   why = readings.check(name, kernel_shape, reading)
   if why is not None:
     raise ValueError(why)
-  if reading.transposed and has_bias:
-    raise UnsupportedLayerError(
-      f"layer {name!r}: declared transposed, but it has a bias, which would sit on the layer's "
-      "inputs. A key's bias changes no attention weight (softmax ignores what is constant "
-      "over the keys), but it cannot join the chain: build the keys without a bias, or leave "
-      "the queries and keys to the fallback."
-    )
+  if reading.transposed and has_bias:  # refused with its message by _check_layer
+    raise ValueError(f"internal: transposed layer {name!r} with a bias")
   inputs, outputs = readings.sides(kernel_shape, reading)
   n_in, n_out = inputs.nodes, outputs.nodes
   return LayerSpec(path, "general", tuple(kernel_shape), has_bias, 1, 0, n_in, n_out, reading)
@@ -573,8 +568,7 @@ def _check_layer(
       )
     shape = _copy_shape(name, what, full_shape, stack)
     if general and reading is not None:
-      # (An unreadable kernel, and a transposed layer's bias, are refused with the reading.)
-      outputs = kernel_shape[reading.input_axes :]
+      # (An unreadable kernel is refused with the reading.)
       if reading.transposed:
         raise UnsupportedLayerError(
           f"layer {name!r}: declared transposed, but it has a {what}, which would sit on the "
@@ -582,6 +576,7 @@ def _check_layer(
           "constant over the keys), but it cannot join the chain: build the keys without a "
           "bias (or probe), or leave the queries and keys to the fallback."
         )
+      outputs = kernel_shape[reading.input_axes :]
       fits = reading.input_axes < len(kernel_shape)
       if fits and shape != outputs:
         raise ValueError(

@@ -562,9 +562,7 @@ def verify_probes(
         probed = jnp.moveaxis(probed, block.stack.axis, 0)
       # A general kernel's probe has its output axes: its entries summed per node.
       fold = lambda s, x, k=k: basis.fold_outputs(x, s.layers[k])
-      probed = (
-        per_copy(block, fold, 0, 0)(probed) if block.stack is not None else fold(block, probed)
-      )
+      probed = per_copy(block, fold, 0, 0)(probed)
       scale = float(jnp.max(jnp.abs(expected))) or 1.0
       diff = float(jnp.max(jnp.abs(probed - expected))) / scale
       worst, checked = max(worst, diff), checked + 1
