@@ -23,13 +23,19 @@ It reports, as ratios to AdamW measured in one run:
   depth (the stacked update is vmapped over the layers, so it should not grow);
 * the bytes of temporaries XLA allots to the compiled step.
 
+With ``--per-block`` it reports instead what each declared block adds to compiling
+the step: ``path_space(AdamW)`` over the first ``k`` blocks, from ``k = 0`` (AdamW
+alone) to all of them, with the fused computations of each compiled program (XLA:CPU
+compiles each one separately, so they track its compile time).
+
     python -m benchmarks.transformer_speed [--model relu|llama] [--depths 3,6,12,24]
-        [--rounds 7] [--out DIR]
+        [--rounds 7] [--per-block] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any, NamedTuple
 
@@ -240,6 +246,49 @@ def step_times(c: Config, rounds: int, min_seconds: float):
   return times, {name: temp_bytes(compiled) for name, (compiled, _) in programs.items()}
 
 
+def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
+  """Compile seconds (best of ``repeats``, variants interleaved) and fused computations of
+  the train step with ``path_space(AdamW)`` over the first ``k`` of ``c.blocks``."""
+  params, tokens = problem(c)
+  adamw = optax.adamw(1e-3, weight_decay=0.01)
+  variants = [adamw] + [
+    gsgd_jax.path_space(adamw, layers=c.blocks[:k], fallback=adamw)
+    for k in range(1, len(c.blocks) + 1)
+  ]
+  seconds, fusions = [np.inf] * len(variants), [0] * len(variants)
+  for _ in range(repeats):
+    for k, tx in enumerate(variants):
+      jax.clear_caches()
+      state = tx.init(params)
+      start = time.perf_counter()
+      compiled = jax.jit(train_step(tx, c.heads)).lower(params, state, tokens).compile()
+      seconds[k] = min(seconds[k], time.perf_counter() - start)
+      text = compiled.as_text() or ""
+      fusions[k] = len(re.findall(r"^\s*\S+ = \S+ fusion\(", text, re.M))
+  names = ["none (AdamW)", *(_block_name(block) for block in c.blocks)]
+  lines = [
+    f"device: {device_name()}; jax {jax.__version__}; scanned {c.model} decoder "
+    f"{c._asdict()}; path_space(AdamW) over the blocks up to each row, best of {repeats}",
+    "",
+    "| blocks up to | compile s | ratio to AdamW | fused computations |",
+    "|---|---|---|---|",
+    *(
+      f"| {name} | {t:.2f} | {t / seconds[0]:.2f} | {n} |"
+      for name, t, n in zip(names, seconds, fusions, strict=True)
+    ),
+  ]
+  result = {"device": device_name(), "jax": jax.__version__, "config": c._asdict()}
+  result |= {"blocks": names, "compile_s": seconds, "fusions": fusions}
+  return result, "\n".join(lines)
+
+
+def _block_name(block: gsgd_jax.Block) -> str:
+  """``[up, down]``: the last key of each layer's path."""
+  paths = (getattr(layer, "path", layer) for layer in block.layers)
+  last = lambda path: path.rsplit("/", 1)[-1] if isinstance(path, str) else str(path[-1])
+  return "[" + ", ".join(last(path) for path in paths) + "]"
+
+
 def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], str]:
   ratios = np.asarray(steps[OPTIMIZERS[1]]) / np.asarray(steps[OPTIMIZERS[0]])
   compile_ratio = [
@@ -307,9 +356,15 @@ def main(argv=None):
   parser.add_argument("--compile-repeats", type=int, default=2)
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--min-seconds", type=float, default=0.5, help="time per variant per round")
+  parser.add_argument("--per-block", action="store_true", help="what each block adds to compiling")
   parser.add_argument("--out", help="directory for transformer_speed.json and .md")
   args = parser.parse_args(argv)
   c = Config(args.depth, args.dim, args.hidden, seq=args.seq, batch=args.batch, model=args.model)
+  if args.per_block:
+    result, md = block_costs(c, args.compile_repeats)
+    print(md)
+    write_report(args.out, "transformer_speed_blocks", result, md)
+    return
   depths = [int(d) for d in args.depths.split(",")]
   compiles = compile_times(depths, c, args.compile_repeats)
   steps, temps = step_times(c, args.rounds, args.min_seconds)

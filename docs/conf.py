@@ -11,6 +11,7 @@ version = release
 extensions = [
   "myst_parser",
   "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
   "sphinx.ext.napoleon",
   "sphinx.ext.mathjax",
   # MathJax from the built site's _static/mathjax (a registry package), not from a CDN:
@@ -48,11 +49,13 @@ html_theme = "furo"
 html_title = f"gsgd_jax {release}"
 html_static_path = ["_static"]
 
-# Signatures keep the names of type aliases instead of spelling them out; `gsgd_jax.LayerPaths`
-# is documented on the API page.
+# Signatures keep the names of type aliases instead of spelling them out;
+# `gsgd_jax.LayerPaths` is documented on the API page.
 autodoc_type_aliases = {
   "LayerPaths": "~gsgd_jax.LayerPaths",
   "optax.ScalarOrSchedule": "optax.ScalarOrSchedule",
   "optax.Params": "optax.Params",
   "optax.OptState": "optax.OptState",
 }
+# Summary tables only: every entry is documented on its topic's page.
+autosummary_generate = False

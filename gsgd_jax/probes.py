@@ -70,7 +70,8 @@ def scale_probe(outputs: jax.Array, probe: jax.Array) -> jax.Array:
     >>> z, probe = jnp.array([[1.0, -2.0, 3.0]]), jnp.ones(3)
     >>> print(probes.scale_probe(z, probe))  # held at 1: the outputs unchanged
     [[ 1. -2.  3.]]
-    >>> print(jax.grad(lambda s: probes.scale_probe(z, s).sum())(probe))  # sum of z per node
+    >>> # The sum of z per node:
+    >>> print(jax.grad(lambda s: probes.scale_probe(z, s).sum())(probe))
     [ 1. -2.  3.]
   """
   return outputs * probe.astype(outputs.dtype)

@@ -37,8 +37,17 @@ ROOT = Path(__file__).parent.parent
 # Runnable ```python blocks per page (none is marked notest today).
 PAGES = {
   "README.md": 1,
-  "docs/index.md": 0,
-  "docs/guide.md": 19,
+  "docs/index.md": 1,
+  "docs/getting_started.md": 0,
+  "docs/examples.md": 0,
+  "docs/glossary.md": 0,
+  "docs/api/optimizers.md": 0,
+  "docs/api/path_sgd.md": 0,
+  "docs/api/declaring.md": 0,
+  "docs/api/skeleton.md": 0,
+  "docs/api/checks.md": 0,
+  "docs/api/probes.md": 0,
+  "docs/guide.md": 20,
   "docs/probes.md": 1,
   "docs/math.md": 0,
   "docs/troubleshooting.md": 0,
@@ -46,7 +55,7 @@ PAGES = {
   "docs/results.md": 0,
 }
 # Fences a page may use besides ```python: shell commands, program output, MyST directives.
-OTHER_FENCES = {"sh", "text", "{toctree}", "{eval-rst}", "{include}"}
+OTHER_FENCES = {"sh", "text", "{toctree}", "{eval-rst}", "{include}", "{literalinclude}"}
 _FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.S | re.M)
 
 
@@ -164,8 +173,31 @@ def test_pages_keep_their_examples(page):
 
 
 def test_every_page_is_counted():
-  pages = {"README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))}
+  pages = {"README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))}
   assert pages == set(PAGES)
+
+
+# The site shows about 90 columns of code at 1280 pixels; longer lines scroll sideways.
+CODE_COLUMNS = 88
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_page_code_fits_the_site(page):
+  long = [line for _, body in _fences(page) for line in body.splitlines()]
+  assert [line for line in long if len(line) > CODE_COLUMNS] == []
+
+
+def test_docstring_examples_fit_the_site():
+  # A docstring's example lines, as the API pages show them (its indentation removed).
+  long = []
+  for path in sorted((ROOT / "gsgd_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)):
+        doc = ast.get_docstring(node)
+        for line in (doc or "").splitlines():
+          if line.lstrip().startswith((">>>", "...")) and len(line) > CODE_COLUMNS:
+            long.append(f"{path.name}: {line}")
+  assert long == []
 
 
 def test_readme_quick_start_trains():
@@ -190,16 +222,93 @@ def test_readme_quick_start_trains():
     assert _max_abs_diff(params, ns["params"]) > 0
 
 
-def test_guide():
-  # The page runs once (it takes a while); each part of it is checked in turn.
-  guide = _run_page("docs/guide.md")
-  _check_declaration_and_training(guide)
-  _check_resnet_blocks_are_invariant(guide)
-  _check_fallback_and_partition(guide)
-  _check_optimizers_are_invariant_and_adam_on_weights_is_not(guide)
-  _check_ecosystem(guide)
-  _check_nnx_trains_and_keeps_the_fixed_set(guide)
-  _check_scanned_transformer(guide)
+def _sections(page: str) -> dict[str, list[str]]:
+  """The Python blocks of each ``##`` section of a page (``###`` parts stay in theirs)."""
+  sections: dict[str, list[str]] = {}
+  for part in re.split(r"^## ", (ROOT / page).read_text(), flags=re.M)[1:]:
+    title, _, text = part.partition("\n")
+    sections[title.strip()] = [
+      body for info, body in _FENCE.findall(text) if info.strip() == "python"
+    ]
+  return sections
+
+
+def _run_section(page: str, title: str) -> dict:
+  """Runs one section's Python blocks in order in a fresh namespace, as a reader copying
+  that section alone would."""
+  ns: dict = {"__name__": f"docs_{Path(page).stem}"}
+  for i, block in enumerate(_sections(page)[title]):
+    exec(compile(block, f"{page} ({title!r}, python block {i})", "exec"), ns)
+  return ns
+
+
+def _guide_checks():
+  """What each guide section's text claims, checked on that section's own namespace
+  (``None``: the section asserts its claims itself)."""
+  return {
+    "Declaring the layers": _check_declaration_and_training,
+    "Blocks": _check_resnet_blocks_are_invariant,
+    "Normalization layers": _check_normalization_layers,
+    "Stacked layers and scanned transformers": _check_scanned_transformer,
+    "Gated feed-forward blocks and attention": None,
+    "The fallback and `optax.partition`": _check_fallback_and_partition,
+    "Other optimizers": _check_optimizers_are_invariant_and_adam_on_weights_is_not,
+    "JAX and Flax around it": _check_ecosystem,
+  }
+
+
+def test_every_guide_section_with_code_is_checked():
+  with_code = {title for title, blocks in _sections("docs/guide.md").items() if blocks}
+  assert with_code == set(_guide_checks())
+
+
+def test_landing_page_code_runs():
+  ns = _run_page("docs/index.md")
+  assert ns["layers"] == [("params", "layers_0"), ("params", "layers_2"), ("params", "layers_4")]
+  # The transformation it ends with takes a step from the state it built.
+  grads = jax.tree.map(jnp.ones_like, ns["params"])
+  updates, _ = ns["tx"].update(grads, ns["state"], ns["params"])
+  assert _max_abs_diff(updates, jax.tree.map(jnp.zeros_like, updates)) > 0
+
+
+def test_getting_started_shows_the_readme_quick_start():
+  # The page includes the README's quick start (run by test_readme_quick_start_trains)
+  # between two markers that must stay in the README.
+  page = (ROOT / "docs/getting_started.md").read_text()
+  readme = (ROOT / "README.md").read_text()
+  for marker in ("<!-- quick-start -->", "<!-- /quick-start -->"):
+    assert marker in page and readme.count(marker) == 1
+  quoted = readme.split("<!-- quick-start -->")[1].split("<!-- /quick-start -->")[0]
+  assert quoted.count("```python") == 1
+
+
+@pytest.mark.parametrize(
+  "title", [title for title, blocks in _sections("docs/guide.md").items() if blocks]
+)
+def test_guide_section_runs_alone(title):
+  # Each section runs in a namespace of its own: its first block imports and builds
+  # everything it uses.
+  section = _run_section("docs/guide.md", title)
+  check = _guide_checks()[title]
+  if check is not None:
+    check(section)
+
+
+def _check_normalization_layers(guide):
+  assert bool(jnp.isfinite(guide["bn_loss"]))
+  # Recalibration re-estimated the running statistics for the final weights.
+  stale, fresh = guide["batch_stats"], guide["fresh_stats"]
+  assert jax.tree.structure(fresh) == jax.tree.structure(stale)
+  assert _max_abs_diff(fresh, stale) > 0
+  assert bool(jnp.all(jnp.isfinite(guide["eval_logits"])))
+  # The PlainNet's and the feed-forward block's optimizers take a step.
+  for params, tx in (
+    (guide["plain_params"], guide["plain_tx"]),
+    (guide["ff_params"], guide["ff_tx"]),
+  ):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
 def _check_scanned_transformer(guide):
@@ -258,18 +367,20 @@ def _check_resnet_blocks_are_invariant(guide):
 
 def _check_fallback_and_partition(guide):
   labels = guide["labels"]["params"]
-  assert labels["stem"] == {"bias": "rest", "kernel": "rest"}
-  assert labels["block_0"]["conv_a"] == {"bias": "path", "kernel": "path"}
-  params = guide["resnet_params"]
+  assert labels["layers_4"] == {"bias": "rest", "kernel": "rest"}
+  assert labels["layers_0"] == {"bias": "path", "kernel": "path"}
+  params = guide["params"]
   grads = jax.tree.map(jnp.ones_like, params)
   for name in ("with_adam", "frozen", "partitioned"):
     tx = guide[name]
     updates, _ = tx.update(grads, tx.init(params), params)
-    stem = updates["params"]["stem"]["kernel"]
+    readout = updates["params"]["layers_4"]["kernel"]
     if name == "frozen":
-      assert not np.any(stem)
+      assert not np.any(readout)
     else:  # Adam's first step on the fallback: lr times the sign
-      np.testing.assert_allclose(np.abs(stem), 1e-3, rtol=1e-4)
+      np.testing.assert_allclose(np.abs(readout), 1e-3, rtol=1e-4)
+    # The declared chain moved.
+    assert np.any(updates["params"]["layers_0"]["kernel"])
 
 
 def _check_optimizers_are_invariant_and_adam_on_weights_is_not(guide):
@@ -287,7 +398,8 @@ def _check_ecosystem(guide):
   losses = np.asarray(guide["losses"])
   assert losses.shape == (10,) and losses[-1] < losses[0]
   assert float(guide["opt_state"].hyperparams["learning_rate"]) == 0.05
-  _assert_trees_close(guide["scanned"], guide["trained"])
+  trained = guide["train"](gsgd_jax.gsgd(0.1, layers=guide["layers"]), guide["params"])
+  _assert_trees_close(guide["scanned"], trained)
   # MultiSteps applies one step every 4 calls.
   accumulated, params = guide["accumulated"], guide["params"]
   grads = jax.grad(guide["loss"])(params)
@@ -296,10 +408,11 @@ def _check_ecosystem(guide):
     updates, state = accumulated.update(grads, state, params)
     assert (_max_abs_diff(updates, jax.tree.map(jnp.zeros_like, updates)) > 0) == (call == 3)
   # Sharded training gives the single-device result.
-  _assert_trees_close(guide["sharded_trained"], guide["trained"])
+  _assert_trees_close(guide["sharded_trained"], trained)
   # The checkpoint came back whole.
   assert _max_abs_diff(guide["restored"], guide["checkpoint"]) == 0
   assert jax.tree.structure(guide["restored"]) == jax.tree.structure(guide["checkpoint"])
+  _check_nnx_trains_and_keeps_the_fixed_set(guide)
 
 
 def _check_nnx_trains_and_keeps_the_fixed_set(guide):

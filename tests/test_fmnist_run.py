@@ -1,10 +1,18 @@
 """`make run`'s script end to end on a tiny IDX dataset written by the test."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 from test_data import write_dataset
 
-from benchmarks import fmnist
+from benchmarks import data, fmnist
+
+ROOT = Path(__file__).parent.parent
 
 
 def test_run_trains_both_optimizers_and_writes_results(tmp_path, capsys):
@@ -47,3 +55,28 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert err.code == 2
   else:
     raise AssertionError("an unknown config key must be refused")
+
+
+_ROW = re.compile(r"^\| (SGD|G-SGD) \| ([0-9.]+) \| ([0-9.]+) \|", re.M)
+
+
+@pytest.mark.slow
+def test_readme_table_is_what_make_run_prints():
+  """The README quotes `make run`'s table, and the run is deterministic: its accuracy and
+  loss columns must be what the command prints now (seconds per epoch vary by machine)."""
+  assert data.find_idx_dir(data.FASHION_MNIST_DIR), (
+    "Fashion-MNIST is missing: `make test-all` installs Debian's dataset-fashion-mnist"
+  )
+  # As `make run` runs it: XLA's default flags, not the suite's fast-compile ones.
+  env = {**os.environ, "XLA_FLAGS": ""}
+  printed = subprocess.run(
+    [sys.executable, "-m", "benchmarks.fmnist"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout
+  assert len(_ROW.findall(printed)) == 2
+  for page in ("README.md", "docs/results.md"):
+    assert _ROW.findall((ROOT / page).read_text()) == _ROW.findall(printed), (page, printed)

@@ -128,7 +128,8 @@ def g_momentum(
     >>> params = model.init(jax.random.key(0), x)
     >>> layers = gsgd_jax.infer_layers(params)
     >>> params = gsgd_jax.set_skeleton(params, layers)
-    >>> rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(2))  # same function
+    >>> # The same function, every hidden unit rescaled:
+    >>> rescaled = gsgd_jax.random_rescale(params, layers, jax.random.key(2))
     >>> loss = lambda p: jnp.mean((model.apply(p, x) - 1.0) ** 2)
     >>> def train(tx, p, steps=5):
     ...   step = jax.jit(lambda p, state: tx.update(jax.grad(loss)(p), state, p))
@@ -205,7 +206,8 @@ def g_adam(
     >>> updates, state = tx.update(grads, tx.init(params), params)
     >>> new_params = optax.apply_updates(params, updates)
     >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
-    >>> print(jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel']).round(6).T)  # first step: lr
+    >>> # Adam's first step moves every path value by lr:
+    >>> print(jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel']).round(6).T)
     [[0.001 0.001 0.001 0.001]
      [0.001 0.001 0.001 0.001]]
 

@@ -65,9 +65,11 @@ def recalibrate_batch_stats(
     >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 5 + 2
     >>> variables = model.init(jax.random.key(1), x)
     >>> def update(stats, x):
-    ...   new = model.apply({**variables, 'batch_stats': stats}, x, mutable=['batch_stats'])[1]
-    ...   return new['batch_stats']
-    >>> stats = gsgd_jax.recalibrate_batch_stats(update, variables['batch_stats'], [x[:32], x[32:]])
+    ...   new = {**variables, 'batch_stats': stats}
+    ...   return model.apply(new, x, mutable=['batch_stats'])[1]['batch_stats']
+    >>> batches = [x[:32], x[32:]]
+    >>> stale = variables['batch_stats']
+    >>> stats = gsgd_jax.recalibrate_batch_stats(update, stale, batches)
     >>> h = model.layers[0].apply({'params': variables['params']['layers_0']}, x)
     >>> means = jnp.stack([h[:32].mean(0), h[32:].mean(0)]).mean(0)
     >>> bool(jnp.allclose(stats['layers_1']['mean'], means, atol=1e-5))

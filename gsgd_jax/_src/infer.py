@@ -151,7 +151,8 @@ def infer_layers(params: optax.Params) -> list[tuple[str | int, ...]] | list[Blo
     ...   def __call__(self, h, _):
     ...     h = nn.relu(nn.Dense(8)(h))
     ...     return nn.relu(nn.Dense(4)(h)), None
-    >>> Stack = nn.scan(Body, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
+    >>> scanned = dict(variable_axes={'params': 0}, split_rngs={'params': True})
+    >>> Stack = nn.scan(Body, length=3, **scanned)
     >>> params = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 4)), None)
     >>> params['params']['Dense_0']['kernel'].shape
     (3, 4, 8)

@@ -200,7 +200,8 @@ def infer_blocks(
     ...     for c in (4, 8):
     ...       x = nn.relu(nn.GroupNorm(2)(nn.Conv(c, (3, 3))(x)))
     ...     return nn.Dense(2)(x.mean(axis=(1, 2)))
-    >>> variables = jax.eval_shape(GroupNet().init, jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    >>> images = jnp.ones((1, 8, 8, 3))
+    >>> variables = jax.eval_shape(GroupNet().init, jax.random.key(0), images)
     >>> gsgd_jax.infer_blocks(variables['params'], 'plainnet')
     Traceback (most recent call last):
     ...
@@ -214,7 +215,8 @@ def infer_blocks(
     ...     x = x + nn.LayerNorm(name='attn_norm')(x)  # the attention, left out here
     ...     y = nn.relu(nn.Dense(16, name='fc1')(nn.LayerNorm(name='ffn_norm')(x)))
     ...     return x + nn.Dense(4, name='fc2')(y)
-    >>> params = jax.eval_shape(FeedForward().init, jax.random.key(0), jnp.ones((1, 3, 4)))
+    >>> tokens = jnp.ones((1, 3, 4))
+    >>> params = jax.eval_shape(FeedForward().init, jax.random.key(0), tokens)
     >>> gsgd_jax.infer_blocks(params['params'], 'preln')
     [Block(['ffn_norm', 'fc1', 'fc2'])]
 
@@ -225,8 +227,9 @@ def infer_blocks(
     ...   @nn.compact
     ...   def __call__(self, x, _):
     ...     return FeedForward()(x), None
-    >>> Stack = nn.scan(Layer, variable_axes={'params': 0}, split_rngs={'params': True}, length=3)
-    >>> params = jax.eval_shape(Stack().init, jax.random.key(0), jnp.ones((1, 3, 4)), None)
+    >>> scanned = dict(variable_axes={'params': 0}, split_rngs={'params': True})
+    >>> Stack = nn.scan(Layer, length=3, **scanned)
+    >>> params = jax.eval_shape(Stack().init, jax.random.key(0), tokens, None)
     >>> gsgd_jax.infer_blocks(params['params'], 'preln')
     [Block(['FeedForward_0/ffn_norm', 'FeedForward_0/fc1', 'FeedForward_0/fc2'], stack_axis=0)]
   """

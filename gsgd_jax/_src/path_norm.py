@@ -115,7 +115,8 @@ def path_norm_scales(params: optax.Params, layers: LayerPaths) -> optax.Params:
     >>> params = {'l0': {'kernel': jnp.ones((3, 4)), 'bias': jnp.zeros(4)},
     ...           'l1': {'kernel': jnp.ones((4, 2))}}
     >>> scales = gsgd_jax.path_norm_scales(params, ['l0', 'l1'])
-    >>> print(scales['l0']['kernel'][0], scales['l1']['kernel'][:, 0], scales['l0']['bias'])
+    >>> l0, l1 = scales['l0'], scales['l1']
+    >>> print(l0['kernel'][0], l1['kernel'][:, 0], l0['bias'])
     [2. 2. 2. 2.] [3. 3. 3. 3.] [2. 2. 2. 2.]
   """
   blocks = _path_sgd_blocks(params, layers)
@@ -160,7 +161,8 @@ def scale_by_path_norm(
     >>> tx = gsgd_jax.scale_by_path_norm(['l0', 'l1'])
     >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> scaled, _ = tx.update(grads, tx.init(params), params)
-    >>> print(scaled['l0']['kernel'][0], scaled['l1']['kernel'][:, 0].round(4))  # 1/2, 1/3
+    >>> # 1/2 and 1/3:
+    >>> print(scaled['l0']['kernel'][0], scaled['l1']['kernel'][:, 0].round(4))
     [0.5 0.5 0.5 0.5] [0.3333 0.3333 0.3333 0.3333]
   """
 

@@ -84,7 +84,10 @@ def set_skeleton(params: optax.Params, layers: LayerPaths, value: float = 1.0) -
 
   Example:
     >>> import jax.numpy as jnp, gsgd_jax
-    >>> params = {'l0': {'kernel': jnp.full((2, 3), 0.5)}, 'l1': {'kernel': jnp.full((3, 2), 0.5)}}
+    >>> params = {
+    ...   'l0': {'kernel': jnp.full((2, 3), 0.5)},
+    ...   'l1': {'kernel': jnp.full((3, 2), 0.5)},
+    ... }
     >>> params = gsgd_jax.set_skeleton(params, ['l0', 'l1'])
     >>> params['l0']['kernel'].tolist()  # incoming skeleton edges j mod 2 -> j
     [[1.0, 0.5, 1.0], [0.5, 1.0, 0.5]]

@@ -350,9 +350,11 @@ def path_space(
     >>> new_params = optax.apply_updates(params, updates)
     >>> v, new_v = (gsgd_jax.basis_path_values(p, layers) for p in (params, new_params))
     >>> step = jnp.abs(new_v['l1']['kernel'] - v['l1']['kernel'])
-    >>> print(step.min().round(6), step.max().round(6))  # Adam's first step: lr on every path
+    >>> # Adam's first step: lr on every path
+    >>> print(step.min().round(6), step.max().round(6))
     0.01 0.01
-    >>> print(new_params['scale'].round(6), int(state.clipped_ratios))  # 'scale': Adam on weights
+    >>> # 'scale' took Adam's step on weights:
+    >>> print(new_params['scale'].round(6), int(state.clipped_ratios))
     [0.99 0.99] 0
 
   References:

@@ -401,6 +401,13 @@ def _symmetry_failure(
       "statistics). A LayerNorm, GroupNorm or RMSNorm mixes channels and absorbs no "
       "single channel's scale: declare the block without normalized=True."
     )
+  pairs = spec.reading.pairs if spec.reading is not None else None
+  if pairs is not None:  # a query-key chain: the likeliest mistake is the RoPE pairing
+    head += (
+      f" Its rotary pairs are declared pairs={pairs!r}: check that they are how the model "
+      "rotates positions ('half' for Hugging Face's rotate_half, 'interleaved' for "
+      "adjacent pairs as in Meta's and GPT-J's code, none without rotary embeddings)."
+    )
   return (
     f"{head} G-SGD needs every declared hidden node to be positively rescalable: "
     "check for a non-ReLU activation (tanh, GELU, sigmoid, relu6), the gate of a gated "
@@ -476,8 +483,10 @@ def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Ar
     warnings.warn(
       f"G-SGD: skeleton-chain products B*F of the hidden nodes of the block starting at "
       f"{block.layers[0].name!r} span [{low:.3g}, {high:.3g}]; weight steps scale as "
-      "1/(B F)^2, so training may diverge. Call gsgd_jax.set_skeleton(params, layers) "
-      "before training, as the authors do.",
+      "1/(B F)^2, so training may diverge. On a fresh initialisation, call "
+      "gsgd_jax.set_skeleton(params, layers) before training, as the authors do; "
+      "weights trained in weight space (which set_skeleton would change) are better "
+      "fine-tuned with a weight-space optimizer.",
       stacklevel=4,
     )
 
