@@ -48,6 +48,8 @@ nitpick_ignore_regex = [
 html_theme = "furo"
 html_title = f"gsgd_jax {release}"
 html_static_path = ["_static"]
+# The page contents stay in view at 1280 px (Furo hides them below 1312 px).
+html_css_files = ["layout.css"]
 
 # Signatures keep the names of type aliases instead of spelling them out;
 # `gsgd_jax.LayerPaths` is documented on the API page.

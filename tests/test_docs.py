@@ -520,6 +520,8 @@ def test_the_built_site_loads_nothing_from_the_network(tmp_path):
   for page in pages:
     html = page.read_text()
     assert not external.findall(html), (page.name, external.findall(html))
+  # Every page loads the stylesheet that keeps its contents in view at 1280 pixels.
+  assert all('href="_static/layout.css' in page.read_text() for page in pages)
   math = (out / "math.html").read_text()
   assert 'src="_static/mathjax/tex-chtml.js"' in math
   assert (out / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000

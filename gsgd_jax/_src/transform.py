@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +39,12 @@ class PathSpaceState(NamedTuple):
   output_norms: tuple[jax.Array, ...] = ()
 
 
+@functools.cache
+def _compiled_basis_values(block: structure.ChainStructure):
+  """``basis.basis_values`` of ``block``, jitted once per block (structures are cached)."""
+  return jax.jit(functools.partial(basis.basis_values, block))
+
+
 def _inner_params(
   params: optax.Params,
   blocks: tuple[structure.ChainStructure, ...],
@@ -48,8 +55,10 @@ def _inner_params(
   probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
 
   def values(b: int, arrays: LayerArrays):
-    return basis.basis_values(
-      blocks[b], arrays.kernels, arrays.biases, None if products is None else products[b]
+    # Compiled, as one program per block: run eagerly (in init), each of its small
+    # operations would compile a program of its own.
+    return _compiled_basis_values(blocks[b])(
+      arrays.kernels, arrays.biases, None if products is None else products[b]
     )
 
   return pytree.zero_probes(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -434,11 +435,12 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
     kernels = block_slots.take(leaves).kernels
     if any(isinstance(w, jax.core.Tracer) for w in kernels):
       return
-    kernels = [jnp.asarray(w) for w in kernels]
+    # One compiled program per block: run eagerly, each of its small operations would
+    # compile a program of its own (about a second for an MLP's first init).
+    weights, node_products = _compiled_summary(block)([jnp.asarray(w) for w in kernels])
     for k, spec in enumerate(block.layers):
-      entries = _skeleton_weights(block, k, kernels[k])
       tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
-      for kind, side, values in entries:
+      for (kind, side), values in zip(_skeleton_kinds(block, k), weights[k], strict=True):
         magnitude = np.abs(np.asarray(values, np.float64))
         bad = np.argwhere(~np.isfinite(magnitude) | (magnitude < tiny))
         if bad.size:
@@ -449,35 +451,56 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
             f"{of_copy} is {float(values[tuple(bad[0])])} ({len(bad)} such); basis paths "
             "divide by skeleton weights. Call gsgd_jax.set_skeleton(params, layers) first."
           )
-    _warn_extreme_products(block, kernels)
+    if node_products is not None:
+      _warn_extreme_products(block, np.asarray(node_products, np.float64))
 
 
-def _skeleton_weights(
-  block: structure.ChainStructure, k: int, kernel: jax.Array
-) -> list[tuple[str, str, jax.Array]]:
-  """Layer ``k``'s incoming skeleton weights (per output node) and outgoing ones (per
-  input node), where the chain has them: ``(kind, side, values)``, per copy of a stack."""
-  spec, pi, sigma = block.layers[k], block.pi[k], block.sigma[k]
-  entries = []
-  if pi is not None:
-    take = lambda _, w: basis.incoming_skeleton(w, spec, pi)
-    entries.append(("incoming", "output", per_copy(block, take, STACK, 0)(kernel)))
-  if sigma is not None:
-    take = lambda _, w: basis.outgoing_skeleton(w, spec, sigma)
-    entries.append(("outgoing", "input", per_copy(block, take, STACK, 0)(kernel)))
-  return entries
+def _skeleton_kinds(block: structure.ChainStructure, k: int) -> list[tuple[str, str]]:
+  """``(kind, side)`` of the skeleton weights layer ``k`` holds: incoming ones (per output
+  node) and outgoing ones (per input node), where the chain has them."""
+  kinds = []
+  if block.pi[k] is not None:
+    kinds.append(("incoming", "output"))
+  if block.sigma[k] is not None:
+    kinds.append(("outgoing", "input"))
+  return kinds
 
 
-def _warn_extreme_products(block: structure.ChainStructure, kernels: list[jax.Array]) -> None:
-  """Warns when some hidden node's skeleton-chain product ``B F`` is extreme."""
+@functools.cache
+def _compiled_summary(block: structure.ChainStructure):
+  """``_skeleton_summary`` of ``block``, jitted once per block (structures are cached)."""
+  return jax.jit(functools.partial(_skeleton_summary, block))
+
+
+def _skeleton_summary(
+  block: structure.ChainStructure, kernels: list[jax.Array]
+) -> tuple[list[list[jax.Array]], jax.Array | None]:
+  """Per layer, its skeleton weights in the order of ``_skeleton_kinds``, per copy of a
+  stack; and every hidden node's skeleton-chain product ``|B F|`` (``None`` for a chain
+  of one layer), ``(copies..., hidden nodes)``."""
+  weights = []
+  for k, spec in enumerate(block.layers):
+    pi, sigma, of_layer = block.pi[k], block.sigma[k], []
+    if pi is not None:
+      take = lambda _, w, spec=spec, pi=pi: basis.incoming_skeleton(w, spec, pi)
+      of_layer.append(per_copy(block, take, STACK, 0)(kernels[k]))
+    if sigma is not None:
+      take = lambda _, w, spec=spec, sigma=sigma: basis.outgoing_skeleton(w, spec, sigma)
+      of_layer.append(per_copy(block, take, STACK, 0)(kernels[k]))
+    weights.append(of_layer)
   if block.depth < 2:
-    return
+    return weights, None
   products = basis.skeleton_products(
     block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   )
   # (copies..., L + 1, W): the hidden nodes of every copy.
-  node_products = np.abs(np.asarray(products.back * products.forward, np.float64))
-  node_products = node_products[..., :-1, :][..., block.levels.hidden]
+  node_products = jnp.abs(products.back * products.forward)[..., :-1, :]
+  return weights, node_products[..., block.levels.hidden]
+
+
+def _warn_extreme_products(block: structure.ChainStructure, node_products: np.ndarray) -> None:
+  """Warns when some hidden node's skeleton-chain product ``B F`` is extreme (the
+  products of its hidden nodes, every copy of a stack)."""
   low, high = float(node_products.min()), float(node_products.max())
   if low < PRODUCT_RANGE[0] or high > PRODUCT_RANGE[1]:
     warnings.warn(
