@@ -10,7 +10,7 @@ Reports the products' range and the mean loss of the first and last 50 steps
 of each fine-tuning run.
 
     python -m benchmarks.fine_tune [--pretrain-steps 500] [--steps 200]
-        [--lrs 1e-4,1e-3,1e-2,1e-1] [--out DIR]
+        [--lrs 1e-4,1e-3,1e-2,1e-1] [--train-subset 20000] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import optax
 
 import gsgd_jax
 from benchmarks import data as datasets
-from benchmarks.speed import write_report
+from benchmarks.speed import device_name, write_report
 
 
 def _loss(model, params, x, y):
@@ -64,9 +64,10 @@ def main(argv=None):
   ds = datasets.load_dataset()
   x = jnp.asarray(ds.x_train[: args.train_subset])
   y = jnp.asarray(ds.y_train[: args.train_subset])
-  model = nn.Sequential([nn.Dense(128), nn.relu, nn.Dense(128), nn.relu, nn.Dense(10)])
-  layers = gsgd_jax.infer_layers(model.init(jax.random.key(0), x[:1]))
+  widths = (x.shape[1], 128, 128, ds.num_classes)
+  model = nn.Sequential([nn.Dense(128), nn.relu, nn.Dense(128), nn.relu, nn.Dense(widths[-1])])
   start = model.init(jax.random.key(0), x[:1])
+  layers = gsgd_jax.infer_layers(start)
   pretrained, losses = train(model, optax.adam(1e-3), start, x, y, args.pretrain_steps, 0)
   # init's warning reports the range of the products.
   with warnings.catch_warnings(record=True) as caught:
@@ -82,7 +83,9 @@ def main(argv=None):
         _, curve = train(model, tx, pretrained, x, y, args.steps, 1)
       runs[f"{name} {lr:g}"] = (np.mean(curve[:50]), np.mean(curve[-50:]))
   lines = [
-    f"{ds.name}, first {x.shape[0]} training images; 784-128-128-10 trained "
+    f"device: {device_name()}; jax {jax.__version__}",
+    "",
+    f"{ds.name}, first {x.shape[0]} training images; {'-'.join(map(str, widths))} trained "
     f"{args.pretrain_steps} steps with Adam (1e-3) from Flax's initialisation: mean loss of "
     f"its last 50 steps {np.mean(losses[-50:]):.4f}; skeleton-chain products of the hidden "
     f"nodes {products[0] if products else 'within [1e-3, 1e3]'}. Then {args.steps} steps:",
@@ -98,7 +101,9 @@ def main(argv=None):
   print(md)
   result: dict[str, Any] = {"pretrain_loss": float(np.mean(losses[-50:]))}
   result["products"] = products
-  result["runs"] = {name: [float(a), float(b)] for name, (a, b) in runs.items()}
+  # NaN is not JSON: a diverged run's means are written as null.
+  finite = lambda v: float(v) if np.isfinite(v) else None
+  result["runs"] = {name: [finite(a), finite(b)] for name, (a, b) in runs.items()}
   write_report(args.out, "fine_tune", result, md)
 
 

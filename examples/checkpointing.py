@@ -191,13 +191,13 @@ def main():
   # steps on the weights behind it scale as 1 / (B F)^2, far from SGD's. These weights
   # were trained in path space from set_skeleton, so their products stayed moderate;
   # the warning is made an error to check it. Weights trained without path space from
-  # Flax's initialisation (SGD, Adam) have products many decades below 1e-3, and no
+  # Flax's initialisation (with Adam, say) have products far below 1, and no
   # rescaling moves them (B*F is the value of a path): G-SGD diverged on such weights
   # at every rate tried (python -m benchmarks.fine_tune in a checkout), so fine-tune
   # those with a weight-space optimizer.
   finetune_tx = gsgd_jax.g_adam(3e-4, layers=layers)
   with warnings.catch_warnings():
-    warnings.simplefilter("error")
+    warnings.filterwarnings("error", message="G-SGD: skeleton-chain products")
     finetune_state = finetune_tx.init(pretrained)
   finetune_step = make_train_step(model, finetune_tx)
 

@@ -137,7 +137,7 @@ def main(argv=None):
       return optax.apply_updates(p, updates), state, value
 
     def train(params, batches):
-      state = jax.jit(tx.init)(params)
+      state = tx.init(params)
       losses = []
       for tokens in batches:
         params, state, value = step(params, state, tokens)

@@ -9,7 +9,7 @@ params are still sharded as declared, that the optimizer state keeps the shardin
 ``init`` gave it, and that the sharded step computes what the same step computes on
 one device (to float32 rounding).
 
-The mesh has Explicit axes (``jax.make_mesh``'s default): every array carries its
+The mesh has Explicit axes: every array carries its
 sharding in its type, and a matrix product that sums over sharded hidden units must
 say how its output is sharded (``out_sharding=``). With Auto axes instead, XLA picks
 the shardings of a jitted step's outputs unless ``out_shardings=`` pins them.
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gsgd_jax
@@ -156,7 +156,11 @@ def main(argv=None):
   # Two devices for the hidden units, the rest for the batch: (4, 2) on 8 devices.
   devices = jax.device_count()
   model_axis = 2 if devices % 2 == 0 else 1
-  mesh = jax.make_mesh((devices // model_axis, model_axis), ("data", "model"))
+  mesh = jax.make_mesh(
+    (devices // model_axis, model_axis),
+    ("data", "model"),
+    axis_types=(AxisType.Explicit, AxisType.Explicit),
+  )
   print(f"mesh: {dict(mesh.shape)}, axis types {mesh.axis_types}")
 
   x0 = jnp.asarray(data["x_train"][:batch])
@@ -175,14 +179,13 @@ def main(argv=None):
   # The reference: the first step on one device, no mesh.
   reference_step = make_step(model, tx)
   x, y = data["x_train"][batches[0]], data["y_train"][batches[0]]
-  want, _, _ = reference_step(params, jax.jit(tx.init)(params), x, y)
+  want, _, _ = reference_step(params, tx.init(params), x, y)
 
   sharded_model = MLP(widths, out_sharding=P("data", None))
   put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
   with jax.set_mesh(mesh):
     params = jax.tree.map(put, params, SPECS)
-    # init compiled: one program instead of many small sharded ones run eagerly.
-    state = jax.jit(tx.init)(params)
+    state = tx.init(params)
     init_shardings = shardings(state)
     step = make_step(sharded_model, tx)
 

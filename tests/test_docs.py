@@ -193,10 +193,15 @@ def test_docstring_examples_fit_the_site():
   for path in sorted((ROOT / "gsgd_jax").rglob("*.py")):
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Module)):
-        doc = ast.get_docstring(node)
-        for line in (doc or "").splitlines():
-          if line.lstrip().startswith((">>>", "...")) and len(line) > CODE_COLUMNS:
-            long.append(f"{path.name}: {line}")
+        doc = ast.get_docstring(node) or ""
+        for example in doctest.DocTestParser().get_examples(doc):
+          # As the page shows them: the source after its '>>> ' or '... ' prompt, then
+          # the output, both at the example's indentation.
+          shown = [*(f">>> {line}" for line in example.source.splitlines())]
+          shown += example.want.splitlines()
+          long += [
+            f"{path.name}: {line}" for line in shown if example.indent + len(line) > CODE_COLUMNS
+          ]
   assert long == []
 
 
@@ -258,8 +263,11 @@ def _guide_checks():
 
 
 def test_every_guide_section_with_code_is_checked():
-  with_code = {title for title, blocks in _sections("docs/guide.md").items() if blocks}
+  sections = _sections("docs/guide.md")
+  with_code = {title for title, blocks in sections.items() if blocks}
   assert with_code == set(_guide_checks())
+  # Every block belongs to one section (none before the first heading, no title twice).
+  assert sum(len(blocks) for blocks in sections.values()) == PAGES["docs/guide.md"]
 
 
 def test_landing_page_code_runs():
@@ -514,14 +522,15 @@ def test_the_built_site_loads_nothing_from_the_network(tmp_path):
   out = tmp_path / "site"
   flags = ["-E", "-W", "-n", "--keep-going", "-q", "-b", "html"]  # the Makefile's
   subprocess.run([sys.executable, "-m", "sphinx", *flags, str(ROOT / "docs"), str(out)], check=True)
-  pages = sorted(out.glob("*.html"))
-  assert len(pages) >= 7
+  pages = sorted(out.rglob("*.html"))
+  assert len(pages) >= 14
   external = re.compile(r'<(?:script|link)[^>]*(?:src|href)="(?:https?:)?//[^"]*"')
   for page in pages:
     html = page.read_text()
     assert not external.findall(html), (page.name, external.findall(html))
   # Every page loads the stylesheet that keeps its contents in view at 1280 pixels.
-  assert all('href="_static/layout.css' in page.read_text() for page in pages)
+  layout = re.compile(r'href="(\.\./)*_static/layout\.css')
+  assert all(layout.search(page.read_text()) for page in pages if "_static" not in page.parts)
   math = (out / "math.html").read_text()
   assert 'src="_static/mathjax/tex-chtml.js"' in math
   assert (out / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000

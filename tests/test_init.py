@@ -88,3 +88,26 @@ def test_set_skeleton_keeps_dtype():
   params, layers = make_mlp(jax.random.key(0), (4, 6, 2), dtype=jnp.bfloat16)
   new = gsgd_jax.set_skeleton(params, layers)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(new))
+
+
+def test_init_runs_its_per_node_work_as_programs_compiled_once_per_declaration():
+  # init runs eagerly, where each small operation would compile a program of its own
+  # (seconds for a ResNet-34): its skeleton checks, the normalized blocks' norms and the
+  # inner transformation's starting values run as one compiled program each, which a
+  # later init of the same model reuses.
+  from gsgd_jax._src import transform, validate
+
+  params, layers = make_mlp(jax.random.key(0), (5, 8, 3, 7, 2))
+  params = gsgd_jax.set_skeleton(params, layers)
+  tx = gsgd_jax.g_adam(1e-3, layers=layers)
+  first = tx.init(params)
+  caches = (transform._compiled, validate._compiled_summaries)
+  before = [cache.cache_info() for cache in caches]
+  second = tx.init(params)
+  for cache, old in zip(caches, before, strict=True):
+    new = cache.cache_info()
+    assert new.misses == old.misses and new.hits > old.hits, cache
+  # The starting values are the basis-path values, as the uncompiled path computes them.
+  chex.assert_trees_all_close(second, first)
+  values = gsgd_jax.basis_path_values(params, layers)
+  chex.assert_trees_all_equal_structs(second.inner_state[0].mu, values)

@@ -109,8 +109,10 @@ class Layer:
     >>> value = gsgd_jax.Layer('params/attn/value', input_axes=1)
     >>> value
     Layer('params/attn/value', input_axes=1)
-    >>> gsgd_jax.Block([value, gsgd_jax.Layer('params/attn/out', input_axes=2)])
-    Block([Layer('params/attn/value', input_axes=1), Layer('params/attn/out', input_axes=2)])
+    >>> out = gsgd_jax.Layer('params/attn/out', input_axes=2)
+    >>> block = gsgd_jax.Block([value, out])  # a chain through the value dimensions
+    >>> block.layers[1], block.readings[1].input_axes
+    (('params', 'attn', 'out'), 2)
     >>> gsgd_jax.Layer('attn/key', input_axes=1, transposed=True, pairs='half')
     Layer('attn/key', input_axes=1, transposed=True, pairs='half')
   """

@@ -205,7 +205,7 @@ def infer_blocks(
     >>> gsgd_jax.infer_blocks(variables['params'], 'plainnet')
     Traceback (most recent call last):
     ...
-    ValueError: infer_blocks('plainnet') cannot write the blocks: the norms 'GroupNorm_0', ...
+    ValueError: infer_blocks('plainnet') cannot write the blocks: ...
 
     A pre-LN feed-forward block, its norm found by name among two:
 
@@ -230,8 +230,10 @@ def infer_blocks(
     >>> scanned = dict(variable_axes={'params': 0}, split_rngs={'params': True})
     >>> Stack = nn.scan(Layer, length=3, **scanned)
     >>> params = jax.eval_shape(Stack().init, jax.random.key(0), tokens, None)
-    >>> gsgd_jax.infer_blocks(params['params'], 'preln')
-    [Block(['FeedForward_0/ffn_norm', 'FeedForward_0/fc1', 'FeedForward_0/fc2'], stack_axis=0)]
+    >>> [block] = gsgd_jax.infer_blocks(params['params'], 'preln')
+    >>> layers = ['FeedForward_0/ffn_norm', 'FeedForward_0/fc1', 'FeedForward_0/fc2']
+    >>> block == gsgd_jax.Block(layers, stack_axis=0)
+    True
   """
   if not isinstance(layout, str) or layout not in _WRITERS:
     raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -39,10 +40,20 @@ class PathSpaceState(NamedTuple):
   output_norms: tuple[jax.Array, ...] = ()
 
 
-@functools.cache
-def _compiled_basis_values(block: structure.ChainStructure):
-  """``basis.basis_values`` of ``block``, jitted once per block (structures are cached)."""
-  return jax.jit(functools.partial(basis.basis_values, block))
+@functools.lru_cache(maxsize=64)
+def _compiled(fn: Callable, blocks: tuple[structure.ChainStructure, ...]) -> Callable:
+  """``fn(blocks, ...)`` jitted once per declaration. ``init`` runs eagerly, where every
+  small operation of the per-node work would compile a program of its own (seconds for a
+  ResNet-34); the structures are cached, so a model's later inits reuse the program."""
+  return jax.jit(functools.partial(fn, blocks))
+
+
+def _block_values(
+  blocks: tuple[structure.ChainStructure, ...], arrays: list[LayerArrays]
+) -> list[tuple[list[jax.Array], list[jax.Array | None]]]:
+  """``basis.basis_values`` of every block."""
+  pairs = zip(blocks, arrays, strict=True)
+  return [basis.basis_values(block, a.kernels, a.biases) for block, a in pairs]
 
 
 def _inner_params(
@@ -55,15 +66,23 @@ def _inner_params(
   probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
 
   def values(b: int, arrays: LayerArrays):
-    # Compiled, as one program per block: run eagerly (in init), each of its small
-    # operations would compile a program of its own.
-    return _compiled_basis_values(blocks[b])(
-      arrays.kernels, arrays.biases, None if products is None else products[b]
+    return basis.basis_values(
+      blocks[b], arrays.kernels, arrays.biases, None if products is None else products[b]
     )
 
   return pytree.zero_probes(
     pytree.map_layers(params, structure.block_paths(blocks), values, outside=outside)
   )
+
+
+def _starting_values(
+  params: optax.Params, blocks: tuple[structure.ChainStructure, ...], arrays: list[LayerArrays]
+) -> optax.Params:
+  """``_inner_params`` for ``init``, from the blocks' ``arrays``, their values computed by
+  one compiled program."""
+  values = _compiled(_block_values, blocks)(arrays)
+  mapped = pytree.map_layers(params, structure.block_paths(blocks), lambda b, _: values[b])
+  return pytree.zero_probes(mapped)
 
 
 def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
@@ -392,11 +411,11 @@ def path_space(
       return PathSpaceState(inner.init(params), zero, zero, (zero,) * normalized)
     blocks = structure.build_structure(params, decl)
     validate.check_skeleton(params, blocks)
-    norms = ()
-    if renormalize:
-      located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
-      norms = _output_norms(blocks, [slots.take(located.leaves) for slots in located.slots])
-    return PathSpaceState(inner.init(_inner_params(params, blocks)), zero, zero, norms)
+    located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
+    arrays = [slots.take(located.leaves) for slots in located.slots]
+    norms = _compiled(_output_norms, blocks)(arrays) if renormalize else ()
+    start = _starting_values(params, blocks, arrays)
+    return PathSpaceState(inner.init(start), zero, zero, norms)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:

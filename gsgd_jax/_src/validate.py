@@ -402,12 +402,13 @@ def _symmetry_failure(
       "statistics). A LayerNorm, GroupNorm or RMSNorm mixes channels and absorbs no "
       "single channel's scale: declare the block without normalized=True."
     )
-  pairs = spec.reading.pairs if spec.reading is not None else None
-  if pairs is not None:  # a query-key chain: the likeliest mistake is the RoPE pairing
+  query_key = any(layer.reading is not None and layer.reading.transposed for layer in block.layers)
+  if query_key:  # a query-key chain: the likeliest mistake is the RoPE pairing
+    pairs = spec.reading.pairs if spec.reading is not None else None
     head += (
       f" Its rotary pairs are declared pairs={pairs!r}: check that they are how the model "
       "rotates positions ('half' for Hugging Face's rotate_half, 'interleaved' for "
-      "adjacent pairs as in Meta's and GPT-J's code, none without rotary embeddings)."
+      "adjacent pairs as in Meta's and GPT-J's code, None without rotary embeddings)."
     )
   return (
     f"{head} G-SGD needs every declared hidden node to be positively rescalable: "
@@ -431,16 +432,16 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
   Warns when a hidden node's skeleton-chain product is extreme.
   """
   leaves, _, slots = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
-  for block, block_slots in zip(blocks, slots, strict=True):
-    kernels = block_slots.take(leaves).kernels
-    if any(isinstance(w, jax.core.Tracer) for w in kernels):
-      return
-    # One compiled program per block: run eagerly, each of its small operations would
-    # compile a program of its own (about a second for an MLP's first init).
-    weights, node_products = _compiled_summary(block)([jnp.asarray(w) for w in kernels])
+  kernels = [block_slots.take(leaves).kernels for block_slots in slots]
+  if any(isinstance(w, jax.core.Tracer) for block_kernels in kernels for w in block_kernels):
+    return
+  # One compiled program for all blocks: run eagerly, each small operation would compile
+  # a program of its own (about a second for an MLP's first init, ten for a ResNet-34).
+  summaries = _compiled_summaries(blocks)([[jnp.asarray(w) for w in ws] for ws in kernels])
+  for block, (weights, node_products) in zip(blocks, summaries, strict=True):
     for k, spec in enumerate(block.layers):
-      tiny = float(jnp.finfo(basis.compute_dtype(kernels[k].dtype)).tiny)
       for (kind, side), values in zip(_skeleton_kinds(block, k), weights[k], strict=True):
+        tiny = float(jnp.finfo(basis.compute_dtype(values.dtype)).tiny)
         magnitude = np.abs(np.asarray(values, np.float64))
         bad = np.argwhere(~np.isfinite(magnitude) | (magnitude < tiny))
         if bad.size:
@@ -455,6 +456,15 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
       _warn_extreme_products(block, np.asarray(node_products, np.float64))
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_summaries(blocks: tuple[structure.ChainStructure, ...]):
+  """``_skeleton_summary`` of every block, jitted as one program per declaration (the
+  structures are cached, so a model's later inits reuse it)."""
+  return jax.jit(
+    lambda kernels: [_skeleton_summary(*pair) for pair in zip(blocks, kernels, strict=True)]
+  )
+
+
 def _skeleton_kinds(block: structure.ChainStructure, k: int) -> list[tuple[str, str]]:
   """``(kind, side)`` of the skeleton weights layer ``k`` holds: incoming ones (per output
   node) and outgoing ones (per input node), where the chain has them."""
@@ -464,12 +474,6 @@ def _skeleton_kinds(block: structure.ChainStructure, k: int) -> list[tuple[str, 
   if block.sigma[k] is not None:
     kinds.append(("outgoing", "input"))
   return kinds
-
-
-@functools.cache
-def _compiled_summary(block: structure.ChainStructure):
-  """``_skeleton_summary`` of ``block``, jitted once per block (structures are cached)."""
-  return jax.jit(functools.partial(_skeleton_summary, block))
 
 
 def _skeleton_summary(
