@@ -392,37 +392,12 @@ class LlamaConfig:
   d: int = 16
   layers: int = 2
   heads: int = 2
-  head_dim: int = 8
   hidden: int = 24
   epsilon: float = 1e-6
 
-
-class LlamaAttention(nn.Module):
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x):
-    c = self.config
-    dense = functools.partial(nn.Dense, use_bias=False)
-    heads = lambda y: y.reshape(*y.shape[:-1], c.heads, c.head_dim)
-    q, k = (rotary(heads(dense(c.heads * c.head_dim, name=n)(x))) for n in ("q_proj", "k_proj"))
-    v = heads(dense(c.heads * c.head_dim, name="v_proj")(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(c.head_dim, q.dtype))
-    causal = np.tril(np.ones((x.shape[1], x.shape[1]), bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
-    mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:-1], -1)
-    return dense(c.d, name="o_proj")(mixed)
-
-
-class LlamaMlp(nn.Module):
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, x):
-    dense = functools.partial(nn.Dense, use_bias=False)
-    c = self.config
-    gate, up = dense(c.hidden, name="gate_proj")(x), dense(c.hidden, name="up_proj")(x)
-    return dense(c.d, name="down_proj")(nn.silu(gate) * up)
+  @property
+  def head_dim(self) -> int:
+    return self.d // self.heads
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -431,9 +406,12 @@ class LlamaDecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, _=None):
     c = self.config
-    x = x + LlamaAttention(c, name="self_attn")(LlamaRMSNorm(c.epsilon, name="input_layernorm")(x))
+    # The attention and the gated block are the experiment's (benchmarks/lm.py): the same
+    # names, shapes and RoPE; the norms are Hugging Face's, whose scale is 'weight'.
+    y = LlamaRMSNorm(c.epsilon, name="input_layernorm")(x)
+    x = x + lm.Attention(c.d, c.heads, name="self_attn")(y)
     y = LlamaRMSNorm(c.epsilon, name="post_attention_layernorm")(x)
-    return x + LlamaMlp(c, name="mlp")(y), None
+    return x + lm.GatedMlp(c.d, c.hidden, name="mlp")(y), None
 
 
 class LlamaLayerCollection(nn.Module):

@@ -68,12 +68,18 @@ def _python_blocks(page: str) -> list[str]:
   return [body for info, body in _fences(page) if info == "python"]
 
 
-def _run_page(page: str) -> dict:
-  """Runs a page's Python blocks in order in one namespace; returns the namespace."""
+def _run_blocks(page: str, blocks: list[str], where: str) -> dict:
+  """Runs ``blocks`` of ``page`` in order in one fresh namespace; returns the namespace.
+  ``where`` names them in tracebacks."""
   ns: dict = {"__name__": f"docs_{Path(page).stem}"}
-  for i, block in enumerate(_python_blocks(page)):
-    exec(compile(block, f"{page} (python block {i})", "exec"), ns)
+  for i, block in enumerate(blocks):
+    exec(compile(block, f"{where} (python block {i})", "exec"), ns)
   return ns
+
+
+def _run_page(page: str) -> dict:
+  """Runs a page's Python blocks in order in one namespace, as one script."""
+  return _run_blocks(page, _python_blocks(page), page)
 
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -239,12 +245,8 @@ def _sections(page: str) -> dict[str, list[str]]:
 
 
 def _run_section(page: str, title: str) -> dict:
-  """Runs one section's Python blocks in order in a fresh namespace, as a reader copying
-  that section alone would."""
-  ns: dict = {"__name__": f"docs_{Path(page).stem}"}
-  for i, block in enumerate(_sections(page)[title]):
-    exec(compile(block, f"{page} ({title!r}, python block {i})", "exec"), ns)
-  return ns
+  """Runs one section's Python blocks alone, as a reader copying that section would."""
+  return _run_blocks(page, _sections(page)[title], f"{page}, {title!r}")
 
 
 def _guide_checks():

@@ -476,22 +476,26 @@ def _skeleton_kinds(block: structure.ChainStructure, k: int) -> list[tuple[str, 
   return kinds
 
 
+def _layer_skeleton_weights(
+  block: structure.ChainStructure, k: int, kernel: jax.Array
+) -> list[jax.Array]:
+  """Layer ``k``'s skeleton weights, per copy of a stack, in the order of
+  ``_skeleton_kinds``."""
+  spec = block.layers[k]
+  take = {
+    "incoming": lambda _, w: basis.incoming_skeleton(w, spec, structure.defined(block.pi[k])),
+    "outgoing": lambda _, w: basis.outgoing_skeleton(w, spec, structure.defined(block.sigma[k])),
+  }
+  return [per_copy(block, take[kind], STACK, 0)(kernel) for kind, _ in _skeleton_kinds(block, k)]
+
+
 def _skeleton_summary(
   block: structure.ChainStructure, kernels: list[jax.Array]
 ) -> tuple[list[list[jax.Array]], jax.Array | None]:
   """Per layer, its skeleton weights in the order of ``_skeleton_kinds``, per copy of a
   stack; and every hidden node's skeleton-chain product ``|B F|`` (``None`` for a chain
   of one layer), ``(copies..., hidden nodes)``."""
-  weights = []
-  for k, spec in enumerate(block.layers):
-    pi, sigma, of_layer = block.pi[k], block.sigma[k], []
-    if pi is not None:
-      take = lambda _, w, spec=spec, pi=pi: basis.incoming_skeleton(w, spec, pi)
-      of_layer.append(per_copy(block, take, STACK, 0)(kernels[k]))
-    if sigma is not None:
-      take = lambda _, w, spec=spec, sigma=sigma: basis.outgoing_skeleton(w, spec, sigma)
-      of_layer.append(per_copy(block, take, STACK, 0)(kernels[k]))
-    weights.append(of_layer)
+  weights = [_layer_skeleton_weights(block, k, kernel) for k, kernel in enumerate(kernels)]
   if block.depth < 2:
     return weights, None
   products = basis.skeleton_products(
