@@ -289,3 +289,58 @@ def test_depth_50_float32_update_matches_float64():
     got,
     want,
   )
+
+
+# ----------------------------------------------------------------------------
+# Two-layer chains hold their per-node vectors as lists of levels (basis.LISTED_LEVELS),
+# deeper ones as padded tables: the two forms compute the same update.
+
+
+def _two_layer_problems():
+  from problems import ResNetBN, linen_norm, resnet_bn_blocks
+
+  from benchmarks import transformer_speed as ts
+
+  c = ts.Config(depth=2, dim=16, hidden=24, heads=2, vocab=8, seq=4, batch=2, model="llama")
+  params, tokens = ts.problem(c)
+  params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  llama = (params, c.blocks, lambda p: ts.loss_fn(p, tokens, c.heads))
+  resnet = ResNetBN(3, (3, 4))
+  norm = linen_norm(resnet, resnet_bn_blocks(resnet), (4, 6, 6, 2))
+  params, layers, loss, *_ = _mlp((5, 7, 3), seed=3)
+  return {
+    "mlp": (params, layers, loss),
+    "llama_stacked_pairs_transposed": llama,
+    "resnet_normalized": (norm.params, norm.layers, norm.loss),
+  }
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama_stacked_pairs_transposed", "resnet_normalized"])
+def test_two_layer_chains_as_lists_and_as_tables_agree(name, monkeypatch):
+  params, layers, loss = _two_layer_problems()[name]
+
+  def run():
+    tx = gsgd_jax.path_space(optax.adam(0.02), layers=layers)
+    step = jax.jit(tx.update)
+    state, p = tx.init(params), params
+    for _ in range(3):
+      updates, state = step(jax.grad(loss)(p), state, p)
+      p = optax.apply_updates(p, updates)
+    return p, state
+
+  # Counts the recurrences written out level by level, the lists' form.
+  listed_recurrences = []
+  written_out = basis._written_out
+  monkeypatch.setattr(
+    basis, "_written_out", lambda *a: listed_recurrences.append(1) or written_out(*a)
+  )
+  listed = run()
+  assert listed_recurrences
+  assert all(s.depth <= basis.LISTED_LEVELS for s in build_structure(params, layers))
+  monkeypatch.setattr(basis, "LISTED_LEVELS", 0)
+  listed_recurrences.clear()
+  tabled = run()
+  assert not listed_recurrences
+  chex.assert_trees_all_close(listed, tabled, rtol=1e-12, atol=1e-14)
+  # Three steps moved the params: the comparison is not of two starts.
+  assert float(optax.tree.norm(optax.tree.sub(listed[0], params))) > 1e-3

@@ -160,14 +160,16 @@ IN_PLACE = sorted(set(OPTIMIZERS) - {"g_rmsprop"})
 
 
 @pytest.mark.parametrize("name", IN_PLACE)
-@pytest.mark.parametrize("net", ["mlp", "cnn", "flatten"])
+@pytest.mark.parametrize("net", ["mlp", "mlp2", "cnn", "flatten"])
 def test_train_step_holds_no_kernel_sized_temporary(name, net):
   # The update reads each gradient once, elementwise and in its own shape, so XLA
   # can write the new kernel into the gradient's buffer, as it does for SGD; one
   # more kernel-sized temporary than SGD's would mean an extra allocation (and,
   # for big kernels, fresh pages) every step.
-  if net == "mlp":
-    params, layers, loss, *_ = mlp((64, 512, 512, 10), dtype=jnp.float32, skeleton=True)
+  if net.startswith("mlp"):
+    # Three layers: per-node vectors in tables; two: in lists (basis.LISTED_LEVELS).
+    widths = (64, 512, 512, 10) if net == "mlp" else (64, 512, 256)
+    params, layers, loss, *_ = mlp(widths, dtype=jnp.float32, skeleton=True)
   else:
     params, layers, loss = _conv_net("pool" if net == "cnn" else "flatten")
   largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))

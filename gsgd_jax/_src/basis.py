@@ -13,7 +13,8 @@ The only gathers take one entry per node (the skeleton edges, and each level's
 row of a stacked per-node array); the only scatter adds per-node vectors (the
 ``N^2`` of normalized chains).
 
-Per-node vectors of all levels are held stacked, and recurrences from level to
+Per-node vectors of all levels are held as one list per quantity in a chain of
+one or two layers, and stacked in a deeper one, whose recurrences from level to
 level run as one ``lax.scan`` (see ``propagate`` and ``level``): the compiled
 update is linear in depth.
 
@@ -36,7 +37,7 @@ benchmarks/RESULTS.md, checked by the memory test).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -280,16 +281,47 @@ def per_row(x: Array, spec: LayerSpec) -> Array:
   return periodic(x, spec.kernel_shape[-2])
 
 
+def _pair_view(side: Side) -> tuple[int, ...] | None:
+  """A shape of the side's entries (flat) whose axis 1 holds each node's taps and whose
+  other axes, in order, its node: ``(heads, 2, half)`` for the two halves of each head,
+  ``(nodes, 2)`` for adjacent pairs; None for any other map."""
+  index = np.arange(side.entries)
+  if np.array_equal(side.node, index // side.taps):
+    return (side.nodes, side.taps)
+  second = np.flatnonzero(side.tap == 1)
+  if len(second):
+    width = int(second[0])
+    groups = side.entries // (side.taps * width)
+    block = side.taps * width
+    if groups * block == side.entries and np.array_equal(
+      side.node, index // block * width + index % width
+    ):
+      return (groups, side.taps, width)
+  return None
+
+
 def _expand(x: Array, side: Side) -> Array:
-  """A per-node vector, one value per entry of a general kernel's side (flat)."""
-  return x if side.plain else x[jnp.asarray(side.node)]
+  """A per-node vector, one value per entry of a general kernel's side (flat).
+
+  Paired nodes are broadcast, not gathered: XLA:CPU compiles a gather as a program of
+  its own for every use, while a broadcast fuses into the pass that reads it."""
+  if side.plain:
+    return x
+  view = _pair_view(side)
+  if view is None:
+    return x[jnp.asarray(side.node)]
+  per_node = x.reshape(view[:1] + view[2:])
+  return jnp.broadcast_to(jnp.expand_dims(per_node, 1), view).reshape(-1)
 
 
 def _fold(x: Array, side: Side) -> Array:
   """Per-entry values of a general kernel's side (flat) summed per node."""
   if side.plain:
     return x
-  return jax.ops.segment_sum(x, jnp.asarray(side.node), side.nodes, indices_are_sorted=False)
+  view = _pair_view(side)
+  if view is None:
+    return jax.ops.segment_sum(x, jnp.asarray(side.node), side.nodes, indices_are_sorted=False)
+  return jnp.sum(x.reshape(view), axis=1).reshape(-1)
 
 
 def _fold_entries(x: Array, side: Side | None) -> Array:
@@ -348,47 +380,116 @@ def per_input(x: Array, spec: LayerSpec) -> Array:
 
 
 # ----------------------------------------------------------------------------
-# Per-node vectors of all levels, held stacked.
+# Per-node vectors of all levels.
 #
-# Per-node vectors (chain products, P, the ratios Q and what is derived from
-# them) live in one (L + 1, W) array per quantity: row k holds level k, padded
-# to the widest level W (structure.LevelTables). Each is computed once, by a few
-# whole-array operations, and the pass over layer k's kernel reads its rows. A
-# recurrence from level to level runs as one lax.scan (see `propagate`).
+# A per-node quantity (chain products, P, the ratios Q and what is derived from
+# them) has one vector per node level. A chain of at most ``LISTED_LEVELS``
+# layers holds them as a list of its ``L + 1`` levels, each of its own width
+# (``PerNode``); recurrences from level to level are written out, and levels
+# that are constant (the ends of the chain) stay constants XLA folds away. A
+# deeper chain holds each quantity as one ``(L + 1, W)`` array, row k level k
+# padded to the widest level W (structure.LevelTables), and a recurrence runs
+# as one lax.scan (see `propagate`): its compiled update is linear in depth.
+#
+# Why two forms: XLA:CPU compiles each distinct fused computation separately
+# (about 10 ms each), and identical ones once. Tables of a two-layer chain (a
+# transformer's feed-forward and attention blocks, a ResNet's) cost pads,
+# concatenations and gathers, a dozen distinct small programs per block
+# (benchmarks/RESULTS.md, compile time per block). A loop is what keeps a deep
+# chain's program from growing with depth; and in chains of three layers or
+# more, XLA kept a kernel-sized temporary for Nesterov momentum with lists
+# where it keeps none with tables (the memory tests).
+
+# Chains of at most this many layers hold per-node quantities as lists of levels.
+LISTED_LEVELS = 2
+
+# Table recurrences of at most this many levels are unrolled: a loop costs more to
+# compile than a few unrolled levels, and so short a recurrence cannot grow much.
+UNROLLED_LEVELS = 8
+
+# A per-node quantity: a list of L + 1 level vectors, or a (L + 1, W) table (masks of
+# levels, known when tracing, as NumPy arrays).
+PerNode = Array | list[Array]
+PerNodeMask = np.ndarray | list[np.ndarray]
 
 
-def level(stacked: Array, struct: ChainStructure, k: int) -> Array:
-  """Level ``k``'s per-node vector: row ``k`` of a stacked array, unpadded.
+def listed(struct: ChainStructure) -> bool:
+  """The chain holds per-node quantities as lists of levels (see above)."""
+  return struct.depth <= LISTED_LEVELS
 
-  Read by a gather whose indices are a constant operand, not by a slice: XLA
-  folds a slice's offset into the fused pass that reads it, so every layer's
-  pass would differ, while a gather stays a small fusion of its own (its result
-  is broadcast over a kernel) and the passes of layers of equal shape stay
-  identical; distinct passes cost XLA:CPU far more to compile (about ten times,
-  for small passes over 16 x 16 kernels). A chain of at most ``UNROLLED_LEVELS``
-  layers has few passes to compile and uses a slice.
+
+def level(x: PerNode, struct: ChainStructure, k: int) -> Array:
+  """Level ``k``'s per-node vector of a per-node quantity, unpadded.
+
+  A table's row is read by a gather whose indices are a constant operand, not
+  by a slice: XLA folds a slice's offset into the fused pass that reads it, so
+  every layer's pass would differ, while a gather stays a small fusion of its
+  own (its result is broadcast over a kernel) and the passes of layers of equal
+  shape stay identical; distinct passes cost XLA:CPU far more to compile (about
+  ten times, for small passes over 16 x 16 kernels). A chain of at most
+  ``UNROLLED_LEVELS`` layers has few passes to compile and uses a slice.
   """
+  if isinstance(x, list):
+    return x[k]
   n = struct.levels.widths[k]
   if struct.depth <= UNROLLED_LEVELS:
-    return stacked[k, :n]
-  return entries(stacked, np.column_stack([np.full(n, k), np.arange(n)]))
+    return x[k, :n]
+  return entries(x, np.column_stack([np.full(n, k), np.arange(n)]))
 
 
-def levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
-  """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
-  quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, unpadded.
+def per_level(fn, *quantities: PerNode | PerNodeMask) -> PerNode:
+  """``fn`` applied level by level (on a table: to the whole table at once)."""
+  if isinstance(quantities[0], list):
+    return [fn(*xs) for xs in zip(*quantities, strict=True)]
+  return fn(*quantities)
 
-  One read (as in ``level``) for all the vectors one pass over a kernel needs.
-  Held in one table, they are also all computed before that pass starts: a
-  pass that writes its result into the buffer of the gradient it reads must
-  come after every other read of that gradient, and the table holds the
-  vectors that depend on those reads (the inverse chain rule's ``P``), even
-  where this layer's pass uses none of them. Left free, XLA's scheduler may put
-  the pass first, and the gradient must then survive it in a kernel-sized
-  temporary (checked by the memory tests). So a short chain reads by a gather
-  too: XLA would turn a slice of the table into a slice of the one quantity
-  read, and the order would be lost.
+
+def _dtype(x: PerNode) -> jnp.dtype:
+  return x[0].dtype if isinstance(x, list) else x.dtype
+
+
+def hidden_levels(x: PerNode, struct: ChainStructure) -> Array:
+  """The entries of every hidden node (levels ``1..L-1``), concatenated on the last
+  axis (any leading axes of ``x``'s levels, e.g. a stack's copies, kept)."""
+  if isinstance(x, list):
+    return jnp.concatenate(x[1:-1], axis=-1)
+  return x[..., :-1, :][..., struct.levels.hidden]
+
+
+def level_masks(struct: ChainStructure, name: str) -> PerNodeMask:
+  """A boolean index table of the chain (``structure.LevelTables``: ``hidden``,
+  ``out_fixed``), row ``k`` on level ``k``, as the chain holds per-node quantities."""
+  table = getattr(struct.levels, name)
+  if not listed(struct):
+    return table
+  return [table[k, :n] for k, n in enumerate(struct.levels.widths[:-1])]
+
+
+def read_levels(
+  struct: ChainStructure, quantities: Sequence[PerNode], parts: Sequence[Sequence[tuple[int, int]]]
+) -> list[list[Array]]:
+  """Per layer, the per-node vectors its pass over the kernel reads: quantity ``i`` at
+  level ``k`` for each ``(i, k)`` in that layer's ``parts``, unpadded.
+
+  In a table, all of them are read together, so that all are computed before any pass
+  starts: a pass that writes its result into the buffer of the gradient it reads must
+  come after every other read of that gradient, and these vectors depend on those reads
+  (the inverse chain rule's ``P``), even where this layer's pass uses none of them. Left
+  free, XLA's scheduler may put the pass first, and the gradient must then survive it in a
+  kernel-sized temporary. So the quantities are stacked into one array and each layer's
+  vectors read from it by one gather (a slice would become a slice of the one quantity
+  read, and the order would be lost). A chain of lists has one hidden level, and XLA
+  orders its passes after its reads unaided. The memory tests check both.
   """
+  if listed(struct):
+    return [[quantities[i][k] for i, k in layer] for layer in parts]
+  table = jnp.stack([cast(Array, q) for q in quantities], axis=1)
+  return [_levels(table, struct, layer) for layer in parts]
+
+
+def _levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
+  """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
+  quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, by one gather."""
   widths = [struct.levels.widths[k] for _, k in parts]
   points = np.concatenate(
     [
@@ -419,6 +520,18 @@ def stack_rows(
   return jnp.concatenate([row(x)[None] for x in vectors])
 
 
+def rows_of(struct: ChainStructure, vectors: Sequence[Array | None], fill: float, dtype) -> PerNode:
+  """Per-level vectors (``None``: all ``fill``, at that level's width), as the chain
+  holds them: a list, or stacked into ``(len(vectors), W)``."""
+  if not listed(struct):
+    return stack_rows(struct, vectors, fill, dtype)
+  widths = struct.levels.widths
+  return [
+    jnp.full(widths[k], fill, dtype) if x is None else x.astype(dtype)
+    for k, x in enumerate(vectors)
+  ]
+
+
 def _step(y: Array, row: tuple[Array, Array, Array, Array]) -> tuple[Array, Array]:
   """One level of ``propagate`` (a module-level function, so that JAX traces and
   compiles the scan once per shape, also outside ``jit``)."""
@@ -427,48 +540,90 @@ def _step(y: Array, row: tuple[Array, Array, Array, Array]) -> tuple[Array, Arra
   return y, y
 
 
-# Recurrences of at most this many levels are unrolled: a loop costs more to
-# compile than a few unrolled levels, and so short a recurrence cannot grow much.
-UNROLLED_LEVELS = 8
-
-
 def propagate(
+  struct: ChainStructure,
   start: Array,
   sources: np.ndarray,
-  scales: Array | None = None,
-  shifts: Array | None = None,
+  scales: Sequence[Array | None] | None = None,
+  shifts: PerNode | Sequence[Array | None] | None = None,
   keeps: np.ndarray | None = None,
   *,
   reverse: bool = False,
-) -> Array:
-  """Every level of a per-node recurrence along the chain, stacked ``(L + 1, W)``.
+) -> PerNode:
+  """Every level of a per-node recurrence along the chain.
 
-  Row ``k`` of the ``(L, W)`` tables maps level ``k`` to level ``k + 1`` (level
-  ``k + 1`` to level ``k`` when ``reverse``)::
+  Row ``k`` of the tables (``sources``, ``keeps``: the chain's ``(L, W)`` index
+  tables) and entry ``k`` of ``scales`` and ``shifts`` (one vector per layer, on
+  the level it maps to; ``None``: a scale of 1, a shift of 0) map level ``k`` to
+  level ``k + 1`` (level ``k + 1`` to level ``k`` when ``reverse``)::
 
       y_next[j] = (scales[k][j] * y[sources[k][j]] if keeps[k][j] else 0) + shifts[k][j]
 
-  from ``start`` (level 0, or level ``L`` when ``reverse``), padded to ``W``.
-  ``None`` means a scale of 1, a shift of 0 or keeping every node.
+  from ``start`` (level 0, or level ``L`` when ``reverse``, unpadded). ``None``
+  for ``keeps`` keeps every node.
 
-  Why a loop: each step is cheap elementwise work on a tiny vector, and XLA
-  fuses such producers into every consumer, recomputing them there. Written
-  out level by level, the pass over each layer's kernel would recompute the
-  whole recurrence up to its level: a compiled program, and a compile time,
-  quadratic in depth. The scan's body is compiled once and its output is one
-  buffer that every consumer reads, whatever the fusion heuristics do. A
-  chain of at most ``UNROLLED_LEVELS`` layers has its scan unrolled: its levels
-  still land in one buffer, each written once.
+  Why a loop for a deep chain: each step is cheap elementwise work on a tiny
+  vector, and XLA fuses such producers into every consumer, recomputing them
+  there. Written out level by level, the pass over each layer's kernel would
+  recompute the whole recurrence up to its level: a compiled program, and a
+  compile time, quadratic in depth. The scan's body is compiled once and its
+  output is one buffer that every consumer reads, whatever the fusion
+  heuristics do.
   """
+  if listed(struct):
+    return _written_out(struct, start, sources, scales, shifts, keeps, reverse)
   steps, width = sources.shape
   dtype = start.dtype
-  scales = jnp.ones((steps, width), dtype) if scales is None else scales
-  shifts = jnp.zeros((steps, width), dtype) if shifts is None else shifts
+  fills = (1, 0)
+  scales_, shifts_ = (
+    jnp.full((steps, width), fill, dtype)
+    if x is None
+    else (x if isinstance(x, jax.Array) else stack_rows(struct, x, fill, dtype))
+    for x, fill in zip((scales, shifts), fills, strict=True)
+  )
   keeps = np.ones((steps, width), bool) if keeps is None else keeps
-
-  rows = (jnp.asarray(sources), scales, shifts, jnp.asarray(keeps))
+  start = jax.lax.pad(start, jnp.zeros((), dtype), [(0, width - start.shape[0], 0)])
+  rows = (jnp.asarray(sources), scales_, shifts_, jnp.asarray(keeps))
   _, ys = jax.lax.scan(_step, start, rows, reverse=reverse, unroll=steps <= UNROLLED_LEVELS)
   return jnp.concatenate([ys, start[None]] if reverse else [start[None], ys])
+
+
+def _written_out(struct, start, sources, scales, shifts, keeps, reverse) -> list[Array]:
+  """``propagate`` written out level by level, as a list of levels. Every skeleton
+  index map is periodic (``j mod n``), so each step reads by tiling, not a gather."""
+  widths, depth = struct.levels.widths, struct.depth
+  ys: list[Array] = [start] * (depth + 1)
+  y = start
+  for k in reversed(range(depth)) if reverse else range(depth):
+    n = widths[k] if reverse else widths[k + 1]
+    y = _periodic_take(y, sources[k, :n])
+    if scales is not None and scales[k] is not None:
+      y = scales[k] * y
+    if keeps is not None and not keeps[k, :n].all():
+      y = jnp.where(keeps[k, :n], y, 0)
+    if shifts is not None and shifts[k] is not None:
+      y = y + shifts[k]
+    ys[k if reverse else k + 1] = y
+  return ys
+
+
+def _periodic_take(y: Array, source: np.ndarray) -> Array:
+  """``y[source]`` for a per-node index map known when tracing: by tiling where it is
+  ``j mod len(y)`` (every skeleton map is), else one gather."""
+  if np.array_equal(source, np.arange(len(source)) % y.shape[0]):
+    return periodic(y, len(source))
+  return y[jnp.asarray(source)]
+
+
+def _periodic_fold(x: Array, target: np.ndarray, n: int) -> Array:
+  """``x`` summed into ``n`` targets, entry ``a`` into ``target[a]``: by a reshape where
+  the map is ``a mod n`` (every skeleton map is), else one scatter."""
+  if np.array_equal(target, np.arange(len(target)) % n):
+    pad = -len(target) % n
+    if pad:
+      x = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, pad, 0)])
+    return jnp.sum(x.reshape(-1, n), axis=0)
+  return jax.ops.segment_sum(x, jnp.asarray(target), n)
 
 
 # ----------------------------------------------------------------------------
@@ -484,8 +639,8 @@ class SkeletonProducts(NamedTuple):
   ``back`` and level 0 of ``forward`` are never used.
   """
 
-  back: Array
-  forward: Array
+  back: PerNode
+  forward: PerNode
 
 
 def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -> SkeletonProducts:
@@ -500,10 +655,18 @@ def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -
   outgoing = [
     outgoing_skeleton(kernels[k], specs[k], defined(struct.sigma[k])) for k in range(1, depth)
   ]
-  ones = jnp.ones(tables.width, dtype)
-  back = propagate(ones, tables.down, stack_rows(struct, [*incoming, None], 1, dtype))
+  back = propagate(
+    struct,
+    jnp.ones(tables.widths[0], dtype),
+    tables.down,
+    [*(x.astype(dtype) for x in incoming), None],
+  )
   forward = propagate(
-    ones, tables.up, stack_rows(struct, [None, *outgoing], 1, dtype), reverse=True
+    struct,
+    jnp.ones(tables.widths[-1], dtype),
+    tables.up,
+    [None, *(x.astype(dtype) for x in outgoing)],
+    reverse=True,
   )
   return SkeletonProducts(back, forward)
 
@@ -571,7 +734,7 @@ def output_norms(
   kernels: Sequence[Array],
   biases: Sequence[Array | None],
   products: SkeletonProducts,
-) -> Array:
+) -> PerNode:
   """``N^2`` of the output node each node's forward skeleton chain ends at, stacked.
 
   ``N_k^2`` sums the squared values of the owned paths ending at output node
@@ -582,10 +745,10 @@ def output_norms(
   chains. One extra reduction per kernel (of ``(B w)^2``).
 
   Returns:
-    A ``(L + 1, W)`` array: row ``k`` holds, for each node of level ``k``, the
-    ``N^2`` of its forward chain's output node (row ``L``: ``N^2`` itself).
+    A per-node quantity: level ``k`` holds, for each node of level ``k``, the
+    ``N^2`` of its forward chain's output node (level ``L``: ``N^2`` itself).
   """
-  ct = products.back.dtype
+  ct = _dtype(products.back)
   tables = struct.levels
   own = []  # per layer k, on level k + 1: sum of v^2 of the paths owned by its edges
   for k, spec in enumerate(struct.layers):
@@ -597,7 +760,7 @@ def output_norms(
     bias = None if b is None else b.astype(ct)
     total = _owned_square_sums(struct, k, weighted, bias, ct)
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
-  return propagate(_at_outputs(struct, own, ct), tables.up, reverse=True)
+  return propagate(struct, _at_outputs(struct, own, ct), tables.up, reverse=True)
 
 
 def _owned_square_sums(
@@ -624,8 +787,13 @@ def _owned_square_sums(
 def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
   """Per-node sums of the paths each node owns (``own[k]`` on level ``k + 1``) carried
   forward along the skeleton targets to the output node each forward chain ends at: the
-  sums per output node, on level ``L`` padded to ``W``."""
+  sums per output node (level ``L``)."""
   tables = struct.levels
+  if listed(struct):
+    at = own[0].astype(dtype)  # level 0 has no hidden nodes: nothing is carried from it
+    for k in range(1, struct.depth):
+      at = _periodic_fold(at, defined(struct.sigma[k]), tables.widths[k + 1]) + own[k]
+    return at
   rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, dtype))
   at_outputs, _ = jax.lax.scan(
     _scatter_step,
@@ -633,7 +801,7 @@ def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
     rows_,
     unroll=struct.depth <= UNROLLED_LEVELS,
   )
-  return at_outputs
+  return at_outputs[: tables.widths[-1]]
 
 
 # ----------------------------------------------------------------------------
@@ -664,7 +832,7 @@ class PathGradients(NamedTuple):
   output_norms: Array | None = None  # a normalized chain's N^2 per output node
   # A normalized chain's N^2 of the output each node's forward chain ends at, stacked
   # (L + 1, W) as ``output_norms`` returns it; what the gradients above were multiplied by.
-  end_norms: Array | None = None
+  end_norms: PerNode | None = None
 
 
 def inverse_chain_rule(
@@ -717,30 +885,38 @@ def inverse_chain_rule(
     ).astype(ct)
     own.append(p)
   p_levels = propagate(
-    jnp.zeros(tables.width, ct),
+    struct,
+    jnp.zeros(tables.widths[0], ct),
     tables.down,
-    shifts=stack_rows(struct, [*own, None], 0, ct),
+    shifts=[*own, None],
     keeps=tables.loops_back,
   )
   # carried[k][a] = P[k][a] / (B[k][a] F[k][a]), 0 where either chain is degenerate,
   # as in the kernel's factors below.
-  carried = p_levels / (_usable(products.back) * _usable(products.forward))
-  inv_back, inv_fwd = reciprocal(products.back), reciprocal(products.forward)
+  carried = per_level(
+    lambda p, b, f: p / (_usable(b) * _usable(f)), p_levels, products.back, products.forward
+  )
+  inv_back = per_level(reciprocal, products.back)
+  inv_fwd = per_level(reciprocal, products.forward)
 
   norms = ends = None
   if struct.normalized:
     # Every path's gradient times N^2 of the output node its forward chain ends at.
     ends = output_norms(struct, kernels, biases, products)
-    inv_fwd, carried = inv_fwd * ends, carried * ends
+    inv_fwd = per_level(jnp.multiply, inv_fwd, ends)
+    carried = per_level(jnp.multiply, carried, ends)
     norms = level(ends, struct, depth)
 
-  # One table, so that every layer's pass comes after all node sums (see `levels`).
-  factors = jnp.stack([inv_back, inv_fwd, carried], axis=1)
+  # Read together, so that every layer's pass comes after all node sums (see `read_levels`).
+  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
+  parts = [
+    [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)]) for k, out in enumerate(outgoing)
+  ]
+  factors = read_levels(struct, [inv_back, inv_fwd, carried], parts)
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
-    out = free_outgoing_mask(struct, k)
-    parts = [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)])
-    inv_back_k, inv_fwd_k, *carried_k = levels(factors, struct, parts)
+    out = outgoing[k]
+    inv_back_k, inv_fwd_k, *carried_k = factors[k]
     gb = bias_grads[k]
     bias_grads_v.append(
       None if gb is None else (gb.astype(ct) * at_bias(inv_fwd_k, spec)).astype(gb.dtype)
@@ -762,7 +938,7 @@ def invariant_sq_norm(
   struct: ChainStructure,
   grads: Sequence[Array],
   bias_grads: Sequence[Array | None],
-  end_norms: Array | None,
+  end_norms: PerNode | None,
 ) -> Array:
   """The squared norm of a chain's path gradients, measured so that it does not change
   under the symmetries of the chain: the sum of their squares, and in a normalized
@@ -817,12 +993,12 @@ def _landed_norms(
   kernel_steps: Sequence[Array],
   bias_steps: Sequence[Array | None],
   products: SkeletonProducts,
-  skeleton_steps: Array,
+  skeleton_steps: PerNode,
 ) -> Array:
-  """``N'^2`` per output node (padded to ``W``): the sum of the squares of the values the
-  paths ending there land on, ``v + dv`` (a clipped skeleton path: ``R v``, its step in
-  ``skeleton_steps``, a ``(L + 1, W)`` table of levels)."""
-  ct = products.back.dtype
+  """``N'^2`` per output node: the sum of the squares of the values the paths ending
+  there land on, ``v + dv`` (a clipped skeleton path: ``R v``, its step in
+  ``skeleton_steps``, a per-node quantity)."""
+  ct = _dtype(products.back)
   own = []
   for k, spec in enumerate(struct.layers):
     forward = level(products.forward, struct, k + 1)
@@ -901,54 +1077,74 @@ def weight_allocation(
     for k in range(1, depth)
   ]
   # Per level 0..L-1 (level 0 has no skeleton paths out: R = 1 there).
-  dv_out = stack_rows(struct, [None, *outgoing_steps], 0, ct)
-  inv_path_value = 1 / (_usable(products.back) * _usable(products.forward))[:-1]  # 0: degenerate
-  ratio = 1 + dv_out * inv_path_value
+  dv_out = rows_of(struct, [None, *outgoing_steps], 0, ct)
+  inv_path_value = per_level(  # 0 on a degenerate chain
+    lambda b, f: 1 / (_usable(b) * _usable(f)), products.back[:-1], products.forward[:-1]
+  )
+  ratio = per_level(lambda dv, inv: 1 + dv * inv, dv_out, inv_path_value)
   num_clipped = jnp.zeros((), jnp.int32)
+  hidden, out_fixed = level_masks(struct, "hidden"), level_masks(struct, "out_fixed")
   if ratio_clip is not None:
-    # A non-finite ratio comes from a non-finite gradient or step: it stays as it is, so
-    # that the update is not finite either (optax.apply_if_finite then skips it) rather
-    # than a finite step that silently leaves that path where it was.
-    finite = jnp.isfinite(ratio)
-    # The magnitude is clipped and the sign kept: a path asked to cross zero crosses it
-    # (its skeleton weight changes sign, as SGD's would) but lands no nearer to zero than
-    # low * |v|. Clipped at +low instead, a path pushed across zero step after step
-    # shrank geometrically, and every path through its node with it needed weights that
-    # grow as 1 / F (a norm's bias, in deep BatchNorm nets at lr 1.0: benchmarks/RESULTS).
-    magnitude = jnp.clip(jnp.abs(ratio), *ratio_clip)
-    clipped = jnp.where(finite, jnp.where(ratio < 0, -magnitude, magnitude), ratio)
-    moved = tables.hidden & ~tables.out_fixed & finite & (clipped != ratio)
-    num_clipped = jnp.sum(moved, dtype=jnp.int32)
+    low, high = ratio_clip
+
+    def clip(r):
+      # A non-finite ratio comes from a non-finite gradient or step: it stays as it is,
+      # so that the update is not finite either (optax.apply_if_finite then skips it)
+      # rather than a finite step that silently leaves that path where it was.
+      # The magnitude is clipped and the sign kept: a path asked to cross zero crosses
+      # it (its skeleton weight changes sign, as SGD's would) but lands no nearer to
+      # zero than low * |v|. Clipped at +low instead, a path pushed across zero step
+      # after step shrank geometrically, and every path through its node with it
+      # needed weights that grow as 1 / F (a norm's bias, in deep BatchNorm nets at lr
+      # 1.0: benchmarks/RESULTS).
+      magnitude = jnp.clip(jnp.abs(r), low, high)
+      return jnp.where(jnp.isfinite(r), jnp.where(r < 0, -magnitude, magnitude), r)
+
+    def moved(r, clipped, hidden, out_fixed):
+      return jnp.sum(hidden & ~out_fixed & jnp.isfinite(r) & (clipped != r), dtype=jnp.int32)
+
+    clipped = per_level(clip, ratio)
+    counts = per_level(moved, ratio, clipped, hidden, out_fixed)
+    num_clipped = sum(counts, num_clipped) if isinstance(counts, list) else counts
     ratio = clipped
   # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
   # degenerate chain), or the forward chain through it would not be rescaled
   # by exactly Q.
-  skeleton_steps = (ratio - 1) / _divisor(inv_path_value)
+  skeleton_steps = per_level(lambda r, inv: (r - 1) / _divisor(inv), ratio, inv_path_value)
   # Q[k][a] = R(a -> sigma(a)), or Q[k+1][sigma(a)] where that edge is in F;
   # level 0 gets R = 1 and is never used.
   q = propagate(
-    jnp.ones(tables.width, ct),
+    struct,
+    jnp.ones(tables.widths[-1], ct),
     tables.up,
-    shifts=jnp.where(tables.out_fixed, 0, ratio),
+    shifts=per_level(lambda fixed, r: jnp.where(fixed, 0, r), out_fixed, ratio),
     keeps=tables.out_fixed,
     reverse=True,
   )
-  shrink = (1 - q) / q  # 1/Q - 1
-  inv_fwd = 1 / (q * _usable(products.forward))  # 1 / (Q F)
-  inv_back = reciprocal(products.back)
+  shrink = per_level(lambda q: (1 - q) / q, q)  # 1/Q - 1
+  inv_fwd = per_level(lambda q, f: 1 / (q * _usable(f)), q, products.forward)  # 1 / (Q F)
+  inv_back = per_level(reciprocal, products.back)
 
-  # Row k of the skeleton steps is level k's (row L, never read, pads the table).
-  steps_table = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
+  # Level k of the skeleton steps is level k's (level L, never read, pads the table).
+  zeros = jnp.zeros(tables.widths[-1], ct)
+  if isinstance(skeleton_steps, list):
+    steps = [*skeleton_steps, zeros]
+  else:
+    steps = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
   output_scales = None
   if target_norms is not None:
-    landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps_table)
-    output_scales = _renormalizing_scales(target_norms.astype(ct), landed[: specs[-1].n_out])
-  factors = jnp.stack([shrink, inv_fwd, inv_back, steps_table], axis=1)
+    landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps)
+    output_scales = _renormalizing_scales(target_norms.astype(ct), landed)
+  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
+  parts = [
+    [(0, k + 1), (1, k + 1), (2, k)] + ([] if out is None else [(3, k)])
+    for k, out in enumerate(outgoing)
+  ]
+  factors = read_levels(struct, [shrink, inv_fwd, inv_back, steps], parts)
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
-    out = free_outgoing_mask(struct, k)
-    parts = [(0, k + 1), (1, k + 1), (2, k)] + ([] if out is None else [(3, k)])
-    shrink_k, inv_fwd_k, inv_back_k, *skeleton_steps_k = levels(factors, struct, parts)
+    out = outgoing[k]
+    shrink_k, inv_fwd_k, inv_back_k, *skeleton_steps_k = factors[k]
     # The last layer's outputs rescaled: new = (w + du) * a, i.e. du * a + w * (a - 1).
     rescale = output_scales if k == depth - 1 else None
     b, bias_step = biases[k], bias_steps[k]

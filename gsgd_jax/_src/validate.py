@@ -501,9 +501,9 @@ def _skeleton_summary(
   products = basis.skeleton_products(
     block, kernels, jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
   )
-  # (copies..., L + 1, W): the hidden nodes of every copy.
-  node_products = jnp.abs(products.back * products.forward)[..., :-1, :]
-  return weights, node_products[..., block.levels.hidden]
+  # (copies..., hidden nodes): the hidden nodes of every copy.
+  node_products = basis.per_level(lambda b, f: jnp.abs(b * f), products.back, products.forward)
+  return weights, basis.hidden_levels(node_products, block)
 
 
 def _warn_extreme_products(block: structure.ChainStructure, node_products: np.ndarray) -> None:
