@@ -120,20 +120,25 @@ def rotary(x: jax.Array) -> jax.Array:
 class Attention(nn.Module):
   dim: int
   heads: int
+  kv_heads: int | None = None  # grouped-query attention: key-value heads (None: heads)
 
   @nn.compact
   def __call__(self, y):
-    dense = functools.partial(nn.Dense, self.dim, use_bias=False)
+    dense = functools.partial(nn.Dense, use_bias=False)
     head_dim = self.dim // self.heads
-    split = lambda z: z.reshape(*z.shape[:-1], self.heads, head_dim)
-    q = rotary(split(dense(name="q_proj")(y)))
-    k = rotary(split(dense(name="k_proj")(y)))
-    v = split(dense(name="v_proj")(y))
+    kv_heads = self.heads if self.kv_heads is None else self.kv_heads
+    split = lambda z: z.reshape(*z.shape[:-1], -1, head_dim)
+    # Each key-value head serves heads // kv_heads consecutive query heads (Hugging Face's
+    # repeat_kv).
+    shared = lambda z: jnp.repeat(z, self.heads // kv_heads, axis=-2)
+    q = rotary(split(dense(self.dim, name="q_proj")(y)))
+    k = shared(rotary(split(dense(kv_heads * head_dim, name="k_proj")(y))))
+    v = shared(split(dense(kv_heads * head_dim, name="v_proj")(y)))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim**-0.5
     causal = np.tril(np.ones((y.shape[1], y.shape[1]), bool))
     weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
     mixed = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(y.shape)
-    return dense(name="o_proj")(mixed)
+    return dense(self.dim, name="o_proj")(mixed)
 
 
 class GatedMlp(nn.Module):

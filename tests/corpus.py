@@ -394,6 +394,7 @@ class LlamaConfig:
   heads: int = 2
   hidden: int = 24
   epsilon: float = 1e-6
+  kv_heads: int | None = None  # grouped-query attention (LLaMA 3, Mistral): fewer than heads
 
   @property
   def head_dim(self) -> int:
@@ -409,7 +410,7 @@ class LlamaDecoderLayer(nn.Module):
     # The attention and the gated block are the experiment's (benchmarks/lm.py): the same
     # names, shapes and RoPE; the norms are Hugging Face's, whose scale is 'weight'.
     y = LlamaRMSNorm(c.epsilon, name="input_layernorm")(x)
-    x = x + lm.Attention(c.d, c.heads, name="self_attn")(y)
+    x = x + lm.Attention(c.d, c.heads, c.kv_heads, name="self_attn")(y)
     y = LlamaRMSNorm(c.epsilon, name="post_attention_layernorm")(x)
     return x + lm.GatedMlp(c.d, c.hidden, name="mlp")(y), None
 
@@ -456,7 +457,8 @@ class Llama(nn.Module):
 
 def llama_blocks(model: Llama) -> list:
   """The hand-written declaration: per layer ``[up_proj, down_proj]`` and ``[v_proj,
-  o_proj]`` (the gate and the norms outside)."""
+  o_proj]`` (the gate and the norms outside; with grouped-query attention, the output's
+  query heads grouped by ``kv_heads``)."""
   scopes = (
     ["model/layers"] if model.scanned else [f"model/layers/{i}" for i in range(model.config.layers)]
   )
@@ -466,9 +468,11 @@ def llama_blocks(model: Llama) -> list:
     blocks.append(
       gsgd_jax.Block([f"{scope}/mlp/up_proj", f"{scope}/mlp/down_proj"], stack_axis=axis)
     )
-    blocks.append(
-      gsgd_jax.Block([f"{scope}/self_attn/v_proj", f"{scope}/self_attn/o_proj"], stack_axis=axis)
-    )
+    c = model.config
+    out = f"{scope}/self_attn/o_proj"
+    if c.kv_heads is not None:
+      out = gsgd_jax.Layer(out, input_axes=1, head_dim=c.head_dim, kv_heads=c.kv_heads)
+    blocks.append(gsgd_jax.Block([f"{scope}/self_attn/v_proj", out], stack_axis=axis))
   return blocks
 
 

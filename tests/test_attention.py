@@ -226,7 +226,7 @@ def _kernels(**shapes):
     ),
     (
       {"attn__q_proj": (8, 8), "attn__v_proj": (8, 4), "attn__o_proj": (8, 8)},
-      "grouped-query attention",
+      "grouped-query attention.*Pass head_dim",
     ),
     ({"mlp__up_proj": (8, 16), "mlp__down_proj": (16, 8)}, "has no gate projection"),
     (
@@ -613,10 +613,11 @@ def test_llama_layout_leaves_relu_blocks_and_refuses_what_breaks_the_query_key_c
   (attention,) = gsgd_jax.infer_blocks(t5, "llama")
   assert attention.layers[0][-1] == "value"
   llama = _shapes(corpus.Llama(), tokens)
-  with pytest.raises(ValueError, match="head_dim=8 does not apply"):
-    gsgd_jax.infer_blocks(llama, "llama", query_key="plain", head_dim=8)
-  with pytest.raises(ValueError, match="head_dim applies with query_key only"):
-    gsgd_jax.infer_blocks(llama, "llama", head_dim=8)
+  with pytest.raises(ValueError, match="head_dim=5 does not divide"):
+    gsgd_jax.infer_blocks(llama, "llama", query_key="plain", head_dim=5)
+  # head_dim tells how heads fall where grouped-query attention or RoPE needs it; it
+  # changes nothing elsewhere.
+  assert gsgd_jax.infer_blocks(llama, "llama", head_dim=8) == gsgd_jax.infer_blocks(llama, "llama")
   with_norms = {
     "attn": {
       **{n: {"kernel": jnp.zeros((8, 2, 4))} for n in ("query", "key", "value")},
@@ -638,3 +639,114 @@ def test_llama_layout_leaves_alone_scopes_that_are_no_block():
   assert gsgd_jax.infer_blocks(tree, "llama") == [
     gsgd_jax.Block(["layer/up_proj", "layer/down_proj"])
   ]
+
+
+# ----------------------------------------------------------------------------
+# Grouped-query attention: kv_heads key-value heads, each shared by heads // kv_heads
+# consecutive query heads (Hugging Face's repeat_kv).
+
+GQA_HEADS, GQA_KV, GQA_HEAD_DIM, GQA_D = 4, 2, 4, 8
+
+
+def _gqa_params(multi_axis, rng):
+  h, kv, e, d = GQA_HEADS, GQA_KV, GQA_HEAD_DIM, GQA_D
+  normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
+  if multi_axis:  # DenseGeneral: (d, heads, head_dim) and (heads, head_dim, d)
+    shapes = {"q": (d, h, e), "k": (d, kv, e), "v": (d, kv, e), "o": (h, e, d)}
+  else:  # Hugging Face: (d, heads * head_dim) and (heads * head_dim, d)
+    shapes = {"q": (d, h * e), "k": (d, kv * e), "v": (d, kv * e), "o": (h * e, d)}
+  return {name: {"kernel": normal(*shape)} for name, shape in shapes.items()}
+
+
+def _gqa_apply(p, x):
+  h, kv, e = GQA_HEADS, GQA_KV, GQA_HEAD_DIM
+  heads = lambda name, n: (x @ p[name]["kernel"].reshape(GQA_D, -1)).reshape(*x.shape[:2], n, e)
+  shared = lambda z: jnp.repeat(z, h // kv, axis=2)
+  q = corpus.rotary(heads("q", h))
+  k = shared(corpus.rotary(heads("k", kv)))
+  weights = jax.nn.softmax(jnp.einsum("bqhe,bkhe->bhqk", q, k) / np.sqrt(e), -1)
+  mixed = jnp.einsum("bhqk,bkhe->bqhe", weights, shared(heads("v", kv)))
+  return mixed.reshape(*x.shape[:2], -1) @ p["o"]["kernel"].reshape(h * e, GQA_D)
+
+
+@pytest.mark.parametrize("multi_axis", [False, True], ids=["hugging-face", "dense-general"])
+def test_grouped_query_attention_chains_are_invariant(multi_axis):
+  rng = np.random.default_rng(11)
+  params = _gqa_params(multi_axis, rng)
+  x = jnp.asarray(rng.normal(size=(2, 5, GQA_D)))
+  axes = 2 if multi_axis else 1
+  head_dim = None if multi_axis else GQA_HEAD_DIM
+  rope = {"pairs": "half", "head_dim": head_dim}
+  blocks = [
+    gsgd_jax.Block(
+      [Layer("q", input_axes=1, kv_heads=GQA_KV, **rope),
+       Layer("k", input_axes=1, transposed=True, **rope)]
+    ),
+    gsgd_jax.Block(
+      ["v" if not multi_axis else Layer("v", input_axes=1),
+       Layer("o", input_axes=axes, head_dim=head_dim, kv_heads=GQA_KV)]
+    ),
+  ]  # fmt: skip
+  assert gsgd_jax.infer_blocks(params, "llama", query_key="half", head_dim=head_dim) == blocks
+  assert gsgd_jax.verify_invariance(_gqa_apply, params, blocks, x) <= 1e-13
+  # Without kv_heads the output's inputs are not the value's outputs: refused, with the way out.
+  with pytest.raises(ValueError, match=r"grouped-query attention.*kv_heads"):
+    gsgd_jax.verify_invariance(_gqa_apply, params, [["v", "o"]] if not multi_axis else [
+      gsgd_jax.Block([Layer("v", input_axes=1), Layer("o", input_axes=2)])], x)  # fmt: skip
+  params = gsgd_jax.set_skeleton(params, blocks)
+  rescaled = gsgd_jax.random_rescale(params, blocks, jax.random.key(4))
+  y = jnp.asarray(rng.normal(size=(2, 5, GQA_D)))
+  loss = lambda p: jnp.sum((_gqa_apply(p, x) - y) ** 2)
+  gaps = {}
+  for name, tx in (
+    ("path", gsgd_jax.path_space(optax.adam(1e-2), layers=blocks)),
+    ("adam", optax.adam(1e-2)),
+  ):
+    ends = []
+    for start in (params, rescaled):
+      p, state = start, tx.init(start)
+      for _ in range(8):
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        p = optax.apply_updates(p, updates)
+      ends.append(_gqa_apply(p, x))
+    gaps[name] = float(jnp.max(jnp.abs(ends[0] - ends[1])))
+  assert gaps["path"] < 1e-11 and gaps["adam"] > 1e-3, gaps
+
+
+@pytest.mark.parametrize("pairs", [None, "half", "interleaved"])
+@pytest.mark.parametrize("head_dim", [None, 4])
+def test_grouped_sides_share_each_node_among_a_group_of_heads(pairs, head_dim):
+  from gsgd_jax._src import basis, reading
+
+  shape = (3 * 2 * 4,) if head_dim else (6, 4)  # 6 query heads of 4, 2 per key-value head
+  side = reading.side((1,) if head_dim else (1, 2), shape, pairs, head_dim, groups=2)
+  entry = np.arange(side.entries)
+  head, dim = entry // 4, entry % 4
+  pair = dim if pairs is None else (dim % 2 if pairs == "half" else dim // 2)
+  per_head = 4 if pairs is None else 2
+  np.testing.assert_array_equal(side.node, head // 2 * per_head + pair)
+  assert side.nodes == 3 * per_head and side.taps == side.entries // side.nodes
+  # Each node's skeleton tap is one of its own entries, and the broadcasts and sums per node
+  # that replace gathers agree with them.
+  np.testing.assert_array_equal(side.node[side.centre], np.arange(side.nodes))
+  x = jnp.arange(side.nodes, dtype=jnp.float64)
+  np.testing.assert_array_equal(basis._expand(x, side), np.asarray(x)[side.node])
+  values = jnp.arange(side.entries, dtype=jnp.float64) ** 2
+  sums = np.zeros(side.nodes)
+  np.add.at(sums, side.node, np.asarray(values))
+  np.testing.assert_array_equal(basis._fold(values, side), sums)
+
+
+def test_grouped_query_declarations_refused():
+  params = _gqa_params(False, np.random.default_rng(0))
+  o = lambda **kw: Layer("o", input_axes=1, **kw)
+  with pytest.raises(TypeError, match="`kv_heads` must be None or an integer >= 1"):
+    o(kv_heads=0)
+  with pytest.raises(ValueError, match="in a block of 3 layer"):
+    gsgd_jax.gsgd(0.1, layers=[["v", o(head_dim=4, kv_heads=2), "q"]]).init(params)
+  with pytest.raises(ValueError, match="pass head_dim, the size of one head"):
+    gsgd_jax.gsgd(0.1, layers=[["v", o(kv_heads=2)]]).init(params)
+  with pytest.raises(ValueError, match="do not hold a multiple of 3 heads"):
+    gsgd_jax.gsgd(0.1, layers=[["v", o(head_dim=4, kv_heads=3)]]).init(params)
+  with pytest.raises(ValueError, match="RoPE's pairs are on its last"):
+    gsgd_jax.gsgd(0.1, layers=[["v", o(head_dim=4, kv_heads=2, pairs="half")]]).init(params)

@@ -19,6 +19,7 @@ from flax import nnx
 import gsgd_jax
 
 Block = gsgd_jax.Block
+Layer = gsgd_jax.Layer
 STEPS = 6
 
 
@@ -273,6 +274,49 @@ def test_llama_decoder(scanned):
   _invariant_where_plain_is_not(
     apply, params, blocks, tokens,
     lambda: gsgd_jax.path_space(optax.adamw(1e-2), layers=blocks), lambda: optax.adamw(1e-2),
+  )  # fmt: skip
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+def test_llama_decoder_with_grouped_query_attention(scanned):
+  # LLaMA 3's and Mistral's layout: 4 query heads share 2 key-value heads, k_proj and v_proj
+  # (d, kv_heads * head_dim), q_proj and o_proj (d, heads * head_dim) and back.
+  config = corpus.LlamaConfig(heads=4, kv_heads=2)
+  model, tokens = corpus.Llama(config, scanned=scanned), _tokens()
+  params, _, apply = _linen_train_mode(model, tokens)
+  head_dim = config.head_dim
+  with pytest.raises(ValueError, match=r"grouped-query attention.*Pass head_dim"):
+    gsgd_jax.infer_blocks(params, "llama")
+  blocks = gsgd_jax.infer_blocks(params, "llama", head_dim=head_dim)
+  assert blocks == corpus.llama_blocks(model)
+  _passes_in_both_precisions(apply, params, blocks, tokens)
+  with_qk = gsgd_jax.infer_blocks(params, "llama", query_key="half", head_dim=head_dim)
+  layer = "model/layers" if scanned else "model/layers/0"
+  axis = 0 if scanned else None
+  assert with_qk[1] == Block(
+    [
+      Layer(f"{layer}/self_attn/q_proj", input_axes=1, pairs="half", head_dim=head_dim,
+            kv_heads=2),
+      Layer(f"{layer}/self_attn/k_proj", input_axes=1, transposed=True, pairs="half",
+            head_dim=head_dim),
+    ],
+    stack_axis=axis,
+  )  # fmt: skip
+  _passes_in_both_precisions(apply, params, with_qk, tokens)
+  # The value's dimensions grouped with the wrong heads (interleaved instead of consecutive)
+  # reads the same nodes at other places: caught.
+  wrong = Block(
+    [
+      f"{layer}/self_attn/v_proj",
+      Layer(f"{layer}/self_attn/o_proj", input_axes=1, head_dim=head_dim * 2, kv_heads=1),
+    ],
+    stack_axis=axis,
+  )
+  _fails(apply, params, [wrong], tokens, "v_proj")
+  params = gsgd_jax.set_skeleton(_f64(params), with_qk)
+  _invariant_where_plain_is_not(
+    apply, params, with_qk, tokens,
+    lambda: gsgd_jax.path_space(optax.adamw(1e-2), layers=with_qk), lambda: optax.adamw(1e-2),
   )  # fmt: skip
 
 

@@ -47,7 +47,7 @@ PAGES = {
   "docs/api/skeleton.md": 0,
   "docs/api/checks.md": 0,
   "docs/api/probes.md": 0,
-  "docs/guide.md": 20,
+  "docs/guide.md": 21,
   "docs/probes.md": 1,
   "docs/math.md": 0,
   "docs/troubleshooting.md": 0,
@@ -537,3 +537,11 @@ def test_the_built_site_loads_nothing_from_the_network(tmp_path):
   assert 'src="_static/mathjax/tex-chtml.js"' in math
   assert (out / "_static" / "mathjax" / "tex-chtml.js").stat().st_size > 100_000
   assert list((out / "_static" / "mathjax" / "output" / "chtml" / "fonts").rglob("*.woff"))
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_pages_hold_no_control_characters(page):
+  # A formula written into a page from a Python string without a raw prefix loses its
+  # backslashes to escapes: \top to a tab, \beta to a backspace, \frac to a form feed.
+  text = (ROOT / page).read_text()
+  assert [c for c in text if ord(c) < 32 and c != "\n"] == []

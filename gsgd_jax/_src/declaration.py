@@ -88,6 +88,14 @@ class Layer:
   ``pairs`` says how the head dimension (the kernel's last axis) pairs them, on
   both kernels.
 
+  Grouped-query attention (LLaMA 2 70B and 3, Mistral, Qwen, Gemma) shares each of
+  ``kv_heads`` key-value heads among consecutive query heads: rescaling a value
+  dimension must be undone on that dimension of every query head of its group, and
+  a key dimension likewise. ``kv_heads`` on the query kernel (the first layer of
+  ``[query, key]``) and on the output kernel (the last of ``[value, out]``) groups
+  their query heads; the value and key kernels keep their ``kv_heads`` heads as
+  they are.
+
   Args:
     path: the layer's key path (an ``'a/b'`` string or a tuple of keys).
     input_axes: how many leading axes of the kernel index its inputs (Flax
@@ -100,9 +108,13 @@ class Layer:
     pairs: ``None`` (default), or RoPE's pairing of the last axis: ``'half'``
       (``j`` with ``j + head_dim / 2``, Hugging Face's ``rotate_half``) or
       ``'interleaved'`` (``2p`` with ``2p + 1``, Meta's and GPT-J's).
-    head_dim: with ``pairs``, the size of one head on the last axis where it holds
-      all heads (Hugging Face's ``(d, heads * head_dim)`` kernels); ``None``
-      (default): the last axis is one head's dimensions.
+    head_dim: with ``pairs`` or ``kv_heads``, the size of one head where one axis
+      holds all heads (Hugging Face's ``(d, heads * head_dim)`` and ``(heads *
+      head_dim, d)`` kernels); ``None`` (default): the heads' last axis is one
+      head's dimensions.
+    kv_heads: ``None`` (default), or the number of key-value heads of grouped-query
+      attention, on a query or output kernel (see above); the query heads must be a
+      multiple of it. The side grouped is the one facing the chain's other layer.
 
   Example:
     >>> import gsgd_jax
@@ -115,6 +127,8 @@ class Layer:
     (('params', 'attn', 'out'), 2)
     >>> gsgd_jax.Layer('attn/key', input_axes=1, transposed=True, pairs='half')
     Layer('attn/key', input_axes=1, transposed=True, pairs='half')
+    >>> gsgd_jax.Layer('self_attn/o_proj', input_axes=1, head_dim=64, kv_heads=2)
+    Layer('self_attn/o_proj', input_axes=1, head_dim=64, kv_heads=2)
   """
 
   path: Path
@@ -122,6 +136,7 @@ class Layer:
   transposed: bool
   pairs: str | None
   head_dim: int | None
+  kv_heads: int | None
 
   def __init__(
     self,
@@ -131,6 +146,7 @@ class Layer:
     transposed: bool = False,
     pairs: str | None = None,
     head_dim: int | None = None,
+    kv_heads: int | None = None,
   ):
     if isinstance(input_axes, bool) or not isinstance(input_axes, int) or input_axes < 1:
       raise TypeError(
@@ -156,23 +172,32 @@ class Layer:
         f"gsgd_jax.Layer: `head_dim` must be None or an integer >= 2, got "
         f"{pytree.short_repr(head_dim)}"
       )
-    if head_dim is not None and pairs is None:
+    if kv_heads is not None and (
+      isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads < 1
+    ):
+      raise TypeError(
+        f"gsgd_jax.Layer: `kv_heads` must be None or an integer >= 1, got "
+        f"{pytree.short_repr(kv_heads)}"
+      )
+    if head_dim is not None and pairs is None and kv_heads is None:
       raise ValueError(
-        f"gsgd_jax.Layer: head_dim={head_dim} is given without pairs; head_dim says how "
-        "RoPE's pairs fall into heads"
+        f"gsgd_jax.Layer: head_dim={head_dim} is given without pairs or kv_heads; head_dim "
+        "says how RoPE's pairs and grouped-query attention's groups fall into heads"
       )
     object.__setattr__(self, "pairs", pairs)
     object.__setattr__(self, "head_dim", head_dim)
+    object.__setattr__(self, "kv_heads", kv_heads)
 
   @property
   def reading(self) -> Reading:
-    return Reading(self.input_axes, self.transposed, self.pairs, self.head_dim)
+    return Reading(self.input_axes, self.transposed, self.pairs, self.head_dim, self.kv_heads)
 
   def __repr__(self) -> str:
     extra = (
       (", transposed=True" if self.transposed else "")
       + ("" if self.pairs is None else f", pairs={self.pairs!r}")
       + ("" if self.head_dim is None else f", head_dim={self.head_dim}")
+      + ("" if self.kv_heads is None else f", kv_heads={self.kv_heads}")
     )
     return f"Layer({'/'.join(self.path)!r}, input_axes={self.input_axes}{extra})"
 
@@ -274,7 +299,7 @@ class Block:
 
   def __repr__(self) -> str:
     names = ", ".join(
-      repr("/".join(p)) if r is None else repr(Layer(p, **dataclasses.asdict(r)))
+      repr("/".join(p)) if r is None else repr(_layer_of(p, r))
       for p, r in zip(self.layers, self.readings, strict=True)
     )
     normalized = ", normalized=True" if self.normalized else ""
@@ -365,6 +390,19 @@ LayerPaths: TypeAlias = (
 
 def _show(blocks: Blocks) -> str:
   return repr([["/".join(p) for p in block.layers] for block in blocks])
+
+
+def _layer_of(path: Path, reading: Reading) -> Layer:
+  """The ``Layer`` declaring ``path`` read so (what its chain sets, left out)."""
+  r = reading
+  return Layer(
+    path,
+    input_axes=r.input_axes,
+    transposed=r.transposed,
+    pairs=r.pairs,
+    head_dim=r.head_dim,
+    kv_heads=r.kv_heads,
+  )
 
 
 def as_declaration(layers: Any) -> Declaration:

@@ -65,6 +65,10 @@ class _Reading:
 
   axis: int | None
   input_axes: tuple[int | None, ...]
+  # Grouped-query attention: the value's heads, shared by the output's query heads, and the
+  # size of a head where the output keeps every head on one axis.
+  kv_heads: int | None = None
+  head_dim: int | None = None
 
 
 def _ffn_readings(gate: Found, up: Found, down: Found) -> list[_Reading]:
@@ -81,33 +85,57 @@ def _ffn_readings(gate: Found, up: Found, down: Found) -> list[_Reading]:
   return found
 
 
-def _attention_readings(value: Found, out: Found) -> list[_Reading]:
+def _attention_readings(
+  value: Found, out: Found, head_dim: int | None
+) -> tuple[list[_Reading], str | None]:
   """The readings of a value and an output kernel that chain ``d -> nodes -> d``: dense
-  ``(d, n)`` and ``(n, d)``, or multi-axis ``(d, *nodes)`` and ``(*nodes, d)``."""
-  found = []
+  ``(d, n)`` and ``(n, d)``, or multi-axis ``(d, *nodes)`` and ``(*nodes, d)``; or, with
+  grouped-query attention, whose output takes a multiple of the value's heads, ``(d, kv *
+  head_dim)`` and ``(heads * head_dim, d)`` (given ``head_dim``), or ``(d, kv, head_dim)``
+  and ``(heads, head_dim, d)``. With why a grouped reading needs what is missing."""
+  found, why = [], None
   for axis in _AXES:
     if _length((value, out), axis) == -1:
       continue
     v, o = _copy(value.shape, axis), _copy(out.shape, axis)
-    if v is None or o is None or len(v) < 2 or len(v) != len(o):
+    if v is None or o is None or len(v) < 2 or len(v) != len(o) or v[0] != o[-1]:
       continue
-    nodes = v[1:]
-    if v[0] == o[-1] and o[:-1] == nodes:
-      axes = None if len(v) == 2 else 1
-      found.append(_Reading(axis, (axes, None if len(o) == 2 else len(o) - 1)))
-  return found
+    axes = (None if len(v) == 2 else 1, None if len(o) == 2 else len(o) - 1)
+    if o[:-1] == v[1:]:
+      found.append(_Reading(axis, axes))
+    elif len(v) == 2 and o[0] > v[1] and o[0] % v[1] == 0:
+      if head_dim is None or v[1] % head_dim:
+        why = (
+          f"the output kernel {names([out])} takes {o[0] // v[1]} times the value "
+          f"dimensions of {names([value])} (one copy {o} and {v}): grouped-query attention, "
+          "whose value heads each feed several query heads. Pass head_dim, the size of one "
+          "head, to group them"
+          + ("" if head_dim is None else f" (head_dim={head_dim} does not divide {v[1]})")
+        )
+        continue
+      found.append(_Reading(axis, (None, 1), v[1] // head_dim, head_dim))
+    elif len(v) == 3 and v[2] == o[1] and o[0] > v[1] and o[0] % v[1] == 0:
+      found.append(_Reading(axis, axes, v[1]))
+  return found, why
 
 
-def _pick(readings: list[_Reading], scope: Path, members: Sequence[Found], axis_hint) -> _Reading:
+def _pick(
+  readings: list[_Reading],
+  scope: Path,
+  members: Sequence[Found],
+  axis_hint,
+  why: str | None = None,
+) -> _Reading:
   where = "/".join(scope)
   if len(readings) > 1 and axis_hint is not None:
     readings = [r for r in readings if r.axis == axis_hint.axis] or readings
+  if not readings and why is not None:
+    raise Refusal(f"in {where!r}, {why}")
   if not readings:
     raise Refusal(
       f"the kernels {names(members)} in {where!r} do not chain d -> nodes -> d (shapes "
-      f"{', '.join(str(x.shape) for x in members)}) unstacked or stacked on axis 0 or 1: "
-      "grouped-query attention (fewer key-value heads than query heads), whose value "
-      "dimensions each feed several heads, is not supported yet"
+      f"{', '.join(str(x.shape) for x in members)}) unstacked or stacked on axis 0 or 1, "
+      "nor as grouped-query attention (an output taking a multiple of the value's heads)"
     )
   if len(readings) > 1:
     raise Refusal(
@@ -118,10 +146,18 @@ def _pick(readings: list[_Reading], scope: Path, members: Sequence[Found], axis_
 
 
 def _block(layers: Sequence[Found], reading: _Reading) -> Block:
-  entries = [
+  entries: list[str | Layer] = [
     "/".join(x.path) if axes is None else Layer(x.path, input_axes=axes)
     for x, axes in zip(layers, reading.input_axes, strict=True)
   ]
+  if reading.kv_heads is not None:  # the output's query heads, grouped
+    out = layers[-1]
+    entries[-1] = Layer(
+      out.path,
+      input_axes=reading.input_axes[-1] or 1,
+      head_dim=reading.head_dim,
+      kv_heads=reading.kv_heads,
+    )
   return Block(entries, stack_axis=reading.axis)
 
 
@@ -185,11 +221,17 @@ def _query_key(
   if "query" not in roles or "key" not in roles:
     raise Refusal(f"the attention in {where!r} has no query or no key projection to declare")
   query, key = roles["query"], roles["key"]
-  if query.shape != key.shape:
-    raise Refusal(
-      f"the query and key kernels {names([query, key])} in {where!r} have different shapes "
-      f"{query.shape} and {key.shape}: grouped-query attention is not supported yet"
-    )
+  q_copy, k_copy = _copy(query.shape, reading.axis) or (), _copy(key.shape, reading.axis) or ()
+  kv_heads = None
+  if q_copy != k_copy:  # grouped-query attention: fewer key heads than query heads
+    kv_heads = _key_heads(q_copy, k_copy, head_dim)
+    if kv_heads is None:
+      raise Refusal(
+        f"the query and key kernels {names([query, key])} in {where!r} have shapes "
+        f"{q_copy} and {k_copy} (one copy) that are not grouped-query attention's (d, "
+        "heads, head_dim) and (d, kv_heads, head_dim), or (d, heads * head_dim) and (d, "
+        "kv_heads * head_dim) with head_dim given, query heads a multiple of key heads"
+      )
   if any(key.beside):
     raise Refusal(
       f"the key {names([key])} in {where!r} has a bias (or scale probe), which cannot join the "
@@ -197,25 +239,46 @@ def _query_key(
       "one, or leave query_key=None"
     )
   pairs = None if query_key == "plain" else query_key
-  copy = _copy(query.shape, reading.axis) or ()
+  copy = q_copy
   one_axis = len(copy) == 2  # (d, heads * head_dim)
   if pairs is not None and one_axis and head_dim is None:
     raise Refusal(
       f"the query kernel {names([query])} in {where!r} keeps every head on one axis "
       f"{copy}: pass head_dim, the size of one head, for RoPE's pairs"
     )
-  if head_dim is not None and (pairs is None or (not one_axis and head_dim != copy[-1])):
+  if one_axis and head_dim is not None and copy[-1] % head_dim:
+    raise Refusal(
+      f"head_dim={head_dim} does not divide the query kernel {names([query])} in {where!r} "
+      f"(one copy {copy}): it is the size of one of its heads"
+    )
+  if not one_axis and head_dim is not None and head_dim != copy[-1]:
     raise Refusal(
       f"head_dim={head_dim} does not apply to the query kernel {names([query])} in {where!r} "
-      f"(one copy {copy}, query_key={query_key!r}): it is for RoPE's pairs on kernels "
-      "(d, heads * head_dim)"
+      f"(one copy {copy}, query_key={query_key!r}), whose heads are {copy[-1]} wide"
     )
-  options = {"pairs": pairs, "head_dim": head_dim if pairs is not None and one_axis else None}
+  needs_head = one_axis and (pairs is not None or kv_heads is not None)
+  options = {"pairs": pairs, "head_dim": head_dim if needs_head else None}
   entries = [
-    Layer(query.path, input_axes=1, **options),
-    Layer(key.path, input_axes=1, transposed=True, **options),
+    Layer(query.path, input_axes=1, kv_heads=kv_heads, **options),
+    Layer(key.path, input_axes=1, transposed=True, **options)
+    if pairs is not None
+    else Layer(key.path, input_axes=1, transposed=True),
   ]
   return Block(entries, stack_axis=reading.axis)
+
+
+def _key_heads(query: tuple[int, ...], key: tuple[int, ...], head_dim: int | None) -> int | None:
+  """The key heads of grouped-query attention's query and key kernels (one copy each), or
+  None where their shapes are not such a pair."""
+  if len(query) == 3 and len(key) == 3 and query[0::2] == key[0::2]:
+    heads, kv = query[1], key[1]
+  elif len(query) == 2 and len(key) == 2 and query[0] == key[0] and head_dim is not None:
+    if query[1] % head_dim or key[1] % head_dim:
+      return None
+    heads, kv = query[1] // head_dim, key[1] // head_dim
+  else:
+    return None
+  return kv if heads > kv and heads % kv == 0 else None
 
 
 def gated(
@@ -230,7 +293,7 @@ def gated(
       scopes.setdefault(layer.path[:-1], []).append(layer)
   norms = [layer for layer in layers if layer.norm]
   ffn: dict[Path, tuple[list[Found], _Reading]] = {}
-  attention: dict[Path, tuple[list[Found], list[_Reading], dict[str, Found]]] = {}
+  attention: dict[Path, tuple[list[Found], tuple[list[_Reading], str | None], dict]] = {}
   for scope, members in scopes.items():
     if len(members) < 2:  # an embedding's read-out, a head: the fallback's
       continue
@@ -240,7 +303,7 @@ def gated(
       if "value" not in roles or "out" not in roles:
         raise Refusal(f"the attention in {where!r} has no value or no output projection")
       chain = [roles["value"], roles["out"]]
-      attention[scope] = (chain, _attention_readings(*chain), roles)
+      attention[scope] = (chain, _attention_readings(chain[0], chain[1], head_dim), roles)
     if {"gate", "up", "down"} & set(roles):
       missing = [r for r in ("gate", "up", "down") if r not in roles]
       fused = [x for x in members if _name(x) in _FUSED_FFN]
@@ -257,7 +320,7 @@ def gated(
     # A layer's feed-forward block tells the stack where the attention's shapes do not.
     siblings = [r for s, (_, r) in ffn.items() if s == scope or s[:-1] == scope[:-1]]
     hint = siblings[0] if len(siblings) == 1 else None
-    reading = _pick(readings, scope, chain, hint)
+    reading = _pick(readings[0], scope, chain, hint, readings[1])
     if query_key is not None:
       # A norm of the queries or keys (q_norm, k_norm: Gemma 3, MaxText) rescales per head,
       # not per dimension: the chain would not hold.

@@ -124,9 +124,12 @@ def infer_blocks(
     ``'half'`` or ``'interleaved'`` the same with RoPE's pairs (Hugging Face's
     ``rotate_half``, or Meta's and GPT-J's adjacent pairs), ``head_dim`` saying
     the size of a head where a kernel keeps all heads on one axis
-    (``(d, heads * head_dim)``). Refused, named: a fused
-    query-key-value or gate-and-up kernel, grouped-query attention (fewer
-    key-value heads than query heads), a feed-forward sub-tree without a gate
+    (``(d, heads * head_dim)``). Grouped-query attention (fewer key-value heads
+    than query heads: an output kernel taking a multiple of the value's
+    dimensions) gets ``kv_heads`` on the output and query kernels; with
+    kernels ``(d, kv_heads * head_dim)``, only ``head_dim`` tells how the
+    heads fall, and is then needed. Refused, named: a fused
+    query-key-value or gate-and-up kernel, a feed-forward sub-tree without a gate
     (a ReLU block: ``'preln'``), and kernels beside a block with no role in it.
 
   Nothing is guessed. Blocks declared ``normalized=True`` end where a BatchNorm
@@ -160,8 +163,8 @@ def infer_blocks(
       tell.
     query_key: ``'llama'`` only: ``None`` (default: queries and keys take the
       fallback), ``'plain'``, ``'half'`` or ``'interleaved'`` (see above).
-    head_dim: ``'llama'`` with RoPE pairs on kernels ``(d, heads * head_dim)``:
-      the size of one head.
+    head_dim: ``'llama'`` with RoPE pairs or grouped-query attention on kernels
+      ``(d, heads * head_dim)``: the size of one head.
 
   Returns:
     A list of :class:`gsgd_jax.Block`, to pass as ``layers=``; like every
@@ -249,8 +252,10 @@ def infer_blocks(
   )
   if layout != "llama" and (query_key is not None or head_dim is not None):
     raise ValueError("infer_blocks: query_key and head_dim apply to the layout 'llama' only")
-  if head_dim is not None and query_key is None:
-    raise ValueError("infer_blocks: head_dim applies with query_key only")
+  if head_dim is not None and (
+    isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1
+  ):
+    raise TypeError(f"infer_blocks: head_dim must be None or a positive integer, got {head_dim!r}")
   if query_key not in (None, *layout_gated.QUERY_KEYS):
     raise ValueError(
       f"infer_blocks: query_key must be None, 'plain', 'half' or 'interleaved', got {query_key!r}"

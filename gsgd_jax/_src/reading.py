@@ -9,7 +9,10 @@ features are the layer's inputs and the leading axes its outputs: the key kernel
 together, numbered in row-major order) are its nodes, except on a side whose last axis holds
 rotary position embedding's pairs (``pairs``): a pair of dimensions of a head is then one node
 whose two entries are two parallel edges (taps), as a convolution's taps are, the second the
-skeleton's (as a window of 2's centre is).
+skeleton's (as a window of 2's centre is). Grouped-query attention (``kv_heads``) shares
+each key-value head among several query heads: on the side of the query heads (a query
+kernel's outputs, an output kernel's inputs), the same dimension of the heads of one group
+is one node, each head's entry one of its parallel edges.
 
 Everything here is static: NumPy tables built from shapes, never from values.
 """
@@ -37,12 +40,17 @@ class Reading:
     pairs: ``None``, or how the last feature axis pairs RoPE's dimensions (``PAIRINGS``).
     head_dim: the size of one head on that axis, where it holds several heads (Hugging
       Face's ``(d, heads * head_dim)``); ``None``: the whole axis.
+    kv_heads: ``None``, or the key-value heads the query heads of ``grouped`` share.
+    grouped: the side of the query heads, ``'inputs'`` or ``'outputs'`` (set from the
+      layer's place in its chain, see ``structure``); ``None`` without ``kv_heads``.
   """
 
   input_axes: int
   transposed: bool = False
   pairs: str | None = None
   head_dim: int | None = None
+  kv_heads: int | None = None
+  grouped: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,6 +64,9 @@ class Side:
     tap: per entry, which of its node's parallel edges it is.
     nodes: the number of nodes; ``taps`` the parallel edges per node.
     centre: per node, the entry of its skeleton tap.
+    pairs: the side's RoPE pairing, and ``head`` the size of one head on its last axis
+      (None without pairs or groups).
+    groups: the query heads that share one node (grouped-query attention), else 1.
   """
 
   axes: tuple[int, ...]
@@ -65,6 +76,9 @@ class Side:
   nodes: int
   taps: int
   centre: np.ndarray
+  pairs: str | None = None
+  head: int | None = None
+  groups: int = 1
 
   @property
   def entries(self) -> int:
@@ -77,30 +91,39 @@ class Side:
 
 
 def side(
-  axes: tuple[int, ...], shape: tuple[int, ...], pairs: str | None, head_dim: int | None = None
+  axes: tuple[int, ...],
+  shape: tuple[int, ...],
+  pairs: str | None,
+  head_dim: int | None = None,
+  groups: int = 1,
 ) -> Side:
   """The node and tap of every entry of a side (pairs on its last axis, if any, in heads of
-  ``head_dim``)."""
+  ``head_dim``; ``groups`` consecutive heads sharing nodes)."""
   entries = int(np.prod(shape))
   index = np.arange(entries)
-  if pairs is None:
+  last = None
+  if pairs is None and groups == 1:
     node, tap, taps = index, np.zeros(entries, np.int64), 1
   else:
     last = shape[-1] if head_dim is None else head_dim
-    half = last // 2
     head, position = index // last, index % last
-    if pairs == "half":
-      tap, pair = position // half, position % half
+    if pairs is None:
+      pair, pair_tap, pair_taps, per_head = position, np.zeros(entries, np.int64), 1, last
+    elif pairs == "half":
+      half = last // 2
+      pair, pair_tap, pair_taps, per_head = position % half, position // half, 2, half
     else:
-      tap, pair = position % 2, position // 2
-    node, taps = head * half + pair, 2
+      pair, pair_tap, pair_taps, per_head = position // 2, position % 2, 2, last // 2
+    node = head // groups * per_head + pair
+    tap = head % groups * pair_taps + pair_tap
+    taps = groups * pair_taps
   nodes = entries // taps
   centre = np.zeros(nodes, np.int64)
   skeleton = tap == taps // 2
   centre[node[skeleton]] = index[skeleton]
   for table in (node, tap, centre):
     table.setflags(write=False)
-  return Side(axes, shape, node, tap, nodes, taps, centre)
+  return Side(axes, shape, node, tap, nodes, taps, centre, pairs, last, groups)
 
 
 @functools.lru_cache(maxsize=512)
@@ -113,10 +136,23 @@ def sides(kernel_shape: tuple[int, ...], reading: Reading) -> tuple[Side, Side]:
   shape = lambda axes: tuple(kernel_shape[a] for a in axes)
   pairs_in = reading.pairs if reading.transposed else None
   pairs_out = None if reading.transposed else reading.pairs
+  groups_in, groups_out = (_groups(shape(axes), reading) for axes in (inputs, outputs))
+  if reading.grouped != "inputs":
+    groups_in = 1
+  if reading.grouped != "outputs":
+    groups_out = 1
   return (
-    side(inputs, shape(inputs), pairs_in, reading.head_dim),
-    side(outputs, shape(outputs), pairs_out, reading.head_dim),
+    side(inputs, shape(inputs), pairs_in, reading.head_dim, groups_in),
+    side(outputs, shape(outputs), pairs_out, reading.head_dim, groups_out),
   )
+
+
+def _groups(shape: tuple[int, ...], reading: Reading) -> int:
+  """The query heads per key-value head on a side of this shape holding the query heads."""
+  if reading.kv_heads is None:
+    return 1
+  head = shape[-1] if reading.head_dim is None else reading.head_dim
+  return int(np.prod(shape)) // head // reading.kv_heads
 
 
 def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | None:
@@ -137,11 +173,49 @@ def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | N
       f"is not made of heads of an even head_dim ({head}): rotary position embeddings pair "
       "each head's dimensions. For a kernel (d, heads * head_dim), pass head_dim."
     )
+  if reading.kv_heads is not None:
+    why = _check_groups(name, kernel_shape, reading)
+    if why is not None:
+      return why
   features = len(kernel_shape) - reading.input_axes
   if reading.pairs is not None and reading.head_dim is None and features == 1:
     return (
       f"layer {name!r}: declared pairs={reading.pairs!r} on a kernel {kernel_shape} whose "
       "features are one axis, which usually holds every head (Hugging Face's (d, heads * "
       "head_dim)): pass head_dim, the size of one head (the axis's own size for one head)."
+    )
+  return None
+
+
+def _check_groups(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | None:
+  """Why the query heads of a kernel cannot be grouped so (None when they can)."""
+  kv_heads = reading.kv_heads
+  if kv_heads is None:
+    return None
+  leading = kernel_shape[: reading.input_axes]
+  features = kernel_shape[reading.input_axes :]
+  on_features = (reading.grouped == "outputs") != reading.transposed
+  grouped = features if on_features else leading
+  if reading.pairs is not None and not on_features:
+    return (
+      f"layer {name!r}: declared kv_heads={reading.kv_heads} and pairs={reading.pairs!r}, "
+      "but its query heads face the chain's other layer on its leading axes, and RoPE's "
+      "pairs are on its last: group the query heads of a query kernel (the first layer of "
+      "[query, key]) and of an output kernel (the last of [value, out])."
+    )
+  head = grouped[-1] if reading.head_dim is None else reading.head_dim
+  entries = int(np.prod(grouped))
+  if len(grouped) == 1 and reading.head_dim is None:
+    return (
+      f"layer {name!r}: declared kv_heads={reading.kv_heads} on a kernel {kernel_shape} "
+      f"whose query heads are one axis of {entries}, which holds every head (Hugging "
+      "Face's heads * head_dim): pass head_dim, the size of one head."
+    )
+  if grouped[-1] % head or (entries // head) % kv_heads:
+    return (
+      f"layer {name!r}: declared kv_heads={reading.kv_heads} (head_dim {head}), but the "
+      f"axes {grouped} of its kernel {kernel_shape} that face the chain's other layer do "
+      f"not hold a multiple of {reading.kv_heads} heads of {head}: grouped-query attention "
+      "shares each key-value head among the same number of query heads."
     )
   return None

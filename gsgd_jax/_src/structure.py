@@ -384,17 +384,19 @@ def _facing(spec: LayerSpec, inputs: bool) -> readings.Side | None:
 
 def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
   """Where either of two chained layers groups its entries into paired nodes (RoPE), both
-  must group the same entries into the same nodes."""
+  must pair the same dimensions of heads of the same size (grouped query heads, on one
+  side, share each node among the heads of a group: the other side has one head per
+  group)."""
   before, after = _facing(prev, inputs=False), _facing(spec, inputs=True)
-  paired = [s for s in (before, after) if s is not None and not s.plain]
+  paired = [s for s in (before, after) if s is not None and s.pairs is not None]
   if not paired:
     return
   same = (
     before is not None
     and after is not None
-    and before.entries == after.entries
-    and np.array_equal(before.node, after.node)
-    and np.array_equal(before.tap, after.tap)
+    and before.pairs == after.pairs
+    and before.head == after.head
+    and before.nodes == after.nodes
   )
   if not same:
     describe = lambda s: (
@@ -409,6 +411,18 @@ def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
     )
 
 
+def _grouped(path: Path, reading: Reading, k: int, depth: int) -> Reading:
+  """A reading with ``kv_heads``, its grouped side set: the side facing the chain's other
+  layer (a query kernel's outputs, an output kernel's inputs)."""
+  if depth != 2:
+    raise ValueError(
+      f"layer {'/'.join(path)!r} is declared with kv_heads={reading.kv_heads} in a block of "
+      f"{depth} layer(s): grouped-query attention's chains are two layers, [query, key] "
+      "(kv_heads on the query) and [value, out] (kv_heads on the output)."
+    )
+  return dataclasses.replace(reading, grouped="outputs" if k == 0 else "inputs")
+
+
 def chain_structure(
   signature: Signature, normalized: bool = False, stack: Stack | None = None
 ) -> ChainStructure:
@@ -417,8 +431,13 @@ def chain_structure(
   if not signature:
     raise ValueError("a block of `layers` is empty: declare at least one layer per block")
   specs: list[LayerSpec] = []
-  for entry in signature:
-    spec = _layer_spec(*entry, prev=specs[-1] if specs else None)
+  for k, entry in enumerate(signature):
+    path, kernel_shape, has_bias, affine, reading = entry
+    if reading is not None and reading.kv_heads is not None:
+      reading = _grouped(path, reading, k, len(signature))
+    spec = _layer_spec(
+      path, kernel_shape, has_bias, affine, reading, prev=specs[-1] if specs else None
+    )
     if spec.kind == "affine":
       _check_affine(spec, len(specs), len(signature))
     if specs:
@@ -434,10 +453,22 @@ def chain_structure(
           "channel; leave this layer out of `layers` (it then takes the fallback) and "
           "split the chain around it."
         )
+      grouped = ""
+      if (
+        len(specs) == 1
+        and len(signature) == 2
+        and (spec.n_in % prev.n_out == 0 or prev.n_out % spec.n_in == 0)
+      ):
+        grouped = (
+          " If they are an attention's [value, out] or [query, key] with grouped-query "
+          "attention (fewer key-value heads than query heads), declare the layer of the "
+          "query heads gsgd_jax.Layer(..., kv_heads=...) (with head_dim where one axis holds "
+          "every head)."
+        )
       raise ValueError(
         f"layer {spec.name!r} takes {spec.n_in} inputs (kernel {spec.kernel_shape}) "
         f"but the layer before it, {prev.name!r}, has {prev.n_out} outputs "
-        f"(kernel {prev.kernel_shape}); are `layers` in forward order?"
+        f"(kernel {prev.kernel_shape}); are `layers` in forward order?{grouped}"
       )
     specs.append(spec)
   depth = len(specs)
