@@ -288,12 +288,16 @@ class RelativePositionBias(nn.Module):
 class T5Attention(nn.Module):
   heads: int
   head_dim: int
+  kv_heads: int | None = None  # MaxText's num_kv_heads: grouped-query attention
 
   @nn.compact
   def __call__(self, y, bias):
     dense = functools.partial(nn.DenseGeneral, use_bias=False)
-    shape = (self.heads, self.head_dim)
-    q, k, v = (dense(shape, name=n)(y) for n in ("query", "key", "value"))
+    kv_heads = self.heads if self.kv_heads is None else self.kv_heads
+    q = dense((self.heads, self.head_dim), name="query")(y)
+    # Each key-value head serves heads // kv_heads consecutive query heads.
+    shared = lambda z: jnp.repeat(z, self.heads // kv_heads, axis=-2)
+    k, v = (shared(dense((kv_heads, self.head_dim), name=n)(y)) for n in ("key", "value"))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) + bias
     mixed = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits), v)
     return dense(y.shape[-1], axis=(-2, -1), name="out")(mixed)
@@ -325,6 +329,7 @@ class T5Config:
   mlp_dim: int = 32
   gated: bool = False
   epsilon: float = 1e-6
+  kv_heads: int | None = None
 
 
 class T5Layer(nn.Module):
@@ -336,7 +341,7 @@ class T5Layer(nn.Module):
     norm = functools.partial(nn.RMSNorm, epsilon=c.epsilon)
     bias = RelativePositionBias(c.heads, name="relpos_bias")(x.shape[1])
     y = norm(name="pre_attention_layer_norm")(x)
-    x = x + T5Attention(c.heads, c.head_dim, name="attention")(y, bias)
+    x = x + T5Attention(c.heads, c.head_dim, c.kv_heads, name="attention")(y, bias)
     y = norm(name="pre_mlp_layer_norm")(x)
     return x + T5Mlp(c.mlp_dim, c.gated, name="mlp")(y), None
 

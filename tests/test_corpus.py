@@ -252,6 +252,37 @@ def test_scanned_t5_gated_is_refused_and_its_up_down_chain_declared_by_hand():
   _adam_in_path_space_is_invariant(apply, params, blocks, tokens)
 
 
+def test_scanned_maxtext_style_grouped_query_attention():
+  # MaxText's layout: T5's names, layers scanned on axis 1, multi-axis kernels, and 4 query
+  # heads sharing 2 key-value heads: key and value (d, L, 2, head_dim), query (d, L, 4,
+  # head_dim), out (4, L, head_dim, d). The shapes tell the grouping; no head_dim is needed.
+  config = corpus.T5Config(gated=True, heads=4, kv_heads=2)
+  model, tokens = corpus.ScannedT5(config), _tokens()
+  params, _, apply = _linen_train_mode(model, tokens)
+  blocks = gsgd_jax.infer_blocks(params, "llama", query_key="plain")
+  attention = f"{T5_LAYER}/attention"
+  assert blocks[:2] == [
+    Block(
+      [
+        Layer(f"{attention}/query", input_axes=1, kv_heads=2),
+        Layer(f"{attention}/key", input_axes=1, transposed=True),
+      ],
+      stack_axis=1,
+    ),
+    Block(
+      [Layer(f"{attention}/value", input_axes=1), Layer(f"{attention}/out", input_axes=2,
+                                                         kv_heads=2)],
+      stack_axis=1,
+    ),
+  ]  # fmt: skip
+  _passes_in_both_precisions(apply, params, blocks, tokens)
+  ungrouped = [Block([Layer(f"{attention}/value", input_axes=1),
+                      Layer(f"{attention}/out", input_axes=2)], stack_axis=1)]  # fmt: skip
+  with pytest.raises(ValueError, match=r"gsgd_jax\.Layer\(\.\.\., kv_heads=\.\.\.\)"):
+    gsgd_jax.verify_invariance(apply, params, ungrouped, tokens)
+  _adam_in_path_space_is_invariant(apply, params, blocks, tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # A LLaMA-style decoder with Hugging Face's Flax names: RMSNorm, RoPE, SwiGLU, no biases.
 
