@@ -478,7 +478,7 @@ def read_levels(
   free, XLA's scheduler may put the pass first, and the gradient must then survive it in a
   kernel-sized temporary. So the quantities are stacked into one array and each layer's
   vectors read from it by one gather (a slice would become a slice of the one quantity
-  read, and the order would be lost). A chain of lists has one hidden level, and XLA
+  read, and the order would be lost). A chain of lists has at most one hidden level, and XLA
   orders its passes after its reads unaided. The memory tests check both.
   """
   if listed(struct):
