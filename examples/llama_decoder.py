@@ -1,20 +1,23 @@
 """AdamW in path space on a LLaMA-style decoder: gated feed-forward blocks, RoPE.
 
-What it shows: a byte-level decoder built like LLaMA (RMSNorm, rotary position
-embeddings, causal attention, SwiGLU feed-forward blocks, no biases, Hugging Face's
-names ``self_attn/{q,k,v,o}_proj`` and ``mlp/{gate,up,down}_proj``), its layers under
-``nn.scan``, trained with ``path_space(optax.adamw(...))``. There is no ReLU in it,
-yet it holds exact rescaling symmetries, and ``infer_blocks(params, "llama",
-query_key="half", head_dim=...)`` declares them, per layer and stacked on the scan
-axis:
+What it shows: a byte-level decoder built like LLaMA 3 (RMSNorm, rotary position
+embeddings, causal grouped-query attention, SwiGLU feed-forward blocks, no biases,
+Hugging Face's names ``self_attn/{q,k,v,o}_proj`` and ``mlp/{gate,up,down}_proj``),
+its layers under ``nn.scan``, trained with ``path_space(optax.adamw(...))``. There is
+no ReLU in it, yet it holds exact rescaling symmetries, and ``infer_blocks(params,
+"llama", query_key="half", head_dim=...)`` declares them, per layer and stacked on the
+scan axis:
 
 - ``[up_proj, down_proj]``: the gate only multiplies each hidden unit of that chain;
-- ``[v_proj, o_proj]``: a chain through the value dimensions of every head;
+- ``[v_proj, o_proj]``: a chain through the value dimensions of every key-value head;
+  each serves two query heads (grouped-query attention), so ``o_proj`` groups its
+  query heads two by two (``kv_heads``);
 - ``[q_proj, k_proj^T]``: the attention logits stay put when a query dimension is
   multiplied by ``c`` and the matching key dimension divided by ``c``; RoPE rotates
   pairs of dimensions, so each pair shares one factor, and the names cannot say which
   dimensions pair up: ``query_key="half"`` (Hugging Face's ``rotate_half``, as here)
-  or ``"interleaved"`` (Meta's and GPT-J's adjacent pairs).
+  or ``"interleaved"`` (Meta's and GPT-J's adjacent pairs); ``q_proj`` groups its
+  query heads as ``o_proj`` does.
 
 AdamW takes the rest: the gate, the norms, the embedding and the read-out.
 
@@ -69,15 +72,19 @@ def rope(x: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
   heads: int
+  kv_heads: int  # grouped-query attention: each key-value head serves heads // kv_heads
   head_dim: int
 
   @nn.compact
   def __call__(self, x):
-    dense = functools.partial(nn.Dense, self.heads * self.head_dim, use_bias=False)
-    split = lambda y: y.reshape(*y.shape[:-1], self.heads, self.head_dim)
-    q = rope(split(dense(name="q_proj")(x)))
-    k = rope(split(dense(name="k_proj")(x)))
-    v = split(dense(name="v_proj")(x))
+    dense = functools.partial(nn.Dense, use_bias=False)
+    split = lambda y: y.reshape(*y.shape[:-1], -1, self.head_dim)
+    # Query head h reads key-value head h // (heads // kv_heads) (Hugging Face's
+    # repeat_kv).
+    shared = lambda y: jnp.repeat(y, self.heads // self.kv_heads, axis=-2)
+    q = rope(split(dense(self.heads * self.head_dim, name="q_proj")(x)))
+    k = shared(rope(split(dense(self.kv_heads * self.head_dim, name="k_proj")(x))))
+    v = shared(split(dense(self.kv_heads * self.head_dim, name="v_proj")(x)))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(self.head_dim)
     causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
     weights = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
@@ -100,13 +107,14 @@ class GatedFeedForward(nn.Module):
 
 class DecoderLayer(nn.Module):
   heads: int
+  kv_heads: int
   head_dim: int
   hidden: int
 
   @nn.compact
   def __call__(self, x, _):
     y = nn.RMSNorm(name="input_layernorm")(x)
-    x = x + Attention(self.heads, self.head_dim, name="self_attn")(y)
+    x = x + Attention(self.heads, self.kv_heads, self.head_dim, name="self_attn")(y)
     y = nn.RMSNorm(name="post_attention_layernorm")(x)
     return x + GatedFeedForward(self.hidden, name="mlp")(y), None
 
@@ -116,6 +124,7 @@ class Decoder(nn.Module):
 
   dim: int
   heads: int
+  kv_heads: int
   hidden: int
   depth: int
 
@@ -129,7 +138,8 @@ class Decoder(nn.Module):
       length=self.depth,
     )
     head_dim = self.dim // self.heads
-    x, _ = layers(self.heads, head_dim, self.hidden, name="layers")(x, None)
+    layer = layers(self.heads, self.kv_heads, head_dim, self.hidden, name="layers")
+    x, _ = layer(x, None)
     x = nn.RMSNorm(name="norm")(x)
     return nn.Dense(256, use_bias=False, name="lm_head")(x)
 
@@ -139,6 +149,7 @@ def main(argv=None):
   parser.add_argument("--tiny", action="store_true", help="a smoke run (seconds)")
   args = parser.parse_args(argv)
   dim, heads, hidden, depth = (32, 2, 64, 2) if args.tiny else (64, 4, 176, 4)
+  kv_heads = heads // 2
   # Bytes per window, windows per batch, training steps, steps of the rescaling check.
   seq, batch, steps, short = (32, 8, 30, 10) if args.tiny else (128, 16, 300, 20)
   head_dim = dim // heads
@@ -151,12 +162,13 @@ def main(argv=None):
     starts = rng.integers(0, len(text[split]) - seq - 1, count)
     return jnp.asarray(text[split][starts[:, None] + np.arange(seq + 1)])
 
-  model = Decoder(dim, heads, hidden, depth)
+  model = Decoder(dim, heads, kv_heads, hidden, depth)
   sample = windows("train", batch)[:, :-1]
   # One compiled init instead of one small program per parameter.
   params = jax.jit(model.init)(jax.random.key(0), sample)["params"]
-  # q_proj and k_proj keep all heads on one axis, (dim, heads * head_dim): head_dim
-  # tells where each head's RoPE pairs lie.
+  # The projections keep all heads on one axis, (dim, heads * head_dim): head_dim
+  # tells where each head's RoPE pairs lie, and which query heads share a key-value
+  # head.
   declare = functools.partial(gsgd_jax.infer_blocks, params, "llama", head_dim=head_dim)
   blocks = declare(query_key="half")
   for block in blocks:
