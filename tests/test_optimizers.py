@@ -192,3 +192,20 @@ def test_scanned_transformer_step_holds_no_kernel_sized_temporary_beyond_adamw(m
     ts.temp_bytes(ts.compiled_step(name, c, USER_PIPELINE)[0]) for name in ts.OPTIMIZERS
   )
   assert path < adamw + largest / 2, (path, adamw, largest)
+
+
+def test_grouped_query_decoder_step_holds_no_kernel_sized_temporary_beyond_adamw():
+  # Grouped-query attention: the passes over the grouped output and query kernels still
+  # read each kernel once, in its own shape.
+  import corpus
+
+  config = corpus.LlamaConfig(d=64, heads=8, kv_heads=2, hidden=128)
+  model, tokens = corpus.Llama(config, scanned=True), jnp.zeros((2, 16), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  blocks = gsgd_jax.infer_blocks(params, "llama", query_key="half", head_dim=config.head_dim)
+  params = gsgd_jax.set_skeleton(params, blocks)
+  loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)
+  largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
+  adamw = optax.adamw(1e-3)
+  path = _step_temp_bytes(gsgd_jax.path_space(adamw, layers=blocks, fallback=adamw), params, loss)
+  assert path < _step_temp_bytes(adamw, params, loss) + largest / 2, (path, largest)
