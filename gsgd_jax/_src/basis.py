@@ -574,16 +574,16 @@ def propagate(
     return _written_out(struct, start, sources, scales, shifts, keeps, reverse)
   steps, width = sources.shape
   dtype = start.dtype
-  fills = (1, 0)
-  scales_, shifts_ = (
-    jnp.full((steps, width), fill, dtype)
-    if x is None
-    else (x if isinstance(x, jax.Array) else stack_rows(struct, x, fill, dtype))
-    for x, fill in zip((scales, shifts), fills, strict=True)
-  )
+
+  def table(x, fill: float) -> Array:
+    """Per-layer vectors as a ``(L, W)`` table (``None``: all ``fill``)."""
+    if x is None:
+      return jnp.full((steps, width), fill, dtype)
+    return x if isinstance(x, jax.Array) else stack_rows(struct, x, fill, dtype)
+
   keeps = np.ones((steps, width), bool) if keeps is None else keeps
   start = jax.lax.pad(start, jnp.zeros((), dtype), [(0, width - start.shape[0], 0)])
-  rows = (jnp.asarray(sources), scales_, shifts_, jnp.asarray(keeps))
+  rows = (jnp.asarray(sources), table(scales, 1), table(shifts, 0), jnp.asarray(keeps))
   _, ys = jax.lax.scan(_step, start, rows, reverse=reverse, unroll=steps <= UNROLLED_LEVELS)
   return jnp.concatenate([ys, start[None]] if reverse else [start[None], ys])
 
@@ -609,7 +609,8 @@ def _written_out(struct, start, sources, scales, shifts, keeps, reverse) -> list
 
 def _periodic_take(y: Array, source: np.ndarray) -> Array:
   """``y[source]`` for a per-node index map known when tracing: by tiling where it is
-  ``j mod len(y)`` (every skeleton map is), else one gather."""
+  ``j mod len(y)`` (every skeleton map is), else one gather (the rows of the index tables
+  where a map is undefined, at the chain's ends, hold 0: levels never read)."""
   if np.array_equal(source, np.arange(len(source)) % y.shape[0]):
     return periodic(y, len(source))
   return y[jnp.asarray(source)]
@@ -830,8 +831,8 @@ class PathGradients(NamedTuple):
   biases: list[Array | None]
   products: SkeletonProducts
   output_norms: Array | None = None  # a normalized chain's N^2 per output node
-  # A normalized chain's N^2 of the output each node's forward chain ends at, stacked
-  # (L + 1, W) as ``output_norms`` returns it; what the gradients above were multiplied by.
+  # A normalized chain's N^2 of the output each node's forward chain ends at, a per-node
+  # quantity as ``output_norms`` returns it; what the gradients above were multiplied by.
   end_norms: PerNode | None = None
 
 
@@ -1126,9 +1127,8 @@ def weight_allocation(
   inv_back = per_level(reciprocal, products.back)
 
   # Level k of the skeleton steps is level k's (level L, never read, pads the table).
-  zeros = jnp.zeros(tables.widths[-1], ct)
   if isinstance(skeleton_steps, list):
-    steps = [*skeleton_steps, zeros]
+    steps = [*skeleton_steps, jnp.zeros(tables.widths[-1], ct)]
   else:
     steps = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
   output_scales = None

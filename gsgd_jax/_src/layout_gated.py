@@ -239,30 +239,39 @@ def _query_key(
       "one, or leave query_key=None"
     )
   pairs = None if query_key == "plain" else query_key
-  copy = q_copy
-  one_axis = len(copy) == 2  # (d, heads * head_dim)
+  one_axis = len(q_copy) == 2  # (d, heads * head_dim)
   if pairs is not None and one_axis and head_dim is None:
     raise Refusal(
       f"the query kernel {names([query])} in {where!r} keeps every head on one axis "
-      f"{copy}: pass head_dim, the size of one head, for RoPE's pairs"
+      f"{q_copy}: pass head_dim, the size of one head, for RoPE's pairs"
     )
-  if one_axis and head_dim is not None and copy[-1] % head_dim:
+  if one_axis and head_dim is not None and q_copy[-1] % head_dim:
     raise Refusal(
       f"head_dim={head_dim} does not divide the query kernel {names([query])} in {where!r} "
-      f"(one copy {copy}): it is the size of one of its heads"
+      f"(one copy {q_copy}): it is the size of one of its heads"
     )
-  if not one_axis and head_dim is not None and head_dim != copy[-1]:
+  if not one_axis and head_dim is not None and head_dim != q_copy[-1]:
     raise Refusal(
       f"head_dim={head_dim} does not apply to the query kernel {names([query])} in {where!r} "
-      f"(one copy {copy}, query_key={query_key!r}), whose heads are {copy[-1]} wide"
+      f"(one copy {q_copy}, query_key={query_key!r}), whose heads are {q_copy[-1]} wide"
     )
-  needs_head = one_axis and (pairs is not None or kv_heads is not None)
-  options = {"pairs": pairs, "head_dim": head_dim if needs_head else None}
+  # head_dim where one axis holds every head: for the pairs of both, and the query's groups.
+  head = head_dim if one_axis else None
   entries = [
-    Layer(query.path, input_axes=1, kv_heads=kv_heads, **options),
-    Layer(key.path, input_axes=1, transposed=True, **options)
-    if pairs is not None
-    else Layer(key.path, input_axes=1, transposed=True),
+    Layer(
+      query.path,
+      input_axes=1,
+      pairs=pairs,
+      head_dim=head if pairs is not None or kv_heads is not None else None,
+      kv_heads=kv_heads,
+    ),
+    Layer(
+      key.path,
+      input_axes=1,
+      transposed=True,
+      pairs=pairs,
+      head_dim=head if pairs is not None else None,
+    ),
   ]
   return Block(entries, stack_axis=reading.axis)
 

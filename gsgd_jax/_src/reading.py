@@ -136,14 +136,10 @@ def sides(kernel_shape: tuple[int, ...], reading: Reading) -> tuple[Side, Side]:
   shape = lambda axes: tuple(kernel_shape[a] for a in axes)
   pairs_in = reading.pairs if reading.transposed else None
   pairs_out = None if reading.transposed else reading.pairs
-  groups_in, groups_out = (_groups(shape(axes), reading) for axes in (inputs, outputs))
-  if reading.grouped != "inputs":
-    groups_in = 1
-  if reading.grouped != "outputs":
-    groups_out = 1
+  groups = lambda axes, name: _groups(shape(axes), reading) if reading.grouped == name else 1
   return (
-    side(inputs, shape(inputs), pairs_in, reading.head_dim, groups_in),
-    side(outputs, shape(outputs), pairs_out, reading.head_dim, groups_out),
+    side(inputs, shape(inputs), pairs_in, reading.head_dim, groups(inputs, "inputs")),
+    side(outputs, shape(outputs), pairs_out, reading.head_dim, groups(outputs, "outputs")),
   )
 
 
@@ -173,10 +169,9 @@ def check(name: str, kernel_shape: tuple[int, ...], reading: Reading) -> str | N
       f"is not made of heads of an even head_dim ({head}): rotary position embeddings pair "
       "each head's dimensions. For a kernel (d, heads * head_dim), pass head_dim."
     )
-  if reading.kv_heads is not None:
-    why = _check_groups(name, kernel_shape, reading)
-    if why is not None:
-      return why
+  why = _check_groups(name, kernel_shape, reading)
+  if why is not None:
+    return why
   features = len(kernel_shape) - reading.input_axes
   if reading.pairs is not None and reading.head_dim is None and features == 1:
     return (
