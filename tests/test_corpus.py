@@ -252,6 +252,7 @@ def test_scanned_t5_gated_is_refused_and_its_up_down_chain_declared_by_hand():
   _adam_in_path_space_is_invariant(apply, params, blocks, tokens)
 
 
+@pytest.mark.slow  # the scanned LLaMA 3-style decoder above runs in `make test`
 def test_scanned_maxtext_style_grouped_query_attention():
   # MaxText's layout: T5's names, layers scanned on axis 1, multi-axis kernels, and 4 query
   # heads sharing 2 key-value heads: key and value (d, L, 2, head_dim), query (d, L, 4,
@@ -308,7 +309,10 @@ def test_llama_decoder(scanned):
   )  # fmt: skip
 
 
-@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize(
+  "scanned",
+  [pytest.param(False, id="unrolled", marks=pytest.mark.slow), pytest.param(True, id="scanned")],
+)
 def test_llama_decoder_with_grouped_query_attention(scanned):
   # LLaMA 3's and Mistral's layout: 4 query heads share 2 key-value heads, k_proj and v_proj
   # (d, kv_heads * head_dim), q_proj and o_proj (d, heads * head_dim) and back.

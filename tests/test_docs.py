@@ -292,8 +292,18 @@ def test_getting_started_shows_the_readme_quick_start():
   assert quoted.count("```python") == 1
 
 
+# The slowest section (a BatchNorm ResNet and PlainNet, compiled several times) runs in
+# `make test-all` only.
+_SLOW_SECTIONS = {"Normalization layers"}
+
+
 @pytest.mark.parametrize(
-  "title", [title for title, blocks in _sections("docs/guide.md").items() if blocks]
+  "title",
+  [
+    pytest.param(title, marks=pytest.mark.slow) if title in _SLOW_SECTIONS else title
+    for title, blocks in _sections("docs/guide.md").items()
+    if blocks
+  ],
 )
 def test_guide_section_runs_alone(title):
   # Each section runs in a namespace of its own: its first block imports and builds

@@ -194,6 +194,7 @@ def test_scanned_transformer_step_holds_no_kernel_sized_temporary_beyond_adamw(m
   assert path < adamw + largest / 2, (path, adamw, largest)
 
 
+@pytest.mark.slow  # the LLaMA decoder's memory test above runs in `make test`
 def test_grouped_query_decoder_step_holds_no_kernel_sized_temporary_beyond_adamw():
   # Grouped-query attention: the passes over the grouped output and query kernels still
   # read each kernel once, in its own shape.
