@@ -643,13 +643,14 @@ def test_llama_layout_leaves_alone_scopes_that_are_no_block():
 
 # ----------------------------------------------------------------------------
 # Grouped-query attention: kv_heads key-value heads, each shared by heads // kv_heads
-# consecutive query heads (Hugging Face's repeat_kv).
+# consecutive query heads (Hugging Face's repeat_kv); one key-value head is multi-query
+# attention.
 
 GQA_HEADS, GQA_KV, GQA_HEAD_DIM, GQA_D = 4, 2, 4, 8
 
 
-def _gqa_params(multi_axis, rng):
-  h, kv, e, d = GQA_HEADS, GQA_KV, GQA_HEAD_DIM, GQA_D
+def _gqa_params(multi_axis, rng, kv=GQA_KV):
+  h, e, d = GQA_HEADS, GQA_HEAD_DIM, GQA_D
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]))
   if multi_axis:  # DenseGeneral: (d, heads, head_dim) and (heads, head_dim, d)
     shapes = {"q": (d, h, e), "k": (d, kv, e), "v": (d, kv, e), "o": (h, e, d)}
@@ -659,7 +660,8 @@ def _gqa_params(multi_axis, rng):
 
 
 def _gqa_apply(p, x):
-  h, kv, e = GQA_HEADS, GQA_KV, GQA_HEAD_DIM
+  h, e = GQA_HEADS, GQA_HEAD_DIM
+  kv = p["k"]["kernel"].size // (GQA_D * e)
   heads = lambda name, n: (x @ p[name]["kernel"].reshape(GQA_D, -1)).reshape(*x.shape[:2], n, e)
   shared = lambda z: jnp.repeat(z, h // kv, axis=2)
   q = corpus.rotary(heads("q", h))
@@ -669,22 +671,23 @@ def _gqa_apply(p, x):
   return mixed.reshape(*x.shape[:2], -1) @ p["o"]["kernel"].reshape(h * e, GQA_D)
 
 
+@pytest.mark.parametrize("kv", [GQA_KV, 1], ids=["grouped", "multi-query"])
 @pytest.mark.parametrize("multi_axis", [False, True], ids=["hugging-face", "dense-general"])
-def test_grouped_query_attention_chains_are_invariant(multi_axis):
+def test_grouped_query_attention_chains_are_invariant(multi_axis, kv):
   rng = np.random.default_rng(11)
-  params = _gqa_params(multi_axis, rng)
+  params = _gqa_params(multi_axis, rng, kv)
   x = jnp.asarray(rng.normal(size=(2, 5, GQA_D)))
   axes = 2 if multi_axis else 1
   head_dim = None if multi_axis else GQA_HEAD_DIM
   rope = {"pairs": "half", "head_dim": head_dim}
   blocks = [
     gsgd_jax.Block(
-      [Layer("q", input_axes=1, kv_heads=GQA_KV, **rope),
+      [Layer("q", input_axes=1, kv_heads=kv, **rope),
        Layer("k", input_axes=1, transposed=True, **rope)]
     ),
     gsgd_jax.Block(
       ["v" if not multi_axis else Layer("v", input_axes=1),
-       Layer("o", input_axes=axes, head_dim=head_dim, kv_heads=GQA_KV)]
+       Layer("o", input_axes=axes, head_dim=head_dim, kv_heads=kv)]
     ),
   ]  # fmt: skip
   assert gsgd_jax.infer_blocks(params, "llama", query_key="half", head_dim=head_dim) == blocks

@@ -114,7 +114,8 @@ class Layer:
       head's dimensions.
     kv_heads: ``None`` (default), or the number of key-value heads of grouped-query
       attention, on a query or output kernel (see above); the query heads must be a
-      multiple of it. The side grouped is the one facing the chain's other layer.
+      multiple of it (1: multi-query attention). The side grouped is the one facing
+      the chain's other layer.
 
   Example:
     >>> import gsgd_jax
