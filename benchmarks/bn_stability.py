@@ -3,8 +3,9 @@ paths do.
 
 A PlainNet-BN (3x3 convolutions over three stages of 16, 32 and 64 channels, each followed
 by BatchNorm and ReLU; docs/math.md, "Where the blocks go") trained on the first
-``--train`` Fashion-MNIST images with batch 128, SGD and G-SGD (normalized blocks) from the
-same start (skeleton weights 1), at each learning rate of ``--lrs``, for each seed. Besides
+``--train`` Fashion-MNIST images with batch 128, SGD, G-SGD (normalized blocks) and G-SGD
+with the implicit decay (``implicit_decay=True``) from the same start (skeleton weights 1),
+at each learning rate of ``--lrs``, for each seed. Besides
 the loss, every run reports what the diagnosis of G-SGD at lr 1.0 turned on: how many
 skeleton ratios the guard clipped, the smallest outgoing skeleton weight of a norm's node
 relative to its convolution's column norm, and the largest BatchNorm bias (a norm's bias
@@ -13,7 +14,7 @@ Test accuracy on the first 5000 test images, in evaluation mode and with the Bat
 statistics recalibrated for the final weights.
 
     python -m benchmarks.bn_stability [--depth 32] [--lrs 1.0] [--seeds 0,1,2]
-        [--optimizers SGD,G-SGD] [--steps 150] [--train 25600] [--out DIR]
+        [--optimizers SGD,G-SGD,G-SGD-decay] [--steps 150] [--train 25600] [--out DIR]
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ BATCH = 128
 TEST = 5000
 STAGES = (16, 32, 64)
 CHECKPOINTS = (10, 50, 100, 150, 300, 600, 1000)
-OPTIMIZERS = ("SGD", "G-SGD")
+OPTIMIZERS = ("SGD", "G-SGD", "G-SGD-decay")
+"""SGD, the exact G-SGD, and G-SGD with SGD's implicit decay on its normalized blocks
+(``implicit_decay=True``)."""
 
 
 def floats(text: str) -> list[float]:
@@ -73,7 +76,10 @@ def run(kind: str, lr: float, seed: int, depth: int, steps: int, ds) -> dict[str
   params, model_state = loop.split_variables(variables)
   blocks = model.gsgd_blocks()
   params = gsgd_jax.set_skeleton(params, blocks)  # the same start for both optimizers
-  tx = gsgd_jax.gsgd(lr, layers=blocks) if kind == "G-SGD" else optax.sgd(lr)
+  if kind == "SGD":
+    tx = optax.sgd(lr)
+  else:
+    tx = gsgd_jax.gsgd(lr, layers=blocks, implicit_decay=kind == "G-SGD-decay")
   chunk = loop.make_chunk(model, tx, scan=loop.use_scan(model))
   state = tx.init(params)
   order = np.random.default_rng([seed, 7]).permutation(len(x_train))
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--lrs", type=floats, default=[1.0])
   parser.add_argument("--seeds", type=ints, default=[0, 1, 2])
   parser.add_argument(
-    "--optimizers", type=lambda t: t.split(","), default=list(OPTIMIZERS), help="SGD,G-SGD"
+    "--optimizers", type=lambda t: t.split(","), default=list(OPTIMIZERS), help=",".join(OPTIMIZERS)
   )
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--train", type=int, default=25600, help="first N training images")

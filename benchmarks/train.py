@@ -112,6 +112,7 @@ OPTIMIZER_KEYS = {
   "lr_grid",
   "momentum",
   "normalized",
+  "implicit_decay",
   "declaration",
   "skeleton_init",
   "weight_decay",
@@ -132,6 +133,7 @@ KINDS = (
   "path_adamw",
 )
 WEIGHT_DECAY_KINDS = ("adamw", "path_adamw")
+DECAY_KINDS = ("gsgd", "g_momentum")
 MODEL_KINDS = ("mlp", "cnn", "resnet", "plainnet_bn", "resnet_bn", "vit")
 BN_KINDS = ("plainnet_bn", "resnet_bn")
 IMAGE_KINDS = ("cnn", "resnet", *BN_KINDS, "vit")
@@ -200,6 +202,11 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: normalized = false needs a BatchNorm model "
       f"({', '.join(BN_KINDS)})"
+    )
+  if opt.get("implicit_decay") and opt["kind"] not in DECAY_KINDS:
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: implicit_decay applies to kinds "
+      f"{' and '.join(DECAY_KINDS)}, not {opt['kind']}"
     )
   declaration = opt.get("declaration", "blocks")
   if declaration not in DECLARATIONS:
@@ -363,6 +370,7 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
   """The optax optimizer of config entry ``opt`` with base learning rate ``lr``."""
   schedule = make_schedule(opt, lr, steps_per_epoch)
   momentum = opt.get("momentum", 0.9)
+  decay = opt.get("implicit_decay", False)
 
   def adamw():
     # One AdamW for the path values and another for the weights outside the blocks: the
@@ -374,8 +382,10 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
     "momentum": lambda: optax.sgd(schedule, momentum=momentum),
     "adam": lambda: optax.adam(schedule),
     "adamw": adamw,
-    "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers),
-    "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers),
+    "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers, implicit_decay=decay),
+    "g_momentum": lambda: gsgd_jax.g_momentum(
+      schedule, momentum, layers=layers, implicit_decay=decay
+    ),
     "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
     "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
     "path_adamw": lambda: gsgd_jax.path_space(adamw(), layers=layers, fallback=adamw()),

@@ -373,6 +373,23 @@ def test_a_state_made_without_renormalize_is_refused_by_name():
   chex.assert_trees_all_equal(state, want)
 
 
+@pytest.mark.filterwarnings("ignore:a block of `layers` has one layer:UserWarning")
+def test_a_state_made_without_implicit_decay_is_refused_by_name():
+  params, blocks = _normalized_problem()
+  grads = jax.tree.map(jnp.ones_like, params)
+  state = gsgd_jax.gsgd(0.1, layers=blocks).init(params)
+  decayed = gsgd_jax.g_momentum(0.1, layers=blocks, implicit_decay=True)
+  with pytest.raises(
+    ValueError,
+    match=r"rate norms of 0 normalized blocks, but `layers` declares 1 and implicit_decay=True",
+  ):
+    decayed.update(grads, state, params)
+  # Its own state holds one rate per output node, 1 at init.
+  chex.assert_trees_all_equal(decayed.init(params).rate_norms, (jnp.ones(4),))
+  with pytest.raises(ValueError, match="implicit_decay=True needs renormalize=True"):
+    gsgd_jax.gsgd(0.1, layers=blocks, implicit_decay=True, renormalize=False)
+
+
 @pytest.mark.parametrize("make", [gsgd_jax.g_adam, gsgd_jax.g_momentum])
 def test_a_state_made_on_params_of_another_width_is_refused_by_name(make):
   (params, _), (narrow, _) = _mlp(widths=(3, 5, 2)), _mlp(widths=(3, 4, 2))

@@ -246,6 +246,10 @@ INVARIANT = {
   "gsgd": lambda layers: gsgd_jax.gsgd(0.05, layers=layers),
   "gsgd_momentum": lambda layers: gsgd_jax.gsgd(0.02, momentum=0.9, layers=layers),
   "path_space_sgd_schedule": lambda layers: gsgd_jax.path_space(optax.sgd(SCHEDULE), layers=layers),
+  "gsgd_implicit_decay": lambda layers: gsgd_jax.gsgd(0.3, layers=layers, implicit_decay=True),
+  "gsgd_momentum_implicit_decay": lambda layers: gsgd_jax.gsgd(
+    0.1, momentum=0.9, layers=layers, implicit_decay=True
+  ),
 }
 
 
@@ -295,8 +299,10 @@ def _trajectory_gap(problem, layers, make, seed=5, rescale=gsgd_jax.random_resca
   [
     ("plainnet", "gsgd"),
     ("plainnet", "path_space_sgd_schedule"),
+    ("plainnet", "gsgd_implicit_decay"),
     ("resnet", "gsgd"),
     ("resnet", "gsgd_momentum"),
+    ("resnet", "gsgd_momentum_implicit_decay"),
   ],
 )
 def test_bn_training_is_invariant_under_g_and_output_rescaling(model, name):
@@ -502,6 +508,64 @@ def test_renormalization_undoes_the_growth_and_changes_no_training_mode_output()
 
 
 # ----------------------------------------------------------------------------
+# The implicit decay (docs/math.md, normalization layers): the rate norms follow SGD's.
+
+
+def _unit_columns(params, names):
+  """``params`` with every output column of the kernels ``names`` scaled to norm 1."""
+  params = dict(params)
+  for name in names:
+    kernel = params[name]["kernel"]
+    norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1))))
+    params[name] = {**params[name], "kernel": kernel / norms}
+  return params
+
+
+@pytest.mark.parametrize("lr", [0.3, 1.0])
+def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr):
+  """Every convolution of a PlainNet-BN declared as a one-layer normalized block: from any
+  rescaling of the columns, G-SGD with the implicit decay follows SGD's outputs from the
+  unit-norm columns exactly (the same angular steps, rho_k equal to SGD's squared column
+  norm), where the exact G-SGD (no decay) and SGD from the rescaled columns do not."""
+  module, _, shape = MODELS["plainnet"]
+  convs = [f"conv{i}" for i in range(len(module.channels))]
+  layers = [gsgd_jax.Block([name], normalized=True) for name in convs]
+  problem = linen_norm(module, layers, shape)
+  unit = _unit_columns(problem.params, convs)
+  rescaled = gsgd_jax.random_rescale(unit, layers, jax.random.key(3))
+  observe = lambda p: problem.forward(p, problem.x)
+  sgd = optax.sgd(lr)
+  decayed = gsgd_jax.gsgd(lr, layers=layers, implicit_decay=True)
+  (sgd_params, _), want = train_scan(sgd, unit, problem.loss, STEPS, observe)
+  (_, state), got = train_scan(decayed, rescaled, problem.loss, STEPS, observe)
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * scale)
+  assert float(jnp.max(jnp.abs(want[-1] - observe(unit)))) > 0.1 * scale, "nothing trained"
+  # rho is SGD's squared column norm after the same steps.
+  sgd_norms = [jnp.sum(jnp.square(sgd_params[n]["kernel"]), axis=(0, 1, 2)) for n in convs]
+  chex.assert_trees_all_close(state.rate_norms, tuple(sgd_norms), rtol=1e-10)
+  assert max(float(jnp.max(r)) for r in state.rate_norms) > 1.02, "no norm grew"
+  for other, start in ((gsgd_jax.gsgd(lr, layers=layers), rescaled), (sgd, rescaled)):
+    _, trace = train_scan(other, start, problem.loss, STEPS, observe)
+    assert float(jnp.max(jnp.abs(trace - want))) > 1e-2 * scale
+
+
+def test_implicit_decay_slows_the_normalized_steps_as_the_rate_norms_grow():
+  """With a constant learning rate, the angle each normalized column turns through falls
+  as rho grows (the exact step keeps it at lr G): measured on the PlainNet-BN blocks."""
+  module, blocks, shape = MODELS["plainnet"]
+  problem = linen_norm(module, blocks(), shape)
+  tx = gsgd_jax.gsgd(1.0, layers=problem.layers, implicit_decay=True)
+  (_, state), _ = train_scan(tx, problem.params, problem.loss, STEPS, lambda _: 0)
+  rates = np.concatenate([np.asarray(r) for r in state.rate_norms])
+  assert np.all(rates >= 1 - 1e-12) and np.max(rates) > 1.5, rates
+  # The rates are invariant: the same from a rescaled start.
+  rescaled = gsgd_jax.random_rescale(problem.params, problem.layers, jax.random.key(4))
+  (_, again), _ = train_scan(tx, rescaled, problem.loss, STEPS, lambda _: 0)
+  chex.assert_trees_all_close(again.rate_norms, state.rate_norms, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------
 # The new blocks in NNX, with probes, inject_hyperparams and orbax.
 
 
@@ -571,9 +635,9 @@ def test_bn_stability_benchmark_writes_its_report(tmp_path):
   from benchmarks import bn_stability
 
   argv = ["--depth", "3", "--steps", "10", "--seeds", "0", "--train", "512"]
-  bn_stability.main([*argv, "--optimizers", "G-SGD,SGD", "--out", str(tmp_path)])
+  bn_stability.main([*argv, "--optimizers", "G-SGD,SGD,G-SGD-decay", "--out", str(tmp_path)])
   result = json.loads((tmp_path / "bn_stability.json").read_text())
-  assert [r["optimizer"] for r in result["runs"]] == ["G-SGD", "SGD"]
+  assert [r["optimizer"] for r in result["runs"]] == ["G-SGD", "SGD", "G-SGD-decay"]
   with pytest.raises(SystemExit):
     bn_stability.main([*argv, "--optimizers", "Adam"])
   for r in result["runs"]:

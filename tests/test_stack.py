@@ -246,6 +246,10 @@ def _smaller_steps(name, divisor):
 FACTORIES = {
   **{name: _smaller_steps(name, 100 if name == "path_sgd" else 10) for name in OPTIMIZERS},
   "path_space_adamw": _path_space_adamw,
+  # Large enough steps that the rate norms move well away from 1.
+  "gsgd_implicit_decay": functools.partial(
+    make_optimizer, "gsgd", learning_rate=0.3, implicit_decay=True
+  ),
 }
 
 # Every optimizer of the table on some stack, the transformer recipe on the Linen one.
@@ -256,6 +260,7 @@ CASES = [
   ("linen_dense", "path_sgd"),
   ("linen_dense", "g_rmsprop"),
   ("conv_bn", "g_momentum"),
+  ("conv_bn", "gsgd_implicit_decay"),
   ("nnx", "g_nesterov"),
 ]
 

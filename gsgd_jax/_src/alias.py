@@ -24,6 +24,7 @@ def gsgd(
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
   clip_norm: float | None = None,
+  implicit_decay: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
 
@@ -55,6 +56,9 @@ def gsgd(
       from growing (see :func:`path_space`).
     clip_norm: clip the gradients by their global norm, measured invariantly
       (see :func:`path_space`).
+    implicit_decay: give normalized blocks SGD's learning-rate decay from the
+      growth of weights before a BatchNorm, invariantly; for large learning
+      rates in deep BatchNorm nets (see :func:`path_space`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -87,6 +91,7 @@ def gsgd(
     ratio_clip=ratio_clip,
     renormalize=renormalize,
     clip_norm=clip_norm,
+    implicit_decay=implicit_decay,
   )
 
 
@@ -100,6 +105,7 @@ def g_momentum(
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
   clip_norm: float | None = None,
+  implicit_decay: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
 
@@ -116,6 +122,8 @@ def g_momentum(
     ratio_clip: bounds of the skeleton path ratios.
     renormalize: keep the output norms of normalized blocks from growing.
     clip_norm: clip the gradients by their invariant global norm.
+    implicit_decay: give normalized blocks SGD's learning-rate decay from the
+      growth of weights before a BatchNorm (see :func:`gsgd_jax.path_space`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -156,6 +164,7 @@ def g_momentum(
     ratio_clip=ratio_clip,
     renormalize=renormalize,
     clip_norm=clip_norm,
+    implicit_decay=implicit_decay,
   )
 
 

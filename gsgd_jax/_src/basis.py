@@ -713,7 +713,7 @@ def basis_values(
 
 
 def _scatter_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, None]:
-  """One level of ``output_norms``' sum: every node adds ``y`` into its skeleton
+  """One level of ``_at_outputs``' sum: every node adds ``y`` into its skeleton
   target (module level, so that the scan compiles once per shape)."""
   target, keep, own = row
   y = jnp.zeros_like(y).at[target].add(jnp.where(keep, y, 0)) + own
@@ -727,16 +727,22 @@ def normalized_norms(
   if struct.stack is not None:
     return per_copy(struct, normalized_norms, (STACK, STACK), 0)(kernels, biases)
   products = skeleton_products(struct, kernels, compute_dtype(kernels[0].dtype))
-  return level(output_norms(struct, kernels, biases, products), struct, struct.depth)
+  return output_sums(struct, kernels, biases, products)
 
 
-def output_norms(
+def read_back(struct: ChainStructure, at_outputs: Array) -> PerNode:
+  """A per-output-node quantity read back along the skeleton chains: level ``k`` holds, for
+  each node of level ``k``, the value of the output node its forward chain ends at."""
+  return propagate(struct, at_outputs, struct.levels.up, reverse=True)
+
+
+def output_sums(
   struct: ChainStructure,
   kernels: Sequence[Array],
   biases: Sequence[Array | None],
   products: SkeletonProducts,
-) -> PerNode:
-  """``N^2`` of the output node each node's forward skeleton chain ends at, stacked.
+) -> Array:
+  """``N^2`` of every output node of a normalized chain.
 
   ``N_k^2`` sums the squared values of the owned paths ending at output node
   ``k`` (docs/math.md, normalized outputs): a node's own paths (its incoming
@@ -746,11 +752,9 @@ def output_norms(
   chains. One extra reduction per kernel (of ``(B w)^2``).
 
   Returns:
-    A per-node quantity: level ``k`` holds, for each node of level ``k``, the
-    ``N^2`` of its forward chain's output node (level ``L``: ``N^2`` itself).
+    ``N^2`` per output node (``read_back`` gives every node its chain's).
   """
   ct = _dtype(products.back)
-  tables = struct.levels
   own = []  # per layer k, on level k + 1: sum of v^2 of the paths owned by its edges
   for k, spec in enumerate(struct.layers):
     # v = B w F: the squares of B w summed per node, times F^2 once per node.
@@ -761,7 +765,7 @@ def output_norms(
     bias = None if b is None else b.astype(ct)
     total = _owned_square_sums(struct, k, weighted, bias, ct)
     own.append(total * jnp.square(level(products.forward, struct, k + 1)))
-  return propagate(struct, _at_outputs(struct, own, ct), tables.up, reverse=True)
+  return _at_outputs(struct, own, ct)
 
 
 def _owned_square_sums(
@@ -831,8 +835,9 @@ class PathGradients(NamedTuple):
   biases: list[Array | None]
   products: SkeletonProducts
   output_norms: Array | None = None  # a normalized chain's N^2 per output node
-  # A normalized chain's N^2 of the output each node's forward chain ends at, a per-node
-  # quantity as ``output_norms`` returns it; what the gradients above were multiplied by.
+  # A normalized chain's N^2 (over the rate norm, with the implicit decay) of the output
+  # each node's forward chain ends at, a per-node quantity as ``read_back`` returns it;
+  # what the gradients above were multiplied by.
   end_norms: PerNode | None = None
 
 
@@ -843,6 +848,7 @@ def inverse_chain_rule(
   kernel_grads: Sequence[Array],
   bias_grads: Sequence[Array | None],
   probe_sums: Sequence[Array | None] | None = None,
+  rate_norms: Array | None = None,
 ) -> PathGradients:
   """Basis-path gradients from weight gradients (docs/math.md).
 
@@ -860,12 +866,16 @@ def inverse_chain_rule(
   ``probe_sums[k]``, where given, is layer ``k``'s ``node_sums`` obtained
   elsewhere (a scale probe's ``s * dL/ds``, see ``gsgd_jax.probes``); it
   replaces the only full reduction of layer ``k``.
+
+  ``rate_norms``, where given (a normalized chain's implicit decay), is a positive
+  number per output node that the gradients of the paths ending there are divided
+  by, after their multiplication by ``N^2``.
   """
   if struct.stack is not None:
     out = (STACK, STACK, 0, 0, 0)
     return PathGradients(
-      *per_copy(struct, lambda *a: tuple(inverse_chain_rule(*a)), (STACK,) * 5, out)(
-        kernels, biases, kernel_grads, bias_grads, probe_sums
+      *per_copy(struct, lambda *a: tuple(inverse_chain_rule(*a)), (STACK,) * 5 + (0,), out)(
+        kernels, biases, kernel_grads, bias_grads, probe_sums, rate_norms
       )
     )
   specs, depth, tables = struct.layers, struct.depth, struct.levels
@@ -902,11 +912,12 @@ def inverse_chain_rule(
 
   norms = ends = None
   if struct.normalized:
-    # Every path's gradient times N^2 of the output node its forward chain ends at.
-    ends = output_norms(struct, kernels, biases, products)
+    # Every path's gradient times N^2 of the output node its forward chain ends at (over
+    # its rate norm, with the implicit decay).
+    norms = output_sums(struct, kernels, biases, products)
+    ends = read_back(struct, norms if rate_norms is None else norms / rate_norms.astype(ct))
     inv_fwd = per_level(jnp.multiply, inv_fwd, ends)
     carried = per_level(jnp.multiply, carried, ends)
-    norms = level(ends, struct, depth)
 
   # Read together, so that every layer's pass comes after all node sums (see `read_levels`).
   outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
@@ -1028,7 +1039,7 @@ def weight_allocation(
   products: SkeletonProducts,
   ratio_clip: tuple[float, float] | None,
   target_norms: Array | None = None,
-) -> tuple[list[Array], list[Array | None], Array]:
+) -> tuple[list[Array], list[Array | None], Array, Array | None]:
   """Weight updates that move every basis path from ``v`` to ``v + dv`` (docs/math.md).
 
   F stays fixed. Node ratios ``Q`` come from the outgoing skeleton paths::
@@ -1054,7 +1065,9 @@ def weight_allocation(
   landed sums take one more reduction per kernel, over ``B w F + dv``.
 
   Returns:
-    ``(kernel_updates, bias_updates, num_clipped)``.
+    ``(kernel_updates, bias_updates, num_clipped, landed_norms)``: ``landed_norms``
+    is ``N'^2`` per output node before the renormalization, where ``target_norms``
+    is given, else None.
   """
   if struct.stack is not None:
 
@@ -1064,10 +1077,10 @@ def weight_allocation(
       )
 
     in_axes = (STACK, STACK, STACK, STACK, 0, 0)
-    updates, bias_updates, clipped = per_copy(struct, one, in_axes, (STACK, STACK, 0))(
+    updates, bias_updates, clipped, landed = per_copy(struct, one, in_axes, (STACK, STACK, 0, 0))(
       kernels, biases, kernel_steps, bias_steps, products, target_norms
     )
-    return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32)
+    return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32), landed
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   # A ratio is used only where its outgoing edge is outside F (see free_outgoing_mask).
@@ -1131,7 +1144,7 @@ def weight_allocation(
     steps = [*skeleton_steps, jnp.zeros(tables.widths[-1], ct)]
   else:
     steps = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
-  output_scales = None
+  output_scales = landed = None
   if target_norms is not None:
     landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps)
     output_scales = _renormalizing_scales(target_norms.astype(ct), landed)
@@ -1170,4 +1183,4 @@ def weight_allocation(
     if rescale is not None:
       du = du * cols(rescale, spec) + w * cols(rescale - 1, spec)
     updates.append(du.astype(kernels[k].dtype))
-  return updates, bias_updates, num_clipped
+  return updates, bias_updates, num_clipped, landed

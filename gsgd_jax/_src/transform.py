@@ -32,12 +32,17 @@ class PathSpaceState(NamedTuple):
     output_norms: per block declared ``normalized=True``, in order, its ``N^2``
       per output node at ``init``: the norms that renormalization lands on
       (empty without normalized blocks or with ``renormalize=False``).
+    rate_norms: with ``implicit_decay=True``, per normalized block, in order, the
+      squared norm per output node that SGD's weights would have reached: 1 at
+      ``init``, multiplied every step by the factor the step grows ``N^2`` by
+      (empty otherwise).
   """
 
   inner_state: optax.OptState
   clipped_ratios: jax.Array
   total_clipped_ratios: jax.Array
   output_norms: tuple[jax.Array, ...] = ()
+  rate_norms: tuple[jax.Array, ...] = ()
 
 
 @functools.lru_cache(maxsize=64)
@@ -163,6 +168,14 @@ def _output_norms(
   )
 
 
+def _grown(rate: jax.Array, now: jax.Array, landed: jax.Array) -> jax.Array:
+  """``rate`` times ``landed / now``, the factor a step grew ``N^2`` by (kept where
+  either is zero or not finite); a ratio, so the same under the symmetries."""
+  ok = (now > 0) & (landed > 0) & jnp.isfinite(now) & jnp.isfinite(landed)
+  growth = jnp.where(ok, landed / jnp.where(ok, now, 1), 1)
+  return (rate * growth).astype(rate.dtype)
+
+
 def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
   """Per layer, the probe's ``s * dL/ds`` (``sum_i w g + b g_b``), or None."""
 
@@ -197,28 +210,36 @@ def _check_gradients(
 
 
 def _check_state(
-  state: PathSpaceState, blocks: tuple[structure.ChainStructure, ...], renormalize: bool
+  state: PathSpaceState,
+  blocks: tuple[structure.ChainStructure, ...],
+  renormalize: bool,
+  implicit_decay: bool,
 ) -> None:
   """Raises, naming the layer, when ``state`` was not made by this transformation's
   ``init`` on params of these shapes (another width, another declaration, or
-  another ``renormalize``)."""
-  if renormalize:
-    normalized = [block for block in blocks if block.normalized]
-    if len(state.output_norms) != len(normalized):
+  another ``renormalize`` or ``implicit_decay``)."""
+  normalized = [block for block in blocks if block.normalized]
+  for held, what, option, on in (
+    (state.output_norms, "output", "renormalize", renormalize),
+    (state.rate_norms, "rate", "implicit_decay", implicit_decay),
+  ):
+    if not on:
+      continue
+    if len(held) != len(normalized):
       raise ValueError(
-        f"gsgd_jax.path_space: the state holds the output norms of "
-        f"{len(state.output_norms)} normalized blocks, but `layers` declares "
-        f"{len(normalized)} and renormalize=True: the state was made by init of a "
-        "transformation with another declaration or with renormalize=False. Build both "
-        "with the same arguments, or call tx.init(params) again."
+        f"gsgd_jax.path_space: the state holds the {what} norms of {len(held)} "
+        f"normalized blocks, but `layers` declares {len(normalized)} and {option}=True: "
+        "the state was made by init of a transformation with another declaration or "
+        f"with {option}=False. Build both with the same arguments, or call "
+        "tx.init(params) again."
       )
-    for block, norms in zip(normalized, state.output_norms, strict=True):
+    for block, norms in zip(normalized, held, strict=True):
       expected = (
         (block.layers[-1].n_out,) if block.stack is None else (block.copies, block.layers[-1].n_out)
       )
       if tuple(norms.shape) != expected:
         raise ValueError(
-          f"layer {block.layers[-1].name!r}: the state holds output norms of shape "
+          f"layer {block.layers[-1].name!r}: the state holds {what} norms of shape "
           f"{tuple(norms.shape)} for its block, but the params give {expected}: the state "
           "was made by init on params of another width. Call tx.init(params) again."
         )
@@ -281,6 +302,7 @@ def path_space(
   ratio_clip: tuple[float, float] | None = DEFAULT_RATIO_CLIP,
   renormalize: bool = True,
   clip_norm: float | None = None,
+  implicit_decay: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
@@ -360,6 +382,21 @@ def path_space(
       ``clip_norm`` measures every leaf). A positive number; an array that is
       not positive (``optax.inject_hyperparams``) gives NaN updates. ``None``
       (default): no clipping here.
+    implicit_decay: for blocks declared ``normalized=True``: give their steps
+      the learning-rate decay that SGD gets from the growth of weights before a
+      BatchNorm, invariantly. SGD's step on such weights turns them by an angle
+      ``lr G / |w|^2`` (``G`` the invariant gradient norm) and grows ``|w|^2``,
+      so its effective rate falls as training goes on; the exact step turns
+      them by ``lr G`` at any norm, with no such decay, which makes large
+      learning rates (the paper's 1.0) unstable in deep BatchNorm nets. With
+      ``implicit_decay=True`` the gradients of the paths ending at output node
+      ``k`` are also divided by ``rho_k``, which starts at 1 and is multiplied
+      by every step's ``N'^2 / N^2`` (the factor the step, before the
+      renormalization, grows ``N_k^2`` by). On a one-layer block with ``inner``
+      SGD this is SGD from columns of norm 1, exactly (docs/math.md,
+      normalization layers). ``rho`` is invariant, so training stays
+      invariant. Needs ``renormalize=True``; ``clip_norm`` then measures
+      ``N_k dL/dv / rho_k^(1/2)``. ``False`` (default): the exact step.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -398,6 +435,11 @@ def path_space(
     if not 0 < low <= 1 <= high:
       raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
     ratio_clip = (low, high)
+  if implicit_decay and not renormalize:
+    raise ValueError(
+      "implicit_decay=True needs renormalize=True: the decay is measured by the growth "
+      "of N^2 that the renormalization undoes"
+    )
   if fallback is not None:
     inner = optax.partition(
       {"path": inner, "fallback": fallback}, lambda tree: block_labels(tree, decl)
@@ -407,15 +449,19 @@ def path_space(
   def init_fn(params):
     zero = jnp.zeros((), jnp.int32)
     if pytree.is_placeholder(params):  # optax.tree_map_params: the state's layout suffices
-      normalized = sum(block.normalized for block in decl.readings[0]) if renormalize else 0
-      return PathSpaceState(inner.init(params), zero, zero, (zero,) * normalized)
+      normalized = sum(block.normalized for block in decl.readings[0])
+      rates = (zero,) * (normalized if implicit_decay else 0)
+      return PathSpaceState(
+        inner.init(params), zero, zero, (zero,) * (normalized if renormalize else 0), rates
+      )
     blocks = structure.build_structure(params, decl)
     validate.check_skeleton(params, blocks)
     located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
     arrays = [slots.take(located.leaves) for slots in located.slots]
     norms = _compiled(_output_norms, blocks)(arrays) if renormalize else ()
+    rates = tuple(jnp.ones_like(n) for n in norms) if implicit_decay else ()
     start = _starting_values(params, blocks, arrays)
-    return PathSpaceState(inner.init(start), zero, zero, norms)
+    return PathSpaceState(inner.init(start), zero, zero, norms, rates)
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -424,15 +470,17 @@ def path_space(
     paths = structure.block_paths(blocks)
     located: Located = pytree.locate_blocks(params, paths, "params")
     block_params = [slots.take(located.leaves) for slots in located.slots]
-    _check_state(state, blocks, renormalize)
+    _check_state(state, blocks, renormalize, implicit_decay)
     _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
-    products, renormalize_to, sq_norms = [], [], []
-    targets = iter(state.output_norms)
+    products, renormalize_to, sq_norms, norms_now, rates = [], [], [], [], []
+    targets, held_rates = iter(state.output_norms), iter(state.rate_norms)
 
     def icr(b: int, grads: LayerArrays):
       _check_gradients(blocks[b], block_params[b], grads)
+      decays = implicit_decay and blocks[b].normalized
+      rates.append(next(held_rates) if decays else None)
       path_grads = basis.inverse_chain_rule(
         blocks[b],
         block_params[b].kernels,
@@ -440,8 +488,10 @@ def path_space(
         grads.kernels,
         grads.biases,
         _probe_sums(block_params[b], grads),
+        rates[b],
       )
       products.append(path_grads.products)
+      norms_now.append(path_grads.output_norms)
       if clip_norm is not None:
         sq_norms.append(
           basis.invariant_sq_norm(
@@ -463,10 +513,10 @@ def path_space(
     )
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
-    clipped = []
+    clipped, new_rates = [], []
 
     def allocate(b: int, steps: LayerArrays):
-      kernels, biases, num_clipped = basis.weight_allocation(
+      kernels, biases, num_clipped, landed = basis.weight_allocation(
         blocks[b],
         block_params[b].kernels,
         block_params[b].biases,
@@ -477,6 +527,10 @@ def path_space(
         renormalize_to[b],
       )
       clipped.append(num_clipped)
+      rate, now = rates[b], norms_now[b]
+      if rate is not None:  # a normalized block, renormalized: both norms are at hand
+        assert now is not None and landed is not None
+        new_rates.append(_grown(rate, now, landed))
       return kernels, biases
 
     new_updates = pytree.map_layers(
@@ -484,7 +538,11 @@ def path_space(
     )
     clipped_now = sum(clipped, jnp.zeros((), jnp.int32))
     return new_updates, PathSpaceState(
-      inner_state, clipped_now, state.total_clipped_ratios + clipped_now, state.output_norms
+      inner_state,
+      clipped_now,
+      state.total_clipped_ratios + clipped_now,
+      state.output_norms,
+      tuple(new_rates),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
