@@ -373,6 +373,16 @@ def test_clip_norm_keeps_the_output_rescaling_invariance_a_global_norm_clip_brea
   assert float(jnp.max(jnp.abs(loss_a - loss_b))) > 1e-3
 
 
+def test_clip_norm_with_the_implicit_decay_keeps_both_symmetries():
+  """``clip_norm`` measures ``N_k dL/dv / rho_k^(1/2)`` with the implicit decay: rho is
+  invariant, so the clipped steps are too."""
+  module, blocks, shape = MODELS["plainnet"]
+  problem = linen_norm(module, blocks(), shape)
+  clipped = lambda layers: gsgd_jax.gsgd(0.3, layers=layers, clip_norm=CLIP, implicit_decay=True)
+  gap, moved = _trajectory_gap(problem, problem.layers, clipped)
+  assert gap < 1e-9 and moved > 0.1, (gap, moved)
+
+
 def test_clip_norm_without_normalized_blocks_is_the_global_norm_clip_in_path_space():
   params, layers, loss, *_ = mlp((4, 7, 6, 3), skeleton=True, batch=16)
   grads = jax.grad(loss)(params)

@@ -641,16 +641,20 @@ def test_init_studies_cross_every_initialisation_with_every_declaration(name):
   from pathlib import Path
 
   config = train.load_config(str(Path(__file__).parent.parent / "configs" / name), {})
-  variants = {
+  variants = [
     (o["kind"], o.get("declaration", "blocks"), o.get("skeleton_init", True))
+    + ((True,) if o.get("implicit_decay") else ())
     for o in config["optimizers"]
-  }
-  assert variants == {
-    ("sgd", "blocks", False),
-    ("sgd", "blocks", True),
-    ("sgd", "stage_chains", True),
-    *((k, d, i) for k in ["gsgd"] for d in ["blocks", "stage_chains"] for i in [False, True]),
-  }
+  ]
+  assert sorted(variants) == sorted(
+    [
+      ("sgd", "blocks", False),
+      ("sgd", "blocks", True),
+      ("sgd", "stage_chains", True),
+      *((k, d, i) for k in ["gsgd"] for d in ["blocks", "stage_chains"] for i in [False, True]),
+      ("gsgd", "blocks", True, True),  # with SGD's implicit decay
+    ]
+  )
   assert all(o["lr_grid"] == [0.1, 0.3, 1.0] for o in config["optimizers"])
   point = train.sweep_points(config)[-1]
   model = train.make_model(config, point, 10)
