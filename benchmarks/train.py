@@ -468,7 +468,10 @@ def choose_lr(config, opt, point, ds, xy, progress) -> dict[str, Any]:
 
 
 def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
-  """Runs every (optimizer, sweep point, seed) not yet in ``out_dir/results.json``."""
+  """Runs every (optimizer, sweep point, seed) not yet in ``out_dir/results.json``.
+
+  Runs saved there are kept when the settings are the same and their optimizer's entry is
+  unchanged: adding an optimizer to a config runs that optimizer only."""
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, "results.json")
   results = {"config": config, "lr_choices": {}, "runs": []}
@@ -476,7 +479,13 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
     with open(path) as f:
       previous = json.load(f)
     if _settings(previous["config"]) == _settings(config):
-      results["lr_choices"], results["runs"] = previous["lr_choices"], previous["runs"]
+      kept = _unchanged_optimizers(previous["config"], config)
+      results["runs"] = [r for r in previous["runs"] if r["optimizer"] in kept]
+      results["lr_choices"] = {
+        key: choice
+        for key, choice in previous["lr_choices"].items()
+        if any(key == name or key.startswith(f"{name} (") for name in kept)
+      }
       if _per_point(config) and swept_key(config) == swept_key(previous["config"]):
         # Points run before (--sweep) stay; the summary covers them all, in order.
         key = swept_key(config)
@@ -545,12 +554,19 @@ def _per_point(config) -> bool:
   return bool(config.get("grid", {}).get("per_point", False))
 
 
+def _unchanged_optimizers(previous, config) -> set[str]:
+  """The names of the optimizer entries that ``config`` holds exactly as ``previous`` did."""
+  before = {opt["name"]: opt for opt in previous["optimizers"]}
+  return {opt["name"] for opt in config["optimizers"] if before.get(opt["name"]) == opt}
+
+
 def _settings(config) -> dict:
   """The config without what may change between resumed invocations: the seeds, what
-  only the summary reads (the description, ``compare``) and, where every swept value
-  chooses its own learning rates, the swept values (``--sweep`` adds points)."""
+  only the summary reads (the description, ``compare``), the optimizers (compared one by
+  one) and, where every swept value chooses its own learning rates, the swept values
+  (``--sweep`` adds points)."""
   settings = copy.deepcopy(config)
-  for key in ("seeds", "description", "compare"):
+  for key in ("seeds", "description", "compare", "optimizers"):
     settings.pop(key, None)
   if _per_point(config):
     settings.pop("sweep", None)

@@ -89,6 +89,13 @@ def test_resume_skips_finished_runs(tmp_path):
   assert len(resumed["runs"]) == 8
   assert resumed["runs"][0]["history"][-1]["test_accuracy"] == -1.0
   assert sorted({r["seed"] for r in resumed["runs"]}) == [0, 1]
+  # An optimizer added, or one changed, runs alone; the other's runs stay.
+  text = SMALL.replace('name = "G-SGD"\nkind = "gsgd"\nlr = 0.1', 'name = "G-SGD"\nkind = "gsgd"\nlr = 0.2')
+  text += '\n[[optimizers]]\nname = "Adam"\nkind = "adam"\nlr = 0.01\n'
+  changed = train.run_experiment(_config(tmp_path, text, seeds=[0, 1]), out, progress=False)
+  assert len(changed["runs"]) == 12
+  assert changed["runs"][0]["history"][-1]["test_accuracy"] == -1.0  # SGD's, kept
+  assert {r["lr"] for r in changed["runs"] if r["optimizer"] == "G-SGD"} == {0.2}
   # Changed settings start afresh.
   fresh = train.run_experiment(_config(tmp_path, epochs=1), out, progress=False)
   assert len(fresh["runs"]) == 4 and all(len(r["history"]) == 1 for r in fresh["runs"])
