@@ -7,7 +7,9 @@
 Writes ``DIR/results.json`` (every run: settings, seed, learning rate, per-epoch
 train loss, test accuracy, seconds and clipped path ratios), ``DIR/summary.md``
 (mean +- std over seeds) and PNG plots. Runs already in ``results.json`` with the
-same settings are skipped, so an interrupted sweep resumes where it stopped.
+same settings are skipped, so an interrupted sweep resumes where it stopped; the
+optimizers are compared entry by entry, so an optimizer added to a config (or changed)
+runs alone, and the runs of one removed leave the results.
 Everything is deterministic per seed (initialisation, batch order, augmentation).
 
 Config keys beyond the obvious ones:
@@ -39,7 +41,9 @@ Config keys beyond the obvious ones:
   PyTorch's ``MultiStepLR``: the factor applies from the first step of that epoch,
   counted from 0), ``momentum`` (default 0.9), ``weight_decay`` (``adamw`` and
   ``path_adamw``, default 1e-4) and ``normalized`` (default true; false declares the
-  BatchNorm models' blocks without the ``N^2`` scaling, an ablation) and ``declaration``
+  BatchNorm models' blocks without the ``N^2`` scaling, an ablation), ``implicit_decay``
+  (``gsgd`` and ``g_momentum`` on normalized blocks: SGD's learning-rate decay from the
+  growth of weights before a BatchNorm, ``gsgd_jax.path_space``'s option) and ``declaration``
   (``blocks``, default, or ``stage_chains``: a ``plainnet_bn``'s stages as chains straight
   through the BatchNorms, the authors' approximation; it also sets the skeleton pattern
   ``skeleton_init`` uses, for SGD too).
@@ -207,6 +211,12 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: implicit_decay applies to kinds "
       f"{' and '.join(DECAY_KINDS)}, not {opt['kind']}"
+    )
+  normalized_blocks = opt.get("normalized", True) and opt.get("declaration") != "stage_chains"
+  if opt.get("implicit_decay") and not (model_kind in BN_KINDS and normalized_blocks):
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: implicit_decay acts on normalized blocks, which "
+      "only the BatchNorm models' declaration 'blocks' with normalized = true has"
     )
   declaration = opt.get("declaration", "blocks")
   if declaration not in DECLARATIONS:
@@ -481,10 +491,10 @@ def run_experiment(config, out_dir, *, progress=True) -> dict[str, Any]:
     if _settings(previous["config"]) == _settings(config):
       kept = _unchanged_optimizers(previous["config"], config)
       results["runs"] = [r for r in previous["runs"] if r["optimizer"] in kept]
+      points = [*sweep_points(previous["config"]), *sweep_points(config)]
+      keys = {lr_choice_key(name, p, _per_point(config)) for name in kept for p in points}
       results["lr_choices"] = {
-        key: choice
-        for key, choice in previous["lr_choices"].items()
-        if any(key == name or key.startswith(f"{name} (") for name in kept)
+        key: choice for key, choice in previous["lr_choices"].items() if key in keys
       }
       if _per_point(config) and swept_key(config) == swept_key(previous["config"]):
         # Points run before (--sweep) stay; the summary covers them all, in order.

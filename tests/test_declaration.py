@@ -384,8 +384,17 @@ def test_a_state_made_without_implicit_decay_is_refused_by_name():
     match=r"rate norms of 0 normalized blocks, but `layers` declares 1 and implicit_decay=True",
   ):
     decayed.update(grads, state, params)
-  # Its own state holds one rate per output node, 1 at init.
-  chex.assert_trees_all_equal(decayed.init(params).rate_norms, (jnp.ones(4),))
+  # Its own state holds one rate per output node, 1 at init, which optax.tree_map_params
+  # (mapping the momentum, shaped like the params) leaves as it is.
+  own = decayed.init(params)
+  chex.assert_trees_all_equal(own.rate_norms, (jnp.ones(4),))
+  marked = optax.tree_map_params(decayed, lambda p: jnp.full_like(p, 7), own)
+  chex.assert_trees_all_equal_shapes_and_dtypes(marked, own)
+  chex.assert_trees_all_equal(marked.rate_norms, own.rate_norms)
+  assert all(bool(jnp.all(leaf == 7)) for leaf in jax.tree.leaves(marked.inner_state))
+  # A transformation without the decay passes a state's rates through untouched.
+  _, passed = gsgd_jax.g_momentum(0.1, layers=blocks).update(grads, own, params)
+  chex.assert_trees_all_equal(passed.rate_norms, own.rate_norms)
   with pytest.raises(ValueError, match="implicit_decay=True needs renormalize=True"):
     gsgd_jax.gsgd(0.1, layers=blocks, implicit_decay=True, renormalize=False)
 

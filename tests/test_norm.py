@@ -531,12 +531,14 @@ def _unit_columns(params, names):
   return params
 
 
-@pytest.mark.parametrize("lr", [0.3, 1.0])
-def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr):
+@pytest.mark.parametrize("lr, clip", [(0.3, None), (1.0, None), (1.0, CLIP)])
+def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr, clip):
   """Every convolution of a PlainNet-BN declared as a one-layer normalized block: from any
   rescaling of the columns, G-SGD with the implicit decay follows SGD's outputs from the
   unit-norm columns exactly (the same angular steps, rho_k equal to SGD's squared column
-  norm), where the exact G-SGD (no decay) and SGD from the rescaled columns do not."""
+  norm), where the exact G-SGD (no decay) and SGD from the rescaled columns do not. With
+  ``clip_norm`` it is SGD after ``clip_by_global_norm``: the measure ``N dL/dv /
+  rho^(1/2)`` is SGD's gradient norm at columns of squared norm rho."""
   module, _, shape = MODELS["plainnet"]
   convs = [f"conv{i}" for i in range(len(module.channels))]
   layers = [gsgd_jax.Block([name], normalized=True) for name in convs]
@@ -545,7 +547,9 @@ def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr):
   rescaled = gsgd_jax.random_rescale(unit, layers, jax.random.key(3))
   observe = lambda p: problem.forward(p, problem.x)
   sgd = optax.sgd(lr)
-  decayed = gsgd_jax.gsgd(lr, layers=layers, implicit_decay=True)
+  if clip is not None:
+    sgd = optax.chain(optax.clip_by_global_norm(clip), sgd)
+  decayed = gsgd_jax.gsgd(lr, layers=layers, implicit_decay=True, clip_norm=clip)
   (sgd_params, _), want = train_scan(sgd, unit, problem.loss, STEPS, observe)
   (_, state), got = train_scan(decayed, rescaled, problem.loss, STEPS, observe)
   scale = float(jnp.max(jnp.abs(want)))
@@ -555,24 +559,32 @@ def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr):
   sgd_norms = [jnp.sum(jnp.square(sgd_params[n]["kernel"]), axis=(0, 1, 2)) for n in convs]
   chex.assert_trees_all_close(state.rate_norms, tuple(sgd_norms), rtol=1e-10)
   assert max(float(jnp.max(r)) for r in state.rate_norms) > 1.02, "no norm grew"
-  for other, start in ((gsgd_jax.gsgd(lr, layers=layers), rescaled), (sgd, rescaled)):
+  others = [(gsgd_jax.gsgd(lr, layers=layers, clip_norm=clip), rescaled), (sgd, rescaled)]
+  if clip is not None:  # and the bound clips: unclipped SGD goes elsewhere
+    others.append((optax.sgd(lr), unit))
+  for other, start in others:
     _, trace = train_scan(other, start, problem.loss, STEPS, observe)
     assert float(jnp.max(jnp.abs(trace - want))) > 1e-2 * scale
 
 
-def test_implicit_decay_slows_the_normalized_steps_as_the_rate_norms_grow():
-  """With a constant learning rate, the angle each normalized column turns through falls
-  as rho grows (the exact step keeps it at lr G): measured on the PlainNet-BN blocks."""
+def test_implicit_decay_rates_grow_invariantly_and_change_the_blocks_steps():
+  """On the PlainNet-BN blocks (two-layer blocks ``[BN affine, conv]`` among them) the
+  rate norms grow, are the same from a rescaled start, and change the trajectory from the
+  exact step's."""
   module, blocks, shape = MODELS["plainnet"]
   problem = linen_norm(module, blocks(), shape)
   tx = gsgd_jax.gsgd(1.0, layers=problem.layers, implicit_decay=True)
-  (_, state), _ = train_scan(tx, problem.params, problem.loss, STEPS, lambda _: 0)
+  observe = lambda p: problem.forward(p, problem.x)
+  (_, state), got = train_scan(tx, problem.params, problem.loss, STEPS, observe)
   rates = np.concatenate([np.asarray(r) for r in state.rate_norms])
   assert np.all(rates >= 1 - 1e-12) and np.max(rates) > 1.5, rates
   # The rates are invariant: the same from a rescaled start.
   rescaled = gsgd_jax.random_rescale(problem.params, problem.layers, jax.random.key(4))
   (_, again), _ = train_scan(tx, rescaled, problem.loss, STEPS, lambda _: 0)
   chex.assert_trees_all_close(again.rate_norms, state.rate_norms, rtol=1e-9)
+  exact = gsgd_jax.gsgd(1.0, layers=problem.layers)
+  _, want = train_scan(exact, problem.params, problem.loss, STEPS, observe)
+  assert float(jnp.max(jnp.abs(got - want))) > 1e-2 * float(jnp.max(jnp.abs(want)))
 
 
 # ----------------------------------------------------------------------------
@@ -604,11 +616,15 @@ def test_probes_after_an_affine_layer_give_the_same_updates():
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_inject_hyperparams_and_orbax_resume_with_normalized_blocks(tmp_path):
+@pytest.mark.parametrize("decay", [False, True])
+def test_inject_hyperparams_and_orbax_resume_with_normalized_blocks(tmp_path, decay):
+  """With the implicit decay the rate norms are kept by the checkpoint too (a resumed run
+  without them would take other steps)."""
   module, blocks, shape = MODELS["resnet"]
   problem = linen_norm(module, blocks(), shape)
-  injected = optax.inject_hyperparams(gsgd_jax.gsgd)(0.05, momentum=0.9, layers=problem.layers)
-  plain = gsgd_jax.gsgd(0.05, momentum=0.9, layers=problem.layers)
+  settings = {"momentum": 0.9, "layers": problem.layers, "implicit_decay": decay}
+  injected = optax.inject_hyperparams(gsgd_jax.gsgd)(0.05, **settings)
+  plain = gsgd_jax.gsgd(0.05, **settings)
   runs = [
     train_scan(tx, problem.params, problem.loss, 4, lambda p: p)[0] for tx in (plain, injected)
   ]

@@ -90,7 +90,9 @@ def test_resume_skips_finished_runs(tmp_path):
   assert resumed["runs"][0]["history"][-1]["test_accuracy"] == -1.0
   assert sorted({r["seed"] for r in resumed["runs"]}) == [0, 1]
   # An optimizer added, or one changed, runs alone; the other's runs stay.
-  text = SMALL.replace('name = "G-SGD"\nkind = "gsgd"\nlr = 0.1', 'name = "G-SGD"\nkind = "gsgd"\nlr = 0.2')
+  text = SMALL.replace(
+    'name = "G-SGD"\nkind = "gsgd"\nlr = 0.1', 'name = "G-SGD"\nkind = "gsgd"\nlr = 0.2'
+  )
   text += '\n[[optimizers]]\nname = "Adam"\nkind = "adam"\nlr = 0.01\n'
   changed = train.run_experiment(_config(tmp_path, text, seeds=[0, 1]), out, progress=False)
   assert len(changed["runs"]) == 12
@@ -99,6 +101,25 @@ def test_resume_skips_finished_runs(tmp_path):
   # Changed settings start afresh.
   fresh = train.run_experiment(_config(tmp_path, epochs=1), out, progress=False)
   assert len(fresh["runs"]) == 4 and all(len(r["history"]) == 1 for r in fresh["runs"])
+
+
+def test_resume_chooses_again_the_rate_of_a_changed_optimizer_whose_name_another_begins(
+  tmp_path,
+):
+  """ "G-SGD" and "G-SGD (x)" both choose from a grid; changing the second's grid makes it
+  choose again, and "G-SGD"'s choice stays."""
+  text = SMALL.replace("[sweep]\nwidth = [8, 16]\n", "").replace("lr = 0.1", "lr_grid = [0.1]")
+  text += '\n[[optimizers]]\nname = "G-SGD (x)"\nkind = "gsgd"\nlr_grid = [0.1]\n'
+  out = tmp_path / "out"
+  first = train.run_experiment(_config(tmp_path, text, epochs=1), out, progress=False)
+  assert first["lr_choices"]["G-SGD (x)"]["lr"] == 0.1
+  changed = text.replace(
+    '"G-SGD (x)"\nkind = "gsgd"\nlr_grid = [0.1]', '"G-SGD (x)"\nkind = "gsgd"\nlr_grid = [0.05]'
+  )
+  again = train.run_experiment(_config(tmp_path, changed, epochs=1), out, progress=False)
+  assert again["lr_choices"]["G-SGD (x)"]["lr"] == 0.05
+  assert again["lr_choices"]["G-SGD"] == first["lr_choices"]["G-SGD"]
+  assert [r["lr"] for r in again["runs"] if r["optimizer"] == "G-SGD (x)"] == [0.05]
 
 
 def test_learning_rate_grid_picks_by_validation(tmp_path):
@@ -120,6 +141,14 @@ def test_learning_rate_grid_picks_by_validation(tmp_path):
     ("epoch = 3\n", "unknown keys"),
     ('[[optimizers]]\nname = "X"\nkind = "lbfgs"\nlr = 1\n', "kind 'lbfgs'"),
     ('[[optimizers]]\nname = "X"\nkind = "sgd"\n', "needs lr or lr_grid"),
+    (
+      '[[optimizers]]\nname = "X"\nkind = "sgd"\nlr = 1\nimplicit_decay = true\n',
+      "implicit_decay applies to kinds gsgd and g_momentum, not sgd",
+    ),
+    (
+      '[[optimizers]]\nname = "X"\nkind = "gsgd"\nlr = 1\nimplicit_decay = true\n',
+      "implicit_decay acts on normalized blocks",  # SMALL's model is an MLP
+    ),
   ],
 )
 def test_config_errors(tmp_path, bad, message):

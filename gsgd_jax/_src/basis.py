@@ -915,7 +915,8 @@ def inverse_chain_rule(
     # Every path's gradient times N^2 of the output node its forward chain ends at (over
     # its rate norm, with the implicit decay).
     norms = output_sums(struct, kernels, biases, products)
-    ends = read_back(struct, norms if rate_norms is None else norms / rate_norms.astype(ct))
+    ends = norms if rate_norms is None else norms / _divisor(rate_norms.astype(ct))
+    ends = read_back(struct, ends)
     inv_fwd = per_level(jnp.multiply, inv_fwd, ends)
     carried = per_level(jnp.multiply, carried, ends)
 
@@ -954,10 +955,11 @@ def invariant_sq_norm(
 ) -> Array:
   """The squared norm of a chain's path gradients, measured so that it does not change
   under the symmetries of the chain: the sum of their squares, and in a normalized
-  chain, whose gradients of the paths ending at output node ``k`` are ``N_k^2 dL/dv``,
-  the sum of ``(N_k dL/dv)^2`` (``N_k |dL/dv_k|`` is the same under the output rescaling
-  the BatchNorm absorbs; docs/math.md, normalization layers). One reduction per kernel
-  (per column: every path of a column ends at one output node).
+  chain, whose gradients of the paths ending at output node ``k`` are ``N_k^2 dL/dv``
+  (over ``rho_k`` with the implicit decay), the sum of their squares over ``end_norms``,
+  ``(N_k dL/dv)^2`` (over ``rho_k``): ``N_k |dL/dv_k|`` is the same under the output
+  rescaling the BatchNorm absorbs (docs/math.md, normalization layers). One reduction
+  per kernel (per column: every path of a column ends at one output node).
   """
   if struct.stack is not None:
     copies = per_copy(struct, invariant_sq_norm, (STACK, STACK, 0), 0)(grads, bias_grads, end_norms)

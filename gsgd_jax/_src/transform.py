@@ -32,10 +32,11 @@ class PathSpaceState(NamedTuple):
     output_norms: per block declared ``normalized=True``, in order, its ``N^2``
       per output node at ``init``: the norms that renormalization lands on
       (empty without normalized blocks or with ``renormalize=False``).
-    rate_norms: with ``implicit_decay=True``, per normalized block, in order, the
-      squared norm per output node that SGD's weights would have reached: 1 at
-      ``init``, multiplied every step by the factor the step grows ``N^2`` by
-      (empty otherwise).
+    rate_norms: with ``implicit_decay=True``, per normalized block, in order, its
+      ``rho`` per output node: 1 at ``init``, multiplied by every step's growth
+      of ``N^2`` before the renormalization (for a one-layer block and SGD from
+      columns of norm 1, SGD's squared column norm); empty otherwise. Training
+      state: a checkpoint keeps it.
   """
 
   inner_state: optax.OptState
@@ -387,16 +388,18 @@ def path_space(
       BatchNorm, invariantly. SGD's step on such weights turns them by an angle
       ``lr G / |w|^2`` (``G`` the invariant gradient norm) and grows ``|w|^2``,
       so its effective rate falls as training goes on; the exact step turns
-      them by ``lr G`` at any norm, with no such decay, which makes large
-      learning rates (the paper's 1.0) unstable in deep BatchNorm nets. With
+      them by ``lr G`` at any norm, with no such decay, and trails SGD at large
+      learning rates (the paper's 1.0) in deep BatchNorm nets. With
       ``implicit_decay=True`` the gradients of the paths ending at output node
       ``k`` are also divided by ``rho_k``, which starts at 1 and is multiplied
       by every step's ``N'^2 / N^2`` (the factor the step, before the
-      renormalization, grows ``N_k^2`` by). On a one-layer block with ``inner``
-      SGD this is SGD from columns of norm 1, exactly (docs/math.md,
-      normalization layers). ``rho`` is invariant, so training stays
-      invariant. Needs ``renormalize=True``; ``clip_norm`` then measures
-      ``N_k dL/dv / rho_k^(1/2)``. ``False`` (default): the exact step.
+      renormalization, grows ``N_k^2`` by). On a one-layer block (its bias in
+      the column) with ``inner`` plain SGD this is SGD from columns of norm 1,
+      exactly (docs/math.md, normalization layers); the first step is the
+      exact step, ``N^2`` times SGD's from the same start. ``rho`` is
+      invariant, so training stays invariant. Needs ``renormalize=True``;
+      ``clip_norm`` then measures ``N_k dL/dv / rho_k^(1/2)``. ``False``
+      (default): the exact step.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -542,7 +545,7 @@ def path_space(
       clipped_now,
       state.total_clipped_ratios + clipped_now,
       state.output_norms,
-      tuple(new_rates),
+      tuple(new_rates) if implicit_decay else state.rate_norms,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
