@@ -207,18 +207,19 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
       f"{path}: optimizer {opt['name']!r}: normalized = false needs a BatchNorm model "
       f"({', '.join(BN_KINDS)})"
     )
-  if opt.get("implicit_decay") and opt["kind"] not in DECAY_KINDS:
-    raise ValueError(
-      f"{path}: optimizer {opt['name']!r}: implicit_decay applies to kinds "
-      f"{' and '.join(DECAY_KINDS)}, not {opt['kind']}"
-    )
-  normalized_blocks = opt.get("normalized", True) and opt.get("declaration") != "stage_chains"
-  if opt.get("implicit_decay") and not (model_kind in BN_KINDS and normalized_blocks):
-    raise ValueError(
-      f"{path}: optimizer {opt['name']!r}: implicit_decay acts on normalized blocks, which "
-      "only the BatchNorm models' declaration 'blocks' with normalized = true has"
-    )
   declaration = opt.get("declaration", "blocks")
+  if opt.get("implicit_decay"):
+    if opt["kind"] not in DECAY_KINDS:
+      raise ValueError(
+        f"{path}: optimizer {opt['name']!r}: implicit_decay applies to kinds "
+        f"{' and '.join(DECAY_KINDS)}, not {opt['kind']}"
+      )
+    normalized_blocks = opt.get("normalized", True) and declaration != "stage_chains"
+    if not (model_kind in BN_KINDS and normalized_blocks):
+      raise ValueError(
+        f"{path}: optimizer {opt['name']!r}: implicit_decay acts on normalized blocks, "
+        "which only the BatchNorm models' declaration 'blocks' with normalized = true has"
+      )
   if declaration not in DECLARATIONS:
     raise ValueError(
       f"{path}: optimizer {opt['name']!r}: declaration {declaration!r}; use one of "

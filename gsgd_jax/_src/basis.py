@@ -993,11 +993,17 @@ def invariant_sq_norm(
 DEFAULT_RATIO_CLIP = (0.1, 10.0)
 
 
+def norm_ratio(new: Array, old: Array) -> Array:
+  """``new / old`` per output node, for two values of ``N^2``; 1 where either is zero or
+  not finite."""
+  ok = (new > 0) & (old > 0) & jnp.isfinite(new) & jnp.isfinite(old)
+  return jnp.where(ok, jnp.where(ok, new, 1) / jnp.where(ok, old, 1), 1)
+
+
 def _renormalizing_scales(target: Array, now: Array) -> Array:
   """``sqrt(target / now)`` per output node: the rescaling that brings ``N^2`` to
   ``target``; 1 where either is zero or not finite."""
-  ok = (target > 0) & (now > 0) & jnp.isfinite(target) & jnp.isfinite(now)
-  return jnp.where(ok, jnp.sqrt(jnp.where(ok, target, 1) / jnp.where(ok, now, 1)), 1)
+  return jnp.sqrt(norm_ratio(target, now))
 
 
 def _landed_norms(

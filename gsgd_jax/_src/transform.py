@@ -172,9 +172,7 @@ def _output_norms(
 def _grown(rate: jax.Array, now: jax.Array, landed: jax.Array) -> jax.Array:
   """``rate`` times ``landed / now``, the factor a step grew ``N^2`` by (kept where
   either is zero or not finite); a ratio, so the same under the symmetries."""
-  ok = (now > 0) & (landed > 0) & jnp.isfinite(now) & jnp.isfinite(landed)
-  growth = jnp.where(ok, landed / jnp.where(ok, now, 1), 1)
-  return (rate * growth).astype(rate.dtype)
+  return (rate * basis.norm_ratio(landed, now)).astype(rate.dtype)
 
 
 def _probe_sums(params: LayerArrays, grads: LayerArrays) -> list[jax.Array | None]:
