@@ -4,8 +4,9 @@ paths do.
 A PlainNet-BN (3x3 convolutions over three stages of 16, 32 and 64 channels, each followed
 by BatchNorm and ReLU; docs/math.md, "Where the blocks go") trained on the first
 ``--train`` Fashion-MNIST images with batch 128, SGD, G-SGD (normalized blocks) and G-SGD
-with the implicit decay (``implicit_decay=True``) from the same start (skeleton weights 1),
-at each learning rate of ``--lrs``, for each seed. Besides
+with the implicit decay (``implicit_decay=True``, its rate norms starting at
+``--initial-rate-norm``) from the same start (skeleton weights 1), at each learning rate of
+``--lrs``, for each seed. Besides
 the loss, every run reports what the diagnosis of G-SGD at lr 1.0 turned on: how many
 skeleton ratios the guard clipped, the smallest outgoing skeleton weight of a norm's node
 relative to its convolution's column norm, and the largest BatchNorm bias (a norm's bias
@@ -14,7 +15,8 @@ Test accuracy on the first 5000 test images, in evaluation mode and with the Bat
 statistics recalibrated for the final weights.
 
     python -m benchmarks.bn_stability [--depth 32] [--lrs 1.0] [--seeds 0,1,2]
-        [--optimizers SGD,G-SGD,G-SGD-decay] [--steps 150] [--train 25600] [--out DIR]
+        [--optimizers SGD,G-SGD,G-SGD-decay] [--initial-rate-norm 1.0] [--steps 150]
+        [--train 25600] [--out DIR]
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ def skeleton_diagnostics(params: Any, depth: int) -> tuple[float, float]:
   return smallest, largest
 
 
-def run(kind: str, lr: float, seed: int, depth: int, steps: int, ds) -> dict[str, Any]:
+def run(
+  kind: str, lr: float, seed: int, depth: int, steps: int, ds, initial_rate_norm: float = 1.0
+) -> dict[str, Any]:
   model = loop.PlainNetBN(stages(depth), 10)
   x_train = as_images(ds.x_train)
   variables = model.init(jax.random.key(seed), jnp.ones((2, *x_train.shape[1:])))
@@ -79,7 +83,9 @@ def run(kind: str, lr: float, seed: int, depth: int, steps: int, ds) -> dict[str
   if kind == "SGD":
     tx = optax.sgd(lr)
   else:
-    tx = gsgd_jax.gsgd(lr, layers=blocks, implicit_decay=kind == "G-SGD-decay")
+    decay = kind == "G-SGD-decay"
+    start = initial_rate_norm if decay else 1.0
+    tx = gsgd_jax.gsgd(lr, layers=blocks, implicit_decay=decay, initial_rate_norm=start)
   chunk = loop.make_chunk(model, tx, scan=loop.use_scan(model))
   state = tx.init(params)
   order = np.random.default_rng([seed, 7]).permutation(len(x_train))
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--optimizers", type=lambda t: t.split(","), default=list(OPTIMIZERS), help=",".join(OPTIMIZERS)
   )
+  parser.add_argument(
+    "--initial-rate-norm", type=float, default=1.0, help="where G-SGD-decay's rate norms start"
+  )
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--train", type=int, default=25600, help="first N training images")
   parser.add_argument("--data-dir", default=None)
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
   ds = datasets.load_dataset(args.data_dir)
   ds = dataclasses.replace(ds, x_train=ds.x_train[: args.train], y_train=ds.y_train[: args.train])
   runs = [
-    run(kind, lr, seed, args.depth, args.steps, ds)
+    run(kind, lr, seed, args.depth, args.steps, ds, args.initial_rate_norm)
     for lr in args.lrs
     for seed in args.seeds
     for kind in args.optimizers
@@ -173,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     f"PlainNet-BN depth {args.depth} {stages(args.depth)}, {ds.name}, first {args.train} "
     f"training images, batch {BATCH}, {args.steps} steps, skeleton weights 1"
   )
+  if "G-SGD-decay" in args.optimizers:
+    settings += f"; G-SGD-decay's rate norms start at {args.initial_rate_norm:g}"
   publish(args.out, "bn_stability", settings, report(runs, args.steps), runs=runs)
 
 

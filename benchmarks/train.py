@@ -43,7 +43,8 @@ Config keys beyond the obvious ones:
   ``path_adamw``, default 1e-4) and ``normalized`` (default true; false declares the
   BatchNorm models' blocks without the ``N^2`` scaling, an ablation), ``implicit_decay``
   (``gsgd`` and ``g_momentum`` on normalized blocks: SGD's learning-rate decay from the
-  growth of weights before a BatchNorm, ``gsgd_jax.path_space``'s option) and ``declaration``
+  growth of weights before a BatchNorm, ``gsgd_jax.path_space``'s option; with it,
+  ``initial_rate_norm``, where its rate norms start, default 1) and ``declaration``
   (``blocks``, default, or ``stage_chains``: a ``plainnet_bn``'s stages as chains straight
   through the BatchNorms, the authors' approximation; it also sets the skeleton pattern
   ``skeleton_init`` uses, for SGD too).
@@ -117,6 +118,7 @@ OPTIMIZER_KEYS = {
   "momentum",
   "normalized",
   "implicit_decay",
+  "initial_rate_norm",
   "declaration",
   "skeleton_init",
   "weight_decay",
@@ -208,6 +210,11 @@ def _check_optimizer(opt: dict, model_kind: str, path: str) -> None:
       f"({', '.join(BN_KINDS)})"
     )
   declaration = opt.get("declaration", "blocks")
+  if "initial_rate_norm" in opt and not opt.get("implicit_decay"):
+    raise ValueError(
+      f"{path}: optimizer {opt['name']!r}: initial_rate_norm is where implicit_decay's rate "
+      "norms start: set implicit_decay = true with it"
+    )
   if opt.get("implicit_decay"):
     if opt["kind"] not in DECAY_KINDS:
       raise ValueError(
@@ -381,7 +388,11 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
   """The optax optimizer of config entry ``opt`` with base learning rate ``lr``."""
   schedule = make_schedule(opt, lr, steps_per_epoch)
   momentum = opt.get("momentum", 0.9)
-  decay = opt.get("implicit_decay", False)
+  # The implicit decay's settings, for the kinds that take them.
+  decay = {
+    "implicit_decay": opt.get("implicit_decay", False),
+    "initial_rate_norm": opt.get("initial_rate_norm", 1.0),
+  }
 
   def adamw():
     # One AdamW for the path values and another for the weights outside the blocks: the
@@ -393,10 +404,8 @@ def make_optimizer(opt, lr, layers, steps_per_epoch) -> optax.GradientTransforma
     "momentum": lambda: optax.sgd(schedule, momentum=momentum),
     "adam": lambda: optax.adam(schedule),
     "adamw": adamw,
-    "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers, implicit_decay=decay),
-    "g_momentum": lambda: gsgd_jax.g_momentum(
-      schedule, momentum, layers=layers, implicit_decay=decay
-    ),
+    "gsgd": lambda: gsgd_jax.gsgd(schedule, layers=layers, **decay),
+    "g_momentum": lambda: gsgd_jax.g_momentum(schedule, momentum, layers=layers, **decay),
     "g_adam": lambda: gsgd_jax.g_adam(schedule, layers=layers),
     "path_sgd": lambda: gsgd_jax.path_sgd(schedule, layers=layers),
     "path_adamw": lambda: gsgd_jax.path_space(adamw(), layers=layers, fallback=adamw()),

@@ -397,6 +397,13 @@ def test_a_state_made_without_implicit_decay_is_refused_by_name():
   chex.assert_trees_all_equal(passed.rate_norms, own.rate_norms)
   with pytest.raises(ValueError, match="implicit_decay=True needs renormalize=True"):
     gsgd_jax.gsgd(0.1, layers=blocks, implicit_decay=True, renormalize=False)
+  # The rates' starting value: positive, and read only with the decay.
+  started = gsgd_jax.gsgd(0.1, layers=blocks, implicit_decay=True, initial_rate_norm=2.5)
+  chex.assert_trees_all_equal(started.init(params).rate_norms, (jnp.full(4, 2.5),))
+  with pytest.raises(ValueError, match=r"initial_rate_norm must be positive, got 0\.0"):
+    gsgd_jax.gsgd(0.1, layers=blocks, implicit_decay=True, initial_rate_norm=0.0)
+  with pytest.raises(ValueError, match="pass implicit_decay=True with it"):
+    gsgd_jax.g_momentum(0.1, layers=blocks, initial_rate_norm=2.0)
 
 
 @pytest.mark.parametrize("make", [gsgd_jax.g_adam, gsgd_jax.g_momentum])

@@ -521,49 +521,57 @@ def test_renormalization_undoes_the_growth_and_changes_no_training_mode_output()
 # The implicit decay (docs/math.md, normalization layers): the rate norms follow SGD's.
 
 
-def _unit_columns(params, names):
-  """``params`` with every output column of the kernels ``names`` scaled to norm 1."""
+def _columns_of_norm(params, names, sq_norm=1.0):
+  """``params`` with every output column of the kernels ``names`` scaled to the squared
+  norm ``sq_norm``."""
   params = dict(params)
   for name in names:
     kernel = params[name]["kernel"]
-    norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1))))
+    norms = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=tuple(range(kernel.ndim - 1))) / sq_norm)
     params[name] = {**params[name], "kernel": kernel / norms}
   return params
 
 
-@pytest.mark.parametrize("lr, clip", [(0.3, None), (1.0, None), (1.0, CLIP)])
-def test_implicit_decay_on_one_layer_blocks_is_sgd_from_unit_norm_columns(lr, clip):
+@pytest.mark.parametrize(
+  "lr, clip, start", [(0.3, None, 1.0), (1.0, None, 1.0), (1.0, CLIP, 1.0), (1.0, None, 2.5)]
+)
+def test_implicit_decay_on_one_layer_blocks_is_sgd_from_columns_of_the_rate_norm(lr, clip, start):
   """Every convolution of a PlainNet-BN declared as a one-layer normalized block: from any
   rescaling of the columns, G-SGD with the implicit decay follows SGD's outputs from the
   unit-norm columns exactly (the same angular steps, rho_k equal to SGD's squared column
   norm), where the exact G-SGD (no decay) and SGD from the rescaled columns do not. With
   ``clip_norm`` it is SGD after ``clip_by_global_norm``: the measure ``N dL/dv /
-  rho^(1/2)`` is SGD's gradient norm at columns of squared norm rho."""
+  rho^(1/2)`` is SGD's gradient norm at columns of squared norm rho. With
+  ``initial_rate_norm`` it is SGD from columns of that squared norm."""
   module, _, shape = MODELS["plainnet"]
   convs = [f"conv{i}" for i in range(len(module.channels))]
   layers = [gsgd_jax.Block([name], normalized=True) for name in convs]
   problem = linen_norm(module, layers, shape)
-  unit = _unit_columns(problem.params, convs)
-  rescaled = gsgd_jax.random_rescale(unit, layers, jax.random.key(3))
+  start_params = _columns_of_norm(problem.params, convs, start)
+  rescaled = gsgd_jax.random_rescale(start_params, layers, jax.random.key(3))
   observe = lambda p: problem.forward(p, problem.x)
   sgd = optax.sgd(lr)
   if clip is not None:
     sgd = optax.chain(optax.clip_by_global_norm(clip), sgd)
-  decayed = gsgd_jax.gsgd(lr, layers=layers, implicit_decay=True, clip_norm=clip)
-  (sgd_params, _), want = train_scan(sgd, unit, problem.loss, STEPS, observe)
+  decayed = gsgd_jax.gsgd(
+    lr, layers=layers, implicit_decay=True, clip_norm=clip, initial_rate_norm=start
+  )
+  (sgd_params, _), want = train_scan(sgd, start_params, problem.loss, STEPS, observe)
   (_, state), got = train_scan(decayed, rescaled, problem.loss, STEPS, observe)
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * scale)
-  assert float(jnp.max(jnp.abs(want[-1] - observe(unit)))) > 0.1 * scale, "nothing trained"
+  assert float(jnp.max(jnp.abs(want[-1] - observe(start_params)))) > 0.1 * scale, "nothing trained"
   # rho is SGD's squared column norm after the same steps.
   sgd_norms = [jnp.sum(jnp.square(sgd_params[n]["kernel"]), axis=(0, 1, 2)) for n in convs]
   chex.assert_trees_all_close(state.rate_norms, tuple(sgd_norms), rtol=1e-10)
-  assert max(float(jnp.max(r)) for r in state.rate_norms) > 1.02, "no norm grew"
+  assert max(float(jnp.max(r)) for r in state.rate_norms) > 1.02 * start, "no norm grew"
   others = [(gsgd_jax.gsgd(lr, layers=layers, clip_norm=clip), rescaled), (sgd, rescaled)]
+  if start != 1:  # the start matters: from rho = 1 it is SGD from unit columns instead
+    others.append((gsgd_jax.gsgd(lr, layers=layers, implicit_decay=True), rescaled))
   if clip is not None:  # and the bound clips: unclipped SGD goes elsewhere
-    others.append((optax.sgd(lr), unit))
-  for other, start in others:
-    _, trace = train_scan(other, start, problem.loss, STEPS, observe)
+    others.append((optax.sgd(lr), start_params))
+  for other, begin in others:
+    _, trace = train_scan(other, begin, problem.loss, STEPS, observe)
     assert float(jnp.max(jnp.abs(trace - want))) > 1e-2 * scale
 
 
@@ -619,10 +627,13 @@ def test_probes_after_an_affine_layer_give_the_same_updates():
 @pytest.mark.parametrize("decay", [False, True])
 def test_inject_hyperparams_and_orbax_resume_with_normalized_blocks(tmp_path, decay):
   """With the implicit decay the rate norms are kept by the checkpoint too (a resumed run
-  without them would take other steps)."""
+  without them would take other steps); their start, injected as an array, is used as the
+  number is."""
   module, blocks, shape = MODELS["resnet"]
   problem = linen_norm(module, blocks(), shape)
   settings = {"momentum": 0.9, "layers": problem.layers, "implicit_decay": decay}
+  if decay:
+    settings["initial_rate_norm"] = 2.0
   injected = optax.inject_hyperparams(gsgd_jax.gsgd)(0.05, **settings)
   plain = gsgd_jax.gsgd(0.05, **settings)
   runs = [

@@ -149,6 +149,10 @@ def test_learning_rate_grid_picks_by_validation(tmp_path):
       '[[optimizers]]\nname = "X"\nkind = "gsgd"\nlr = 1\nimplicit_decay = true\n',
       "implicit_decay acts on normalized blocks",  # SMALL's model is an MLP
     ),
+    (
+      '[[optimizers]]\nname = "X"\nkind = "gsgd"\nlr = 1\ninitial_rate_norm = 2.0\n',
+      "initial_rate_norm is where implicit_decay's rate norms start",
+    ),
   ],
 )
 def test_config_errors(tmp_path, bad, message):
@@ -705,6 +709,16 @@ def test_init_studies_cross_every_initialisation_with_every_declaration(name):
       functools.partial(gsgd_jax.set_skeleton, layers=layers), variables["params"]
     )
     assert jax.tree.leaves(jax.eval_shape(gsgd_jax.gsgd(1.0, layers=layers).init, params))
+
+
+@pytest.mark.parametrize("kind", ["gsgd", "g_momentum"])
+def test_the_implicit_decays_start_reaches_the_state(kind):
+  model = train.make_model({"model": {"kind": "plainnet_bn", "stages": [[4, 2]]}}, {}, 3)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 8, 8, 1)))["params"]
+  opt = {"kind": kind, "implicit_decay": True, "initial_rate_norm": 2.5}
+  tx = train.make_optimizer(opt, 0.1, model.gsgd_blocks(), steps_per_epoch=1)
+  rates = tx.init(jax.tree.map(jnp.ones_like, params)).rate_norms
+  assert len(rates) == 2 and all(bool(jnp.all(r == 2.5)) for r in rates), rates
 
 
 def test_recalibrated_accuracy_scores_the_weights_not_stale_statistics():

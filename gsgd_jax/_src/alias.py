@@ -25,6 +25,7 @@ def gsgd(
   renormalize: bool = True,
   clip_norm: float | None = None,
   implicit_decay: bool = False,
+  initial_rate_norm: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD: stochastic gradient descent on the basis-path values of a ReLU net.
 
@@ -59,6 +60,8 @@ def gsgd(
     implicit_decay: give normalized blocks SGD's learning-rate decay from the
       growth of weights before a BatchNorm, invariantly; for large learning
       rates in deep BatchNorm nets (see :func:`path_space`).
+    initial_rate_norm: where the implicit decay's rate norms start (see
+      :func:`path_space`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -92,6 +95,7 @@ def gsgd(
     renormalize=renormalize,
     clip_norm=clip_norm,
     implicit_decay=implicit_decay,
+    initial_rate_norm=initial_rate_norm,
   )
 
 
@@ -106,6 +110,7 @@ def g_momentum(
   renormalize: bool = True,
   clip_norm: float | None = None,
   implicit_decay: bool = False,
+  initial_rate_norm: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""G-SGD with heavy-ball (or Nesterov) momentum on the basis-path values.
 
@@ -124,6 +129,7 @@ def g_momentum(
     clip_norm: clip the gradients by their invariant global norm.
     implicit_decay: give normalized blocks SGD's learning-rate decay from the
       growth of weights before a BatchNorm (see :func:`gsgd_jax.path_space`).
+    initial_rate_norm: where the implicit decay's rate norms start.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -165,6 +171,7 @@ def g_momentum(
     renormalize=renormalize,
     clip_norm=clip_norm,
     implicit_decay=implicit_decay,
+    initial_rate_norm=initial_rate_norm,
   )
 
 

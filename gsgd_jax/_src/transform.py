@@ -293,6 +293,41 @@ def _clipped(
   return jax.tree.map(lambda g: (g * factor).astype(g.dtype), path_grads)
 
 
+def _checked_settings(
+  ratio_clip: tuple[float, float] | None,
+  clip_norm: float | None,
+  renormalize: bool,
+  implicit_decay: bool,
+  initial_rate_norm: float,
+) -> tuple[float, float] | None:
+  """Refuses ``path_space``'s settings that cannot work, naming the fix; returns
+  ``ratio_clip`` as two floats."""
+  # A number is checked here; an array (optax.inject_hyperparams) is used as it is.
+  if isinstance(clip_norm, (int, float)) and not clip_norm > 0:
+    raise ValueError(f"clip_norm must be positive or None, got {pytree.short_repr(clip_norm)}")
+  if ratio_clip is not None:
+    low, high = (float(r) for r in ratio_clip)
+    if not 0 < low <= 1 <= high:
+      raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
+    ratio_clip = (low, high)
+  if implicit_decay and not renormalize:
+    raise ValueError(
+      "implicit_decay=True needs renormalize=True: the decay is measured by the growth "
+      "of N^2 that the renormalization undoes"
+    )
+  if isinstance(initial_rate_norm, (int, float)):
+    if not initial_rate_norm > 0:
+      raise ValueError(
+        f"initial_rate_norm must be positive, got {pytree.short_repr(initial_rate_norm)}"
+      )
+    if initial_rate_norm != 1 and not implicit_decay:
+      raise ValueError(
+        "initial_rate_norm is the starting value of the implicit decay's rate norms: "
+        "pass implicit_decay=True with it"
+      )
+  return ratio_clip
+
+
 def path_space(
   inner: optax.GradientTransformation,
   *,
@@ -302,6 +337,7 @@ def path_space(
   renormalize: bool = True,
   clip_norm: float | None = None,
   implicit_decay: bool = False,
+  initial_rate_norm: float = 1.0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs an optax transformation in the basis-path space of ReLU chains.
 
@@ -398,6 +434,12 @@ def path_space(
       invariant, so training stays invariant. Needs ``renormalize=True``;
       ``clip_norm`` then measures ``N_k dL/dv / rho_k^(1/2)``. ``False``
       (default): the exact step.
+    initial_rate_norm: with ``implicit_decay=True``, the value every ``rho_k``
+      starts at (default 1): on a one-layer block with plain SGD inside, SGD from
+      columns of squared norm ``initial_rate_norm``. Give it the ``N^2`` of the
+      start (``state.output_norms``; about 2 after :func:`gsgd_jax.set_skeleton`
+      on LeCun-normal kernels) for SGD's first steps instead of ``N^2`` times
+      them. A positive constant, so training stays invariant.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``
@@ -428,19 +470,9 @@ def path_space(
     Scale-Invariant Space <https://arxiv.org/abs/1802.03713>`_, ICLR 2019.
   """
   decl = declaration.as_declaration(layers)  # read once: later changes to `layers` do nothing
-  # A number is checked here; an array (optax.inject_hyperparams) is used as it is.
-  if isinstance(clip_norm, (int, float)) and not clip_norm > 0:
-    raise ValueError(f"clip_norm must be positive or None, got {pytree.short_repr(clip_norm)}")
-  if ratio_clip is not None:
-    low, high = (float(r) for r in ratio_clip)
-    if not 0 < low <= 1 <= high:
-      raise ValueError(f"ratio_clip must satisfy 0 < low <= 1 <= high, got {ratio_clip}")
-    ratio_clip = (low, high)
-  if implicit_decay and not renormalize:
-    raise ValueError(
-      "implicit_decay=True needs renormalize=True: the decay is measured by the growth "
-      "of N^2 that the renormalization undoes"
-    )
+  ratio_clip = _checked_settings(
+    ratio_clip, clip_norm, renormalize, implicit_decay, initial_rate_norm
+  )
   if fallback is not None:
     inner = optax.partition(
       {"path": inner, "fallback": fallback}, lambda tree: block_labels(tree, decl)
@@ -460,7 +492,7 @@ def path_space(
     located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
     arrays = [slots.take(located.leaves) for slots in located.slots]
     norms = _compiled(_output_norms, blocks)(arrays) if renormalize else ()
-    rates = tuple(jnp.ones_like(n) for n in norms) if implicit_decay else ()
+    rates = tuple(jnp.full_like(n, initial_rate_norm) for n in norms) if implicit_decay else ()
     start = _starting_values(params, blocks, arrays)
     return PathSpaceState(inner.init(start), zero, zero, norms, rates)
 
