@@ -790,19 +790,27 @@ def plot(results, out_dir) -> list[str]:
   written += _plot_step_curves(results, out_dir, plt)
   gaps = gap_table(results)
   if gaps:
-    values, acc, acc_std, loss, loss_std = zip(*(row[:5] for row in gaps), strict=True)
     key = swept_key(results["config"]) or ""  # set: gaps exist only with a sweep
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, gap, errors, title in zip(
-      axes, (acc, loss), (acc_std, loss_std), ("test accuracy gap", "train loss gap"), strict=True
-    ):
-      ax.errorbar(values, gap, yerr=errors, marker="o", capsize=3)
+    # (title, column of the mean, column of the std); recalibrated where a row has it.
+    panels = [("test accuracy gap", 1, 2), ("train loss gap", 3, 4)]
+    if any(row[5] is not None for row in gaps):
+      panels.insert(1, ("recalibrated test accuracy gap", 5, 6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    first, second = compared(results["config"])
+    for ax, (title, mean, std) in zip(axes[0], panels, strict=True):
+      rows = [row for row in gaps if row[mean] is not None]
+      ax.errorbar(
+        [r[0] for r in rows],
+        [r[mean] for r in rows],
+        yerr=[r[std] for r in rows],
+        marker="o",
+        capsize=3,
+      )
       ax.axhline(0, color="grey", lw=0.8)
       if key == "width":
         ax.set_xscale("log", base=2)
       ax.set_xlabel({"width": "hidden width H", "depth": "convolutions"}.get(key, key))
-      first, second = compared(results["config"])
-      ax.set_title(f"{title} ({second} minus {first})")
+      ax.set_title(f"{title}\n{second} minus {first}", fontsize=9)
       ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(os.path.join(out_dir, "gap.png"))
@@ -844,16 +852,20 @@ def _plot_step_curves(results, out_dir, plt) -> list[str]:
   if not curves:
     return []
   points = sweep_points(results["config"])
+  # One colour per optimizer in every panel, so a point that some have not run yet does
+  # not shift the others' colours; one legend with every optimizer drawn.
+  names = list(dict.fromkeys(name for name, _ in curves))
+  lines = {}
   fig, axes = plt.subplots(1, len(points), figsize=(5.5 * len(points), 4), squeeze=False)
   for ax, point in zip(axes[0], points, strict=True):
     for (name, key), (ends, mean) in curves.items():
       if key == _point_key(point):
-        ax.plot(ends, mean, label=name)
+        (lines[name],) = ax.plot(ends, mean, color=f"C{names.index(name) % 10}", label=name)
     ax.set_xlabel("step")
     ax.set_yscale("log")  # a diverging start would flatten the others
     ax.set_title(f"train loss ({_point_label(point)})" if point else "train loss")
     ax.grid(alpha=0.3)
-  axes[0][-1].legend(fontsize=7)
+  axes[0][-1].legend([lines[n] for n in names], names, fontsize=7)
   fig.tight_layout()
   path = os.path.join(out_dir, "steps.png")
   fig.savefig(path, dpi=110)
