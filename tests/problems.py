@@ -68,14 +68,16 @@ def squared_error(forward, x, y, reduce=jnp.mean):
 def make_mlp(key, widths, bias=True, dtype=jnp.float64, layer_names=None):
   """Random params ``{'Dense_k': {'kernel', 'bias'}}`` (random signs, scale
   ``1/sqrt(fan-in)``, biases 0.1 N(0, 1)) and the layers ``[('Dense_k',), ...]``."""
-  params = {}
   names = layer_names or [f"Dense_{k}" for k in range(len(widths) - 1)]
-  for k, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
-    key, k1, k2 = jax.random.split(key, 3)
-    layer = {"kernel": (jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
+  # Drawn by NumPy from the key's bits: jax.random compiles a program for every new
+  # shape (or one per widths under jit), most of the time of building a small problem.
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  params = {}
+  for name, (n_in, n_out) in zip(names, itertools.pairwise(widths), strict=True):
+    layer = {"kernel": jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), dtype)}
     if bias:
-      layer["bias"] = (0.1 * jax.random.normal(k2, (n_out,))).astype(dtype)
-    params[names[k]] = layer
+      layer["bias"] = jnp.asarray(0.1 * rng.standard_normal(n_out), dtype)
+    params[name] = layer
   return params, [(n,) for n in names]
 
 
@@ -124,7 +126,8 @@ def mlp(
   return Problem(params, layers, loss, forward, x, y, tuple(widths), taps)
 
 
-# Equal, expanding, narrowing, width 1 and depths 1-6.
+# Equal, expanding, narrowing, width 1 and depths 1-6. `make test` runs the first of
+# each kind (WIDTHS_IN_MAKE_TEST), `make test-all` every one.
 WIDTHS = [
   (5, 3),
   (3, 4, 2),
@@ -138,6 +141,14 @@ WIDTHS = [
   (4, 6, 6, 6, 6, 6, 3),
   (7, 3, 9, 2, 6, 4, 5),
 ]
+WIDTHS_IN_MAKE_TEST = {
+  (5, 3),
+  (3, 4, 2),
+  (3, 8, 8, 2),
+  (3, 2, 7, 1, 4),
+  (1, 1, 1, 1),
+  (7, 3, 9, 2, 6, 4, 5),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -648,9 +659,15 @@ ALLOW_CHAIN_RANGE = pytest.mark.filterwarnings(
 )
 
 
-def widths_cases(widths_list):
+def widths_cases(widths_list, fast=None):
   """``widths_list`` as parameters named by their widths; depth-1 chains (one layer, no
-  hidden node: the edge case of every formula) allow the one-layer warning."""
-  return [
-    pytest.param(w, id=str(w), marks=[ALLOW_ONE_LAYER] if len(w) == 2 else []) for w in widths_list
-  ]
+  hidden node: the edge case of every formula) allow the one-layer warning. Widths not in
+  ``fast`` (where given) are marked slow."""
+
+  def marks(w):
+    return [
+      *([ALLOW_ONE_LAYER] if len(w) == 2 else []),
+      *([pytest.mark.slow] if fast is not None and tuple(w) not in fast else []),
+    ]
+
+  return [pytest.param(w, id=str(w), marks=marks(w)) for w in widths_list]

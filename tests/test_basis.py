@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from problems import ALLOW_CHAIN_RANGE, WIDTHS, mlp, widths_cases
+from problems import ALLOW_CHAIN_RANGE, WIDTHS, WIDTHS_IN_MAKE_TEST, mlp, widths_cases
 
 import gsgd_jax
 from gsgd_jax._src import basis
@@ -18,6 +18,13 @@ from gsgd_jax._src.structure import build_structure
 
 # This file's data: 11 samples, summed squared error.
 _mlp = functools.partial(mlp, batch=11, reduce=jnp.sum)
+
+
+def _jit(fn, *static, **static_kw):
+  """``fn`` with its leading and keyword arguments fixed, compiled: called op by op, a
+  chain's update compiles every primitive of every new shape apart, several times the
+  time of compiling the update once."""
+  return jax.jit(functools.partial(fn, *static, **static_kw))
 
 
 def _arrays(tree, layers):
@@ -39,19 +46,19 @@ def _scale(arrays):
   return max(float(np.max(np.abs(a))) for a in arrays if a is not None and np.size(a))
 
 
-@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS, fast=WIDTHS_IN_MAKE_TEST))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_basis_values_match_reference(widths, bias):
   params, layers, *_ = _mlp(widths, bias=bias)
   want, want_b = ref.basis_values(*_arrays(params, layers), widths)
-  got = gsgd_jax.basis_path_values(params, layers)
+  got = _jit(gsgd_jax.basis_path_values, layers=layers)(params)
   for k, (name,) in enumerate(layers):
     np.testing.assert_allclose(got[name]["kernel"], want[k], rtol=1e-12, atol=1e-15)
     if bias:
       np.testing.assert_allclose(got[name]["bias"], want_b[k], rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS, fast=WIDTHS_IN_MAKE_TEST))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_icr_equals_autodiff_through_reconstruction(widths, bias):
   params, layers, loss, *_ = _mlp(widths, bias=bias)
@@ -71,9 +78,9 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
     np.testing.assert_allclose(ks[k], kernels[k], rtol=1e-10, atol=1e-13)
 
   want, want_b = jax.jit(jax.grad(loss_of_values, argnums=(0, 1)))(values, bias_values)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   (struct,) = build_structure(params, layers)
-  got = basis.inverse_chain_rule(struct, kernels, biases, *_arrays(grads, layers))
+  got = _jit(basis.inverse_chain_rule, struct)(kernels, biases, *_arrays(grads, layers))
   tol = 1e-10 * _scale(want + (want_b if bias else []))
   for k, free in enumerate(_free_masks(widths)):
     np.testing.assert_allclose(
@@ -87,13 +94,16 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
 # Random skeleton weights on purpose: WA must land on v + dv whatever B and F are (init
 # warns for the deeper chains).
 @ALLOW_CHAIN_RANGE
-@pytest.mark.parametrize("widths", widths_cases(WIDTHS))
+@pytest.mark.parametrize("widths", widths_cases(WIDTHS, fast=WIDTHS_IN_MAKE_TEST))
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
   params, layers, loss, *_ = _mlp(widths, bias=True, seed=3)
   tx_inner = optax.sgd(0.03) if inner == "sgd" else optax.adam(0.01)
   tx = gsgd_jax.path_space(tx_inner, layers=layers, ratio_clip=None)
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
+  # The update and the path gradients below run op by op: a path gradient that is 0 in
+  # exact arithmetic (a dead unit) may round differently in two compiled programs, and
+  # Adam turns either rounding into a step of its own.
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
 
@@ -101,9 +111,8 @@ def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
   (struct,) = build_structure(params, layers)
   pg = basis.inverse_chain_rule(struct, *_arrays(params, layers), *_arrays(grads, layers))
   path_grads = {n: {"kernel": pg.kernels[k], "bias": pg.biases[k]} for k, (n,) in enumerate(layers)}
-  steps, _ = tx_inner.update(
-    path_grads, tx_inner.init(path_grads), gsgd_jax.basis_path_values(params, layers)
-  )
+  values = _jit(gsgd_jax.basis_path_values, layers=layers)(params)
+  steps, _ = jax.jit(tx_inner.update)(path_grads, tx_inner.init(path_grads), values)
   before, before_b = ref.basis_values(*_arrays(params, layers), widths)
   after, after_b = ref.basis_values(*_arrays(new, layers), widths)
   free = _free_masks(widths)
@@ -147,7 +156,7 @@ def test_zero_weights_and_biases_move_exactly():
 
 @ALLOW_CHAIN_RANGE  # skeleton weights at random: large ratios from ordinary steps
 @pytest.mark.parametrize(
-  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (1, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
+  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (3, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
 )
 def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(seed, lr, ratio_clip):
   """The guard clips a skeleton ratio's magnitude and keeps its sign: a path asked to cross
