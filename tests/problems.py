@@ -65,18 +65,23 @@ def squared_error(forward, x, y, reduce=jnp.mean):
 # Dense chains.
 
 
+def normal(key, shape, dtype=jnp.float64):
+  """N(0, 1) draws of ``shape``, by NumPy from the bits of ``key``: jax.random compiles a
+  program for every new shape, most of the time of building a small problem."""
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+  return jnp.asarray(rng.standard_normal(shape), dtype)
+
+
 def make_mlp(key, widths, bias=True, dtype=jnp.float64, layer_names=None):
   """Random params ``{'Dense_k': {'kernel', 'bias'}}`` (random signs, scale
   ``1/sqrt(fan-in)``, biases 0.1 N(0, 1)) and the layers ``[('Dense_k',), ...]``."""
   names = layer_names or [f"Dense_{k}" for k in range(len(widths) - 1)]
-  # Drawn by NumPy from the key's bits: jax.random compiles a program for every new
-  # shape (or one per widths under jit), most of the time of building a small problem.
-  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
   params = {}
   for name, (n_in, n_out) in zip(names, itertools.pairwise(widths), strict=True):
-    layer = {"kernel": jnp.asarray(rng.standard_normal((n_in, n_out)) / np.sqrt(n_in), dtype)}
+    key, k1, k2 = jax.random.split(key, 3)
+    layer = {"kernel": (normal(k1, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype)}
     if bias:
-      layer["bias"] = jnp.asarray(0.1 * rng.standard_normal(n_out), dtype)
+      layer["bias"] = (0.1 * normal(k2, (n_out,))).astype(dtype)
     params[name] = layer
   return params, [(n,) for n in names]
 
@@ -110,11 +115,11 @@ def mlp(
   }
   if skeleton:
     params = gsgd_jax.set_skeleton(params, layers)
-  x = jax.random.normal(jax.random.key(seed + 1), (batch, widths[0]))
+  x = normal(jax.random.key(seed + 1), (batch, widths[0]))
   if teacher:
     y = ref.forward(make_mlp(jax.random.key(seed + 9), widths)[0], layers, x)
   else:
-    y = jax.random.normal(jax.random.key(seed + 2), (batch, widths[-1]))
+    y = normal(jax.random.key(seed + 2), (batch, widths[-1]))
   x, y = x.astype(dtype), y.astype(dtype)
   if output_scale:
     params["scale"] = jnp.ones(widths[-1], dtype)
@@ -264,9 +269,9 @@ SHAPE_OPS = {"pool": _pool, "flatten": _flatten, "gap": _global_average_pool}
 def _layer_params(key, kernel_shape, bias):
   """Kernel N(0, 1/fan-in), bias 0.1 N(0, 1); returns the next key too."""
   key, k1, k2 = jax.random.split(key, 3)
-  layer = {"kernel": jax.random.normal(k1, kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1]))}
+  layer = {"kernel": normal(k1, kernel_shape) / np.sqrt(np.prod(kernel_shape[:-1]))}
   if bias:
-    layer["bias"] = 0.1 * jax.random.normal(k2, kernel_shape[-1:])
+    layer["bias"] = 0.1 * normal(k2, kernel_shape[-1:])
   return key, layer
 
 
@@ -298,8 +303,8 @@ def cnn(name, seed=0, batch=6):
     return x
 
   widths = (taps[0][2], *(t[3] for t in taps))
-  x = jax.random.normal(jax.random.key(seed + 10), (batch, *shape))
-  y = jax.random.normal(jax.random.key(seed + 11), (batch, widths[-1]))
+  x = normal(jax.random.key(seed + 10), (batch, *shape))
+  y = normal(jax.random.key(seed + 11), (batch, widths[-1]))
   return Problem(params, layers, squared_error(forward, x, y), forward, x, y, widths, taps)
 
 
@@ -327,8 +332,8 @@ def two_blocks(seed=0):
   b, _ = make_mlp(jax.random.key(seed + 1), (6, 8, 4, 3), layer_names=["b0", "b1", "b2"])
   params = {**a, **b, "scale": jnp.linspace(0.5, 1.5, 6), "shift": jnp.zeros(3)}
   params = gsgd_jax.set_skeleton(params, BLOCKS)
-  x = jax.random.normal(jax.random.key(seed + 2), (16, 5))
-  y = jax.random.normal(jax.random.key(seed + 3), (16, 3))
+  x = normal(jax.random.key(seed + 2), (16, 5))
+  y = normal(jax.random.key(seed + 3), (16, 3))
 
   def forward(p, x):
     h = ref.forward(p, [("a0",), ("a1",)], x)

@@ -97,7 +97,7 @@ def test_icr_equals_autodiff_through_reconstruction(widths, bias):
 @pytest.mark.parametrize("widths", widths_cases(WIDTHS, fast=WIDTHS_IN_MAKE_TEST))
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_weight_allocation_lands_on_v_plus_dv(widths, inner):
-  params, layers, loss, *_ = _mlp(widths, bias=True, seed=3)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=4)
   tx_inner = optax.sgd(0.03) if inner == "sgd" else optax.adam(0.01)
   tx = gsgd_jax.path_space(tx_inner, layers=layers, ratio_clip=None)
   grads = jax.jit(jax.grad(loss))(params)
@@ -156,7 +156,7 @@ def test_zero_weights_and_biases_move_exactly():
 
 @ALLOW_CHAIN_RANGE  # skeleton weights at random: large ratios from ordinary steps
 @pytest.mark.parametrize(
-  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (3, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
+  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (11, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
 )
 def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(seed, lr, ratio_clip):
   """The guard clips a skeleton ratio's magnitude and keeps its sign: a path asked to cross
@@ -277,7 +277,7 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
 
 def test_depth_50_float32_update_matches_float64():
   widths = (8,) * 50 + (3,)
-  params, layers, loss, *_ = _mlp(widths, bias=True, seed=7)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=4)
   params = gsgd_jax.set_skeleton(params, layers)
   grads = jax.jit(jax.grad(loss))(params)
   # A 50-layer chain's gradients span many orders of magnitude; a step of 1e-3 of
