@@ -305,23 +305,22 @@ def test_depth_50_float32_update_matches_float64():
 # deeper ones as padded tables: the two forms compute the same update.
 
 
-def _two_layer_problems():
-  from problems import ResNetBN, linen_norm, resnet_bn_blocks
+def _two_layer_problem(name):
+  if name == "llama_stacked_pairs_transposed":
+    from benchmarks import transformer_speed as ts
 
-  from benchmarks import transformer_speed as ts
+    c = ts.Config(depth=2, dim=16, hidden=24, heads=2, vocab=8, seq=4, batch=2, model="llama")
+    params, tokens = ts.problem(c)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+    return params, c.blocks, lambda p: ts.loss_fn(p, tokens, c.heads)
+  if name == "resnet_normalized":
+    from problems import ResNetBN, linen_norm, resnet_bn_blocks
 
-  c = ts.Config(depth=2, dim=16, hidden=24, heads=2, vocab=8, seq=4, batch=2, model="llama")
-  params, tokens = ts.problem(c)
-  params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
-  llama = (params, c.blocks, lambda p: ts.loss_fn(p, tokens, c.heads))
-  resnet = ResNetBN(3, (3, 4))
-  norm = linen_norm(resnet, resnet_bn_blocks(resnet), (4, 6, 6, 2))
+    resnet = ResNetBN(3, (3, 4))
+    norm = linen_norm(resnet, resnet_bn_blocks(resnet), (4, 6, 6, 2))
+    return norm.params, norm.layers, norm.loss
   params, layers, loss, *_ = _mlp((5, 7, 3), seed=3)
-  return {
-    "mlp": (params, layers, loss),
-    "llama_stacked_pairs_transposed": llama,
-    "resnet_normalized": (norm.params, norm.layers, norm.loss),
-  }
+  return params, layers, loss
 
 
 # The stacked LLaMA chain (pairs, a transposed layer) is the hardest of the three: it runs
@@ -335,7 +334,7 @@ def _two_layer_problems():
   ],
 )
 def test_two_layer_chains_as_lists_and_as_tables_agree(name, monkeypatch):
-  params, layers, loss = _two_layer_problems()[name]
+  params, layers, loss = _two_layer_problem(name)
 
   def run():
     tx = gsgd_jax.path_space(optax.adam(0.02), layers=layers)
