@@ -131,8 +131,8 @@ def mlp(
   return Problem(params, layers, loss, forward, x, y, tuple(widths), taps)
 
 
-# Equal, expanding, narrowing, width 1 and depths 1-6. `make test` runs the first of
-# each kind (WIDTHS_IN_MAKE_TEST), `make test-all` every one.
+# Equal, expanding, narrowing, width 1 and depths 1-6. `make test` runs one of each kind
+# (WIDTHS_IN_MAKE_TEST), `make test-all` every one.
 WIDTHS = [
   (5, 3),
   (3, 4, 2),
