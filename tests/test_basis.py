@@ -277,7 +277,7 @@ def test_degenerate_skeleton_chain_under_jit_stays_finite(bad, ratio_clip):
 
 def test_depth_50_float32_update_matches_float64():
   widths = (8,) * 50 + (3,)
-  params, layers, loss, *_ = _mlp(widths, bias=True, seed=4)
+  params, layers, loss, *_ = _mlp(widths, bias=True, seed=7)
   params = gsgd_jax.set_skeleton(params, layers)
   grads = jax.jit(jax.grad(loss))(params)
   # A 50-layer chain's gradients span many orders of magnitude; a step of 1e-3 of
