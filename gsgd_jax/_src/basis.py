@@ -36,6 +36,7 @@ benchmarks/RESULTS.md, checked by the memory test).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple, cast
 
@@ -48,6 +49,27 @@ from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.structure import ChainStructure, LayerSpec, defined
 
 Array = jax.Array
+
+
+def where(condition, x, y) -> Array:
+  """``jnp.where(condition, x, y)`` as one ``lax.select``.
+
+  ``jnp.where`` is a jitted function: every call adds a call of its own to the traced
+  program, which ``jax.vmap`` over a stack's copies traces again, and the dozens of
+  per-node selects of a block made tracing a sizeable part of its compile time.
+  Operands sharded over Explicit axes take ``jnp.where``, which reconciles their
+  shardings.
+  """
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  if any(_explicit_mesh(a) is not None for a in (condition, x, y) if isinstance(a, Array)):
+    return jnp.where(condition, x, y)
+  dtype = jnp.result_type(x, y)
+  shape = jnp.broadcast_shapes(np.shape(condition), x.shape, y.shape)
+  return jax.lax.select(
+    jnp.broadcast_to(condition, shape),
+    jnp.broadcast_to(x.astype(dtype), shape),
+    jnp.broadcast_to(y.astype(dtype), shape),
+  )
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -244,8 +266,9 @@ def periodic(x: Array, n: int) -> Array:
   return jnp.tile(x, -(-n // m))[:n]
 
 
-def reciprocal(x: Array) -> Array:
-  """``1 / x`` of skeleton-chain products; 0 where ``x`` is degenerate.
+def _usable(x: Array) -> Array:
+  """Skeleton-chain products ``x`` where they are not degenerate, else inf: dividing by
+  them gives 0 there.
 
   Degenerate: not finite, or smaller in magnitude than the square root of the
   smallest normal number (1e-19 in float32), e.g. behind a zero or subnormal
@@ -257,20 +280,16 @@ def reciprocal(x: Array) -> Array:
 
   Vectors that scale whole kernels end in a division on purpose: XLA fuses
   cheap vector ops (selects, compares) into the pass over each kernel and
-  recomputes them for every weight, but computes a division once per node.
+  recomputes them for every weight, but computes a division once per node
+  (``read_quotients`` makes it one division per level).
   """
-  return 1 / _usable(x)
-
-
-def _usable(x: Array) -> Array:
-  """``x`` where it is not degenerate (see ``reciprocal``), else inf."""
   ok = (jnp.abs(x) >= np.sqrt(jnp.finfo(x.dtype).tiny)) & jnp.isfinite(x)
-  return jnp.where(ok, x, jnp.inf)
+  return where(ok, x, jnp.inf)
 
 
 def _divisor(x: Array) -> Array:
   """``x`` where it is finite and nonzero, else inf (dividing by it gives 0)."""
-  return jnp.where(jnp.isfinite(x) & (x != 0), x, jnp.inf)
+  return where(jnp.isfinite(x) & (x != 0), x, jnp.inf)
 
 
 def per_row(x: Array, spec: LayerSpec) -> Array:
@@ -487,6 +506,65 @@ def read_levels(
   return [_levels(table, struct, layer) for layer in parts]
 
 
+def read_quotients(
+  struct: ChainStructure,
+  numerators: Sequence[PerNode | float],
+  divisors: Sequence[PerNode],
+  parts: Sequence[Sequence[tuple[int, int]]],
+  summed: tuple[int, Sequence[int]] | None = None,
+) -> tuple[list[list[Array]], Array | None]:
+  """``read_levels`` of the quotients ``numerators[i] / divisors[i]`` (a float
+  numerator: the same on every node), each read level divided by one division.
+
+  XLA:CPU recomputes cheap per-node work (selects, products) in every pass over a
+  kernel that reads it, but gives a division that several passes read a program of its
+  own, and each program costs about as much to compile as a pass over a kernel
+  (benchmarks/RESULTS.md, compile time per block). Stacked, the quotients of a level
+  (of the whole table, in a table) cost one program.
+
+  ``summed``, where given, is ``(i, levels)``: the quotients of quantity ``i`` on
+  those levels (0 on the others) are also returned, as one vector (else None), for a sum.
+  """
+  dtype = _dtype(divisors[0])
+
+  if not listed(struct):
+    tables = [cast(Array, d) for d in divisors]
+    pairs = zip(numerators, tables, strict=True)
+    nums = [jnp.broadcast_to(jnp.asarray(x, dtype), t.shape) for x, t in pairs]
+    table = _stacked(nums, axis=1) / _stacked(tables, axis=1)
+    sums = None if summed is None else table[:, summed[0]].reshape(-1)
+    return [_levels(table, struct, layer) for layer in parts], sums
+  wanted = {(k, i) for layer in parts for i, k in layer}
+  if summed is not None:
+    wanted |= {(k, summed[0]) for k in summed[1]}
+  read: dict[tuple[int, int], Array] = {}
+  sums = None
+  for k in sorted({k for k, _ in wanted}):
+    rows = sorted(i for level_k, i in wanted if level_k == k)
+    dens = [cast(list, divisors[i])[k] for i in rows]
+    nums = [
+      jnp.broadcast_to(jnp.asarray(x if isinstance(x, float) else x[k], dtype), d.shape)
+      for x, d in zip((numerators[i] for i in rows), dens, strict=True)
+    ]
+    out = _stacked(nums, axis=0) / _stacked(dens, axis=0)
+    read |= {(i, k): out[n] for n, i in enumerate(rows)}
+    if summed is not None and k in summed[1]:
+      sums = read[summed[0], k] if sums is None else jnp.concatenate([sums, read[summed[0], k]])
+  return [[read[i, k] for i, k in layer] for layer in parts], sums
+
+
+def _padded_level(struct: ChainStructure, x: PerNode, fill: float) -> PerNode:
+  """A per-node quantity of levels ``0..L-1`` with level ``L`` added, all ``fill``."""
+  if isinstance(x, list):
+    return [*x, jnp.full(struct.levels.widths[-1], fill, x[0].dtype)]
+  return jnp.concatenate([x, jnp.full_like(x[:1], fill)])
+
+
+def _stacked(xs: Sequence[Array], axis: int) -> Array:
+  """``jnp.stack``, written as a concatenation (see ``stack_rows``)."""
+  return jnp.concatenate([jnp.expand_dims(x, axis) for x in xs], axis=axis)
+
+
 def _levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
   """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
   quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, by one gather."""
@@ -536,7 +614,7 @@ def _step(y: Array, row: tuple[Array, Array, Array, Array]) -> tuple[Array, Arra
   """One level of ``propagate`` (a module-level function, so that JAX traces and
   compiles the scan once per shape, also outside ``jit``)."""
   source, scale, shift, keep = row
-  y = jnp.where(keep, scale * y[source], 0) + shift
+  y = where(keep, scale * y[source], 0) + shift
   return y, y
 
 
@@ -600,7 +678,7 @@ def _written_out(struct, start, sources, scales, shifts, keeps, reverse) -> list
     if scales is not None and scales[k] is not None:
       y = scales[k] * y
     if keeps is not None and not keeps[k, :n].all():
-      y = jnp.where(keeps[k, :n], y, 0)
+      y = where(keeps[k, :n], y, 0)
     if shifts is not None and shifts[k] is not None:
       y = y + shifts[k]
     ys[k if reverse else k + 1] = y
@@ -613,7 +691,7 @@ def _periodic_take(y: Array, source: np.ndarray) -> Array:
   where a map is undefined, at the chain's ends, hold 0: levels never read)."""
   if np.array_equal(source, np.arange(len(source)) % y.shape[0]):
     return periodic(y, len(source))
-  return y[jnp.asarray(source)]
+  return entries(y, np.asarray(source)[:, None])
 
 
 def _periodic_fold(x: Array, target: np.ndarray, n: int) -> Array:
@@ -642,6 +720,20 @@ class SkeletonProducts(NamedTuple):
 
   back: PerNode
   forward: PerNode
+  # ``back`` and ``forward`` where not degenerate, else inf (``_usable``): filled in by
+  # the inverse chain rule, which divides by them, for weight allocation to reuse.
+  usable_back: PerNode | None = None
+  usable_forward: PerNode | None = None
+
+
+def _with_usable(products: SkeletonProducts) -> tuple[SkeletonProducts, PerNode, PerNode]:
+  """``products`` with ``usable_back`` and ``usable_forward`` filled in, and those two."""
+  back, forward = products.usable_back, products.usable_forward
+  if back is None:
+    back = per_level(_usable, products.back)
+  if forward is None:
+    forward = per_level(_usable, products.forward)
+  return products._replace(usable_back=back, usable_forward=forward), back, forward
 
 
 def skeleton_products(struct: ChainStructure, kernels: Sequence[Array], dtype) -> SkeletonProducts:
@@ -699,7 +791,7 @@ def basis_values(
       v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward, spec)
       fixed = fixed_mask(spec, struct.pi[k])
       if fixed is not None:
-        v = jnp.where(fixed, 0, v)
+        v = where(fixed, 0, v)
       values.append(v.astype(kernels[k].dtype))
     b = biases[k]
     bias_values.append(
@@ -716,7 +808,7 @@ def _scatter_step(y: Array, row: tuple[Array, Array, Array]) -> tuple[Array, Non
   """One level of ``_at_outputs``' sum: every node adds ``y`` into its skeleton
   target (module level, so that the scan compiles once per shape)."""
   target, keep, own = row
-  y = jnp.zeros_like(y).at[target].add(jnp.where(keep, y, 0)) + own
+  y = jnp.zeros_like(y).at[target].add(where(keep, y, 0)) + own
   return y, None
 
 
@@ -782,7 +874,7 @@ def _owned_square_sums(
     squares = jnp.square(values)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
-      squares = jnp.where(fixed, 0, squares)
+      squares = where(fixed, 0, squares)
     total = per_output(squares, spec)
   if bias_values is not None:  # any shape of the bias: summed per output node
     total = total + fold_outputs(jnp.square(bias_values), spec)
@@ -902,30 +994,47 @@ def inverse_chain_rule(
     shifts=[*own, None],
     keeps=tables.loops_back,
   )
-  # carried[k][a] = P[k][a] / (B[k][a] F[k][a]), 0 where either chain is degenerate,
-  # as in the kernel's factors below.
-  carried = per_level(
-    lambda p, b, f: p / (_usable(b) * _usable(f)), p_levels, products.back, products.forward
-  )
-  inv_back = per_level(reciprocal, products.back)
-  inv_fwd = per_level(reciprocal, products.forward)
+  products, usable_back, usable_fwd = _with_usable(products)
 
   norms = ends = None
+  fwd_numerator: PerNode | float = 1.0
   if struct.normalized:
     # Every path's gradient times N^2 of the output node its forward chain ends at (over
     # its rate norm, with the implicit decay).
     norms = output_sums(struct, kernels, biases, products)
     ends = norms if rate_norms is None else norms / _divisor(rate_norms.astype(ct))
     ends = read_back(struct, ends)
-    inv_fwd = per_level(jnp.multiply, inv_fwd, ends)
-    carried = per_level(jnp.multiply, carried, ends)
+    fwd_numerator = ends
+    p_levels = per_level(jnp.multiply, p_levels, ends)
 
-  # Read together, so that every layer's pass comes after all node sums (see `read_levels`).
+  # The kernels' factors 1 / B, 1 / F (times the ends' N^2) and
+  # carried[k][a] = P[k][a] / (B[k][a] F[k][a]) (times N^2), all 0 where a chain is
+  # degenerate; read together, so that every layer's pass comes after all node sums
+  # (see `read_levels`).
   outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
   parts = [
     [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)]) for k, out in enumerate(outgoing)
   ]
-  factors = read_levels(struct, [inv_back, inv_fwd, carried], parts)
+  numerators = [1.0, fwd_numerator, p_levels]
+  divisors = [usable_back, usable_fwd, per_level(jnp.multiply, usable_back, usable_fwd)]
+  hidden = range(1, depth)
+  if listed(struct):
+    # The hidden levels' products, raw and usable, are read out of the same program (over
+    # 1), for the passes that read them later (basis values, weight allocation): a gather
+    # of skeleton weights that one program reads is fused into it, one that several read
+    # costs a program of its own and another to transpose its result (XLA:CPU).
+    ones = per_level(jnp.ones_like, usable_back)
+    numerators += [products.back, products.forward, usable_back, usable_fwd]
+    divisors += [ones] * 4
+    parts = [*parts, [(i, k) for k in hidden for i in range(3, 7)]]
+  factors, _ = read_quotients(struct, numerators, divisors, parts)
+  if listed(struct):
+    *factors, read = factors
+    held = (products.back, products.forward, usable_back, usable_fwd)
+    levels = [cast(list, q).copy() for q in held]
+    for n, (k, i) in enumerate((k, i) for k in hidden for i in range(4)):
+      levels[i][k] = read[n]
+    products = SkeletonProducts(*levels)
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
     out = outgoing[k]
@@ -939,10 +1048,10 @@ def inverse_chain_rule(
       continue
     gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
     if out is not None:
-      gv -= jnp.where(out, rows(carried_k[0], spec), 0)
+      gv -= where(out, rows(carried_k[0], spec), 0)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
-      gv = jnp.where(fixed, 0, gv)
+      gv = where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
   return PathGradients(grads, bias_grads_v, products, norms, ends)
 
@@ -997,7 +1106,7 @@ def norm_ratio(new: Array, old: Array) -> Array:
   """``new / old`` per output node, for two values of ``N^2``; 1 where either is zero or
   not finite."""
   ok = (new > 0) & (old > 0) & jnp.isfinite(new) & jnp.isfinite(old)
-  return jnp.where(ok, jnp.where(ok, new, 1) / jnp.where(ok, old, 1), 1)
+  return where(ok, where(ok, new, 1) / where(ok, old, 1), 1)
 
 
 def _renormalizing_scales(target: Array, now: Array) -> Array:
@@ -1027,7 +1136,7 @@ def _landed_norms(
       dv = kernel_steps[k].astype(ct)
       out = free_outgoing_mask(struct, k)
       if out is not None:
-        dv = jnp.where(out, rows(level(skeleton_steps, struct, k), spec), dv)
+        dv = where(out, rows(level(skeleton_steps, struct, k), spec), dv)
       v = rows(level(products.back, struct, k), spec) * kernels[k].astype(ct) * cols(forward, spec)
       landed = v + dv
     b, db = biases[k], bias_steps[k]
@@ -1073,22 +1182,32 @@ def weight_allocation(
   landed sums take one more reduction per kernel, over ``B w F + dv``.
 
   Returns:
-    ``(kernel_updates, bias_updates, num_clipped, landed_norms)``: ``landed_norms``
-    is ``N'^2`` per output node before the renormalization, where ``target_norms``
-    is given, else None.
+    ``(kernel_updates, bias_updates, clipped, landed_norms)``: ``clipped`` holds 1 per
+    clipped ratio and 0 per other node, a vector to be summed (in one sum with other
+    blocks': XLA:CPU compiles each sum as programs of its own); ``landed_norms`` is
+    ``N'^2`` per output node before the renormalization, where ``target_norms`` is
+    given, else None.
   """
-  if struct.stack is not None:
+  allocate = functools.partial(_allocate, ratio_clip=ratio_clip)
+  in_axes = (STACK, STACK, STACK, STACK, 0, 0)
+  updates, bias_updates, clipped, landed = per_copy(
+    struct, allocate, in_axes, (STACK, STACK, 0, 0)
+  )(kernels, biases, kernel_steps, bias_steps, products, target_norms)
+  return updates, bias_updates, clipped.reshape(-1), landed
 
-    def one(s, kernels, biases, kernel_steps, bias_steps, products, target_norms):
-      return weight_allocation(
-        s, kernels, biases, kernel_steps, bias_steps, products, ratio_clip, target_norms
-      )
 
-    in_axes = (STACK, STACK, STACK, STACK, 0, 0)
-    updates, bias_updates, clipped, landed = per_copy(struct, one, in_axes, (STACK, STACK, 0, 0))(
-      kernels, biases, kernel_steps, bias_steps, products, target_norms
-    )
-    return updates, bias_updates, jnp.sum(clipped, dtype=jnp.int32), landed
+def _allocate(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  products: SkeletonProducts,
+  target_norms: Array | None,
+  *,
+  ratio_clip: tuple[float, float] | None,
+) -> tuple[list[Array], list[Array | None], Array, Array | None]:
+  """``weight_allocation`` of one copy."""
   specs, depth, tables = struct.layers, struct.depth, struct.levels
   ct = compute_dtype(kernels[0].dtype)
   # A ratio is used only where its outgoing edge is outside F (see free_outgoing_mask).
@@ -1100,11 +1219,12 @@ def weight_allocation(
   ]
   # Per level 0..L-1 (level 0 has no skeleton paths out: R = 1 there).
   dv_out = rows_of(struct, [None, *outgoing_steps], 0, ct)
+  products, usable_back, usable_fwd = _with_usable(products)
   inv_path_value = per_level(  # 0 on a degenerate chain
-    lambda b, f: 1 / (_usable(b) * _usable(f)), products.back[:-1], products.forward[:-1]
+    lambda b, f: 1 / (b * f), usable_back[:-1], usable_fwd[:-1]
   )
   ratio = per_level(lambda dv, inv: 1 + dv * inv, dv_out, inv_path_value)
-  num_clipped = jnp.zeros((), jnp.int32)
+  moved_numerator: PerNode | None = None
   hidden, out_fixed = level_masks(struct, "hidden"), level_masks(struct, "out_fixed")
   if ratio_clip is not None:
     low, high = ratio_clip
@@ -1119,41 +1239,36 @@ def weight_allocation(
       # after step shrank geometrically, and every path through its node with it
       # needed weights that grow as 1 / F (a norm's bias, in deep BatchNorm nets at lr
       # 1.0: benchmarks/RESULTS).
-      magnitude = jnp.clip(jnp.abs(r), low, high)
-      return jnp.where(jnp.isfinite(r), jnp.where(r < 0, -magnitude, magnitude), r)
+      magnitude = jnp.minimum(jnp.maximum(jnp.abs(r), low), high)  # jnp.clip is a jitted call
+      return where(jnp.isfinite(r), where(r < 0, -magnitude, magnitude), r)
 
-    def moved(r, clipped, hidden, out_fixed):
-      return jnp.sum(hidden & ~out_fixed & jnp.isfinite(r) & (clipped != r), dtype=jnp.int32)
+    def is_moved(r, clipped, hidden, out_fixed):  # 1 where a ratio used as a divisor moved
+      return (hidden & ~out_fixed & jnp.isfinite(r) & (clipped != r)).astype(r.dtype)
 
     clipped = per_level(clip, ratio)
-    counts = per_level(moved, ratio, clipped, hidden, out_fixed)
-    num_clipped = sum(counts, num_clipped) if isinstance(counts, list) else counts
+    moved_numerator = _padded_level(
+      struct, per_level(is_moved, ratio, clipped, hidden, out_fixed), 0.0
+    )
     ratio = clipped
   # The skeleton edge takes the step its ratio stands for (clipped, or 0 on a
   # degenerate chain), or the forward chain through it would not be rescaled
-  # by exactly Q.
-  skeleton_steps = per_level(lambda r, inv: (r - 1) / _divisor(inv), ratio, inv_path_value)
+  # by exactly Q: (R - 1) / inv_path_value, per level 0..L (level L, never read, pads
+  # the table with 0 / 1).
+  step_numerator = _padded_level(struct, per_level(lambda r: r - 1, ratio), 0.0)
+  step_divisor = _padded_level(struct, per_level(_divisor, inv_path_value), 1.0)
   # Q[k][a] = R(a -> sigma(a)), or Q[k+1][sigma(a)] where that edge is in F;
   # level 0 gets R = 1 and is never used.
   q = propagate(
     struct,
     jnp.ones(tables.widths[-1], ct),
     tables.up,
-    shifts=per_level(lambda fixed, r: jnp.where(fixed, 0, r), out_fixed, ratio),
+    shifts=per_level(lambda fixed, r: where(fixed, 0, r), out_fixed, ratio),
     keeps=tables.out_fixed,
     reverse=True,
   )
-  shrink = per_level(lambda q: (1 - q) / q, q)  # 1/Q - 1
-  inv_fwd = per_level(lambda q, f: 1 / (q * _usable(f)), q, products.forward)  # 1 / (Q F)
-  inv_back = per_level(reciprocal, products.back)
-
-  # Level k of the skeleton steps is level k's (level L, never read, pads the table).
-  if isinstance(skeleton_steps, list):
-    steps = [*skeleton_steps, jnp.zeros(tables.widths[-1], ct)]
-  else:
-    steps = jnp.concatenate([skeleton_steps, jnp.zeros_like(skeleton_steps[:1])])
   output_scales = landed = None
   if target_norms is not None:
+    steps = per_level(jnp.divide, step_numerator, step_divisor)
     landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps)
     output_scales = _renormalizing_scales(target_norms.astype(ct), landed)
   outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
@@ -1161,7 +1276,24 @@ def weight_allocation(
     [(0, k + 1), (1, k + 1), (2, k)] + ([] if out is None else [(3, k)])
     for k, out in enumerate(outgoing)
   ]
-  factors = read_levels(struct, [shrink, inv_fwd, inv_back, steps], parts)
+  numerators = [per_level(lambda q: 1 - q, q), 1.0, 1.0, step_numerator]
+  divisors = [
+    q,
+    per_level(jnp.multiply, q, usable_fwd),
+    usable_back,
+    step_divisor,
+  ]
+  # The clipped ratios are counted from the same program (1 / 1 per moved ratio): a
+  # count of its own would need the ratios in a second program, and the division
+  # behind them in a third.
+  summed = None
+  if moved_numerator is not None:
+    counted = [k for k in range(depth) if (tables.hidden[k] & ~tables.out_fixed[k]).any()]
+    numerators.append(moved_numerator)
+    divisors.append(per_level(jnp.ones_like, step_divisor))
+    summed = (len(divisors) - 1, counted)
+  # 1/Q - 1, 1 / (Q F), 1 / B and the skeleton steps, per node (and the moved ratios).
+  factors, num_moved = read_quotients(struct, numerators, divisors, parts, summed)
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
     out = outgoing[k]
@@ -1183,12 +1315,12 @@ def weight_allocation(
     w = kernels[k].astype(ct)
     dv = kernel_steps[k].astype(ct)
     if out is not None:
-      dv = jnp.where(out, rows(skeleton_steps_k[0], spec), dv)
+      dv = where(out, rows(skeleton_steps_k[0], spec), dv)
     du = w * cols(shrink_k, spec) + dv * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
     fixed = fixed_mask(spec, struct.pi[k])
     if fixed is not None:
-      du = jnp.where(fixed, 0, du)
+      du = where(fixed, 0, du)
     if rescale is not None:
       du = du * cols(rescale, spec) + w * cols(rescale - 1, spec)
     updates.append(du.astype(kernels[k].dtype))
-  return updates, bias_updates, num_clipped, landed
+  return updates, bias_updates, jnp.zeros(0, ct) if num_moved is None else num_moved, landed

@@ -549,7 +549,7 @@ def path_space(
     clipped, new_rates = [], []
 
     def allocate(b: int, steps: LayerArrays):
-      kernels, biases, num_clipped, landed = basis.weight_allocation(
+      kernels, biases, clipped_ratios, landed = basis.weight_allocation(
         blocks[b],
         block_params[b].kernels,
         block_params[b].biases,
@@ -559,7 +559,7 @@ def path_space(
         ratio_clip,
         renormalize_to[b],
       )
-      clipped.append(num_clipped)
+      clipped.append(clipped_ratios)
       rate, now = rates[b], norms_now[b]
       if rate is not None:  # a normalized block, renormalized: both norms are at hand
         assert now is not None and landed is not None
@@ -569,7 +569,12 @@ def path_space(
     new_updates = pytree.map_layers(
       pytree.zero_probes(steps), paths, allocate, what="inner updates"
     )
-    clipped_now = sum(clipped, jnp.zeros((), jnp.int32))
+    # One sum over every block's clipped ratios (see basis.weight_allocation), replicated
+    # where sharded over Explicit axes (a stack sharded over its copies shards them).
+    clipped_now = jnp.zeros((), jnp.int32)
+    if clipped:
+      flags = jnp.concatenate([basis.replicated(c) for c in clipped])
+      clipped_now = jnp.sum(flags, dtype=jnp.int32)
     return new_updates, PathSpaceState(
       inner_state,
       clipped_now,

@@ -427,7 +427,7 @@ def check_skeleton(params: optax.Params, blocks: tuple[structure.ChainStructure,
 
   Every basis path divides by products of skeleton weights, so a zero one would
   make path gradients infinite (in ``update`` such paths take no step; see
-  ``basis.reciprocal``). Weight allocation never moves F and keeps the
+  ``basis._usable``). Weight allocation never moves F and keeps the
   outgoing skeleton weights' signs (clipped ratios), so a start without zeros
   stays without zeros. Skipped when ``params`` are traced (``init`` under jit).
   Warns when a hidden node's skeleton-chain product is extreme.
