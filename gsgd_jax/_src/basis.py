@@ -484,11 +484,17 @@ def level_masks(struct: ChainStructure, name: str) -> PerNodeMask:
   return [table[k, :n] for k, n in enumerate(struct.levels.widths[:-1])]
 
 
-def read_levels(
-  struct: ChainStructure, quantities: Sequence[PerNode], parts: Sequence[Sequence[tuple[int, int]]]
-) -> list[list[Array]]:
-  """Per layer, the per-node vectors its pass over the kernel reads: quantity ``i`` at
-  level ``k`` for each ``(i, k)`` in that layer's ``parts``, unpadded.
+def read_quotients(
+  struct: ChainStructure,
+  numerators: Sequence[PerNode | float],
+  divisors: Sequence[PerNode],
+  parts: Sequence[Sequence[tuple[int, int]]],
+  summed: tuple[int, Sequence[int]] | None = None,
+) -> tuple[list[list[Array]], Array | None]:
+  """Per layer, the per-node vectors its pass over the kernel reads: the quotient
+  ``numerators[i] / divisors[i]`` (a float numerator: the same on every node) at level
+  ``k`` for each ``(i, k)`` in that layer's ``parts``, unpadded, each read level divided
+  by one division.
 
   In a table, all of them are read together, so that all are computed before any pass
   starts: a pass that writes its result into the buffer of the gradient it reads must
@@ -499,22 +505,6 @@ def read_levels(
   vectors read from it by one gather (a slice would become a slice of the one quantity
   read, and the order would be lost). A chain of lists has at most one hidden level, and XLA
   orders its passes after its reads unaided. The memory tests check both.
-  """
-  if listed(struct):
-    return [[quantities[i][k] for i, k in layer] for layer in parts]
-  table = jnp.stack([cast(Array, q) for q in quantities], axis=1)
-  return [_levels(table, struct, layer) for layer in parts]
-
-
-def read_quotients(
-  struct: ChainStructure,
-  numerators: Sequence[PerNode | float],
-  divisors: Sequence[PerNode],
-  parts: Sequence[Sequence[tuple[int, int]]],
-  summed: tuple[int, Sequence[int]] | None = None,
-) -> tuple[list[list[Array]], Array | None]:
-  """``read_levels`` of the quotients ``numerators[i] / divisors[i]`` (a float
-  numerator: the same on every node), each read level divided by one division.
 
   XLA:CPU recomputes cheap per-node work (selects, products) in every pass over a
   kernel that reads it, but gives a division that several passes read a program of its
@@ -1010,7 +1000,7 @@ def inverse_chain_rule(
   # The kernels' factors 1 / B, 1 / F (times the ends' N^2) and
   # carried[k][a] = P[k][a] / (B[k][a] F[k][a]) (times N^2), all 0 where a chain is
   # degenerate; read together, so that every layer's pass comes after all node sums
-  # (see `read_levels`).
+  # (see `read_quotients`).
   outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
   parts = [
     [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)]) for k, out in enumerate(outgoing)
