@@ -3,6 +3,7 @@ recomputed by every level), and a 100-layer chain keeps the mathematics and the 
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +68,35 @@ def test_compiled_update_grows_linearly_with_depth(name, kind):
   small, medium, large = (_compiled_size(name, kind, depth) for depth in (10, 20, 40))
   per_layer_before, per_layer_after = (medium - small) / 10, (large - medium) / 20
   assert per_layer_after <= 1.2 * per_layer_before, (small, medium, large)
+
+
+def _primitives(jaxpr, found=None):
+  """Names of every primitive in ``jaxpr``, its sub-programs' included."""
+  found = set() if found is None else found
+  for eqn in jaxpr.eqns:
+    found.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _primitives(inner, found)
+  return found
+
+
+@pytest.mark.parametrize("name", ["gsgd", "g_adam"])  # path_sgd has no recurrence
+def test_deep_chain_recurrences_stay_scans_in_the_traced_update(name):
+  # The update traces jax.numpy's functions with jit disabled (basis.inlined), under
+  # which a lax.scan would run as a Python loop: the recurrences along a deep chain
+  # must still be traced as scans, each compiled once, for the program to stay linear
+  # in depth (the test above measures the compiled size; this names the cause).
+  params, layers = _chain("mlp", 20)
+  tx = UPDATES[name](layers)
+  traced = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+  assert "scan" in _primitives(traced.jaxpr)
+  # The same update called eagerly (nothing traced) takes no such path.
+  updates, _ = tx.update(params, tx.init(params), params)
+  jitted, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  chex.assert_trees_all_close(updates, jitted, rtol=1e-5, atol=1e-6)
 
 
 def _train_step_fusions_per_layer(tx_of_layers):

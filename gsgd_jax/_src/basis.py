@@ -36,8 +36,9 @@ benchmarks/RESULTS.md, checked by the memory test).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import NamedTuple, cast
 
 import jax
@@ -49,6 +50,31 @@ from gsgd_jax._src.stacking import STACK, per_copy
 from gsgd_jax._src.structure import ChainStructure, LayerSpec, defined
 
 Array = jax.Array
+
+
+@contextlib.contextmanager
+def inlined(*trees) -> Generator[None]:
+  """While ``trees`` hold tracers, traces ``jax.numpy``'s functions as the primitives
+  they are made of (called eagerly, each stays one compiled call).
+
+  Each ``jax.numpy`` function is jitted: called while tracing with arguments of a shape
+  it has not seen, it is traced as a program of its own, batched again under
+  ``jax.vmap`` (a stack's copies) and only then inlined. A block's per-node work is
+  hundreds of such calls on vectors of many widths, and tracing was over a quarter of
+  the time the blocks add to compiling a train step (benchmarks/RESULTS.md, speed of the
+  LLaMA-style decoder). Under ``jax.disable_jit`` they run as Python and add their
+  primitives directly: the traced program is the same, traced faster. ``scan`` turns
+  jit back on, or a scan would run as a Python loop.
+  """
+  tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+  with jax.disable_jit(tracing):
+    yield
+
+
+def scan(*args, **kwargs):
+  """``jax.lax.scan``, traced as a loop also inside ``inlined``."""
+  with jax.disable_jit(False):
+    return jax.lax.scan(*args, **kwargs)
 
 
 def where(condition, x, y) -> Array:
@@ -652,7 +678,7 @@ def propagate(
   keeps = np.ones((steps, width), bool) if keeps is None else keeps
   start = jax.lax.pad(start, jnp.zeros((), dtype), [(0, width - start.shape[0], 0)])
   rows = (jnp.asarray(sources), table(scales, 1), table(shifts, 0), jnp.asarray(keeps))
-  _, ys = jax.lax.scan(_step, start, rows, reverse=reverse, unroll=steps <= UNROLLED_LEVELS)
+  _, ys = scan(_step, start, rows, reverse=reverse, unroll=steps <= UNROLLED_LEVELS)
   return jnp.concatenate([ys, start[None]] if reverse else [start[None], ys])
 
 
@@ -882,7 +908,7 @@ def _at_outputs(struct: ChainStructure, own: Sequence[Array], dtype) -> Array:
       at = _periodic_fold(at, defined(struct.sigma[k]), tables.widths[k + 1]) + own[k]
     return at
   rows_ = (jnp.asarray(tables.up), jnp.asarray(tables.hidden), stack_rows(struct, own, 0, dtype))
-  at_outputs, _ = jax.lax.scan(
+  at_outputs, _ = scan(
     _scatter_step,
     jnp.zeros(tables.width, dtype),
     rows_,

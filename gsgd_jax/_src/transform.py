@@ -535,10 +535,11 @@ def path_space(
       renormalize_to.append(next(targets) if renormalizes else None)
       return path_grads.kernels, path_grads.biases
 
-    path_grads = pytree.map_layers(updates, paths, icr, what="updates")
-    path_params = _inner_params(params, blocks, products)
-    if clip_norm is not None:
-      path_grads = _clipped(path_grads, paths, sq_norms, clip_norm)
+    with basis.inlined(updates, params):  # our per-node work; the inner optimizer's is its own
+      path_grads = pytree.map_layers(updates, paths, icr, what="updates")
+      path_params = _inner_params(params, blocks, products)
+      if clip_norm is not None:
+        path_grads = _clipped(path_grads, paths, sq_norms, clip_norm)
 
     # Probes anywhere (also on layers outside the blocks) are never trained.
     steps, inner_state = inner.update(
@@ -566,15 +567,16 @@ def path_space(
         new_rates.append(_grown(rate, now, landed))
       return kernels, biases
 
-    new_updates = pytree.map_layers(
-      pytree.zero_probes(steps), paths, allocate, what="inner updates"
-    )
-    # One sum over every block's clipped ratios (see basis.weight_allocation), replicated
-    # where sharded over Explicit axes (a stack sharded over its copies shards them).
-    clipped_now = jnp.zeros((), jnp.int32)
-    if clipped:
-      flags = jnp.concatenate([basis.replicated(c) for c in clipped])
-      clipped_now = jnp.sum(flags, dtype=jnp.int32)
+    with basis.inlined(updates, params):
+      new_updates = pytree.map_layers(
+        pytree.zero_probes(steps), paths, allocate, what="inner updates"
+      )
+      # One sum over every block's clipped ratios (see basis.weight_allocation), replicated
+      # where sharded over Explicit axes (a stack sharded over its copies shards them).
+      clipped_now = jnp.zeros((), jnp.int32)
+      if clipped:
+        flags = jnp.concatenate([basis.replicated(c) for c in clipped])
+        clipped_now = jnp.sum(flags, dtype=jnp.int32)
     return new_updates, PathSpaceState(
       inner_state,
       clipped_now,
