@@ -55,12 +55,32 @@ def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path, mode
   from benchmarks import transformer_speed
 
   argv = f"--model {model} --depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --depths 2"
-  argv += " --compile-repeats 1"
+  argv += " --compile-repeats 2"
   transformer_speed.main(
     [*argv.split(), "--rounds", "1", "--min-seconds", "0", "--out", str(tmp_path)]
   )
   result = json.loads((tmp_path / "transformer_speed.json").read_text())
   assert np.isfinite(result["step_ratio"]) and result["step_ratio"] > 0
   assert len(result["compile_ratio"]) == 1 and result["compile_ratio"][0] > 0
+  # The ratio is the median of the repeats' pairs, not a ratio of two bests.
+  (adamw,), (path,) = (result["compile_s_per_repeat"][n] for n in transformer_speed.OPTIMIZERS)
+  assert len(adamw) == len(path) == 2
+  assert result["compile_ratio"][0] == pytest.approx(np.median(np.divide(path, adamw)))
+  assert result["compile_s"]["AdamW"] == [min(adamw)]
   assert set(result["temp_bytes"]) == set(transformer_speed.OPTIMIZERS)
-  assert "| layers | compile AdamW s |" in (tmp_path / "transformer_speed.md").read_text()
+  assert "| layers | compile AdamW s (best) |" in (tmp_path / "transformer_speed.md").read_text()
+
+
+@pytest.mark.slow
+def test_transformer_speed_per_block_reports_what_each_block_adds(tmp_path):
+  from benchmarks import transformer_speed
+
+  argv = "--model llama --depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --per-block"
+  transformer_speed.main([*argv.split(), "--compile-repeats", "2", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "transformer_speed_blocks.json").read_text())
+  assert result["blocks"] == ["none (AdamW)", "[up, down]", "[value, out]", "[query, key]"]
+  times = np.asarray(result["compile_s_per_repeat"])  # [repeat][variant]
+  assert times.shape == (2, 4) and result["compile_s"] == pytest.approx(times.min(axis=0))
+  assert result["compile_ratio"] == pytest.approx(np.median(times / times[:, :1], axis=0))
+  # Each block adds fused computations of its own to the compiled step.
+  assert np.all(np.diff(result["fusions"]) > 0), result["fusions"]
