@@ -99,6 +99,29 @@ def test_deep_chain_recurrences_stay_scans_in_the_traced_update(name):
   chex.assert_trees_all_close(updates, jitted, rtol=1e-5, atol=1e-6)
 
 
+def test_tracing_inline_keeps_a_users_disable_jit(monkeypatch):
+  # basis.inlined disables jit only while the update is traced, and basis.scan turns it
+  # back on only where inlined turned it off: a user's own jax.disable_jit (debugging)
+  # stays in force, scans included.
+  jit_disabled_at_scans = []
+  real_scan = jax.lax.scan
+
+  def recording_scan(*args, **kwargs):
+    jit_disabled_at_scans.append(jax.config.jax_disable_jit)
+    return real_scan(*args, **kwargs)
+
+  params, layers = _chain("mlp", 20)
+  tx = UPDATES["gsgd"](layers)
+  state = tx.init(params)
+  monkeypatch.setattr(jax.lax, "scan", recording_scan)
+  jax.make_jaxpr(tx.update)(params, state, params)
+  assert jit_disabled_at_scans and not any(jit_disabled_at_scans)
+  jit_disabled_at_scans.clear()
+  with jax.disable_jit():
+    tx.update(params, state, params)
+  assert jit_disabled_at_scans and all(jit_disabled_at_scans)
+
+
 def _train_step_fusions_per_layer(tx_of_layers):
   """Fused computations the compiled train step of a width-8 chain adds per layer
   (depth 20 to 40), as XLA compiles it for users."""

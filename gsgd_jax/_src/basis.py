@@ -37,6 +37,7 @@ benchmarks/RESULTS.md, checked by the memory test).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Generator, Sequence
 from typing import NamedTuple, cast
@@ -67,12 +68,25 @@ def inlined(*trees) -> Generator[None]:
   jit back on, or a scan would run as a Python loop.
   """
   tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
-  with jax.disable_jit(tracing):
+  if not tracing or _INLINED.get():
     yield
+    return
+  token = _INLINED.set(True)
+  try:
+    with jax.disable_jit():
+      yield
+  finally:
+    _INLINED.reset(token)
+
+
+# Whether ``inlined`` disabled jit here (not a user's own ``jax.disable_jit``, kept as it is).
+_INLINED: contextvars.ContextVar[bool] = contextvars.ContextVar("inlined", default=False)
 
 
 def scan(*args, **kwargs):
   """``jax.lax.scan``, traced as a loop also inside ``inlined``."""
+  if not _INLINED.get():
+    return jax.lax.scan(*args, **kwargs)
   with jax.disable_jit(False):
     return jax.lax.scan(*args, **kwargs)
 
