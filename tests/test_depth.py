@@ -119,6 +119,9 @@ def test_tracing_inline_keeps_a_users_disable_jit(monkeypatch):
   jit_disabled_at_scans.clear()
   with jax.disable_jit():
     tx.update(params, state, params)
+    jax.vmap(tx.update, in_axes=(0, None, None))(  # traced (batched), with jit disabled
+      jax.tree.map(lambda x: x[None], params), state, params
+    )
   assert jit_disabled_at_scans and all(jit_disabled_at_scans)
 
 
