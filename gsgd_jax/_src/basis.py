@@ -68,7 +68,8 @@ def inlined(*trees) -> Generator[None]:
   jit back on, or a scan would run as a Python loop.
   """
   tracing = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
-  if not tracing or _INLINED.get() or jax.config.jax_disable_jit:
+  jit_disabled = jax.config.jax_disable_jit  # type: ignore[attr-defined]  # read per context
+  if not tracing or _INLINED.get() or jit_disabled:
     yield
     return
   token = _INLINED.set(True)
