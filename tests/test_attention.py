@@ -582,8 +582,18 @@ def test_paired_chains_check_their_pairs_probes_and_counts():
   k = lambda **kw: Layer("k", input_axes=1, transposed=True, **kw)
   # The pairs must be the same on both sides of the nodes the two layers share.
   for other in ({"pairs": "interleaved"}, {}):
-    with pytest.raises(ValueError, match=r"'q' .* and 'k' .* meet at nodes they group differently"):
+    with pytest.raises(
+      ValueError, match=r"'q' .* and 'k' .* meet at nodes they group differently.*same pairs"
+    ):
       gsgd_jax.gsgd(0.1, layers=[q, k(**other)]).init(params)
+  # The same pairs on both, but the key not read transposed (its pairs then fall on its
+  # outputs): the message says to read it transposed.
+  square = {name: {"kernel": normal(2 * head_dim, heads, head_dim)} for name in ("q", "k")}
+  with pytest.raises(ValueError, match=r"group differently.*read 'q' as it is and 'k' transposed"):
+    gsgd_jax.gsgd(0.1, layers=[q, Layer("k", input_axes=1, pairs="half")]).init(square)
+  with pytest.raises(ValueError, match=r"group differently.*read 'q' as it is"):
+    transposed_q = Layer("q", input_axes=1, transposed=True, pairs="half")
+    gsgd_jax.gsgd(0.1, layers=[transposed_q, k(pairs="half")]).init(square)
 
   # A probe of a paired layer is checked per node, its two entries summed.
   def loss(p):

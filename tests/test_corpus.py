@@ -302,6 +302,12 @@ def test_llama_decoder(scanned):
   _fails(apply, params, [gate], tokens, "gate_proj")
   query = Block([f"{layer}/self_attn/q_proj", f"{layer}/self_attn/o_proj"], stack_axis=axis)
   _fails(apply, params, [query], tokens, "q_proj")
+  # The query-key chain with the key not read transposed: refused, the fix named.
+  q, k = (
+    Layer(f"{layer}/self_attn/{name}", input_axes=1, pairs="half", head_dim=model.config.head_dim)
+    for name in ("q_proj", "k_proj")
+  )
+  _fails(apply, params, [Block([q, k], stack_axis=axis)], tokens, "k_proj' transposed")
   params = gsgd_jax.set_skeleton(_f64(params), blocks)
   _invariant_where_plain_is_not(
     apply, params, blocks, tokens,

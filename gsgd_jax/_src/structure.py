@@ -404,10 +404,24 @@ def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
       if s.reading is None
       else (f"pairs={s.reading.pairs!r}, head_dim={s.reading.head_dim}")
     )
+    fix = "so declare the same pairs and head_dim on both layers."
+    first, second = prev.reading, spec.reading
+    if (
+      first is not None
+      and second is not None
+      and first.pairs is not None
+      and (first.pairs, first.head_dim) == (second.pairs, second.head_dim)
+      and (first.transposed or not second.transposed)
+    ):  # the same pairs on both, but on a side that is not the one they share
+      fix = (
+        "and a layer's pairs fall on its last axis: its outputs, or read transposed its "
+        f"inputs. So read {prev.name!r} as it is and {spec.name!r} transposed (a query, "
+        f"then its key: gsgd_jax.Layer({spec.name!r}, ..., transposed=True))."
+      )
     raise ValueError(
       f"layers {prev.name!r} ({describe(prev)}) and {spec.name!r} ({describe(spec)}) meet at "
       "nodes they group differently: the dimensions a rotary embedding pairs are one node on "
-      "both sides of it, so declare the same pairs and head_dim on both layers."
+      f"both sides of it, {fix}"
     )
 
 
