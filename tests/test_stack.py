@@ -530,6 +530,19 @@ def test_stacks_of_different_lengths_are_refused():
     gsgd_jax.gsgd(0.1, layers=gsgd_jax.Block(["a", "b"], stack_axis=0)).init(params)
 
 
+def test_a_stack_declared_on_the_wrong_axis_is_refused_naming_the_axis_it_is_on():
+  # T5's and MaxText's layers are scanned on axis 1: (d, S, h) and (h, S, d).
+  params = {"a": {"kernel": jnp.ones((4, 3, 6))}, "b": {"kernel": jnp.ones((6, 3, 4))}}
+  message = (
+    r"layer 'b': kernel of shape \(6, 3, 4\) has no stack of length 4 on axis 0, the copies "
+    r"that the block's first layer 'a' \(shape \(4, 3, 6\)\) has there.*agree on axis 1 "
+    r"\(length 3\): is the stack there \(stack_axis=1"
+  )
+  with pytest.raises(ValueError, match=message):
+    gsgd_jax.gsgd(0.1, layers=gsgd_jax.Block(["a", "b"], stack_axis=0)).init(params)
+  gsgd_jax.gsgd(0.1, layers=gsgd_jax.Block(["a", "b"], stack_axis=1)).init(params)
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_an_undeclared_stack_is_refused_naming_stack_axis(axis):
   model = ScannedFeedForward(axis=axis, norm=False)

@@ -563,7 +563,43 @@ def _block_stack(
       f"layer {'/'.join(block.layers[0])!r}: shape {shape} has no axis "
       f"{block.stack_axis}, but its block declares stack_axis={block.stack_axis}"
     )
-  return Stack(block.stack_axis, int(shape[block.stack_axis]))
+  stack = Stack(block.stack_axis, int(shape[block.stack_axis]))
+  shapes = [tuple(np.shape(leaves[i])) for i in slots.kernel]
+  whats = ["scale" if paths[i][-1] == "scale" else "kernel" for i in slots.kernel]
+  _check_copies_agree(block, shapes, whats, stack)
+  return stack
+
+
+def _check_copies_agree(
+  block: declaration.Block, shapes: list[tuple[int, ...]], whats: list[str], stack: Stack
+) -> None:
+  """Every kernel (or scale) of a stacked block has ``stack.length`` copies on its
+  axis; where one has not, the error names the axes on which they all agree (a stack
+  declared on the wrong axis, e.g. 0 for T5's and MaxText's layers scanned on axis 1)."""
+  at_axis = lambda shape: shape[stack.axis] if len(shape) > stack.axis else None
+  if all(at_axis(shape) == stack.length for shape in shapes):
+    return
+  names = ["/".join(layer) for layer in block.layers]
+  other = next(i for i, shape in enumerate(shapes) if at_axis(shape) != stack.length)
+  agree = [
+    axis
+    for axis in range(min(map(len, shapes)))
+    if axis != stack.axis and len({shape[axis] for shape in shapes}) == 1
+  ]
+  hint = (
+    "Is this layer stacked?"
+    if not agree
+    else "Their kernels and scales agree on axis "
+    + " and on axis ".join(f"{axis} (length {shapes[0][axis]})" for axis in agree)
+    + f": is the stack there (stack_axis={agree[0]}; Flax's nn.scan puts it on "
+    "variable_axes, T5 and MaxText on 1)?"
+  )
+  raise ValueError(
+    f"layer {names[other]!r}: {whats[other]} of shape {shapes[other]} has no stack of length "
+    f"{stack.length} on axis {stack.axis}, the copies that the block's first layer "
+    f"{names[0]!r} (shape {shapes[0]}) has there (stack_axis={stack.axis}); every kernel, "
+    f"scale, bias and probe of a stacked block carries the same copies on that axis. {hint}"
+  )
 
 
 def _looks_stacked(shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> bool:
