@@ -414,9 +414,9 @@ def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
       and (first.transposed or not second.transposed)
     ):  # the same pairs on both, but on a side that is not the one they share
       fix = (
-        "and a layer's pairs fall on its last axis: its outputs, or read transposed its "
-        f"inputs. So read {prev.name!r} as it is and {spec.name!r} transposed (a query, "
-        f"then its key: gsgd_jax.Layer({spec.name!r}, ..., transposed=True))."
+        "and a layer's pairs fall on its kernel's last axis: its outputs, or its inputs when "
+        f"it is read transposed. So read {prev.name!r} as it is and {spec.name!r} transposed "
+        f"(a query, then its key: gsgd_jax.Layer({spec.name!r}, ..., transposed=True))."
       )
     raise ValueError(
       f"layers {prev.name!r} ({describe(prev)}) and {spec.name!r} ({describe(spec)}) meet at "
