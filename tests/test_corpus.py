@@ -347,6 +347,17 @@ def test_llama_decoder_with_grouped_query_attention(scanned):
     stack_axis=axis,
   )  # fmt: skip
   _passes_in_both_precisions(apply, params, with_qk, tokens)
+  # Half the head size on both: the pairs declared alike no longer line up; the nodes told.
+  half = Block(
+    [
+      Layer(f"{layer}/self_attn/q_proj", input_axes=1, pairs="half", head_dim=head_dim // 2,
+            kv_heads=2),
+      Layer(f"{layer}/self_attn/k_proj", input_axes=1, transposed=True, pairs="half",
+            head_dim=head_dim // 2),
+    ],
+    stack_axis=axis,
+  )  # fmt: skip
+  _fails(apply, params, [half], tokens, r"do not line up: .* has 2 nodes there \(heads of 2, 4")
   # The value's dimensions grouped with the wrong heads (interleaved instead of consecutive)
   # reads the same nodes at other places: caught.
   wrong = Block(

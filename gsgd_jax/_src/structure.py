@@ -406,13 +406,23 @@ def _check_facing_sides(prev: LayerSpec, spec: LayerSpec) -> None:
     )
     fix = "so declare the same pairs and head_dim on both layers."
     first, second = prev.reading, spec.reading
-    if (
+    alike = (
       first is not None
       and second is not None
       and first.pairs is not None
       and (first.pairs, first.head_dim) == (second.pairs, second.head_dim)
-      and (first.transposed or not second.transposed)
-    ):  # the same pairs on both, but on a side that is not the one they share
+    )
+    if alike and before is not None and after is not None and before.pairs == after.pairs:
+      # Declared alike and facing each other: the heads (head_dim, kv_heads) do not fit.
+      heads = lambda s: (
+        f"heads of {s.head}" + (f", {s.groups} query heads to a node" if s.groups > 1 else "")
+      )
+      fix = (
+        f"and here they do not line up: {prev.name!r} has {before.nodes} nodes there "
+        f"({heads(before)}), {spec.name!r} {after.nodes} ({heads(after)}). Check head_dim "
+        "(the size of one head) and kv_heads (the key-value heads) against the model's."
+      )
+    elif alike:  # the same pairs on both, but on a side that is not the one they share
       fix = (
         "and a layer's pairs fall on its kernel's last axis: its outputs, or its inputs when "
         f"it is read transposed. So read {prev.name!r} as it is and {spec.name!r} transposed "
