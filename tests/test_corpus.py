@@ -368,6 +368,15 @@ def test_llama_decoder_with_grouped_query_attention(scanned):
     stack_axis=axis,
   )
   _fails(apply, params, [wrong], tokens, "v_proj")
+  # Twice the key-value heads the model has: refused, the declared arguments named.
+  doubled = Block(
+    [
+      f"{layer}/self_attn/v_proj",
+      Layer(f"{layer}/self_attn/o_proj", input_axes=1, head_dim=head_dim, kv_heads=4),
+    ],
+    stack_axis=axis,
+  )
+  _fails(apply, params, [doubled], tokens, r"'.*o_proj' is declared with kv_heads=4 and head_dim")
   params = gsgd_jax.set_skeleton(_f64(params), with_qk)
   _invariant_where_plain_is_not(
     apply, params, with_qk, tokens,

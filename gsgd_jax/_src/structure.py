@@ -478,7 +478,16 @@ def chain_structure(
           "split the chain around it."
         )
       grouped = ""
-      if (
+      declared = [x for x in (prev, spec) if x.reading is not None and x.reading.kv_heads]
+      if declared:  # grouped-query attention declared, but not as the model has it
+        x = declared[0]
+        assert x.reading is not None
+        head_dim = "" if x.reading.head_dim is None else f" and head_dim={x.reading.head_dim}"
+        grouped = (
+          f" {x.name!r} is declared with kv_heads={x.reading.kv_heads}{head_dim}: check them "
+          "against the model (its number of key-value heads, the size of one head)."
+        )
+      elif (
         len(specs) == 1
         and len(signature) == 2
         and (spec.n_in % prev.n_out == 0 or prev.n_out % spec.n_in == 0)
