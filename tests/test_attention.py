@@ -591,8 +591,8 @@ def test_paired_chains_check_their_pairs_probes_and_counts():
   square = {name: {"kernel": normal(2 * head_dim, heads, head_dim)} for name in ("q", "k")}
   with pytest.raises(ValueError, match=r"group differently.*read 'q' as it is and 'k' transposed"):
     gsgd_jax.gsgd(0.1, layers=[q, Layer("k", input_axes=1, pairs="half")]).init(square)
+  transposed_q = Layer("q", input_axes=1, transposed=True, pairs="half")
   with pytest.raises(ValueError, match=r"group differently.*read 'q' as it is"):
-    transposed_q = Layer("q", input_axes=1, transposed=True, pairs="half")
     gsgd_jax.gsgd(0.1, layers=[transposed_q, k(pairs="half")]).init(square)
 
   # A probe of a paired layer is checked per node, its two entries summed.
