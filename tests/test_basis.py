@@ -301,8 +301,10 @@ def test_depth_50_float32_update_matches_float64():
 
 
 # ----------------------------------------------------------------------------
-# Two-layer chains hold their per-node vectors as lists of levels (basis.LISTED_LEVELS),
-# deeper ones as padded tables: the two forms compute the same update.
+# Per-node vectors take three forms: a two-layer chain without a normalization after it
+# computes those of its one hidden level directly (basis.one_hidden_level), other chains
+# of at most basis.LISTED_LEVELS layers hold them as lists of levels, deeper ones as padded
+# tables. The forms compute the same update.
 
 
 def _two_layer_problem(name):
@@ -333,31 +335,40 @@ def _two_layer_problem(name):
     pytest.param("resnet_normalized", marks=pytest.mark.slow),
   ],
 )
-def test_two_layer_chains_as_lists_and_as_tables_agree(name, monkeypatch):
+def test_the_per_node_forms_of_two_layer_chains_agree(name, monkeypatch):
   params, layers, loss = _two_layer_problem(name)
+  # Which forms the update's per-node work took.
+  forms = set()
+  for form, function in [
+    ("one hidden level", "_hidden_level_factors"),
+    ("levels", "_level_factors"),
+    ("written out", "_written_out"),
+  ]:
+    original = getattr(basis, function)
+    recorded = functools.partial(lambda f, form, *a: forms.add(form) or f(*a), original, form)
+    monkeypatch.setattr(basis, function, recorded)
 
   def run():
     tx = gsgd_jax.path_space(optax.adam(0.02), layers=layers)
-    step = jax.jit(tx.update)
     state, p = tx.init(params), params
+    forms.clear()
+    step = jax.jit(tx.update)
     for _ in range(3):
       updates, state = step(jax.grad(loss)(p), state, p)
       p = optax.apply_updates(p, updates)
-    return p, state
+    return p, state, set(forms)
 
-  # Counts the recurrences written out level by level, the lists' form.
-  listed_recurrences = []
-  written_out = basis._written_out
-  monkeypatch.setattr(
-    basis, "_written_out", lambda *a: listed_recurrences.append(1) or written_out(*a)
-  )
-  listed = run()
-  assert listed_recurrences
   assert all(s.depth <= basis.LISTED_LEVELS for s in build_structure(params, layers))
+  normalized = name == "resnet_normalized"
+  *default, used = run()
+  assert used == ({"levels", "written out"} if normalized else {"one hidden level"})
+  monkeypatch.setattr(basis, "one_hidden_level", lambda _struct: False)
+  *listed, used = run()
+  assert used == {"levels", "written out"}
   monkeypatch.setattr(basis, "LISTED_LEVELS", 0)
-  listed_recurrences.clear()
-  tabled = run()
-  assert not listed_recurrences
+  *tabled, used = run()
+  assert used == {"levels"}
+  chex.assert_trees_all_close(default, listed, rtol=1e-12, atol=1e-14)
   chex.assert_trees_all_close(listed, tabled, rtol=1e-12, atol=1e-14)
   # Three steps moved the params: the comparison is not of two starts.
   assert float(optax.tree.norm(optax.tree.sub(listed[0], params))) > 1e-3

@@ -1001,9 +1001,8 @@ def inverse_chain_rule(
         kernels, biases, kernel_grads, bias_grads, probe_sums, rate_norms
       )
     )
-  specs, depth, tables = struct.layers, struct.depth, struct.levels
+  specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
-  products = skeleton_products(struct, kernels, ct)
 
   # Each hidden node's own term of P: its node sum less its incoming skeleton edge's w g.
   own = []
@@ -1018,6 +1017,47 @@ def inverse_chain_rule(
       kernel_grads[k], spec, pi
     ).astype(ct)
     own.append(p)
+  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
+  if one_hidden_level(struct):
+    factors, products = _hidden_level_factors(struct, kernels, own[0], ct)
+    norms = ends = None
+  else:
+    factors, products, norms, ends = _level_factors(struct, kernels, biases, own, rate_norms, ct)
+  grads, bias_grads_v = [], []
+  for k, spec in enumerate(specs):
+    out = outgoing[k]
+    inv_back_k, inv_fwd_k, *carried_k = factors[k]
+    gb = bias_grads[k]
+    bias_grads_v.append(
+      None if gb is None else (gb.astype(ct) * at_bias(inv_fwd_k, spec)).astype(gb.dtype)
+    )
+    if spec.kind == "affine":  # every scale entry is in F
+      grads.append(jnp.zeros_like(kernel_grads[k]))
+      continue
+    gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
+    if out is not None:
+      gv -= where(out, rows(carried_k[0], spec), 0)
+    fixed = fixed_mask(spec, struct.pi[k])
+    if fixed is not None:
+      gv = where(fixed, 0, gv)
+    grads.append(gv.astype(kernel_grads[k].dtype))
+  return PathGradients(grads, bias_grads_v, products, norms, ends)
+
+
+def _level_factors(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  own: Sequence[Array],
+  rate_norms: Array | None,
+  ct,
+) -> tuple[list[list[Array]], SkeletonProducts, Array | None, PerNode | None]:
+  """The inverse chain rule's per-node factors of every layer (``(1 / B, 1 / F)`` and,
+  where the layer has outgoing skeleton edges outside F, ``carried``), from each hidden
+  node's own term of ``P``; with the skeleton products and, for a normalized chain,
+  ``N^2`` per output node and per node (see ``PathGradients``)."""
+  depth, tables = struct.depth, struct.levels
+  products = skeleton_products(struct, kernels, ct)
   p_levels = propagate(
     struct,
     jnp.zeros(tables.widths[0], ct),
@@ -1042,9 +1082,9 @@ def inverse_chain_rule(
   # carried[k][a] = P[k][a] / (B[k][a] F[k][a]) (times N^2), all 0 where a chain is
   # degenerate; read together, so that every layer's pass comes after all node sums
   # (see `read_quotients`).
-  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
   parts = [
-    [(0, k), (1, k + 1)] + ([] if out is None else [(2, k)]) for k, out in enumerate(outgoing)
+    [(0, k), (1, k + 1)] + ([] if free_outgoing_mask(struct, k) is None else [(2, k)])
+    for k in range(depth)
   ]
   numerators = [1.0, fwd_numerator, p_levels]
   divisors = [usable_back, usable_fwd, per_level(jnp.multiply, usable_back, usable_fwd)]
@@ -1066,25 +1106,7 @@ def inverse_chain_rule(
     for n, (k, i) in enumerate((k, i) for k in hidden for i in range(4)):
       levels[i][k] = read[n]
     products = SkeletonProducts(*levels)
-  grads, bias_grads_v = [], []
-  for k, spec in enumerate(specs):
-    out = outgoing[k]
-    inv_back_k, inv_fwd_k, *carried_k = factors[k]
-    gb = bias_grads[k]
-    bias_grads_v.append(
-      None if gb is None else (gb.astype(ct) * at_bias(inv_fwd_k, spec)).astype(gb.dtype)
-    )
-    if spec.kind == "affine":  # every scale entry is in F
-      grads.append(jnp.zeros_like(kernel_grads[k]))
-      continue
-    gv = kernel_grads[k].astype(ct) * rows(inv_back_k, spec) * cols(inv_fwd_k, spec)
-    if out is not None:
-      gv -= where(out, rows(carried_k[0], spec), 0)
-    fixed = fixed_mask(spec, struct.pi[k])
-    if fixed is not None:
-      gv = where(fixed, 0, gv)
-    grads.append(gv.astype(kernel_grads[k].dtype))
-  return PathGradients(grads, bias_grads_v, products, norms, ends)
+  return factors, products, norms, ends
 
 
 def invariant_sq_norm(
@@ -1123,6 +1145,85 @@ def invariant_sq_norm(
       per_node = per_node + fold_outputs(jnp.square(gb), spec)
     total = total + jnp.sum(per_node)
   return total
+
+
+# ----------------------------------------------------------------------------
+# Chains with one hidden level.
+
+
+def one_hidden_level(struct: ChainStructure) -> bool:
+  """A two-layer chain whose outputs feed no normalization (a transformer's feed-forward
+  and attention chains): its per-node work is on its one hidden level, the ends being
+  constants (``B = 1`` on the inputs, ``F = 1`` and ``Q = 1`` on the outputs), and is
+  traced as those few vectors (``_hidden_level_factors``, ``_hidden_level_allocation``)
+  rather than level by level. The level-generic form traces the constant levels too:
+  about twice as many primitives per block, and tracing and lowering them was a sizeable
+  part of what the blocks add to compiling a train step (benchmarks/RESULTS.md, speed of
+  the LLaMA-style decoder). Both forms compute the same values (tests/test_basis.py).
+  """
+  return struct.depth == 2 and not struct.normalized
+
+
+def _hidden_level_factors(
+  struct: ChainStructure, kernels: Sequence[Array], own: Array, ct
+) -> tuple[list[list[Array]], SkeletonProducts]:
+  """``_level_factors`` of a chain with one hidden level (``one_hidden_level``), from
+  its hidden nodes' own terms of ``P`` (``P`` itself: nothing is carried into them)."""
+  specs = struct.layers
+  back = incoming_skeleton(kernels[0], specs[0], defined(struct.pi[0])).astype(ct)
+  forward = outgoing_skeleton(kernels[1], specs[1], defined(struct.sigma[1])).astype(ct)
+  usable_back, usable_fwd = _usable(back), _usable(forward)
+  ones = jnp.ones_like(back)
+  # 1 / B, 1 / F, carried = P / (B F) and, over 1, the skeleton weights for the passes that
+  # read them later: one division, read together (see `_level_factors`, `read_quotients`).
+  numerators = [ones, ones, own, back, forward, usable_back, usable_fwd]
+  divisors = [usable_back, usable_fwd, usable_back * usable_fwd, ones, ones, ones, ones]
+  quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
+  inv_back, inv_fwd, carried, *held = (quotients[i] for i in range(len(numerators)))
+  inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
+  factors = [[inputs, inv_fwd], [inv_back, outputs, carried]]
+  # Levels 0..2; the ends are never read but for B = 1 on the inputs and F = 1 on the
+  # outputs, which every end holds.
+  back_, forward_, usable_back_, usable_fwd_ = ([inputs, x, outputs] for x in held)
+  return factors, SkeletonProducts(back_, forward_, usable_back_, usable_fwd_)
+
+
+def _hidden_level_allocation(
+  struct: ChainStructure,
+  kernel_steps: Sequence[Array],
+  products: SkeletonProducts,
+  ratio_clip: tuple[float, float] | None,
+  ct,
+) -> tuple[list[list[Array]], Array | None]:
+  """``_level_allocation`` of a chain with one hidden level (``one_hidden_level``),
+  without renormalization: each hidden node's ``Q`` is the ratio of its outgoing skeleton
+  path, and the outputs' ``Q`` is 1."""
+  specs = struct.layers
+  _, usable_back, usable_fwd = _with_usable(products)
+  usable_back, usable_fwd = usable_back[1], usable_fwd[1]
+  step = outgoing_skeleton(kernel_steps[1], specs[1], defined(struct.sigma[1])).astype(ct)
+  inv_path_value = 1 / (usable_back * usable_fwd)  # 0 on a degenerate chain
+  ratio = 1 + step * inv_path_value
+  ones = jnp.ones_like(ratio)
+  # 1/Q - 1, 1 / (Q F), 1 / B and the skeleton steps (R - 1) B F, per hidden node (and
+  # the moved ratios, over 1: counted from the same program, see `_level_allocation`).
+  numerators = [1 - ratio, ones, ones, ratio - 1]
+  divisors = [ratio, ratio * usable_fwd, usable_back, _divisor(inv_path_value)]
+  if ratio_clip is not None:
+    clipped = _clipped_ratio(ratio, *ratio_clip)
+    moved = (jnp.isfinite(ratio) & (clipped != ratio)).astype(ct)
+    numerators = [1 - clipped, ones, ones, clipped - 1, moved]
+    divisors = [clipped, clipped * usable_fwd, usable_back, _divisor(inv_path_value), ones]
+  quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
+  shrink, inv_fwd, inv_back, skeleton_steps, *moved_read = (
+    quotients[i] for i in range(len(numerators))
+  )
+  inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
+  factors = [
+    [shrink, inv_fwd, inputs],
+    [jnp.zeros_like(outputs), outputs, inv_back, skeleton_steps],
+  ]
+  return factors, moved_read[0] if moved_read else None
 
 
 # ----------------------------------------------------------------------------
@@ -1227,7 +1328,24 @@ def weight_allocation(
   return updates, bias_updates, clipped.reshape(-1), landed
 
 
-def _allocate(
+def _clipped_ratio(r: Array, low: float, high: float) -> Array:
+  """A skeleton path's ratio ``r`` with its magnitude clipped to ``[low, high]``, its sign
+  kept.
+
+  A non-finite ratio comes from a non-finite gradient or step: it stays as it is, so
+  that the update is not finite either (optax.apply_if_finite then skips it) rather than
+  a finite step that silently leaves that path where it was. A path asked to cross zero
+  crosses it (its skeleton weight changes sign, as SGD's would) but lands no nearer to
+  zero than ``low * |v|``. Clipped at ``+low`` instead, a path pushed across zero step
+  after step shrank geometrically, and every path through its node with it needed
+  weights that grow as ``1 / F`` (a norm's bias, in deep BatchNorm nets at lr 1.0:
+  benchmarks/RESULTS).
+  """
+  magnitude = jnp.minimum(jnp.maximum(jnp.abs(r), low), high)  # jnp.clip is a jitted call
+  return where(jnp.isfinite(r), where(r < 0, -magnitude, magnitude), r)
+
+
+def _level_allocation(
   struct: ChainStructure,
   kernels: Sequence[Array],
   biases: Sequence[Array | None],
@@ -1235,12 +1353,15 @@ def _allocate(
   bias_steps: Sequence[Array | None],
   products: SkeletonProducts,
   target_norms: Array | None,
-  *,
   ratio_clip: tuple[float, float] | None,
-) -> tuple[list[Array], list[Array | None], Array, Array | None]:
-  """``weight_allocation`` of one copy."""
+  ct,
+) -> tuple[list[list[Array]], Array | None, Array | None, Array | None]:
+  """Weight allocation's per-node factors of every layer (``1 / Q - 1``, ``1 / (Q F)``,
+  ``1 / B`` and, where the layer has outgoing skeleton edges outside F, their steps);
+  with the clipped ratios (1 per moved ratio, a vector to sum; None without
+  ``ratio_clip``) and, for a normalized chain's renormalization, the scales of its
+  outputs and ``N'^2`` (see ``weight_allocation``)."""
   specs, depth, tables = struct.layers, struct.depth, struct.levels
-  ct = compute_dtype(kernels[0].dtype)
   # A ratio is used only where its outgoing edge is outside F (see free_outgoing_mask).
   outgoing_steps = [
     None
@@ -1260,23 +1381,10 @@ def _allocate(
   if ratio_clip is not None:
     low, high = ratio_clip
 
-    def clip(r):
-      # A non-finite ratio comes from a non-finite gradient or step: it stays as it is,
-      # so that the update is not finite either (optax.apply_if_finite then skips it)
-      # rather than a finite step that silently leaves that path where it was.
-      # The magnitude is clipped and the sign kept: a path asked to cross zero crosses
-      # it (its skeleton weight changes sign, as SGD's would) but lands no nearer to
-      # zero than low * |v|. Clipped at +low instead, a path pushed across zero step
-      # after step shrank geometrically, and every path through its node with it
-      # needed weights that grow as 1 / F (a norm's bias, in deep BatchNorm nets at lr
-      # 1.0: benchmarks/RESULTS).
-      magnitude = jnp.minimum(jnp.maximum(jnp.abs(r), low), high)  # jnp.clip is a jitted call
-      return where(jnp.isfinite(r), where(r < 0, -magnitude, magnitude), r)
-
     def is_moved(r, clipped, hidden, out_fixed):  # 1 where a ratio used as a divisor moved
       return (hidden & ~out_fixed & jnp.isfinite(r) & (clipped != r)).astype(r.dtype)
 
-    clipped = per_level(clip, ratio)
+    clipped = per_level(lambda r: _clipped_ratio(r, low, high), ratio)
     moved_numerator = _padded_level(
       struct, per_level(is_moved, ratio, clipped, hidden, out_fixed), 0.0
     )
@@ -1325,6 +1433,31 @@ def _allocate(
     summed = (len(divisors) - 1, counted)
   # 1/Q - 1, 1 / (Q F), 1 / B and the skeleton steps, per node (and the moved ratios).
   factors, num_moved = read_quotients(struct, numerators, divisors, parts, summed)
+  return factors, num_moved, output_scales, landed
+
+
+def _allocate(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  products: SkeletonProducts,
+  target_norms: Array | None,
+  *,
+  ratio_clip: tuple[float, float] | None,
+) -> tuple[list[Array], list[Array | None], Array, Array | None]:
+  """``weight_allocation`` of one copy."""
+  specs, depth = struct.layers, struct.depth
+  ct = compute_dtype(kernels[0].dtype)
+  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
+  output_scales = landed = None
+  if one_hidden_level(struct):
+    factors, num_moved = _hidden_level_allocation(struct, kernel_steps, products, ratio_clip, ct)
+  else:
+    factors, num_moved, output_scales, landed = _level_allocation(
+      struct, kernels, biases, kernel_steps, bias_steps, products, target_norms, ratio_clip, ct
+    )
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
     out = outgoing[k]
