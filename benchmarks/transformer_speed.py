@@ -37,6 +37,7 @@ compiles each one separately, so they track its compile time).
 from __future__ import annotations
 
 import argparse
+import gc
 import re
 import time
 from typing import Any, NamedTuple
@@ -228,12 +229,20 @@ def temp_bytes(compiled) -> int:
 def compile_times(depths, c: Config, repeats: int) -> dict[str, list[list[float]]]:
   """Compile seconds per optimizer, depth and repeat (``[depth][repeat]``), variants
   interleaved: each repeat compiles every variant at a depth one after the other, so
-  that the ratio of a repeat's pair is measured under the same load."""
+  that the ratio of a repeat's pair is measured under the same load.
+
+  The order of the pair alternates (AdamW first in even repeats, ``path_space`` first in
+  odd ones): on the 2-core machine of benchmarks/RESULTS.md a compile's time depends on
+  what was compiled just before it, by about as much as the ratio's distance to its
+  target. Garbage is collected before each compile, so that neither pays for the
+  other's.
+  """
   times: dict[str, list[list[float]]] = {name: [[] for _ in depths] for name in OPTIMIZERS}
-  for _ in range(repeats):
+  for repeat in range(repeats):
     for i, depth in enumerate(depths):
-      for name in OPTIMIZERS:
+      for name in OPTIMIZERS if repeat % 2 == 0 else OPTIMIZERS[::-1]:
         jax.clear_caches()
+        gc.collect()
         _, seconds, _ = compiled_step(name, c._replace(depth=depth))
         times[name][i].append(seconds)
   return times
@@ -267,6 +276,7 @@ def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
     for k, tx in enumerate(variants):
       jax.clear_caches()
       state = tx.init(params)
+      gc.collect()
       start = time.perf_counter()
       lowered = jax.jit(train_step(tx, c.heads)).lower(params, state, tokens)
       traced = time.perf_counter()
@@ -312,6 +322,12 @@ def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], s
   best = {name: [float(np.min(t)) for t in compiles[name]] for name in OPTIMIZERS}
   paired = np.asarray(compiles[OPTIMIZERS[1]]) / np.asarray(compiles[OPTIMIZERS[0]])
   compile_ratio = [float(r) for r in np.median(paired, axis=1)]
+  quartiles = [float(q) for q in np.percentile(paired, [25, 75])]
+  # compile_times alternates the order of each pair: AdamW first in even repeats.
+  by_order = {
+    f"{first} compiled first": float(np.median(pairs)) if pairs.size else None
+    for first, pairs in zip(OPTIMIZERS, (paired[:, 0::2], paired[:, 1::2]), strict=True)
+  }
   slope = {  # over two depths or more
     name: float(np.polyfit(np.log(depths), np.log(best[name]), 1)[0])
     for name in OPTIMIZERS
@@ -330,6 +346,8 @@ def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], s
     "compile_s_per_repeat": compiles,
     "compile_ratio": compile_ratio,
     "compile_ratio_all_depths": float(np.median(paired)),
+    "compile_ratio_quartiles": quartiles,
+    "compile_ratio_by_order": by_order,
     "compile_loglog_slope": slope,
     "temp_bytes": temps,
   }
@@ -355,7 +373,10 @@ def report(c: Config, depths, steps, compiles, temps) -> tuple[dict[str, Any], s
       )
     ),
     "",
-    f"Median ratio of all {paired.size} pairs: {result['compile_ratio_all_depths']:.2f}.",
+    f"Median ratio of all {paired.size} pairs: {result['compile_ratio_all_depths']:.2f} "
+    f"(middle half {quartiles[0]:.2f}-{quartiles[1]:.2f})"
+    + "".join(f"; {first} {r:.2f}" for first, r in by_order.items() if r is not None)
+    + ".",
   ]
   if slope:
     lines += [

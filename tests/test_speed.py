@@ -67,8 +67,36 @@ def test_transformer_speed_reports_step_compile_and_memory_ratios(tmp_path, mode
   assert len(adamw) == len(path) == 2
   assert result["compile_ratio"][0] == pytest.approx(np.median(np.divide(path, adamw)))
   assert result["compile_s"]["AdamW"] == [min(adamw)]
+  # The first repeat compiled AdamW first, the second path_space(AdamW).
+  first = result["compile_ratio_by_order"]
+  assert first["AdamW compiled first"] == pytest.approx(path[0] / adamw[0])
+  assert first["path_space(AdamW) compiled first"] == pytest.approx(path[1] / adamw[1])
   assert set(result["temp_bytes"]) == set(transformer_speed.OPTIMIZERS)
   assert "| layers | compile AdamW s (best) |" in (tmp_path / "transformer_speed.md").read_text()
+
+
+def test_transformer_speed_alternates_the_order_of_each_compile_pair(monkeypatch):
+  from benchmarks import transformer_speed
+
+  compiled = []
+
+  def fake_compile(name, c):
+    compiled.append((name, c.depth))
+    return None, 1.0, None
+
+  monkeypatch.setattr(transformer_speed, "compiled_step", fake_compile)
+  times = transformer_speed.compile_times([2, 3], transformer_speed.Config(), repeats=3)
+  adamw, path = transformer_speed.OPTIMIZERS
+  pair = lambda first, second, depth: [(first, depth), (second, depth)]
+  assert compiled == [
+    *pair(adamw, path, 2),
+    *pair(adamw, path, 3),
+    *pair(path, adamw, 2),
+    *pair(path, adamw, 3),
+    *pair(adamw, path, 2),
+    *pair(adamw, path, 3),
+  ]
+  assert times == {name: [[1.0] * 3, [1.0] * 3] for name in transformer_speed.OPTIMIZERS}
 
 
 @pytest.mark.slow
