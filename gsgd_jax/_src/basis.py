@@ -1156,10 +1156,11 @@ def one_hidden_level(struct: ChainStructure) -> bool:
   and attention chains): its per-node work is on its one hidden level, the ends being
   constants (``B = 1`` on the inputs, ``F = 1`` and ``Q = 1`` on the outputs), and is
   traced as those few vectors (``_hidden_level_factors``, ``_hidden_level_allocation``)
-  rather than level by level. The level-generic form traces the constant levels too:
-  about twice as many primitives per block, and tracing and lowering them was a sizeable
-  part of what the blocks add to compiling a train step (benchmarks/RESULTS.md, speed of
-  the LLaMA-style decoder). Both forms compute the same values (tests/test_basis.py).
+  rather than level by level. The level-generic form traces the constant levels too: half
+  as many primitives again per block (the LLaMA-style decoder's three blocks: 1087 against
+  716), and tracing and lowering them was a sizeable part of what the blocks add to
+  compiling a train step (benchmarks/RESULTS.md, speed of the LLaMA-style decoder). Both
+  forms compute the same values (tests/test_basis.py).
   """
   return struct.depth == 2 and not struct.normalized
 
