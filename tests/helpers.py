@@ -62,3 +62,15 @@ def orbax_roundtrip(directory, tree):
     checkpointer.save(directory / "ckpt", tree)
   with ocp.StandardCheckpointer() as checkpointer:
     return checkpointer.restore(directory / "ckpt", jax.tree.map(np.zeros_like, tree))
+
+
+def equations(jaxpr):
+  """Every equation of a traced program, its sub-programs' (scan bodies, inlined calls)
+  included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)

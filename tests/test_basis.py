@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
+from helpers import equations
 from problems import ALLOW_CHAIN_RANGE, WIDTHS, WIDTHS_IN_MAKE_TEST, mlp, widths_cases
 
 import gsgd_jax
@@ -372,3 +373,20 @@ def test_the_per_node_forms_of_two_layer_chains_agree(name, monkeypatch):
   chex.assert_trees_all_close(listed, tabled, rtol=1e-12, atol=1e-14)
   # Three steps moved the params: the comparison is not of two starts.
   assert float(optax.tree.norm(optax.tree.sub(listed[0], params))) > 1e-3
+
+
+def test_one_hidden_level_traces_fewer_primitives_than_the_levels(monkeypatch):
+  # What the one-hidden-level form is for: tracing and lowering the update's primitives is
+  # part of compiling a train step (benchmarks/RESULTS.md, speed of the LLaMA-style decoder).
+  params, layers, loss = _two_layer_problem("llama_stacked_pairs_transposed")
+  tx = gsgd_jax.path_space(optax.adam(0.02), layers=layers)
+  state, grads = tx.init(params), jax.grad(loss)(params)
+
+  def traced():  # a fresh function each time: make_jaxpr caches its traces
+    program = jax.make_jaxpr(lambda *args: tx.update(*args))(grads, state, params)
+    return sum(1 for _ in equations(program.jaxpr))
+
+  hidden_level = traced()
+  monkeypatch.setattr(basis, "one_hidden_level", lambda _struct: False)
+  levels = traced()
+  assert hidden_level <= 0.8 * levels, (hidden_level, levels)

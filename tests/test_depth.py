@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import USER_PIPELINE, train_scan
+from helpers import USER_PIPELINE, equations, train_scan
 from problems import mlp
 from test_properties import CHECKS, NetSpec, build
 
@@ -70,19 +70,6 @@ def test_compiled_update_grows_linearly_with_depth(name, kind):
   assert per_layer_after <= 1.2 * per_layer_before, (small, medium, large)
 
 
-def _primitives(jaxpr, found=None):
-  """Names of every primitive in ``jaxpr``, its sub-programs' included."""
-  found = set() if found is None else found
-  for eqn in jaxpr.eqns:
-    found.add(eqn.primitive.name)
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (list, tuple)) else [param]:
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          _primitives(inner, found)
-  return found
-
-
 @pytest.mark.parametrize("name", ["gsgd", "g_adam"])  # path_sgd has no recurrence
 def test_deep_chain_recurrences_stay_scans_in_the_traced_update(name):
   # The update traces jax.numpy's functions with jit disabled (basis.inlined), under
@@ -92,7 +79,7 @@ def test_deep_chain_recurrences_stay_scans_in_the_traced_update(name):
   params, layers = _chain("mlp", 20)
   tx = UPDATES[name](layers)
   traced = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-  assert "scan" in _primitives(traced.jaxpr)
+  assert "scan" in {eqn.primitive.name for eqn in equations(traced.jaxpr)}
   # The same update called eagerly (nothing traced) takes no such path.
   updates, _ = tx.update(params, tx.init(params), params)
   jitted, _ = jax.jit(tx.update)(params, tx.init(params), params)
