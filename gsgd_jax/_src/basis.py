@@ -1004,24 +1004,26 @@ def inverse_chain_rule(
   specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
 
-  # Each hidden node's own term of P: its node sum less its incoming skeleton edge's w g.
-  own = []
+  # Each hidden node's sum: the derivative along rescaling its incoming weights and bias.
+  sums = []
   for k in range(depth - 1):
-    spec, pi = specs[k], defined(struct.pi[k])
     probe_sum = None if probe_sums is None else probe_sums[k]
     if probe_sum is not None:
-      p = fold_outputs(probe_sum.astype(ct), spec)
+      sums.append(fold_outputs(probe_sum.astype(ct), specs[k]))
     else:
-      p = node_sums(spec, kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct)
-    p -= incoming_skeleton(kernels[k], spec, pi).astype(ct) * incoming_skeleton(
-      kernel_grads[k], spec, pi
-    ).astype(ct)
-    own.append(p)
+      sums.append(node_sums(specs[k], kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct))
   outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
   if one_hidden_level(struct):
-    factors, products = _hidden_level_factors(struct, kernels, own[0], ct)
+    factors, products = _hidden_level_factors(struct, kernels, kernel_grads, sums[0], ct)
     norms = ends = None
   else:
+    # Each hidden node's own term of P: its sum less its incoming skeleton edge's w g.
+    own = [
+      p
+      - incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])).astype(ct)
+      * incoming_skeleton(kernel_grads[k], specs[k], defined(struct.pi[k])).astype(ct)
+      for k, p in enumerate(sums)
+    ]
     factors, products, norms, ends = _level_factors(struct, kernels, biases, own, rate_norms, ct)
   grads, bias_grads_v = [], []
   for k, spec in enumerate(specs):
@@ -1166,21 +1168,33 @@ def one_hidden_level(struct: ChainStructure) -> bool:
 
 
 def _hidden_level_factors(
-  struct: ChainStructure, kernels: Sequence[Array], own: Array, ct
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  kernel_grads: Sequence[Array],
+  sums: Array,
+  ct,
 ) -> tuple[list[list[Array]], SkeletonProducts]:
   """``_level_factors`` of a chain with one hidden level (``one_hidden_level``), from
-  its hidden nodes' own terms of ``P`` (``P`` itself: nothing is carried into them)."""
+  its hidden nodes' sums (``node_sums``)."""
   specs = struct.layers
-  back = incoming_skeleton(kernels[0], specs[0], defined(struct.pi[0])).astype(ct)
+  pi = defined(struct.pi[0])
+  back = incoming_skeleton(kernels[0], specs[0], pi).astype(ct)
+  own_skeleton = back * incoming_skeleton(kernel_grads[0], specs[0], pi).astype(ct)
   forward = outgoing_skeleton(kernels[1], specs[1], defined(struct.sigma[1])).astype(ct)
   usable_back, usable_fwd = _usable(back), _usable(forward)
   ones = jnp.ones_like(back)
   # 1 / B, 1 / F, carried = P / (B F) and, over 1, the skeleton weights for the passes that
   # read them later: one division, read together (see `_level_factors`, `read_quotients`).
-  numerators = [ones, ones, own, back, forward, usable_back, usable_fwd]
-  divisors = [usable_back, usable_fwd, usable_back * usable_fwd, ones, ones, ones, ones]
+  # P, the node sum less the incoming skeleton edge's w g, is divided term by term: with
+  # the difference taken first, XLA:CPU fused it into the node sums' reduction or read the
+  # skeleton weights in two layouts, and gave their gathers programs of their own (one to
+  # three per block); divided apart, every gather fuses into this division's program.
+  path_value = usable_back * usable_fwd
+  numerators = [ones, ones, sums, own_skeleton, back, forward, usable_back, usable_fwd]
+  divisors = [usable_back, usable_fwd, path_value, path_value, ones, ones, ones, ones]
   quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
-  inv_back, inv_fwd, carried, *held = (quotients[i] for i in range(len(numerators)))
+  inv_back, inv_fwd, summed, skeleton_term, *held = (quotients[i] for i in range(len(numerators)))
+  carried = summed - skeleton_term
   inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
   factors = [[inputs, inv_fwd], [inv_back, outputs, carried]]
   # Levels 0..2; the ends are never read but for B = 1 on the inputs and F = 1 on the
