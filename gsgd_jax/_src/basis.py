@@ -1158,11 +1158,11 @@ def one_hidden_level(struct: ChainStructure) -> bool:
   and attention chains): its per-node work is on its one hidden level, the ends being
   constants (``B = 1`` on the inputs, ``F = 1`` and ``Q = 1`` on the outputs), and is
   traced as those few vectors (``_hidden_level_factors``, ``_hidden_level_allocation``)
-  rather than level by level. The level-generic form traces the constant levels too: half
-  as many primitives again per block (the LLaMA-style decoder's three blocks: 1087 against
-  716), and tracing and lowering them was a sizeable part of what the blocks add to
+  rather than level by level. The level-generic form traces the constant levels too: the
+  LLaMA-style decoder's update traced 1346 primitives instead of 923 (AdamW's alone: 214),
+  and tracing and lowering them was a sizeable part of what the blocks add to
   compiling a train step (benchmarks/RESULTS.md, speed of the LLaMA-style decoder). Both
-  forms compute the same values (tests/test_basis.py).
+  forms compute the same values, up to rounding (tests/test_basis.py).
   """
   return struct.depth == 2 and not struct.normalized
 
@@ -1220,15 +1220,21 @@ def _hidden_level_allocation(
   inv_path_value = 1 / (usable_back * usable_fwd)  # 0 on a degenerate chain
   ratio = 1 + step * inv_path_value
   ones = jnp.ones_like(ratio)
-  # 1/Q - 1, 1 / (Q F), 1 / B and the skeleton steps (R - 1) B F, per hidden node (and
-  # the moved ratios, over 1: counted from the same program, see `_level_allocation`).
-  numerators = [1 - ratio, ones, ones, ratio - 1]
-  divisors = [ratio, ratio * usable_fwd, usable_back, _divisor(inv_path_value)]
+  moved = []
   if ratio_clip is not None:
     clipped = _clipped_ratio(ratio, *ratio_clip)
-    moved = (jnp.isfinite(ratio) & (clipped != ratio)).astype(ct)
-    numerators = [1 - clipped, ones, ones, clipped - 1, moved]
-    divisors = [clipped, clipped * usable_fwd, usable_back, _divisor(inv_path_value), ones]
+    moved = [(jnp.isfinite(ratio) & (clipped != ratio)).astype(ct)]
+    ratio = clipped
+  # 1/Q - 1, 1 / (Q F), 1 / B and the skeleton steps (R - 1) B F, per hidden node (and
+  # the moved ratios, over 1: counted from the same program, see `_level_allocation`).
+  numerators = [1 - ratio, ones, ones, ratio - 1, *moved]
+  divisors = [
+    ratio,
+    ratio * usable_fwd,
+    usable_back,
+    _divisor(inv_path_value),
+    *[ones] * len(moved),
+  ]
   quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
   shrink, inv_fwd, inv_back, skeleton_steps, *moved_read = (
     quotients[i] for i in range(len(numerators))
