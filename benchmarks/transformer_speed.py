@@ -232,9 +232,9 @@ def compile_times(depths, c: Config, repeats: int) -> dict[str, list[list[float]
   that the ratio of a repeat's pair is measured under the same load.
 
   The order of the pair alternates (AdamW first in even repeats, ``path_space`` first in
-  odd ones): on the 2-core machine of benchmarks/RESULTS.md a compile's time depends on
-  what was compiled just before it, by about as much as the ratio's distance to its
-  target. Garbage is collected before each compile, so that neither pays for the
+  odd ones): on the 2-core machine of benchmarks/RESULTS.md the order moved the ratio by
+  a few hundredths, about its distance to its target, and the report gives its median for
+  each order. Garbage is collected before each compile, so that neither pays for the
   other's.
   """
   times: dict[str, list[list[float]]] = {name: [[] for _ in depths] for name in OPTIMIZERS}
