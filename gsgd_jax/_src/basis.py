@@ -1085,8 +1085,7 @@ def _level_factors(
   # degenerate; read together, so that every layer's pass comes after all node sums
   # (see `read_quotients`).
   parts = [
-    [(0, k), (1, k + 1)] + ([] if free_outgoing_mask(struct, k) is None else [(2, k)])
-    for k in range(depth)
+    [(0, k), (1, k + 1)] + ([] if outgoing_all_fixed(struct, k) else [(2, k)]) for k in range(depth)
   ]
   numerators = [1.0, fwd_numerator, p_levels]
   divisors = [usable_back, usable_fwd, per_level(jnp.multiply, usable_back, usable_fwd)]
@@ -1159,7 +1158,7 @@ def one_hidden_level(struct: ChainStructure) -> bool:
   constants (``B = 1`` on the inputs, ``F = 1`` and ``Q = 1`` on the outputs), and is
   traced as those few vectors (``_hidden_level_factors``, ``_hidden_level_allocation``)
   rather than level by level. The level-generic form traces the constant levels too: the
-  LLaMA-style decoder's update traced 1346 primitives instead of 923 (AdamW's alone: 214),
+  LLaMA-style decoder's update traces 1312 primitives instead of 923 (AdamW's alone: 214),
   and tracing and lowering them was a sizeable part of what the blocks add to
   compiling a train step (benchmarks/RESULTS.md, speed of the LLaMA-style decoder). Both
   forms compute the same values, up to rounding (tests/test_basis.py).
@@ -1431,10 +1430,9 @@ def _level_allocation(
     steps = per_level(jnp.divide, step_numerator, step_divisor)
     landed = _landed_norms(struct, kernels, biases, kernel_steps, bias_steps, products, steps)
     output_scales = _renormalizing_scales(target_norms.astype(ct), landed)
-  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
   parts = [
-    [(0, k + 1), (1, k + 1), (2, k)] + ([] if out is None else [(3, k)])
-    for k, out in enumerate(outgoing)
+    [(0, k + 1), (1, k + 1), (2, k)] + ([] if outgoing_all_fixed(struct, k) else [(3, k)])
+    for k in range(depth)
   ]
   numerators = [per_level(lambda q: 1 - q, q), 1.0, 1.0, step_numerator]
   divisors = [
