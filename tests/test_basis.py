@@ -10,11 +10,11 @@ import numpy as np
 import optax
 import pytest
 import reference as ref
-from helpers import equations
+from helpers import USER_PIPELINE, equations
 from problems import ALLOW_CHAIN_RANGE, WIDTHS, WIDTHS_IN_MAKE_TEST, mlp, widths_cases
 
 import gsgd_jax
-from gsgd_jax._src import basis
+from gsgd_jax._src import basis, transform
 from gsgd_jax._src.structure import build_structure
 
 # This file's data: 11 samples, summed squared error.
@@ -157,13 +157,18 @@ def test_zero_weights_and_biases_move_exactly():
 
 @ALLOW_CHAIN_RANGE  # skeleton weights at random: large ratios from ordinary steps
 @pytest.mark.parametrize(
-  "seed, lr, ratio_clip", [(0, 5.0, (0.9, 1.1)), (11, 20.0, (0.1, 1e7))], ids=["narrow", "wide"]
+  "widths, seed, lr, ratio_clip",
+  [
+    ((3, 5, 5, 2), 0, 5.0, (0.9, 1.1)),
+    ((3, 5, 5, 2), 11, 20.0, (0.1, 1e7)),
+    ((3, 7, 2), 0, 5.0, (0.9, 1.1)),  # one hidden level (basis.one_hidden_level)
+  ],
+  ids=["narrow", "wide", "one-hidden-level"],
 )
-def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(seed, lr, ratio_clip):
+def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(widths, seed, lr, ratio_clip):
   """The guard clips a skeleton ratio's magnitude and keeps its sign: a path asked to cross
   zero may (its skeleton weight changes sign, as SGD's would) but not land near it, nor
   leave the bounds; every other path lands on ``v + dv``."""
-  widths = (3, 5, 5, 2)
   params, layers, loss, *_ = _mlp(widths, bias=True, seed=seed)
   grads = jax.grad(loss)(params)
   tx = gsgd_jax.path_space(optax.sgd(lr), layers=layers, ratio_clip=ratio_clip)
@@ -192,6 +197,17 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(seed, lr, ratio_cl
   assert int(state.total_clipped_ratios) == missed
   if ratio_clip[1] > 1e6:
     assert flipped > 0
+
+
+@pytest.mark.parametrize("dtype, n, p", [(jnp.float32, 5000, 0.7), (jnp.float16, 3001, 1.0)])
+def test_clipped_count_is_exact(dtype, n, p):
+  # The clipped ratios are counted by a float sum (transform._count), exact while every
+  # partial sum is an integer the float type holds. Float16 holds every integer only up
+  # to 2048 (not 3001): its flags are counted by an integer sum.
+  flags = jax.random.bernoulli(jax.random.key(0), p, (n,)).astype(dtype)
+  expected = int(np.sum(np.asarray(flags, np.int64)))
+  count = jax.jit(transform._count)(flags)
+  assert count.dtype == jnp.int32 and int(count) == expected
 
 
 @pytest.mark.parametrize("lr", [1e3, 1e12])
@@ -391,3 +407,41 @@ def test_one_hidden_level_traces_fewer_primitives_than_the_levels(monkeypatch):
   monkeypatch.setattr(basis, "one_hidden_level", lambda _struct: False)
   levels = traced()
   assert hidden_level <= 0.8 * levels, (hidden_level, levels)
+
+
+def test_one_hidden_level_tables_are_node_major_and_compile_to_less_code(monkeypatch):
+  # What the node-major tables of basis._node_quotients are for: XLA:CPU compiles a
+  # quantity-major table into a vectorized loop per quantity, more LLVM code than the
+  # passes' strided reads of a node-major one cost (benchmarks/RESULTS.md, speed of the
+  # LLaMA-style decoder). The code is counted, not timed: it does not vary between runs.
+  from benchmarks import transformer_speed as ts
+
+  c = ts.Config(depth=2, dim=32, hidden=64, heads=2, seq=8, batch=2, model="llama")
+  params, tokens = ts.problem(c)
+  tx = ts.optimizer("path_space(AdamW)", c)
+
+  def llvm_ir_lines():
+    jax.clear_caches()
+    lowered = jax.jit(ts.train_step(tx, c.heads)).lower(params, tx.init(params), tokens)
+    # As users compile it: XLA's default emitters, LLVM's optimisation (see conftest.py).
+    return ts.llvm_ir(lowered, {**USER_PIPELINE, "xla_backend_optimization_level": 3})
+
+  calls = []
+  node_major = basis._node_quotients
+
+  def recording(numerators, divisors):
+    calls.append(len(numerators))
+    return node_major(numerators, divisors)
+
+  monkeypatch.setattr(basis, "_node_quotients", recording)
+  kernels, lines = llvm_ir_lines()
+  assert len(calls) == 2 * len(c.blocks)  # one division for the ICR, one for the WA
+
+  def quantity_major(numerators, divisors):
+    table = jnp.stack(numerators) / jnp.stack(divisors)
+    return [table[i] for i in range(len(numerators))]
+
+  monkeypatch.setattr(basis, "_node_quotients", quantity_major)
+  kernels_by_quantity, lines_by_quantity = llvm_ir_lines()
+  assert kernels == kernels_by_quantity > 0
+  assert lines < 0.98 * lines_by_quantity, (lines, lines_by_quantity)

@@ -596,6 +596,23 @@ def _stacked(xs: Sequence[Array], axis: int) -> Array:
   return jnp.concatenate([jnp.expand_dims(x, axis) for x in xs], axis=axis)
 
 
+def _node_quotients(numerators: Sequence[Array], divisors: Sequence[Array]) -> list[Array]:
+  """``numerators[i] / divisors[i]`` for per-node vectors of one level, by one division.
+
+  The quantities are stacked on a last axis, node-major: XLA:CPU compiles a program over
+  a ``(nodes, quantities)`` table into one loop whose few quantities LLVM unrolls as
+  scalar code, and one over a ``(quantities, nodes)`` table into a vectorized loop per
+  quantity, each with its remainder, up to three times the code. The passes over the
+  kernels then read the vectors with a stride, which costs less code than the tables
+  save: the LLaMA-style decoder's blocks compile to less code (benchmarks/RESULTS.md,
+  speed of the LLaMA-style decoder; tests/test_basis.py checks it on a small decoder),
+  and compiling that code is most of what a step's compile costs.
+  """
+  quotients = _stacked(numerators, axis=-1) / _stacked(divisors, axis=-1)
+  last = quotients.ndim - 1
+  return [jax.lax.index_in_dim(quotients, i, last, keepdims=False) for i in range(len(numerators))]
+
+
 def _levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
   """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
   quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, by one gather."""
@@ -1191,8 +1208,7 @@ def _hidden_level_factors(
   path_value = usable_back * usable_fwd
   numerators = [ones, ones, sums, own_skeleton, back, forward, usable_back, usable_fwd]
   divisors = [usable_back, usable_fwd, path_value, path_value, ones, ones, ones, ones]
-  quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
-  inv_back, inv_fwd, summed, skeleton_term, *held = (quotients[i] for i in range(len(numerators)))
+  inv_back, inv_fwd, summed, skeleton_term, *held = _node_quotients(numerators, divisors)
   carried = summed - skeleton_term
   inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
   factors = [[inputs, inv_fwd], [inv_back, outputs, carried]]
@@ -1234,10 +1250,7 @@ def _hidden_level_allocation(
     _divisor(inv_path_value),
     *[ones] * len(moved),
   ]
-  quotients = _stacked(numerators, axis=0) / _stacked(divisors, axis=0)
-  shrink, inv_fwd, inv_back, skeleton_steps, *moved_read = (
-    quotients[i] for i in range(len(numerators))
-  )
+  shrink, inv_fwd, inv_back, skeleton_steps, *moved_read = _node_quotients(numerators, divisors)
   inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
   factors = [
     [shrink, inv_fwd, inputs],

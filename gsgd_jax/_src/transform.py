@@ -293,6 +293,21 @@ def _clipped(
   return jax.tree.map(lambda g: (g * factor).astype(g.dtype), path_grads)
 
 
+def _count(flags: jax.Array) -> jax.Array:
+  """The number of ones in ``flags``, a vector of zeros and ones, as an ``int32``.
+
+  Summed in their floating-point type, exactly (every partial sum is an integer below
+  ``2^24`` in float32):
+  XLA:CPU hands a float sum to its reduction library, one program that compiles no
+  code of its own, where an integer sum is a tree of windowed sums, a program each (two
+  for the LLaMA-style decoder's 8448 hidden nodes). The barrier keeps XLA from splitting
+  the sum of the concatenation into a sum per block, each a tree of its own.
+  """
+  if flags.shape[0] > 2 ** (jnp.finfo(flags.dtype).nmant + 1):  # sums might round
+    return jnp.sum(flags, dtype=jnp.int32)
+  return jnp.sum(jax.lax.optimization_barrier(flags)).astype(jnp.int32)
+
+
 def _checked_settings(
   ratio_clip: tuple[float, float] | None,
   clip_norm: float | None,
@@ -575,11 +590,7 @@ def path_space(
       # where sharded over Explicit axes (a stack sharded over its copies shards them).
       clipped_now = jnp.zeros((), jnp.int32)
       if clipped:
-        flags = jnp.concatenate([basis.replicated(c) for c in clipped])
-        # As rows of 32: XLA:CPU sums a longer axis as a tree of windowed sums, a program
-        # each (the 8448 hidden nodes of the LLaMA decoder's benchmark: three, now two).
-        flags = jnp.pad(flags, (0, -flags.shape[0] % 32)).reshape(-1, 32)
-        clipped_now = jnp.sum(flags, dtype=jnp.int32)
+        clipped_now = _count(jnp.concatenate([basis.replicated(c) for c in clipped]))
     return new_updates, PathSpaceState(
       inner_state,
       clipped_now,
