@@ -28,7 +28,9 @@ It reports, as ratios to AdamW measured in one run:
 With ``--per-block`` it reports instead what each declared block adds to compiling
 the step: ``path_space(AdamW)`` over the first ``k`` blocks, from ``k = 0`` (AdamW
 alone) to all of them, with the fused computations of each compiled program (XLA:CPU
-compiles each one separately, so they track its compile time).
+compiles each one separately, so they track its compile time), and the kernels and lines
+of optimized LLVM IR it compiles them into (``llvm_ir``: measures that do not vary from
+run to run).
 
     python -m benchmarks.transformer_speed [--model relu|llama] [--depths 3,6,12,24]
         [--rounds 7] [--compile-repeats 3] [--per-block] [--out DIR]
@@ -38,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import glob
+import os
 import re
+import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -259,6 +264,21 @@ def step_times(c: Config, rounds: int, min_seconds: float):
   return times, {name: temp_bytes(compiled) for name, (compiled, _) in programs.items()}
 
 
+def llvm_ir(lowered, compiler_options: dict | None = None) -> tuple[int, int]:
+  """Kernels and lines of optimized LLVM IR that XLA:CPU compiles ``lowered`` into (with
+  XLA ``compiler_options``, if any; 0 and 0 on other backends). Unlike seconds, they do
+  not vary from run to run, and compiling the code is most of what a train step's
+  compile costs (the LLVM phase, the largest in the compiler's profile, grows with it)."""
+  with tempfile.TemporaryDirectory() as directory:
+    lowered.compile({**(compiler_options or {}), "xla_dump_to": directory})
+    files = glob.glob(os.path.join(directory, "*.ir-with-opt.ll"))
+    lines = 0
+    for path in files:
+      with open(path) as f:
+        lines += sum(1 for _ in f)
+  return len(files), lines
+
+
 def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
   """Compile seconds (best of ``repeats``, variants interleaved; ratios to AdamW the median
   of the repeats') and fused computations of the train step with ``path_space(AdamW)``
@@ -285,6 +305,10 @@ def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
       tracing[k] = min(tracing[k], traced - start)
       text = compiled.as_text() or ""
       fusions[k] = len(re.findall(r" fusion\(", text))  # every fusion instruction
+  code = []
+  for tx in variants:  # once, after the timed rounds: the dump is not timed
+    jax.clear_caches()
+    code.append(llvm_ir(jax.jit(train_step(tx, c.heads)).lower(params, tx.init(params), tokens)))
   times = np.asarray(per_repeat)  # [repeat][variant]
   seconds = [float(t) for t in times.min(axis=0)]
   ratios = [float(r) for r in np.median(times / times[:, :1], axis=0)]
@@ -294,16 +318,20 @@ def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
     f"{c._asdict()}; path_space(AdamW) over the blocks up to each row, seconds the best of "
     f"{repeats}, ratios the median of the {repeats} rounds' ratios",
     "",
-    "| blocks up to | compile s | ratio to AdamW | of which tracing s | fused computations |",
-    "|---|---|---|---|---|",
+    "| blocks up to | compile s | ratio to AdamW | of which tracing s | fused computations "
+    "| LLVM kernels | LLVM IR lines |",
+    "|---|---|---|---|---|---|---|",
     *(
-      f"| {name} | {t:.2f} | {r:.2f} | {tr:.2f} | {n} |"
-      for name, t, r, tr, n in zip(names, seconds, ratios, tracing, fusions, strict=True)
+      f"| {name} | {t:.2f} | {r:.2f} | {tr:.2f} | {n} | {k} | {lines} |"
+      for name, t, r, tr, n, (k, lines) in zip(
+        names, seconds, ratios, tracing, fusions, code, strict=True
+      )
     ),
   ]
   result = {"device": device_name(), "jax": jax.__version__, "config": c._asdict()}
   result |= {"blocks": names, "compile_s": seconds, "compile_ratio": ratios}
   result |= {"compile_s_per_repeat": per_repeat, "tracing_s": tracing, "fusions": fusions}
+  result |= {"llvm_kernels": [k for k, _ in code], "llvm_ir_lines": [n for _, n in code]}
   return result, "\n".join(lines)
 
 

@@ -110,5 +110,7 @@ def test_transformer_speed_per_block_reports_what_each_block_adds(tmp_path):
   times = np.asarray(result["compile_s_per_repeat"])  # [repeat][variant]
   assert times.shape == (2, 4) and result["compile_s"] == pytest.approx(times.min(axis=0))
   assert result["compile_ratio"] == pytest.approx(np.median(times / times[:, :1], axis=0))
-  # Each block adds fused computations of its own to the compiled step.
+  # Each block adds fused computations of its own to the compiled step, and code.
   assert np.all(np.diff(result["fusions"]) > 0), result["fusions"]
+  assert np.all(np.diff(result["llvm_ir_lines"]) > 0), result["llvm_ir_lines"]
+  assert np.all(np.diff(result["llvm_kernels"]) >= 0), result["llvm_kernels"]
