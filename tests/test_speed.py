@@ -114,3 +114,25 @@ def test_transformer_speed_per_block_reports_what_each_block_adds(tmp_path):
   assert np.all(np.diff(result["fusions"]) > 0), result["fusions"]
   assert np.all(np.diff(result["llvm_ir_lines"]) > 0), result["llvm_ir_lines"]
   assert np.all(np.diff(result["llvm_kernels"]) >= 0), result["llvm_kernels"]
+
+
+@pytest.mark.slow
+def test_compile_ab_compiles_another_revision_beside_the_working_tree(tmp_path):
+  import gsgd_jax
+  from benchmarks import compile_ab
+
+  other = compile_ab.package_at("HEAD", str(tmp_path / "package"))
+  assert other.__name__.startswith("gsgd_jax_at_") and other.path_space is not gsgd_jax.path_space
+  blocks = compile_ab.declared(compile_ab.ts.LLAMA_BLOCKS, other)
+  assert [repr(b) for b in blocks] == [repr(b) for b in compile_ab.ts.LLAMA_BLOCKS]
+  assert all(isinstance(b, other.Block) for b in blocks)
+
+  argv = "--against HEAD --depth 2 --dim 8 --hidden 16 --seq 4 --batch 2 --repeats 2"
+  compile_ab.main([*argv.split(), "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "compile_ab.json").read_text())
+  seconds = result["compile_s_per_repeat"]
+  assert set(seconds) == {"AdamW", *compile_ab.VERSIONS}
+  assert all(len(s) == 2 and min(s) > 0 for s in seconds.values())
+  ratios = {n: np.median(np.divide(seconds[n], seconds["AdamW"])) for n in compile_ab.VERSIONS}
+  assert result["compile_ratio"] == pytest.approx(ratios)
+  assert all(result["llvm_ir_lines"][n] > result["llvm_ir_lines"]["AdamW"] for n in ratios)
