@@ -439,7 +439,7 @@ def test_one_hidden_level_tables_are_node_major_and_compile_to_less_code(monkeyp
 
   def quantity_major(numerators, divisors):
     table = jnp.stack(numerators) / jnp.stack(divisors)
-    return [table[i] for i in range(len(numerators))]
+    return [table[i] for i in range(len(numerators))], jnp.moveaxis(table, 0, -1)
 
   monkeypatch.setattr(basis, "_node_quotients", quantity_major)
   kernels_by_quantity, lines_by_quantity = llvm_ir_lines()
