@@ -11,8 +11,9 @@ is read with ``git archive`` into a temporary folder and imported under another 
 its blocks are the same declarations, rebuilt from their ``repr``.
 
 It reports, for each version, the median over the rounds of its compile time over
-AdamW's in the same round, the median of the rounds' ratio of the two versions, and the
-kernels and lines of optimized LLVM IR of each compiled step
+AdamW's in the same round; the rounds' ratio of the two versions (median, middle half,
+geometric mean, and the median for each order, which moves it by a few hundredths); and
+the kernels and lines of optimized LLVM IR of each compiled step
 (``transformer_speed.llvm_ir``, counts that do not vary from run to run).
 
     python -m benchmarks.compile_ab --against REV [--model relu|llama] [--depth 6]
@@ -111,9 +112,17 @@ def report(rev: str, c: ts.Config, seconds, llvm) -> tuple[dict[str, Any], str]:
   adamw = np.asarray(seconds["AdamW"])
   ratio = {name: float(np.median(np.asarray(seconds[name]) / adamw)) for name in VERSIONS}
   between = np.asarray(seconds[VERSIONS[1]]) / np.asarray(seconds[VERSIONS[0]])
+  # Which of the two compiles first in a round moved their ratio by a few hundredths, in
+  # either direction from run to run: it is also read apart for each order.
+  by_order = {
+    "working tree compiled second": float(np.median(between[0::2])),
+    "working tree compiled first": float(np.median(between[1::2])) if len(between) > 1 else None,
+  }
   result = {"device": device_name(), "jax": jax.__version__, "config": c._asdict()}
   result |= {"against": rev, "compile_s_per_repeat": seconds, "compile_ratio": ratio}
   result |= {"working_tree_over_against": float(np.median(between))}
+  result |= {"working_tree_over_against_geometric_mean": float(np.exp(np.mean(np.log(between))))}
+  result |= {"working_tree_over_against_by_order": by_order}
   result |= {"llvm_kernels": {n: k for n, (k, _) in llvm.items()}}
   result |= {"llvm_ir_lines": {n: lines for n, (_, lines) in llvm.items()}}
   lines = [
@@ -133,7 +142,9 @@ def report(rev: str, c: ts.Config, seconds, llvm) -> tuple[dict[str, Any], str]:
     f"Working tree over {rev}, median of the rounds' ratios: "
     f"{result['working_tree_over_against']:.3f} (middle half "
     + "-".join(f"{q:.3f}" for q in np.percentile(between, [25, 75]))
-    + ").",
+    + f"), geometric mean {result['working_tree_over_against_geometric_mean']:.3f}"
+    + "".join(f"; {order} {r:.3f}" for order, r in by_order.items() if r is not None)
+    + ".",
   ]
   return result, "\n".join(lines)
 

@@ -135,4 +135,12 @@ def test_compile_ab_compiles_another_revision_beside_the_working_tree(tmp_path):
   assert all(len(s) == 2 and min(s) > 0 for s in seconds.values())
   ratios = {n: np.median(np.divide(seconds[n], seconds["AdamW"])) for n in compile_ab.VERSIONS}
   assert result["compile_ratio"] == pytest.approx(ratios)
+  between = np.divide(*(seconds[n] for n in reversed(compile_ab.VERSIONS)))
+  assert result["working_tree_over_against_geometric_mean"] == pytest.approx(
+    np.exp(np.mean(np.log(between)))
+  )
+  # Round 0 compiled the working tree after the other revision, round 1 before it.
+  assert result["working_tree_over_against_by_order"] == pytest.approx(
+    {"working tree compiled second": between[0], "working tree compiled first": between[1]}
+  )
   assert all(result["llvm_ir_lines"][n] > result["llvm_ir_lines"]["AdamW"] for n in ratios)

@@ -608,8 +608,8 @@ def _node_quotients(
   quantity, each with its remainder, up to three times the code. The passes over the
   kernels then read the vectors with a stride, which costs less code than the tables
   save: the LLaMA-style decoder's blocks compile to less code (benchmarks/RESULTS.md,
-  speed of the LLaMA-style decoder; tests/test_basis.py checks it on a small decoder),
-  and compiling that code is most of what a step's compile costs.
+  speed of the LLaMA-style decoder; tests/test_basis.py checks it on a small decoder).
+  The time to compile it did not measurably change (benchmarks/compile_ab.py).
   """
   table = _stacked(numerators, axis=-1) / _stacked(divisors, axis=-1)
   last = table.ndim - 1
