@@ -1364,9 +1364,8 @@ def weight_allocation(
     ``(kernel_updates, bias_updates, clipped, landed_norms)``: ``clipped`` holds a 1 per
     clipped ratio and zeros (one per other node, or more), a vector to be summed (in one
     sum with other blocks': XLA:CPU compiles each sum as programs of its own);
-    ``landed_norms`` is
-    ``N'^2`` per output node before the renormalization, where ``target_norms`` is
-    given, else None.
+    ``landed_norms`` is ``N'^2`` per output node before the renormalization, where
+    ``target_norms`` is given, else None.
   """
   allocate = functools.partial(_allocate, ratio_clip=ratio_clip)
   in_axes = (STACK, STACK, STACK, STACK, 0, 0)

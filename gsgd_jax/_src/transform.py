@@ -296,12 +296,12 @@ def _clipped(
 def _count(flags: jax.Array) -> jax.Array:
   """The number of ones in ``flags``, a vector of zeros and ones, as an ``int32``.
 
-  Summed in their floating-point type, exactly (every partial sum is an integer below
-  ``2^24`` in float32):
-  XLA:CPU hands a float sum to its reduction library, one program that compiles no
-  code of its own, where an integer sum is a tree of windowed sums, a program each (two
-  for the LLaMA-style decoder's 8448 hidden nodes). The barrier keeps XLA from splitting
-  the sum of the concatenation into a sum per block, each a tree of its own.
+  Summed in their floating-point type, exactly while every partial sum is an integer the
+  type holds (below ``2^24`` in float32; longer vectors are summed as integers). XLA:CPU
+  hands a float sum to its reduction library, one program that compiles no code of its
+  own, where an integer sum is a tree of windowed sums, a program each (two for the
+  LLaMA-style decoder's flags). The barrier keeps XLA from splitting the sum of the
+  blocks' concatenated flags into a sum per block, each a tree of its own.
   """
   if flags.shape[0] > 2 ** (jnp.finfo(flags.dtype).nmant + 1):  # sums might round
     return jnp.sum(flags, dtype=jnp.int32)
