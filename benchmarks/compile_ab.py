@@ -100,12 +100,7 @@ def compile_rounds(variants: dict[str, Any], c: ts.Config, repeats: int) -> dict
 def code(variants: dict[str, Any], c: ts.Config) -> dict[str, tuple[int, int]]:
   """Kernels and lines of optimized LLVM IR of each variant's compiled train step."""
   params, tokens = ts.problem(c)
-  out = {}
-  for name, tx in variants.items():
-    jax.clear_caches()
-    lowered = jax.jit(ts.train_step(tx, c.heads)).lower(params, tx.init(params), tokens)
-    out[name] = ts.llvm_ir(lowered)
-  return out
+  return {name: ts.step_llvm_ir(tx, params, tokens, c.heads) for name, tx in variants.items()}
 
 
 def report(rev: str, c: ts.Config, seconds, llvm) -> tuple[dict[str, Any], str]:

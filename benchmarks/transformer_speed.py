@@ -280,6 +280,15 @@ def llvm_ir(lowered, compiler_options: dict | None = None) -> tuple[int, int]:
   return len(files), lines
 
 
+def step_llvm_ir(
+  tx, params, tokens, heads: int, compiler_options: dict | None = None
+) -> tuple[int, int]:
+  """``llvm_ir`` of the train step of ``tx``, compiled afresh (caches cleared)."""
+  jax.clear_caches()
+  lowered = jax.jit(train_step(tx, heads)).lower(params, tx.init(params), tokens)
+  return llvm_ir(lowered, compiler_options)
+
+
 def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
   """Compile seconds (best of ``repeats``, variants interleaved; ratios to AdamW the median
   of the repeats') and fused computations of the train step with ``path_space(AdamW)``
@@ -306,10 +315,8 @@ def block_costs(c: Config, repeats: int) -> tuple[dict[str, Any], str]:
       tracing[k] = min(tracing[k], traced - start)
       text = compiled.as_text() or ""
       fusions[k] = len(re.findall(r" fusion\(", text))  # every fusion instruction
-  code = []
-  for tx in variants:  # once, after the timed rounds: the dump is not timed
-    jax.clear_caches()
-    code.append(llvm_ir(jax.jit(train_step(tx, c.heads)).lower(params, tx.init(params), tokens)))
+  # Once, after the timed rounds: the dump is not timed.
+  code = [step_llvm_ir(tx, params, tokens, c.heads) for tx in variants]
   times = np.asarray(per_repeat)  # [repeat][variant]
   seconds = [float(t) for t in times.min(axis=0)]
   ratios = [float(r) for r in np.median(times / times[:, :1], axis=0)]

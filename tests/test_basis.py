@@ -421,10 +421,9 @@ def test_one_hidden_level_tables_are_node_major_and_compile_to_less_code(monkeyp
   tx = ts.optimizer("path_space(AdamW)", c)
 
   def llvm_ir_lines():
-    jax.clear_caches()
-    lowered = jax.jit(ts.train_step(tx, c.heads)).lower(params, tx.init(params), tokens)
     # As users compile it: XLA's default emitters, LLVM's optimisation (see conftest.py).
-    return ts.llvm_ir(lowered, {**USER_PIPELINE, "xla_backend_optimization_level": 3})
+    options = {**USER_PIPELINE, "xla_backend_optimization_level": 3}
+    return ts.step_llvm_ir(tx, params, tokens, c.heads, options)
 
   calls = []
   node_major = basis._node_quotients
