@@ -203,10 +203,14 @@ def test_ratio_guard_clips_counts_and_keeps_other_paths_exact(widths, seed, lr, 
 def test_clipped_count_is_exact(dtype, n, p):
   # The clipped ratios are counted by a float sum (transform._count), exact while every
   # partial sum is an integer the float type holds. Float16 holds every integer only up
-  # to 2048 (not 3001): its flags are counted by an integer sum.
+  # to 2048 (not 3001): its flags are counted by an integer sum. They come as vectors (a
+  # table of one quantity) and as the last quantity of wider tables, whose other
+  # quantities, summed with them, may be anything.
   flags = jax.random.bernoulli(jax.random.key(0), p, (n,)).astype(dtype)
-  expected = int(np.sum(np.asarray(flags, np.int64)))
-  count = jax.jit(transform._count)(flags)
+  table = jax.random.bernoulli(jax.random.key(1), p, (2, n // 2, 3)).astype(dtype)
+  table = table.at[0, 0, 0].set(jnp.nan).at[1, 0, 1].set(jnp.inf)
+  expected = int(np.sum(np.asarray(flags, np.int64)) + np.sum(np.asarray(table[..., -1], np.int64)))
+  count = jax.jit(transform._count)([flags[:, None], table])
   assert count.dtype == jnp.int32 and int(count) == expected
 
 
@@ -357,7 +361,7 @@ def test_the_per_node_forms_of_two_layer_chains_agree(name, monkeypatch):
   # Which forms the update's per-node work took.
   forms = set()
   for form, function in [
-    ("one hidden level", "_hidden_level_factors"),
+    ("one hidden level", "hidden_level_quotients"),
     ("levels", "_level_factors"),
     ("written out", "_written_out"),
   ]:
@@ -409,38 +413,36 @@ def test_one_hidden_level_traces_fewer_primitives_than_the_levels(monkeypatch):
   assert hidden_level <= 0.8 * levels, (hidden_level, levels)
 
 
-def test_one_hidden_level_tables_are_node_major_and_compile_to_less_code(monkeypatch):
-  # What the node-major tables of basis._node_quotients are for: XLA:CPU compiles a
-  # quantity-major table into a vectorized loop per quantity, more LLVM code than the
-  # passes' strided reads of a node-major one cost (benchmarks/RESULTS.md, speed of the
-  # LLaMA-style decoder). The code is counted, not timed: it does not vary between runs.
+def test_the_blocks_divide_together_in_fewer_programs(monkeypatch):
+  # What basis.divide_together is for: XLA:CPU compiles every division that passes over
+  # kernels read as a program of its own, at about the same cost each (benchmarks/
+  # RESULTS.md, speed of the LLaMA-style decoder). Programs are counted, not timed: their
+  # number does not vary between runs.
   from benchmarks import transformer_speed as ts
 
   c = ts.Config(depth=2, dim=32, hidden=64, heads=2, seq=8, batch=2, model="llama")
   params, tokens = ts.problem(c)
   tx = ts.optimizer("path_space(AdamW)", c)
 
-  def llvm_ir_lines():
+  def kernels():
     # As users compile it: XLA's default emitters, LLVM's optimisation (see conftest.py).
     options = {**USER_PIPELINE, "xla_backend_optimization_level": 3}
-    return ts.step_llvm_ir(tx, params, tokens, c.heads, options)
+    return ts.step_llvm_ir(tx, params, tokens, c.heads, options)[0]
 
-  calls = []
-  node_major = basis._node_quotients
+  together = basis.divide_together
+  requests = []
 
-  def recording(numerators, divisors):
-    calls.append(len(numerators))
-    return node_major(numerators, divisors)
+  def recording(batch):
+    requests.append(len(batch))
+    return together(batch)
 
-  monkeypatch.setattr(basis, "_node_quotients", recording)
-  kernels, lines = llvm_ir_lines()
-  assert len(calls) == 2 * len(c.blocks)  # one division for the ICR, one for the WA
+  def apart(batch):
+    divided = [together([request]) for request in batch]
+    return [c for columns, _ in divided for c in columns], [t for _, ts in divided for t in ts]
 
-  def quantity_major(numerators, divisors):
-    table = jnp.stack(numerators) / jnp.stack(divisors)
-    return [table[i] for i in range(len(numerators))], jnp.moveaxis(table, 0, -1)
-
-  monkeypatch.setattr(basis, "_node_quotients", quantity_major)
-  kernels_by_quantity, lines_by_quantity = llvm_ir_lines()
-  assert kernels == kernels_by_quantity > 0
-  assert lines < 0.98 * lines_by_quantity, (lines, lines_by_quantity)
+  monkeypatch.setattr(basis, "divide_together", recording)
+  joined = kernels()
+  assert requests == [len(c.blocks)] * 2  # one division for the ICR, one for the WA
+  monkeypatch.setattr(basis, "divide_together", apart)
+  # Two divisions fewer per block after the first.
+  assert 0 < joined <= kernels() - 2 * (len(c.blocks) - 1)

@@ -596,36 +596,6 @@ def _stacked(xs: Sequence[Array], axis: int) -> Array:
   return jnp.concatenate([jnp.expand_dims(x, axis) for x in xs], axis=axis)
 
 
-def _node_quotients(
-  numerators: Sequence[Array], divisors: Sequence[Array]
-) -> tuple[list[Array], Array]:
-  """``numerators[i] / divisors[i]`` for per-node vectors of one level, by one division;
-  with the table they are read from (``(..., nodes, quantities)``).
-
-  The quantities are stacked on a last axis, node-major: XLA:CPU compiles a program over
-  a ``(nodes, quantities)`` table into one loop whose few quantities LLVM unrolls as
-  scalar code, and one over a ``(quantities, nodes)`` table into a vectorized loop per
-  quantity, each with its remainder, up to three times the code. The passes over the
-  kernels then read the vectors with a stride, which costs less code than the tables
-  save: the LLaMA-style decoder's blocks compile to less code (benchmarks/RESULTS.md,
-  speed of the LLaMA-style decoder; tests/test_basis.py checks it on a small decoder).
-  The time to compile it did not measurably change (benchmarks/compile_ab.py).
-  """
-  table = _stacked(numerators, axis=-1) / _stacked(divisors, axis=-1)
-  last = table.ndim - 1
-  columns = [jax.lax.index_in_dim(table, i, last, keepdims=False) for i in range(len(numerators))]
-  return columns, table
-
-
-def _only_quantity(table: Array, i: int) -> Array:
-  """``table`` (``(..., nodes, quantities)``) with every quantity but the ``i``-th zeroed,
-  flattened: quantity ``i`` read whole, for a sum. Read alone, with a stride, the moved
-  ratios of the LLaMA-style decoder's three blocks took XLA:CPU about three times the code
-  to gather (827 lines of LLVM IR instead of 282, in XLA's dump of its train step)."""
-  quantity = jax.lax.broadcasted_iota(jnp.int32, table.shape, table.ndim - 1)
-  return where(quantity == i, table, 0).reshape(-1)
-
-
 def _levels(table: Array, struct: ChainStructure, parts: Sequence[tuple[int, int]]) -> list[Array]:
   """Per-node vectors from a ``(L + 1, q, W)`` table of ``q`` stacked quantities:
   quantity ``i`` at level ``k`` for each ``(i, k)`` in ``parts``, by one gather."""
@@ -1024,6 +994,12 @@ def inverse_chain_rule(
   number per output node that the gradients of the paths ending there are divided
   by, after their multiplication by ``N^2``.
   """
+  if one_hidden_level(struct):
+    numerators, divisors = hidden_level_quotients(
+      struct, kernels, biases, kernel_grads, bias_grads, probe_sums
+    )
+    (columns,), _ = divide_together([(numerators, divisors)])
+    return path_gradients_from(struct, kernel_grads, bias_grads, columns)
   if struct.stack is not None:
     out = (STACK, STACK, 0, 0, 0)
     return PathGradients(
@@ -1031,33 +1007,55 @@ def inverse_chain_rule(
         kernels, biases, kernel_grads, bias_grads, probe_sums, rate_norms
       )
     )
-  specs, depth = struct.layers, struct.depth
   ct = compute_dtype(kernels[0].dtype)
+  specs = struct.layers
+  sums = _node_sums_of(struct, kernels, biases, kernel_grads, bias_grads, probe_sums, ct)
+  # Each hidden node's own term of P: its sum less its incoming skeleton edge's w g.
+  own = [
+    p
+    - incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])).astype(ct)
+    * incoming_skeleton(kernel_grads[k], specs[k], defined(struct.pi[k])).astype(ct)
+    for k, p in enumerate(sums)
+  ]
+  factors, products, norms, ends = _level_factors(struct, kernels, biases, own, rate_norms, ct)
+  grads, bias_grads_v = _path_gradient_passes(struct, kernel_grads, bias_grads, factors, ct)
+  return PathGradients(grads, bias_grads_v, products, norms, ends)
 
-  # Each hidden node's sum: the derivative along rescaling its incoming weights and bias.
+
+def _node_sums_of(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_grads: Sequence[Array],
+  bias_grads: Sequence[Array | None],
+  probe_sums: Sequence[Array | None] | None,
+  ct,
+) -> list[Array]:
+  """Each hidden node's sum (``node_sums``, or its probe's): the derivative along
+  rescaling its incoming weights and bias."""
   sums = []
-  for k in range(depth - 1):
+  for k in range(struct.depth - 1):
     probe_sum = None if probe_sums is None else probe_sums[k]
     if probe_sum is not None:
-      sums.append(fold_outputs(probe_sum.astype(ct), specs[k]))
+      sums.append(fold_outputs(probe_sum.astype(ct), struct.layers[k]))
     else:
-      sums.append(node_sums(specs[k], kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct))
-  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
-  if one_hidden_level(struct):
-    factors, products = _hidden_level_factors(struct, kernels, kernel_grads, sums[0], ct)
-    norms = ends = None
-  else:
-    # Each hidden node's own term of P: its sum less its incoming skeleton edge's w g.
-    own = [
-      p
-      - incoming_skeleton(kernels[k], specs[k], defined(struct.pi[k])).astype(ct)
-      * incoming_skeleton(kernel_grads[k], specs[k], defined(struct.pi[k])).astype(ct)
-      for k, p in enumerate(sums)
-    ]
-    factors, products, norms, ends = _level_factors(struct, kernels, biases, own, rate_norms, ct)
+      spec = struct.layers[k]
+      sums.append(node_sums(spec, kernels[k], kernel_grads[k], biases[k], bias_grads[k], ct))
+  return sums
+
+
+def _path_gradient_passes(
+  struct: ChainStructure,
+  kernel_grads: Sequence[Array],
+  bias_grads: Sequence[Array | None],
+  factors: Sequence[Sequence[Array]],
+  ct,
+) -> tuple[list[Array], list[Array | None]]:
+  """The passes over every kernel and bias of the inverse chain rule, given each layer's
+  per-node factors ``(1 / B, 1 / F[, carried])``."""
   grads, bias_grads_v = [], []
-  for k, spec in enumerate(specs):
-    out = outgoing[k]
+  for k, spec in enumerate(struct.layers):
+    out = free_outgoing_mask(struct, k)
     inv_back_k, inv_fwd_k, *carried_k = factors[k]
     gb = bias_grads[k]
     bias_grads_v.append(
@@ -1073,7 +1071,7 @@ def inverse_chain_rule(
     if fixed is not None:
       gv = where(fixed, 0, gv)
     grads.append(gv.astype(kernel_grads[k].dtype))
-  return PathGradients(grads, bias_grads_v, products, norms, ends)
+  return grads, bias_grads_v
 
 
 def _level_factors(
@@ -1196,15 +1194,25 @@ def one_hidden_level(struct: ChainStructure) -> bool:
   return struct.depth == 2 and not struct.normalized
 
 
-def _hidden_level_factors(
+def hidden_level_quotients(
   struct: ChainStructure,
   kernels: Sequence[Array],
+  biases: Sequence[Array | None],
   kernel_grads: Sequence[Array],
-  sums: Array,
-  ct,
-) -> tuple[list[list[Array]], SkeletonProducts]:
-  """``_level_factors`` of a chain with one hidden level (``one_hidden_level``), from
-  its hidden nodes' sums (``node_sums``)."""
+  bias_grads: Sequence[Array | None],
+  probe_sums: Sequence[Array | None] | None = None,
+) -> tuple[list[Array], list[Array]]:
+  """The inverse chain rule of a chain with one hidden level (``one_hidden_level``), up
+  to its one division: the numerators and divisors of the hidden nodes' factors
+  (``divide_together`` divides them, ``path_gradients_from`` finishes), per copy of a
+  stacked chain on a leading axis."""
+  if struct.stack is not None:
+    fn = hidden_level_quotients
+    return per_copy(struct, fn, (STACK,) * 5, 0)(
+      kernels, biases, kernel_grads, bias_grads, probe_sums
+    )
+  ct = compute_dtype(kernels[0].dtype)
+  (sums,) = _node_sums_of(struct, kernels, biases, kernel_grads, bias_grads, probe_sums, ct)
   specs = struct.layers
   pi = defined(struct.pi[0])
   back = incoming_skeleton(kernels[0], specs[0], pi).astype(ct)
@@ -1221,29 +1229,103 @@ def _hidden_level_factors(
   path_value = usable_back * usable_fwd
   numerators = [ones, ones, sums, own_skeleton, back, forward, usable_back, usable_fwd]
   divisors = [usable_back, usable_fwd, path_value, path_value, ones, ones, ones, ones]
-  (inv_back, inv_fwd, summed, skeleton_term, *held), _ = _node_quotients(numerators, divisors)
+  return numerators, divisors
+
+
+def path_gradients_from(
+  struct: ChainStructure,
+  kernel_grads: Sequence[Array],
+  bias_grads: Sequence[Array | None],
+  quotients: Sequence[Array],
+) -> PathGradients:
+  """The inverse chain rule of a chain with one hidden level, from the quotients of
+  ``hidden_level_quotients``."""
+  if struct.stack is not None:
+    out = (STACK, STACK, 0, 0, 0)
+    fn = lambda *a: tuple(path_gradients_from(*a))
+    return PathGradients(
+      *per_copy(struct, fn, (STACK, STACK, 0), out)(kernel_grads, bias_grads, list(quotients))
+    )
+  ct = quotients[0].dtype
+  specs = struct.layers
+  inv_back, inv_fwd, summed, skeleton_term, *held = quotients
   carried = summed - skeleton_term
   inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
   factors = [[inputs, inv_fwd], [inv_back, outputs, carried]]
+  grads, bias_grads_v = _path_gradient_passes(struct, kernel_grads, bias_grads, factors, ct)
   # Levels 0..2; the ends are never read but for B = 1 on the inputs and F = 1 on the
   # outputs, which every end holds.
   back_, forward_, usable_back_, usable_fwd_ = ([inputs, x, outputs] for x in held)
-  return factors, SkeletonProducts(back_, forward_, usable_back_, usable_fwd_)
+  products = SkeletonProducts(back_, forward_, usable_back_, usable_fwd_)
+  return PathGradients(grads, bias_grads_v, products)
 
 
-def _hidden_level_allocation(
+def divide_together(
+  requests: Sequence[tuple[Sequence[Array], Sequence[Array]]],
+) -> tuple[list[list[Array]], list[Array]]:
+  """``numerators[i] / divisors[i]`` for every ``(numerators, divisors)`` of ``requests``
+  (per-node vectors; a stacked chain's with its copies on a leading axis), by as few
+  divisions as there are compute dtypes; with the tables those divisions wrote, each
+  ``(..., quantities)``, node-major.
+
+  XLA:CPU compiles a division that several passes over kernels read as a program of its
+  own, and each program costs about as much to compile as the next (benchmarks/RESULTS.md,
+  speed of the LLaMA-style decoder): the divisions of all blocks, together, cost one. The
+  quantities are stacked on a last axis (``_node_quotients``) and the blocks' nodes
+  concatenated on the axis before it. Divided apart: requests of different numbers of
+  quantities, and vectors on an Explicit mesh (a block sharded over its copies keeps its
+  per-node vectors sharded so).
+  """
+  numerators = [_stacked(n, axis=-1) for n, _ in requests]
+  divisors = [_stacked(d, axis=-1) for _, d in requests]
+  meshed = any(_explicit_mesh(t) is not None for t in numerators + divisors)
+  if len({t.shape[-1] for t in numerators}) > 1 or meshed:
+    tables = [n / d for n, d in zip(numerators, divisors, strict=True)]
+    return [_columns(t) for t in tables], tables
+  # Grouped by dtype and by the copies' axes before the nodes (a stack's), concatenated on
+  # the nodes: the blocks' parts are then slices of the table, in the shape they are read.
+  groups: dict[tuple, list[int]] = {}
+  for i, (n, d) in enumerate(zip(numerators, divisors, strict=True)):
+    groups.setdefault((jnp.result_type(n, d), n.shape[:-2]), []).append(i)
+  columns: list[list[Array]] = [[] for _ in requests]
+  tables = []
+  for group in groups.values():
+    table = jnp.concatenate([numerators[i] for i in group], axis=-2) / jnp.concatenate(
+      [divisors[i] for i in group], axis=-2
+    )
+    tables.append(table)
+    start = 0
+    for i in group:
+      size = numerators[i].shape[-2]
+      columns[i] = _columns(jax.lax.slice_in_dim(table, start, start + size, axis=table.ndim - 2))
+      start += size
+  return columns, tables
+
+
+def _columns(table: Array) -> list[Array]:
+  """The quantities of a ``(..., quantities)`` table."""
+  last = table.ndim - 1
+  return [jax.lax.index_in_dim(table, i, last, keepdims=False) for i in range(table.shape[-1])]
+
+
+def allocation_quotients(
   struct: ChainStructure,
   kernel_steps: Sequence[Array],
   products: SkeletonProducts,
   ratio_clip: tuple[float, float] | None,
-  ct,
-) -> tuple[list[list[Array]], Array | None]:
-  """``_level_allocation`` of a chain with one hidden level (``one_hidden_level``),
-  without renormalization: each hidden node's ``Q`` is the ratio of its outgoing skeleton
-  path, and the outputs' ``Q`` is 1."""
+) -> tuple[list[Array], list[Array]]:
+  """Weight allocation of a chain with one hidden level (``one_hidden_level``), up to its
+  one division: the numerators and divisors of the hidden nodes' factors
+  (``divide_together`` divides them, ``allocation_from`` finishes), per copy of a stacked
+  chain on a leading axis. Without renormalization: each hidden node's ``Q`` is the ratio
+  of its outgoing skeleton path, and the outputs' ``Q`` is 1."""
+  if struct.stack is not None:
+    fn = functools.partial(allocation_quotients, ratio_clip=ratio_clip)
+    return per_copy(struct, fn, (STACK, 0), 0)(kernel_steps, products)
   specs = struct.layers
   _, usable_back, usable_fwd = _with_usable(products)
   usable_back, usable_fwd = usable_back[1], usable_fwd[1]
+  ct = usable_back.dtype
   step = outgoing_skeleton(kernel_steps[1], specs[1], defined(struct.sigma[1])).astype(ct)
   inv_path_value = 1 / (usable_back * usable_fwd)  # 0 on a degenerate chain
   ratio = 1 + step * inv_path_value
@@ -1263,14 +1345,33 @@ def _hidden_level_allocation(
     _divisor(inv_path_value),
     *[ones] * len(moved),
   ]
-  (shrink, inv_fwd, inv_back, skeleton_steps, *_), table = _node_quotients(numerators, divisors)
+  return numerators, divisors
+
+
+def allocation_from(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  quotients: Sequence[Array],
+) -> tuple[list[Array], list[Array | None]]:
+  """Weight updates of a chain with one hidden level, from the quotients of
+  ``allocation_quotients``."""
+  if struct.stack is not None:
+    in_axes = (STACK, STACK, STACK, STACK, 0)
+    return per_copy(struct, allocation_from, in_axes, (STACK, STACK))(
+      kernels, biases, kernel_steps, bias_steps, list(quotients)
+    )
+  specs = struct.layers
+  shrink, inv_fwd, inv_back, skeleton_steps = quotients[:4]
+  ct = shrink.dtype
   inputs, outputs = jnp.ones(specs[0].n_in, ct), jnp.ones(specs[1].n_out, ct)
   factors = [
     [shrink, inv_fwd, inputs],
     [jnp.zeros_like(outputs), outputs, inv_back, skeleton_steps],
   ]
-  # The moved ratios, for the count, read with the rest of the table (0 elsewhere).
-  return factors, _only_quantity(table, len(numerators) - 1) if moved else None
+  return _allocation_passes(struct, kernels, biases, kernel_steps, bias_steps, factors, None, ct)
 
 
 # ----------------------------------------------------------------------------
@@ -1367,6 +1468,14 @@ def weight_allocation(
     ``landed_norms`` is ``N'^2`` per output node before the renormalization, where
     ``target_norms`` is given, else None.
   """
+  if one_hidden_level(struct):
+    numerators, divisors = allocation_quotients(struct, kernel_steps, products, ratio_clip)
+    (quotients,), (table,) = divide_together([(numerators, divisors)])
+    updates, bias_updates = allocation_from(
+      struct, kernels, biases, kernel_steps, bias_steps, quotients
+    )
+    moved = jnp.zeros(0, table.dtype) if ratio_clip is None else table[..., -1].reshape(-1)
+    return updates, bias_updates, moved, None
   allocate = functools.partial(_allocate, ratio_clip=ratio_clip)
   in_axes = (STACK, STACK, STACK, STACK, 0, 0)
   updates, bias_updates, clipped, landed = per_copy(
@@ -1493,20 +1602,35 @@ def _allocate(
   *,
   ratio_clip: tuple[float, float] | None,
 ) -> tuple[list[Array], list[Array | None], Array, Array | None]:
-  """``weight_allocation`` of one copy."""
-  specs, depth = struct.layers, struct.depth
+  """``weight_allocation`` of one copy of a chain with more than one hidden level or
+  normalized outputs."""
   ct = compute_dtype(kernels[0].dtype)
-  outgoing = [free_outgoing_mask(struct, k) for k in range(depth)]
-  output_scales = landed = None
-  if one_hidden_level(struct):
-    factors, num_moved = _hidden_level_allocation(struct, kernel_steps, products, ratio_clip, ct)
-  else:
-    factors, num_moved, output_scales, landed = _level_allocation(
-      struct, kernels, biases, kernel_steps, bias_steps, products, target_norms, ratio_clip, ct
-    )
+  factors, num_moved, output_scales, landed = _level_allocation(
+    struct, kernels, biases, kernel_steps, bias_steps, products, target_norms, ratio_clip, ct
+  )
+  updates, bias_updates = _allocation_passes(
+    struct, kernels, biases, kernel_steps, bias_steps, factors, output_scales, ct
+  )
+  return updates, bias_updates, jnp.zeros(0, ct) if num_moved is None else num_moved, landed
+
+
+def _allocation_passes(
+  struct: ChainStructure,
+  kernels: Sequence[Array],
+  biases: Sequence[Array | None],
+  kernel_steps: Sequence[Array],
+  bias_steps: Sequence[Array | None],
+  factors: Sequence[Sequence[Array]],
+  output_scales: Array | None,
+  ct,
+) -> tuple[list[Array], list[Array | None]]:
+  """The passes over every kernel and bias of weight allocation, given each layer's
+  per-node factors ``(1/Q - 1, 1 / (Q F), 1 / B[, skeleton steps])`` and, for a
+  renormalized chain, the output scales."""
+  specs, depth = struct.layers, struct.depth
   updates, bias_updates = [], []
   for k, spec in enumerate(specs):
-    out = outgoing[k]
+    out = free_outgoing_mask(struct, k)
     shrink_k, inv_fwd_k, inv_back_k, *skeleton_steps_k = factors[k]
     # The last layer's outputs rescaled: new = (w + du) * a, i.e. du * a + w * (a - 1).
     rescale = output_scales if k == depth - 1 else None
@@ -1533,4 +1657,4 @@ def _allocate(
     if rescale is not None:
       du = du * cols(rescale, spec) + w * cols(rescale - 1, spec)
     updates.append(du.astype(kernels[k].dtype))
-  return updates, bias_updates, jnp.zeros(0, ct) if num_moved is None else num_moved, landed
+  return updates, bias_updates

@@ -190,8 +190,20 @@ def map_layers(
   ``(kernels, biases)``; every other leaf (scale probes included) becomes
   ``outside(leaf)``.
   """
-  leaves, treedef, slots = locate_blocks(tree, blocks, what)
-  out = [outside(leaf) for leaf in leaves]
-  for b, block_slots in enumerate(slots):
-    block_slots.put(out, *fn(b, block_slots.take(leaves)))
-  return treedef.unflatten(out)
+  located = locate_blocks(tree, blocks, what)
+  arrays = [slots.take(located.leaves) for slots in located.slots]
+  return rebuilt(located, [fn(b, a) for b, a in enumerate(arrays)], outside=outside)
+
+
+def rebuilt(
+  located: Located,
+  layers: Sequence[tuple[Sequence[Any], Sequence[Any | None]]],
+  *,
+  outside: Callable[[Any], Any] = lambda leaf: leaf,
+) -> Any:
+  """The located tree with each block's kernels and biases replaced by ``layers[b]``
+  (``(kernels, biases)``) and every other leaf by ``outside(leaf)``."""
+  out = [outside(leaf) for leaf in located.leaves]
+  for slots, (kernels, biases) in zip(located.slots, layers, strict=True):
+    slots.put(out, kernels, biases)
+  return located.treedef.unflatten(out)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gsgd_jax._src import basis, declaration, pytree, structure, validate
+from gsgd_jax._src import all_blocks, basis, declaration, pytree, structure, validate
 from gsgd_jax._src.declaration import LayerPaths
 from gsgd_jax._src.pytree import LayerArrays, Located
 
@@ -293,19 +293,32 @@ def _clipped(
   return jax.tree.map(lambda g: (g * factor).astype(g.dtype), path_grads)
 
 
-def _count(flags: jax.Array) -> jax.Array:
-  """The number of ones in ``flags``, a vector of zeros and ones, as an ``int32``.
+def _count(tables: list[jax.Array]) -> jax.Array:
+  """The number of ones in the last quantity of ``tables``, arrays ``(..., quantities)``
+  whose last quantity holds zeros and ones (the clipped ratios of
+  ``all_blocks.weight_allocations``), as an ``int32``.
 
   Summed in their floating-point type, exactly while every partial sum is an integer the
-  type holds (below ``2^24`` in float32; longer vectors are summed as integers). XLA:CPU
+  type holds (below ``2^24`` in float32; longer columns are summed as integers). XLA:CPU
   hands a float sum to its reduction library, one program that compiles no code of its
-  own, where an integer sum is a tree of windowed sums, a program each (two for the
-  LLaMA-style decoder's flags). The barrier keeps XLA from splitting the sum of the
-  blocks' concatenated flags into a sum per block, each a tree of its own.
+  own, where an integer sum is a tree of windowed sums, a program each. A table of several
+  quantities is summed whole, per quantity: its last column read alone, with a stride, is
+  a program of its own. Tables of one quantity (the flags of one block each) are
+  concatenated, behind a barrier that keeps XLA from splitting their sum into one per
+  block; replicated first where sharded over Explicit axes (a stack sharded over its copies
+  shards its flags).
   """
-  if flags.shape[0] > 2 ** (jnp.finfo(flags.dtype).nmant + 1):  # sums might round
-    return jnp.sum(flags, dtype=jnp.int32)
-  return jnp.sum(jax.lax.optimization_barrier(flags)).astype(jnp.int32)
+  flags = [basis.replicated(t).reshape(-1) for t in tables if t.shape[-1] == 1]
+  parts = [t for t in tables if t.shape[-1] > 1]
+  if flags:
+    parts.append(jax.lax.optimization_barrier(jnp.concatenate(flags))[:, None])
+  total = jnp.zeros((), jnp.int32)
+  for table in parts:
+    if table.size // table.shape[-1] > 2 ** (jnp.finfo(table.dtype).nmant + 1):  # might round
+      total += jnp.sum(table[..., -1], dtype=jnp.int32)
+    else:
+      total += jnp.sum(table, axis=tuple(range(table.ndim - 1)))[-1].astype(jnp.int32)
+  return total
 
 
 def _checked_settings(
@@ -522,75 +535,45 @@ def path_space(
     _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
-    products, renormalize_to, sq_norms, norms_now, rates = [], [], [], [], []
-    targets, held_rates = iter(state.output_norms), iter(state.rate_norms)
-
-    def icr(b: int, grads: LayerArrays):
-      _check_gradients(blocks[b], block_params[b], grads)
-      decays = implicit_decay and blocks[b].normalized
-      rates.append(next(held_rates) if decays else None)
-      path_grads = basis.inverse_chain_rule(
-        blocks[b],
-        block_params[b].kernels,
-        block_params[b].biases,
-        grads.kernels,
-        grads.biases,
-        _probe_sums(block_params[b], grads),
-        rates[b],
-      )
-      products.append(path_grads.products)
-      norms_now.append(path_grads.output_norms)
-      if clip_norm is not None:
-        sq_norms.append(
-          basis.invariant_sq_norm(
-            blocks[b], path_grads.kernels, path_grads.biases, path_grads.end_norms
-          )
-        )
-      renormalizes = renormalize and blocks[b].normalized
-      renormalize_to.append(next(targets) if renormalizes else None)
-      return path_grads.kernels, path_grads.biases
-
+    located_grads = pytree.locate_blocks(updates, paths, "updates")
+    grads = [slots.take(located_grads.leaves) for slots in located_grads.slots]
+    for block, arrays, block_grads in zip(blocks, block_params, grads, strict=True):
+      _check_gradients(block, arrays, block_grads)
+    held_rates, targets = iter(state.rate_norms), iter(state.output_norms)
+    rates = [next(held_rates) if implicit_decay and b.normalized else None for b in blocks]
+    renormalize_to = [next(targets) if renormalize and b.normalized else None for b in blocks]
     with basis.inlined(updates, params):  # our per-node work; the inner optimizer's is its own
-      path_grads = pytree.map_layers(updates, paths, icr, what="updates")
+      probe_sums = [_probe_sums(p, g) for p, g in zip(block_params, grads, strict=True)]
+      path_grads = all_blocks.inverse_chain_rules(blocks, block_params, grads, probe_sums, rates)
+      products = [g.products for g in path_grads]
+      path_tree = pytree.rebuilt(located_grads, [(g.kernels, g.biases) for g in path_grads])
       path_params = _inner_params(params, blocks, products)
       if clip_norm is not None:
-        path_grads = _clipped(path_grads, paths, sq_norms, clip_norm)
+        sq_norms = [
+          basis.invariant_sq_norm(block, g.kernels, g.biases, g.end_norms)
+          for block, g in zip(blocks, path_grads, strict=True)
+        ]
+        path_tree = _clipped(path_tree, paths, sq_norms, clip_norm)
 
     # Probes anywhere (also on layers outside the blocks) are never trained.
     steps, inner_state = inner.update(
-      pytree.zero_probes(path_grads), state.inner_state, path_params, **extra_args
+      pytree.zero_probes(path_tree), state.inner_state, path_params, **extra_args
     )
 
     # Weight allocation per block; other leaves take the inner (or fallback) step.
-    clipped, new_rates = [], []
-
-    def allocate(b: int, steps: LayerArrays):
-      kernels, biases, clipped_ratios, landed = basis.weight_allocation(
-        blocks[b],
-        block_params[b].kernels,
-        block_params[b].biases,
-        steps.kernels,
-        steps.biases,
-        products[b],
-        ratio_clip,
-        renormalize_to[b],
-      )
-      clipped.append(clipped_ratios)
-      rate, now = rates[b], norms_now[b]
-      if rate is not None:  # a normalized block, renormalized: both norms are at hand
-        assert now is not None and landed is not None
-        new_rates.append(_grown(rate, now, landed))
-      return kernels, biases
-
     with basis.inlined(updates, params):
-      new_updates = pytree.map_layers(
-        pytree.zero_probes(steps), paths, allocate, what="inner updates"
+      located_steps = pytree.locate_blocks(pytree.zero_probes(steps), paths, "inner updates")
+      block_steps = [slots.take(located_steps.leaves) for slots in located_steps.slots]
+      allocated, clipped = all_blocks.weight_allocations(
+        blocks, block_params, block_steps, products, ratio_clip, renormalize_to
       )
-      # One sum over every block's clipped ratios (see basis.weight_allocation), replicated
-      # where sharded over Explicit axes (a stack sharded over its copies shards them).
-      clipped_now = jnp.zeros((), jnp.int32)
-      if clipped:
-        clipped_now = _count(jnp.concatenate([basis.replicated(c) for c in clipped]))
+      new_updates = pytree.rebuilt(located_steps, [(k, b) for k, b, _ in allocated])
+      new_rates = []
+      for rate, g, (_, _, landed) in zip(rates, path_grads, allocated, strict=True):
+        if rate is not None:  # a normalized block, renormalized: both norms are at hand
+          assert g.output_norms is not None and landed is not None
+          new_rates.append(_grown(rate, g.output_norms, landed))
+      clipped_now = _count(clipped)
     return new_updates, PathSpaceState(
       inner_state,
       clipped_now,
