@@ -1184,12 +1184,13 @@ def one_hidden_level(struct: ChainStructure) -> bool:
   """A two-layer chain whose outputs feed no normalization (a transformer's feed-forward
   and attention chains): its per-node work is on its one hidden level, the ends being
   constants (``B = 1`` on the inputs, ``F = 1`` and ``Q = 1`` on the outputs), and is
-  traced as those few vectors (``_hidden_level_factors``, ``_hidden_level_allocation``)
+  traced as those few vectors (``hidden_level_quotients``, ``allocation_quotients``)
   rather than level by level. The level-generic form traces the constant levels too: the
-  LLaMA-style decoder's update traces 1312 primitives instead of 923 (AdamW's alone: 214),
+  LLaMA-style decoder's update traced 1312 primitives instead of 923 (AdamW's alone: 214),
   and tracing and lowering them was a sizeable part of what the blocks add to
   compiling a train step (benchmarks/RESULTS.md, speed of the LLaMA-style decoder). Both
-  forms compute the same values, up to rounding (tests/test_basis.py).
+  forms compute the same values, up to rounding (tests/test_basis.py). Each ends in one
+  division, which ``gsgd_jax._src.all_blocks`` does for all such chains together.
   """
   return struct.depth == 2 and not struct.normalized
 
@@ -1264,17 +1265,21 @@ def divide_together(
   requests: Sequence[tuple[Sequence[Array], Sequence[Array]]],
 ) -> tuple[list[list[Array]], list[Array]]:
   """``numerators[i] / divisors[i]`` for every ``(numerators, divisors)`` of ``requests``
-  (per-node vectors; a stacked chain's with its copies on a leading axis), by as few
-  divisions as there are compute dtypes; with the tables those divisions wrote, each
-  ``(..., quantities)``, node-major.
+  (per-node vectors; a stacked chain's with its copies on a leading axis), in as few
+  divisions as there are dtypes and numbers of copies; with the tables those divisions
+  wrote, ``(..., nodes, quantities)``.
 
-  XLA:CPU compiles a division that several passes over kernels read as a program of its
-  own, and each program costs about as much to compile as the next (benchmarks/RESULTS.md,
-  speed of the LLaMA-style decoder): the divisions of all blocks, together, cost one. The
-  quantities are stacked on a last axis (``_node_quotients``) and the blocks' nodes
-  concatenated on the axis before it. Divided apart: requests of different numbers of
-  quantities, and vectors on an Explicit mesh (a block sharded over its copies keeps its
-  per-node vectors sharded so).
+  XLA:CPU compiles a division that passes over kernels read as a program of its own, and
+  every program costs about as much to compile as the next: the divisions of all the
+  blocks of the LLaMA-style decoder, together, are one program for the inverse chain rule
+  and one for weight allocation, not one each per block (benchmarks/RESULTS.md, speed of
+  the LLaMA-style decoder; tests/test_basis.py counts the programs). The quantities are
+  stacked on a last axis and the requests' nodes concatenated on the axis before it, so
+  that each request's quantities are slices of the table in the shape they are read, which
+  fuse into the passes that read them (a part flattened first was copied out), and a sum
+  of one quantity can read the table whole (see ``transform._count``). Divided apart:
+  requests of different numbers of quantities, and vectors on an Explicit mesh (a block
+  sharded over its copies keeps its per-node vectors sharded so).
   """
   numerators = [_stacked(n, axis=-1) for n, _ in requests]
   divisors = [_stacked(d, axis=-1) for _, d in requests]
