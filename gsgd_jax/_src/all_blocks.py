@@ -1,15 +1,14 @@
 """The inverse chain rule and weight allocation of every declared block at once.
 
-Each block's per-node work ends in one division (``basis.read_quotients``), and XLA:CPU
-compiles a division that several passes over kernels read as a program of its own,
-each costing about as much to compile as the next (benchmarks/RESULTS.md, speed of the
-LLaMA-style decoder). The blocks with one hidden level (``basis.one_hidden_level``: a
-transformer's feed-forward and attention chains) are the common case, and their
-divisions have the same quantities: here they are done together, one division for all
-of them per step of the update (``basis.divide_together``), so that a model's blocks
-add two programs to compiling its train step instead of two per block. Every other block
-runs as declared alone (``basis.inverse_chain_rule``, ``basis.weight_allocation``).
-"""
+Each block's per-node work ends in a division, and XLA:CPU compiles a division that
+several passes over kernels read as a program of its own, each costing about as much to
+compile as the next (benchmarks/RESULTS.md, speed of the LLaMA-style decoder). The blocks
+with one hidden level (``basis.one_hidden_level``: a transformer's feed-forward and
+attention chains) are the common case, and their divisions have the same quantities:
+here they are done together, one division for all of them per step of the update (per
+dtype and number of copies, ``basis.divide_together``), so that a model's blocks add two
+such programs to compiling its train step instead of two per block. Every other block
+runs as declared alone (``basis.inverse_chain_rule``, ``basis.weight_allocation``)."""
 
 from __future__ import annotations
 
