@@ -169,6 +169,10 @@ class Located(NamedTuple):
   treedef: Any
   slots: tuple[LayerSlots, ...]
 
+  def arrays(self) -> list[LayerArrays]:
+    """Each block's arrays, in order."""
+    return [slots.take(self.leaves) for slots in self.slots]
+
 
 def locate_blocks(tree: Any, blocks: Sequence[Sequence[Path]], what: str) -> Located:
   """Leaves, treedef and per-block slots of the layers ``blocks`` name in ``tree``."""
@@ -191,8 +195,7 @@ def map_layers(
   ``outside(leaf)``.
   """
   located = locate_blocks(tree, blocks, what)
-  arrays = [slots.take(located.leaves) for slots in located.slots]
-  return rebuilt(located, [fn(b, a) for b, a in enumerate(arrays)], outside=outside)
+  return rebuilt(located, [fn(b, a) for b, a in enumerate(located.arrays())], outside=outside)
 
 
 def rebuilt(

@@ -63,32 +63,26 @@ def _block_values(
 
 
 def _inner_params(
-  params: optax.Params,
+  located: Located,
   blocks: tuple[structure.ChainStructure, ...],
   products: list[basis.SkeletonProducts] | None = None,
   outside=lambda leaf: leaf,
 ) -> optax.Params:
-  """Params as ``inner`` sees them: basis-path values in the blocks, 0 on scale
-  probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
-
-  def values(b: int, arrays: LayerArrays):
-    return basis.basis_values(
-      blocks[b], arrays.kernels, arrays.biases, None if products is None else products[b]
-    )
-
-  return pytree.zero_probes(
-    pytree.map_layers(params, structure.block_paths(blocks), values, outside=outside)
-  )
+  """Params (``located``) as ``inner`` sees them: basis-path values in the blocks, 0 on
+  scale probes and ``outside(leaf)`` elsewhere (by default the values themselves)."""
+  values = [
+    basis.basis_values(block, a.kernels, a.biases, None if products is None else products[b])
+    for b, (block, a) in enumerate(zip(blocks, located.arrays(), strict=True))
+  ]
+  return pytree.zero_probes(pytree.rebuilt(located, values, outside=outside))
 
 
 def _starting_values(
-  params: optax.Params, blocks: tuple[structure.ChainStructure, ...], arrays: list[LayerArrays]
+  located: Located, blocks: tuple[structure.ChainStructure, ...]
 ) -> optax.Params:
-  """``_inner_params`` for ``init``, from the blocks' ``arrays``, their values computed by
-  one compiled program."""
-  values = _compiled(_block_values, blocks)(arrays)
-  mapped = pytree.map_layers(params, structure.block_paths(blocks), lambda b, _: values[b])
-  return pytree.zero_probes(mapped)
+  """``_inner_params`` for ``init``, the blocks' values computed by one compiled program."""
+  values = _compiled(_block_values, blocks)(located.arrays())
+  return pytree.zero_probes(pytree.rebuilt(located, values))
 
 
 def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
@@ -117,7 +111,8 @@ def basis_path_values(params: optax.Params, layers: LayerPaths) -> optax.Params:
     ([[0.0, 0.0]], [[6.0], [10.0]])
   """
   blocks = structure.build_structure(params, layers)
-  return _inner_params(params, blocks, outside=jnp.zeros_like)
+  located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
+  return _inner_params(located, blocks, outside=jnp.zeros_like)
 
 
 def block_labels(
@@ -518,10 +513,9 @@ def path_space(
     blocks = structure.build_structure(params, decl)
     validate.check_skeleton(params, blocks)
     located = pytree.locate_blocks(params, structure.block_paths(blocks), "params")
-    arrays = [slots.take(located.leaves) for slots in located.slots]
-    norms = _compiled(_output_norms, blocks)(arrays) if renormalize else ()
+    norms = _compiled(_output_norms, blocks)(located.arrays()) if renormalize else ()
     rates = tuple(jnp.full_like(n, initial_rate_norm) for n in norms) if implicit_decay else ()
-    start = _starting_values(params, blocks, arrays)
+    start = _starting_values(located, blocks)
     return PathSpaceState(inner.init(start), zero, zero, norms, rates)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -530,13 +524,13 @@ def path_space(
     blocks = structure.build_structure(params, decl)
     paths = structure.block_paths(blocks)
     located: Located = pytree.locate_blocks(params, paths, "params")
-    block_params = [slots.take(located.leaves) for slots in located.slots]
+    block_params = located.arrays()
     _check_state(state, blocks, renormalize, implicit_decay)
     _check_inner_state(inner, state.inner_state, params)
 
     # Inverse chain rule per block; other leaves keep their ordinary gradients.
     located_grads = pytree.locate_blocks(updates, paths, "updates")
-    grads = [slots.take(located_grads.leaves) for slots in located_grads.slots]
+    grads = located_grads.arrays()
     for block, arrays, block_grads in zip(blocks, block_params, grads, strict=True):
       _check_gradients(block, arrays, block_grads)
     held_rates, targets = iter(state.rate_norms), iter(state.output_norms)
@@ -547,7 +541,7 @@ def path_space(
       path_grads = all_blocks.inverse_chain_rules(blocks, block_params, grads, probe_sums, rates)
       products = [g.products for g in path_grads]
       path_tree = pytree.rebuilt(located_grads, [(g.kernels, g.biases) for g in path_grads])
-      path_params = _inner_params(params, blocks, products)
+      path_params = _inner_params(located, blocks, products)
       if clip_norm is not None:
         sq_norms = [
           basis.invariant_sq_norm(block, g.kernels, g.biases, g.end_norms)
@@ -563,7 +557,7 @@ def path_space(
     # Weight allocation per block; other leaves take the inner (or fallback) step.
     with basis.inlined(updates, params):
       located_steps = pytree.locate_blocks(pytree.zero_probes(steps), paths, "inner updates")
-      block_steps = [slots.take(located_steps.leaves) for slots in located_steps.slots]
+      block_steps = located_steps.arrays()
       allocated, clipped = all_blocks.weight_allocations(
         blocks, block_params, block_steps, products, ratio_clip, renormalize_to
       )
