@@ -18,11 +18,12 @@ from gsgd_jax._src import all_blocks, basis
 
 
 def _mixed_problem():
-  """Blocks of every kind side by side: a LLaMA's unrolled chains (one hidden level, one
+  """Blocks of every kind side by side: a one-layer LLaMA's chains (one hidden level, one
   copy, float32), a T5's scanned ones (copies on axis 1, float64), and a three-layer MLP
   (two hidden levels, divided alone)."""
   tokens = jnp.arange(16).reshape(2, 8) % 40
-  llama, t5 = corpus.Llama(), corpus.ScannedT5(corpus.T5Config(gated=True))
+  llama = corpus.Llama(corpus.LlamaConfig(layers=1))
+  t5 = corpus.ScannedT5(corpus.T5Config(layers=2, gated=True))
   llama_params = llama.init(jax.random.key(0), tokens)["params"]
   t5_params = t5.init(jax.random.key(1), tokens)["params"]
   t5_params = jax.tree.map(lambda x: x.astype(jnp.float64), t5_params)
@@ -76,12 +77,12 @@ def test_divided_together_the_blocks_take_the_steps_they_take_alone(mixed, monke
 
   monkeypatch.setattr(basis, "divide_together", recording)
   joined, joined_counts = _train(params, blocks, loss)
-  # The LLaMA's four chains and the T5's two, in one call for the ICR and one for the WA
+  # The LLaMA's two chains and the T5's two, in one call for the ICR and one for the WA
   # (each dividing float32 and float64 apart); the MLP's divisions are its own.
-  assert batches == [6, 6]
+  assert batches == [4, 4]
   monkeypatch.setattr(all_blocks, "_together", lambda _blocks: [])
   alone, alone_counts = _train(params, blocks, loss)
-  assert 1 in batches and 6 not in batches[2:]
+  assert 1 in batches and 4 not in batches[2:]
   assert joined_counts == alone_counts and sum(joined_counts) > 0, joined_counts
   chex.assert_trees_all_close(joined, alone, rtol=1e-6, atol=1e-7)
   # Three steps moved the params: the comparison is not of two starts.
